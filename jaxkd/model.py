@@ -1,0 +1,222 @@
+"""The BERT encoder shared by teacher and student: one linen module, two configs.
+
+Parameter names follow Hugging Face's module names so that import and export
+(`jaxkd.hf`) are a table lookup. Intermediate outputs (hidden states, attention
+scores and probabilities, values) are collected only when asked for, so a plain
+forward pass traces exactly the logits path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Shape and numerics of a BERT encoder with a classification head."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_act: str = "gelu"  # gelu (exact) | gelu_tanh | relu
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    classifier_dropout: float | None = None  # None: hidden_dropout, as in transformers
+    num_labels: int = 2  # 1 = regression
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype; softmax, layer norm and logits stay fp32
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                     "num_labels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}); pick num_heads among "
+                f"{[h for h in range(1, min(self.hidden_size, 64) + 1) if self.hidden_size % h == 0]}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not supported; "
+                             f"use one of {sorted(ACTIVATIONS)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"BertConfig.{name} {getattr(self, name)!r} is not supported; "
+                                 f"use one of {sorted(DTYPES)}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "BertConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@struct.dataclass
+class BertOutput:
+    """Logits, plus per-layer intermediates when they were asked for (else None).
+
+    hidden_states: num_layers + 1 arrays [B, L, H]; index 0 is the embedding output.
+    attention_scores: per layer [B, N, L, L], q.k/sqrt(d) before the padding mask and softmax.
+    attention_probs: per layer [B, N, L, L], after the mask and softmax.
+    values: per layer [B, N, L, D], the value heads.
+    """
+
+    logits: jax.Array
+    hidden_states: tuple | None = None
+    attention_scores: tuple | None = None
+    attention_probs: tuple | None = None
+    values: tuple | None = None
+
+
+def _dense(cfg: BertConfig, features: int, name: str, dtype=None) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype or cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+
+
+def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
+    # fp32 output keeps the residual stream in fp32 under bf16 compute.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
+                        param_dtype=cfg.params_dtype, name=name)
+
+
+class Embeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, ids_BxL, token_types_BxL, deterministic: bool):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+
+        def embed(num, name):
+            return nn.Embed(num, cfg.hidden_size, embedding_init=init, dtype=jnp.float32,
+                            param_dtype=cfg.params_dtype, name=name)
+
+        positions_1xL = jnp.arange(ids_BxL.shape[1])[None, :]
+        x_BxLxH = (embed(cfg.vocab_size, "word_embeddings")(ids_BxL)
+                   + embed(cfg.max_position_embeddings, "position_embeddings")(positions_1xL)
+                   + embed(cfg.type_vocab_size, "token_type_embeddings")(token_types_BxL))
+        x_BxLxH = _layer_norm(cfg, "LayerNorm")(x_BxLxH)
+        return nn.Dropout(cfg.hidden_dropout)(x_BxLxH, deterministic=deterministic)
+
+
+class Attention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
+        cfg = self.config
+        B, L, _ = x_BxLxH.shape
+        N, D = cfg.num_heads, cfg.head_dim
+
+        def heads(name):
+            y = _dense(cfg, cfg.hidden_size, name)(x_BxLxH)
+            return y.reshape(B, L, N, D).transpose(0, 2, 1, 3)
+
+        q_BxNxLxD, k_BxNxLxD, v_BxNxLxD = heads("query"), heads("key"), heads("value")
+        scores_BxNxLxL = jnp.einsum("bnqd,bnkd->bnqk", q_BxNxLxD, k_BxNxLxD) / math.sqrt(D)
+        scores_BxNxLxL = scores_BxNxLxL.astype(jnp.float32)
+        probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL + bias_Bx1x1xL, axis=-1)
+        dropped = nn.Dropout(cfg.attention_dropout)(probs_BxNxLxL, deterministic=deterministic)
+        ctx_BxNxLxD = jnp.einsum("bnqk,bnkd->bnqd", dropped.astype(cfg.compute_dtype), v_BxNxLxD)
+        ctx_BxLxH = ctx_BxNxLxD.transpose(0, 2, 1, 3).reshape(B, L, N * D)
+        return ctx_BxLxH, (scores_BxNxLxL, probs_BxNxLxL, v_BxNxLxD)
+
+
+class Layer(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
+        cfg = self.config
+        drop = nn.Dropout(cfg.hidden_dropout)
+        ctx_BxLxH, extras = Attention(cfg, name="attention")(x_BxLxH, bias_Bx1x1xL, deterministic)
+        y = drop(_dense(cfg, cfg.hidden_size, "attention_output")(ctx_BxLxH), deterministic=deterministic)
+        x_BxLxH = _layer_norm(cfg, "attention_LayerNorm")(x_BxLxH + y)
+        h_BxLxF = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(x_BxLxH))
+        y = drop(_dense(cfg, cfg.hidden_size, "output")(h_BxLxF), deterministic=deterministic)
+        return _layer_norm(cfg, "output_LayerNorm")(x_BxLxH + y), extras
+
+
+class Bert(nn.Module):
+    """BERT encoder with pooler and classification head (BertForSequenceClassification)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                 deterministic: bool = True, output_hidden_states: bool = False,
+                 output_attentions: bool = False, output_values: bool = False) -> BertOutput:
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                                 jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+        x_BxLxH = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+        hidden, scores, probs, values = [x_BxLxH], [], [], []
+        for i in range(cfg.num_layers):
+            x_BxLxH, (s, p, v) = Layer(cfg, name=f"layer_{i}")(x_BxLxH, bias_Bx1x1xL, deterministic)
+            hidden.append(x_BxLxH)
+            scores.append(s)
+            probs.append(p)
+            values.append(v)
+
+        pooled_BxH = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxLxH[:, 0]))
+        rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+        pooled_BxH = nn.Dropout(rate)(pooled_BxH, deterministic=deterministic)
+        logits_BxC = _dense(cfg, cfg.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
+        return BertOutput(
+            logits=logits_BxC.astype(jnp.float32),
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attention_scores=tuple(scores) if output_attentions else None,
+            attention_probs=tuple(probs) if output_attentions else None,
+            values=tuple(values) if output_values else None,
+        )
+
+
+def init_params(config: BertConfig, rng: jax.Array) -> dict[str, Any]:
+    """Fresh parameters initialised as BERT does: normal(0.02), zero biases, unit LN scales."""
+    dummy = jnp.zeros((1, 2), jnp.int32)
+    return jax.jit(lambda r: Bert(config).init(r, dummy)["params"])(rng)
+
+
+def param_count(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
