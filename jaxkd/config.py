@@ -1,0 +1,320 @@
+"""Run configuration: typed, frozen dataclasses read from YAML plus dotted overrides.
+
+Every section is a frozen dataclass; a module receives only its own section. An
+unknown key, a wrong type or an impossible value raises `ConfigError` naming the
+key (and the nearest valid key) before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from jaxkd.data import DataConfig, TaskConfig
+from jaxkd.losses import LossConfig
+from jaxkd.optim import OptimConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Teacher fine-tuning on the task; skipped when steps is 0."""
+
+    steps: int | None = None  # None: derive from epochs; 0: the teacher is already trained
+    epochs: float = 1.0
+    learning_rate: float = 5e-5
+    eval_every: int | None = None  # None: once per epoch and at the end
+
+    def __post_init__(self):
+        _check(self.steps is None or self.steps >= 0, "teacher.finetune.steps", "must be >= 0")
+        _check(self.epochs > 0, "teacher.finetune.epochs", "must be > 0")
+        _check(self.learning_rate > 0, "teacher.finetune.learning_rate", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "bert-base-uncased"  # Hugging Face Hub id or local directory
+    finetune: FinetuneConfig = FinetuneConfig()
+    hidden_dropout: float | None = None  # None: the checkpoint's config
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """How the student is initialised: teacher_layers | shape | pretrained."""
+
+    init: str = "teacher_layers"
+    layers: tuple[int, ...] = (0, 2, 4)  # init=teacher_layers: which teacher layers to copy
+    num_layers: int = 4  # init=shape
+    hidden_size: int = 312
+    num_heads: int = 12
+    intermediate_size: int = 1200
+    pretrained: str | None = None  # init=pretrained: Hub id or directory
+    hidden_dropout: float | None = None  # None: the teacher's
+    attention_dropout: float | None = None
+
+    def __post_init__(self):
+        _check(self.init in ("teacher_layers", "shape", "pretrained"), "student.init",
+               f"must be teacher_layers, shape or pretrained, got {self.init!r}")
+        _check(self.init != "pretrained" or self.pretrained, "student.pretrained",
+               "must name a checkpoint when student.init is pretrained")
+        _check(len(self.layers) > 0, "student.layers", "must list at least one teacher layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Distillation stage. Loss: alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE."""
+
+    steps: int | None = None  # None: derive from epochs; 0: no distillation training
+    epochs: float = 1.0
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs the hard labels
+    hidden_weight: float = 0.0
+    embedding_weight: float = 0.0
+    attention_score_weight: float = 0.0
+    attention_kl_weight: float = 0.0
+    value_relation_weight: float = 0.0
+    layer_map: str | tuple[tuple[int, int], ...] = "uniform"
+    teacher_cache: bool = True  # record teacher logits once, on disk, and stream them
+    eval_every: int | None = None  # None: once per epoch and at the end
+
+    def __post_init__(self):
+        _check(self.steps is None or self.steps >= 0, "distill.steps", "must be >= 0")
+        _check(self.epochs > 0, "distill.epochs", "must be > 0")
+
+    def loss_config(self, regression: bool) -> LossConfig:
+        try:
+            return LossConfig(
+                temperature=self.temperature, alpha=self.alpha, hidden_weight=self.hidden_weight,
+                embedding_weight=self.embedding_weight,
+                attention_score_weight=self.attention_score_weight,
+                attention_kl_weight=self.attention_kl_weight,
+                value_relation_weight=self.value_relation_weight, layer_map=self.layer_map,
+                regression=regression)
+        except ValueError as e:
+            raise ConfigError(f"distill: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+    compute: str = "float32"  # float32 | bfloat16; params, optimizer state and losses stay fp32
+
+    def __post_init__(self):
+        _check(self.compute in ("float32", "bfloat16"), "precision.compute",
+               f"must be float32 or bfloat16, got {self.compute!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 2  # newest checkpoints kept, besides the best one
+    keep_best: bool = True  # also keep the best by the task metric on the eval split
+
+    def __post_init__(self):
+        _check(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")
+        _check(self.keep > 0, "checkpoint.keep", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host: passed to jax.distributed.initialize. On Cloud TPU VMs set initialize: true only."""
+
+    initialize: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    fsdp: bool = False  # shard teacher and student params over the data axis
+    cpu_devices: int | None = None  # simulate this many CPU devices (testing)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 50
+    tensorboard: bool = True
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str = "runs/default"
+    seed: int = 0
+    task: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    optim: OptimConfig = OptimConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    log: LogConfig = LogConfig()
+
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert lists to tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{key} has the wrong type: got {value!r}, expected {_type_name(tp)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is a section; give it as a mapping of keys, got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls, mapping: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["distill.temperature=4", "data.batch_size=64"]` -> nested dict (values read as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. distill.temperature=4")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(mapping: dict) -> Config:
+    return _build(Config, mapping or {})
+
+
+def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply dotted overrides, and validate everything."""
+    mapping: dict = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        with open(path, encoding="utf-8") as f:
+            mapping = yaml.safe_load(f) or {}
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections at the top level")
+    return from_dict(_merge(mapping, parse_overrides(list(overrides))))
+
+
+def to_dict(cfg) -> dict:
+    """Plain YAML-able dict (tuples become lists)."""
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
+        return x
+    return plain(cfg)
+
+
+def dump_config(cfg: Config, path: str | pathlib.Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def section_help() -> str:
+    """One line per section and its keys, for `train.py --help`."""
+    lines = []
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            keys = [g.name for g in dataclasses.fields(tp)]
+            lines.append(f"  {f.name}: {', '.join(keys)}")
+        else:
+            lines.append(f"  {f.name}")
+    return "\n".join(lines)

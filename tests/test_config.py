@@ -1,0 +1,58 @@
+"""Config: YAML + dotted overrides onto typed dataclasses, with errors that name the key."""
+import pathlib
+
+import pytest
+
+from jaxkd import config as config_lib
+from jaxkd.config import ConfigError
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    cfg = config_lib.load_config(path)
+    assert cfg.data.batch_size > 0
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = config_lib.load_config(CONFIGS / "sst2.yaml", [
+        "distill.temperature=4", "data.batch_size=64", "student.layers=[0,1]",
+        "teacher.finetune.steps=0", "distill.layer_map=[[0,1],[1,3]]", "optim.learning_rate=1e-4"])
+    assert cfg.distill.temperature == 4.0 and isinstance(cfg.distill.temperature, float)
+    assert cfg.data.batch_size == 64
+    assert cfg.student.layers == (0, 1)
+    assert cfg.teacher.finetune.steps == 0
+    assert cfg.distill.layer_map == ((0, 1), (1, 3))
+    assert cfg.optim.learning_rate == pytest.approx(1e-4)
+
+
+def test_misspelled_key_suggests_nearest():
+    with pytest.raises(ConfigError, match=r"distill.temprature.*did you mean 'temperature'"):
+        config_lib.load_config(None, ["distill.temprature=4"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'dat'.*'data'"):
+        config_lib.from_dict({"dat": {"batch_size": 3}})
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"data.batch_size must be int"):
+        config_lib.load_config(None, ["data.batch_size=lots"])
+    with pytest.raises(ConfigError, match=r"distill.teacher_cache must be true or false"):
+        config_lib.load_config(None, ["distill.teacher_cache=3"])
+
+
+def test_impossible_values_fail_before_work():
+    with pytest.raises(ConfigError, match="alpha"):
+        config_lib.load_config(None, ["distill.alpha=1.5"]).distill.loss_config(regression=False)
+    with pytest.raises(ConfigError, match="student.init"):
+        config_lib.load_config(None, ["student.init=magic"])
+    with pytest.raises(ConfigError, match="not found"):
+        config_lib.load_config("/no/such/config.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        config_lib.load_config(None, ["distill.alpha"])
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = config_lib.load_config(CONFIGS / "mrpc.yaml", ["distill.layer_map=[[0,1]]"])
+    config_lib.dump_config(cfg, tmp_path / "c.yaml")
+    assert config_lib.load_config(tmp_path / "c.yaml") == cfg
