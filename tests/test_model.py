@@ -1,0 +1,110 @@
+"""The Flax encoder on tiny random configs: shapes, options, numerics, PyTorch parity."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkd.hf import save_hf
+from jaxkd.model import Bert, BertConfig, init_params
+
+TINY = BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4, intermediate_size=32,
+                  max_position_embeddings=24, num_labels=3)
+
+
+def _noisy(params, seed=1, scale=0.2):
+    """Random values on every leaf, so zero biases and unit scales cannot hide a mapping bug."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _batch(B=3, L=7, vocab=50, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (B, L)).astype(np.int32)
+    lengths = np.array([L, L - 2, 3][:B])
+    mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
+    types = (np.arange(L)[None] >= (lengths[:, None] // 2)).astype(np.int32) * mask
+    return ids * mask, mask, types
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _noisy(init_params(TINY, jax.random.key(0)))
+
+
+def test_shapes_and_intermediates_only_when_asked(params):
+    ids, mask, types = _batch()
+    plain = Bert(TINY).apply({"params": params}, ids, mask, types)
+    assert plain.logits.shape == (3, 3) and plain.logits.dtype == jnp.float32
+    assert plain.hidden_states is plain.attention_scores is plain.attention_probs is plain.values is None
+    full = Bert(TINY).apply({"params": params}, ids, mask, types, output_hidden_states=True,
+                            output_attentions=True, output_values=True)
+    assert len(full.hidden_states) == TINY.num_layers + 1
+    assert all(h.shape == (3, 7, 16) for h in full.hidden_states)
+    assert all(a.shape == (3, 4, 7, 7) for a in full.attention_scores + full.attention_probs)
+    assert all(v.shape == (3, 4, 7, 4) for v in full.values)
+    np.testing.assert_allclose(full.logits, plain.logits, atol=1e-6)
+    # Padded keys get no attention weight; each query row sums to one.
+    probs = np.asarray(full.attention_probs[0])
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert np.all(probs[2, :, :, 3:] < 1e-6)
+
+
+def test_padding_invariance(params):
+    ids, mask, types = _batch()
+    pad = ((0, 0), (0, 5))
+    short = Bert(TINY).apply({"params": params}, ids, mask, types).logits
+    long = Bert(TINY).apply({"params": params}, np.pad(ids, pad), np.pad(mask, pad), np.pad(types, pad)).logits
+    np.testing.assert_allclose(long, short, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(params):
+    """bf16 logits stay within 0.05 of fp32 (the tolerance documented on BertConfig.dtype)."""
+    ids, mask, types = _batch()
+    cfg16 = TINY.replace(dtype="bfloat16")
+    params16 = init_params(cfg16, jax.random.key(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
+    out16 = Bert(cfg16).apply({"params": params}, ids, mask, types, output_hidden_states=True)
+    out32 = Bert(TINY).apply({"params": params}, ids, mask, types)
+    assert out16.logits.dtype == jnp.float32
+    assert out16.hidden_states[-1].dtype == jnp.float32  # the residual stream is LayerNorm output
+    diff = float(jnp.max(jnp.abs(out16.logits - out32.logits)))
+    assert 0 < diff < 0.05
+
+
+def test_dropout_only_when_not_deterministic(params):
+    ids, mask, types = _batch()
+    model = Bert(TINY)
+    a = model.apply({"params": params}, ids, mask, types, deterministic=True).logits
+    b = model.apply({"params": params}, ids, mask, types, deterministic=True).logits
+    np.testing.assert_array_equal(a, b)
+    c = model.apply({"params": params}, ids, mask, types, deterministic=False,
+                    rngs={"dropout": jax.random.key(1)}).logits
+    d = model.apply({"params": params}, ids, mask, types, deterministic=False,
+                    rngs={"dropout": jax.random.key(2)}).logits
+    assert not np.allclose(c, a, atol=1e-4) and not np.allclose(c, d, atol=1e-4)
+    no_drop = TINY.replace(hidden_dropout=0.0, attention_dropout=0.0)
+    e = Bert(no_drop).apply({"params": params}, ids, mask, types, deterministic=False,
+                            rngs={"dropout": jax.random.key(1)}).logits
+    np.testing.assert_allclose(e, a, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+def test_matches_pytorch_bert_for_sequence_classification(params, tmp_path, act):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = TINY.replace(hidden_act=act)
+    save_hf(cfg, params, tmp_path)
+    model, info = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    model.eval()
+    ids, mask, types = _batch()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    token_type_ids=torch.tensor(types, dtype=torch.long), output_hidden_states=True)
+    ours = Bert(cfg).apply({"params": params}, ids, mask, types, output_hidden_states=True)
+    np.testing.assert_allclose(ours.logits, out.logits.numpy(), atol=1e-5)
+    valid = mask.astype(bool)
+    for h_ours, h_torch in zip(ours.hidden_states, out.hidden_states):
+        np.testing.assert_allclose(np.asarray(h_ours)[valid], h_torch.numpy()[valid], atol=1e-5)

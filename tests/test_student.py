@@ -1,0 +1,91 @@
+"""Student construction: layer subsets, fresh shapes, pretrained checkpoints."""
+import jax
+import numpy as np
+import pytest
+
+from jaxkd import hf
+from jaxkd.model import Bert, BertConfig, init_params
+from jaxkd.student import student_from_pretrained, student_from_shape, student_from_teacher
+
+TEACHER = BertConfig(vocab_size=40, hidden_size=16, num_layers=6, num_heads=4, intermediate_size=32,
+                     max_position_embeddings=16, num_labels=3, hidden_act="gelu_tanh")
+
+
+@pytest.fixture(scope="module")
+def teacher_params():
+    return init_params(TEACHER, jax.random.key(0))
+
+
+def test_student_from_layers_copies_teacher_weights(teacher_params):
+    cfg, params = student_from_teacher(TEACHER, teacher_params, layers=[0, 2, 4])
+    assert cfg == TEACHER.replace(num_layers=3)
+    assert sorted(params) == ["classifier", "embeddings", "layer_0", "layer_1", "layer_2", "pooler"]
+    pairs = {"embeddings": "embeddings", "pooler": "pooler", "classifier": "classifier",
+             "layer_0": "layer_0", "layer_1": "layer_2", "layer_2": "layer_4"}
+    for student_name, teacher_name in pairs.items():
+        s_flat = jax.tree_util.tree_leaves_with_path(params[student_name])
+        t_flat = dict(jax.tree_util.tree_leaves_with_path(teacher_params[teacher_name]))
+        assert len(s_flat) == len(t_flat)
+        for path, value in s_flat:
+            np.testing.assert_array_equal(value, t_flat[path])
+            assert value is not t_flat[path]  # a copy: donating the student must not free the teacher
+    ids = np.array([[1, 5, 7, 2]])
+    assert Bert(cfg).apply({"params": params}, ids).logits.shape == (1, 3)
+
+
+@pytest.mark.parametrize("layers, match", [
+    ((0, 6), r"\[6\] are out of range for a 6-layer teacher.*\[0, 5\]"),
+    ((-1, 2), r"out of range.*\[0, 5\]"),
+    ((2, 2), r"duplicates or are unsorted.*\[0, 5\]"),
+    ((3, 1), r"duplicates or are unsorted"),
+    ((), r"empty"),
+])
+def test_bad_layer_indices(teacher_params, layers, match):
+    with pytest.raises(ValueError, match=match):
+        student_from_teacher(TEACHER, teacher_params, layers)
+
+
+def test_student_from_shape_init_statistics():
+    cfg, params = student_from_shape(TEACHER, jax.random.key(1), num_layers=2, hidden_size=64,
+                                     num_heads=8, intermediate_size=128, hidden_dropout=0.0)
+    for name in ("vocab_size", "max_position_embeddings", "type_vocab_size", "num_labels", "hidden_act"):
+        assert getattr(cfg, name) == getattr(TEACHER, name)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (2, 64, 8, 128)
+    assert cfg.hidden_dropout == 0.0
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for path, value in leaves:
+        name, value = jax.tree_util.keystr(path), np.asarray(value)
+        if name.endswith("['bias']"):
+            assert not value.any(), name
+        elif name.endswith("['scale']"):
+            np.testing.assert_array_equal(value, 1.0, err_msg=name)
+        elif value.size >= 1024:
+            assert abs(value.std() - 0.02) < 0.002 and abs(value.mean()) < 0.002, name
+    assert params["layer_1"]["intermediate"]["kernel"].shape == (64, 128)
+    assert student_from_shape(TEACHER, jax.random.key(1), 1, 32, 4)[0].intermediate_size == 128
+
+
+def test_student_from_shape_not_divisible_message():
+    with pytest.raises(ValueError, match=r"hidden_size 100 is not divisible by num_heads 12: set num_heads "
+                                         r"to one of \[1, 2, 4, 5, 10, 20, 25, 50\].*e\.g\. 96 or 108"):
+        student_from_shape(TEACHER, jax.random.key(0), num_layers=2, hidden_size=100, num_heads=12)
+
+
+def _write_checkpoint(directory, vocab_size, num_labels=2):
+    cfg = TEACHER.replace(vocab_size=vocab_size, num_layers=2, num_labels=num_labels)
+    return hf.save_hf(cfg, init_params(cfg, jax.random.key(5)), directory), cfg
+
+
+def test_student_from_pretrained_matching_vocab(tmp_path, teacher_params):
+    directory, saved = _write_checkpoint(tmp_path, TEACHER.vocab_size, num_labels=2)
+    cfg, params = student_from_pretrained(directory, TEACHER.replace(dtype="bfloat16"))
+    assert cfg.num_layers == 2 and cfg.num_labels == TEACHER.num_labels and cfg.dtype == "bfloat16"
+    assert params["classifier"]["kernel"].shape == (16, 3)
+    reference = hf.load_hf(directory)[1]
+    np.testing.assert_array_equal(params["layer_1"]["output"]["kernel"], reference["layer_1"]["output"]["kernel"])
+
+
+def test_student_from_pretrained_mismatched_vocab(tmp_path):
+    directory, _ = _write_checkpoint(tmp_path, vocab_size=41)
+    with pytest.raises(ValueError, match="vocab_size 41 but the teacher has 40.*tokenizers must agree"):
+        student_from_pretrained(directory, TEACHER, num_labels=3)
