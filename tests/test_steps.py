@@ -1,0 +1,286 @@
+"""Training steps: placement-independence (jit, devices, pmap, processes), accumulation, frozen
+teacher, one compile per shape, teacher-logit cache, bf16, and a PyTorch reference update."""
+import dataclasses
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import _multiprocess_steps as setup
+from jaxkd import sharding, steps
+from jaxkd.losses import LossConfig
+from jaxkd.model import init_params
+from jaxkd.optim import make_optimizer, make_schedule
+
+TOL = 1e-5
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world():
+    student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches = setup.build()
+    step_fn = steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg)
+    mesh = sharding.make_mesh()
+    return dict(student=student_cfg, teacher=teacher_cfg, loss=loss_cfg, optim=optim_cfg,
+                state=state, teacher_params=teacher_params, batches=batches, step_fn=step_fn,
+                jit_step=jax.jit(step_fn), mesh=mesh,
+                mesh_step=setup.compile_mesh_step(step_fn, mesh, state, teacher_params))
+
+
+@pytest.fixture(scope="module")
+def four_device_run(world):
+    """Reference: STEPS jitted steps on a 4-device mesh, batch sharded over the rows."""
+    return setup.run_mesh_steps(world["mesh_step"], world["mesh"], world["state"],
+                                world["teacher_params"], world["batches"])
+
+
+def assert_close(a, b, tol=TOL):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                         rtol=tol, atol=tol), a, b)
+
+
+def run_steps(step, state, teacher_params, batches):
+    losses = []
+    for k, batch in enumerate(batches):
+        state, metrics = step(state, teacher_params, batch, jax.random.key(100 + k))
+        losses.append(metrics["loss/total"])
+    return state, losses
+
+
+@pytest.mark.slow  # the eager step dispatches thousands of small ops
+def test_jit_equals_eager(world):
+    batch = world["batches"][0]
+    args = (world["state"], world["teacher_params"], batch, jax.random.key(0))
+    jit_state, jit_metrics = world["jit_step"](*args)
+    with jax.disable_jit():
+        eager_state, eager_metrics = world["step_fn"](*args)
+    assert_close(jit_metrics, eager_metrics)
+    assert_close(jit_state.params, eager_state.params)
+
+
+def test_one_device_equals_four(world, four_device_run):
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    step = setup.compile_mesh_step(world["step_fn"], mesh, world["state"], world["teacher_params"])
+    one_state, one_losses = setup.run_mesh_steps(step, mesh, world["state"],
+                                                 world["teacher_params"], world["batches"])
+    four_state, four_losses = four_device_run
+    assert len(four_state.params["embeddings"]["word_embeddings"]["embedding"].devices()) == 4
+    assert_close(one_losses, four_losses)
+    assert_close(one_state.params, four_state.params)
+    assert_close(one_state.proj_params, four_state.proj_params)
+    assert int(four_state.step) == setup.STEPS
+
+
+def test_pmap_equals_mesh_jit(world):
+    # Full attention masks: token-averaged terms are then exact under per-device weighting too;
+    # the padding rows (weight 0) still fall unevenly on the devices.
+    rng = np.random.default_rng(1)
+    batches = [setup.make_batch(rng, full_mask=True) for _ in range(setup.STEPS)]
+    mesh_state, mesh_losses = setup.run_mesh_steps(
+        world["mesh_step"], world["mesh"], world["state"], world["teacher_params"], batches)
+
+    pstep = jax.pmap(steps.make_distill_step(world["student"], world["teacher"], world["loss"],
+                                             axis_name="data"), axis_name="data")
+    stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * 4), tree)  # noqa: E731
+    split = lambda b: {k: v.reshape(4, -1, *v.shape[1:]) for k, v in b.items()}  # noqa: E731
+    state, teacher_params, losses = stack(world["state"]), stack(world["teacher_params"]), []
+    for k, batch in enumerate(batches):
+        keys = jnp.stack([jax.random.key(100 + k)] * 4)
+        state, metrics = pstep(state, teacher_params, split(batch), keys)
+        losses.append(metrics["loss/total"][0])
+    assert_close(losses, mesh_losses)
+    assert_close(jax.tree.map(lambda x: x[0], state.params), mesh_state.params)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(world, four_device_run, tmp_path):
+    out, port = tmp_path / "result.npz", _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
+    script = pathlib.Path(__file__).with_name("_multiprocess_steps.py")
+    procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for pid in (0, 1)]
+    for proc in procs:
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log.decode()[-3000:]
+    result = np.load(out)
+    state, losses = four_device_run
+    assert_close(result["losses"], losses)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+        np.testing.assert_allclose(result[jax.tree_util.keystr(path)], leaf, rtol=TOL, atol=TOL)
+
+
+def test_accumulation_equals_union_batch(world):
+    k, updates = 2, 3
+    rng = np.random.default_rng(2)
+    # MultiSteps averages micro-batch means: equal to the union's mean for equal weight (and,
+    # for the token-averaged terms, token) counts per micro-batch.
+    micro = [setup.make_batch(rng, rows=4, full_mask=True) for _ in range(k * updates)]
+    for b in micro:
+        b["weights"][:] = 1.0
+    union = [{key: np.concatenate([b[key] for b in micro[u * k:(u + 1) * k]]) for key in micro[0]}
+             for u in range(updates)]
+    optim = dataclasses.replace(world["optim"], accumulate_steps=k)
+    schedule = make_schedule(optim, total_steps=10)
+    step_fn = steps.make_distill_step(world["student"], world["teacher"], world["loss"], schedule)
+    step = jax.jit(step_fn)
+
+    acc_state = steps.TrainState.create(world["state"].params, make_optimizer(optim, 10),
+                                        world["state"].proj_params)
+    acc_state, _ = run_steps(step, acc_state, world["teacher_params"], micro[:-1])
+    assert int(acc_state.step) == updates - 1  # counts updates, not micro-batches
+    acc_state, metrics = step(acc_state, world["teacher_params"], micro[-1], jax.random.key(0))
+    np.testing.assert_allclose(metrics["learning_rate"], schedule(updates - 1))
+    full_state, _ = run_steps(step, world["state"], world["teacher_params"], union)
+    assert int(acc_state.step) == int(full_state.step) == updates
+    assert_close(acc_state.params, full_state.params)
+    assert_close(acc_state.proj_params, full_state.proj_params)
+
+
+def test_teacher_is_frozen(world, four_device_run):
+    teacher_params = world["teacher_params"]
+    copy = jax.tree.map(np.array, teacher_params)
+    run_steps(world["jit_step"], world["state"], teacher_params, world["batches"])
+    assert_close(teacher_params, copy, tol=0)
+    # The optimizer sees the student and the projections, nothing else.
+    trainable = {"params": world["state"].params, "proj_params": world["state"].proj_params}
+    mu = optax.tree.get(world["state"].opt_state, "mu")
+    assert jax.tree.structure(mu) == jax.tree.structure(trainable)
+
+    def loss_of_teacher(tp):
+        return world["step_fn"](world["state"], tp, world["batches"][0],
+                                jax.random.key(0))[1]["loss/total"]
+
+    grads = jax.jit(jax.grad(loss_of_teacher))(teacher_params)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+
+
+def _with_cache(world, batch):
+    logits = steps.make_teacher_logits_fn(world["teacher"])(world["teacher_params"], batch)
+    return {**batch, "teacher_logits": np.asarray(logits)}
+
+
+def test_teacher_logit_cache_equals_in_step_teacher(world):
+    loss_cfg = LossConfig(temperature=3.0, alpha=0.7)
+    step = jax.jit(steps.make_distill_step(world["student"], world["teacher"], loss_cfg))
+    cached = [_with_cache(world, b) for b in world["batches"]]
+    in_step_state, in_step_losses = run_steps(step, world["state"], world["teacher_params"],
+                                              world["batches"])
+    # Garbage teacher params: with cached logits the teacher must not run at all.
+    garbage = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), world["teacher_params"])
+    cached_state, cached_losses = run_steps(step, world["state"], garbage, cached)
+    assert_close(cached_losses, in_step_losses)
+    assert_close(cached_state.params, in_step_state.params)
+
+
+def test_compiles_once_per_batch_shape(world):
+    mesh = sharding.make_mesh()
+    state_shardings = sharding.tree_shardings(mesh, world["state"])
+    step = sharding.jit_finetune_step(steps.make_finetune_step(world["student"]), mesh,
+                                      state_shardings)
+    state, rng = sharding.shard_state(world["state"], mesh), np.random.default_rng(3)
+    lengths = [8, 16, 8, 8, 16, 8]
+    for length in lengths:
+        batch = sharding.global_batch(setup.make_batch(rng, length=length), mesh)
+        state, _ = step(state, batch, jax.random.key(0))
+    assert step._cache_size() == len(set(lengths))
+    assert not world["state"].params["classifier"]["kernel"].is_deleted()  # donation copied
+
+
+def test_bf16_compute_keeps_fp32_params_and_losses(world):
+    student, teacher = world["student"].replace(dtype="bfloat16"), world["teacher"].replace(dtype="bfloat16")
+    step = jax.jit(steps.make_distill_step(student, teacher, world["loss"]))
+    state, metrics = step(world["state"], world["teacher_params"], world["batches"][0],
+                          jax.random.key(0))
+    assert {m.dtype for m in metrics.values()} == {jnp.dtype(jnp.float32)}
+    assert all(np.isfinite(m) for m in metrics.values())
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.proj_params))} == {jnp.dtype(jnp.float32)}
+    mu = optax.tree.get(state.opt_state, "mu")
+    assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.float32)}
+
+
+def test_distill_metrics_match_numpy(world):
+    batch = world["batches"][0]
+    _, metrics = world["jit_step"](world["state"], world["teacher_params"], batch, jax.random.key(0))
+    s_logits = np.asarray(jax.jit(steps.make_eval_step(world["student"]))(
+        world["state"].params, batch)["logits"])
+    t_logits = np.asarray(jax.jit(steps.make_teacher_logits_fn(world["teacher"]))(
+        world["teacher_params"], batch))
+    w, T = batch["weights"], world["loss"].temperature
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    t_logp, s_logp = log_softmax(t_logits / T), log_softmax(s_logits / T)
+    kd = (np.exp(t_logp) * (t_logp - s_logp)).sum(-1)
+    ce = -log_softmax(s_logits)[np.arange(len(w)), batch["labels"]]
+    mean = lambda v: (w * v).sum() / w.sum()  # noqa: E731
+    np.testing.assert_allclose(metrics["loss/kd"], mean(kd) * T**2, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss/ce"], mean(ce), rtol=1e-5)
+    np.testing.assert_allclose(metrics["accuracy"], mean(s_logits.argmax(-1) == batch["labels"]))
+    np.testing.assert_allclose(metrics["agreement"], mean(s_logits.argmax(-1) == t_logits.argmax(-1)))
+
+
+def test_finetune_step_matches_torch_sgd(world):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxkd.hf import config_to_hf, hf_state_dict
+    cfg, lr = world["student"], 0.1
+    params, batch = world["state"].params, world["batches"][0]
+    state = steps.TrainState.create(params, optax.sgd(lr))
+    new_state, metrics = jax.jit(steps.make_finetune_step(cfg))(state, batch, jax.random.key(0))
+
+    model = transformers.BertForSequenceClassification(
+        transformers.BertConfig(**config_to_hf(cfg)))
+    model.load_state_dict({k: torch.tensor(v) for k, v in hf_state_dict(cfg, params).items()},
+                          strict=False)
+    logits = model(input_ids=torch.from_numpy(batch["input_ids"]).long(),
+                   attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
+                   token_type_ids=torch.from_numpy(batch["token_type_ids"]).long()).logits
+    w = torch.from_numpy(batch["weights"])
+    per_row = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["labels"]).long(),
+                                                reduction="none")
+    loss = (w * per_row).sum() / w.sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    np.testing.assert_allclose(metrics["loss/ce"], loss.item(), rtol=1e-5)
+    grad_norm = torch.sqrt(sum((g**2).sum() for g in grads.values())).item()
+    np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-4)
+    updated = hf_state_dict(cfg, new_state.params)
+    for name, p in model.named_parameters():
+        expected = (p - lr * p.grad).detach().numpy() if p.grad is not None else p.detach().numpy()
+        np.testing.assert_allclose(updated[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_eval_step_predictions(world):
+    batch = world["batches"][0]
+    out = steps.make_eval_step(world["student"])(world["state"].params, batch)
+    assert out["logits"].dtype == jnp.float32 and out["logits"].shape == (setup.BATCH, 3)
+    np.testing.assert_array_equal(out["predictions"], np.asarray(out["logits"]).argmax(-1))
+    reg_cfg = world["student"].replace(num_labels=1)
+    reg = steps.make_eval_step(reg_cfg)(init_params(reg_cfg, jax.random.key(0)), batch)
+    np.testing.assert_array_equal(reg["predictions"], np.asarray(reg["logits"])[:, 0])
+
+
+def test_bad_inputs_are_named(world):
+    batch = {k: v for k, v in world["batches"][0].items() if k != "weights"}
+    with pytest.raises(KeyError, match="weights"):
+        world["step_fn"](world["state"], world["teacher_params"], batch, jax.random.key(0))
+    with pytest.raises(ValueError, match="num_labels"):
+        steps.make_distill_step(world["student"], world["teacher"].replace(num_labels=2), world["loss"])
+    with pytest.raises(ValueError, match="loss.regression"):
+        steps.make_distill_step(world["student"], world["teacher"], LossConfig(regression=True))
