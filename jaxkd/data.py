@@ -2,7 +2,7 @@
 
 Pipeline: `resolve_task` -> `load_split` (validated rows) -> `tokenize` (token ids, cached on
 disk) -> `train_batches` (infinite, shuffled, bucketed, resumable) or `eval_batches` (every
-example once) -> `to_global` (jax Arrays over a mesh, each process giving its own rows).
+example once) -> `jaxkd.sharding.global_batch` (jax Arrays over a mesh, each process giving its own rows).
 
 A batch is a dict of host NumPy arrays:
   input_ids, attention_mask (1 = token), token_type_ids   int32 [B, L]
@@ -804,12 +804,3 @@ def padding_stats(encoded: Encoded, batch_size: int, *, bucket_multiple: int, ma
     return PaddingStats(pad_fraction=1.0 - int(lengths_N[order_SxB].sum()) / slots,
                         shapes=tuple((batch_size, int(n)) for n in np.unique(length_S)),
                         num_batches=len(length_S))
-
-
-def to_global(batch: Mapping[str, np.ndarray], mesh, axis: str = "data") -> dict[str, Any]:
-    """This process's rows -> global jax Arrays, split along the batch dimension over `axis`."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
-
-    sharding = NamedSharding(mesh, PartitionSpec(axis))
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}

@@ -9,7 +9,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import metrics as metrics_lib
@@ -85,25 +84,25 @@ def _time(fn: Callable, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_speed(logits_fn: Callable, params, mesh, batch_size: int, seq_len: int,
+def measure_speed(logits_fn: Callable, params, batch_size: int, seq_len: int,
                   repeats: int = 5) -> dict:
-    """Median latency at batch 1 and throughput at `batch_size`, both at `seq_len` tokens."""
-    from jaxkd import data as data_lib
+    """Median latency at batch 1 and throughput at `batch_size`, `seq_len` tokens, one device.
+
+    `logits_fn(params, batch)` is jitted here, without shardings: serving runs one model copy.
+    """
+    fn = jax.jit(logits_fn)
+    params = jax.device_put(params, jax.devices()[0])
 
     def batch(b):
         ids = np.full((b, seq_len), 1000, np.int32)
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        return jax.device_put({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                               "token_type_ids": np.zeros_like(ids)}, jax.devices()[0])
 
-    one = jax.device_put(batch(1))  # batch 1 cannot be split over the data axis
-    full = data_lib.to_global({**batch(batch_size), "labels": np.zeros(batch_size, np.int32),
-                               "weights": np.ones(batch_size, np.float32),
-                               "index": np.arange(batch_size, dtype=np.int32)}, mesh) \
-        if batch_size % mesh.size == 0 else jax.device_put(batch(batch_size))
-    latency = _time(lambda: logits_fn(params, one), repeats)
-    per_batch = _time(lambda: logits_fn(params, full), repeats)
+    one, full = batch(1), batch(batch_size)
+    latency = _time(lambda: fn(params, one), repeats)
+    per_batch = _time(lambda: fn(params, full), repeats)
     return {"latency_ms": 1000 * latency, "throughput": batch_size / per_batch,
-            "speed_seq_len": seq_len, "device": jax.devices()[0].device_kind,
-            "num_devices": jax.device_count()}
+            "speed_seq_len": seq_len, "device": jax.devices()[0].device_kind}
 
 
 def build_report(cfg, task, models: dict, logits: dict) -> dict:

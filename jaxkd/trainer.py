@@ -213,7 +213,7 @@ def predict(rt: Runtime, logits_fn: Callable, params, encoded, batch_size: int) 
                                        max_seq_len=cfg.data.max_seq_len,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-        batch = data_lib.to_global(local, rt.mesh)
+        batch = sharding.global_batch(local, rt.mesh)
         logits = _host(logits_fn(params, batch))
         index = _host(batch["index"])
         if out is None:
@@ -284,7 +284,7 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
         for step in range(start, total_steps):
             batch = prepare_batch(next(batches))
             rng = jax.random.fold_in(base_rng, step)
-            state, step_metrics = step_fn(state, data_lib.to_global(batch, rt.mesh), rng)
+            state, step_metrics = step_fn(state, sharding.global_batch(batch, rt.mesh), rng)
             if pending is not None:  # pull step n-1 while step n runs
                 check(jax.device_get(pending[1]), pending[0])
             pending = (step + 1, step_metrics)
@@ -482,8 +482,8 @@ def stage_report(rt: Runtime, plan: Plan, teacher_cfg, teacher_params, student_c
                 logits[(name, split)] = split_logits
         report_split = "test" if "test" in plan.splits else "eval"
         entry["metrics"] = entry["splits"].get(report_split, {})
-        entry.update(report_lib.measure_speed(fn, mparams, rt.mesh, rt.cfg.data.batch_size,
-                                              rt.cfg.data.max_seq_len))
+        entry.update(report_lib.measure_speed(steps.make_teacher_logits_fn(mcfg), mparams,
+                                              rt.cfg.data.batch_size, rt.cfg.data.max_seq_len))
         models[name] = entry
     report = report_lib.build_report(rt.cfg, plan.task, models, logits)
     if rt.is_main:

@@ -15,7 +15,7 @@ MAX_SEQ_LEN = 32
 
 def synthetic_encoded(num_examples: int = 29, seed: int = 0):
     """Token lists of random lengths; the same on every process."""
-    from jaxkd import data  # pylint: disable=import-outside-toplevel
+    from jaxkd import data, sharding  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(3, MAX_SEQ_LEN + 1, size=num_examples)
@@ -38,7 +38,7 @@ def collect(mesh, process_index: int, process_count: int) -> dict[str, np.ndarra
     named += [(f"eval{i}", batch) for i, batch in enumerate(data.eval_batches(encoded, BATCH_SIZE, **layout))]
     out = {}
     for name, batch in named:
-        for key, value in data.to_global(batch, mesh).items():
+        for key, value in sharding.global_batch(batch, mesh).items():
             out[f"{name}/{key}"] = np.asarray(multihost_utils.process_allgather(value, tiled=True))
     return out
 

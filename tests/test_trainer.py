@@ -1,0 +1,240 @@
+"""The pipeline end to end on a tiny random teacher: stages, resume after kill -9 and SIGTERM,
+bad input stopping before work, and the teacher cache."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jaxkd import config as config_lib
+from jaxkd import hf, trainer
+from jaxkd.config import ConfigError
+from jaxkd.model import BertConfig, init_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = BertConfig(vocab_size=30522, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
+                  max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, minilm_dir):
+    """A 4-layer, 32-wide random BERT with the MiniLM's real tokenizer, as a Hugging Face dir."""
+    out = tmp_path_factory.mktemp("teacher")
+    hf.save_hf(TINY, init_params(TINY, jax.random.key(0)), out, tokenizer=minilm_dir,
+               id2label=["negative", "positive"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sst2_small(tmp_path_factory, data_dir):
+    """The first 160 rows of SST-2 glue_dev for training and the next 64 for evaluation."""
+    out = tmp_path_factory.mktemp("sst2")
+    lines = (data_dir / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
+    (out / "train.tsv").write_text("\n".join([lines[0]] + lines[1:161]) + "\n", encoding="utf-8")
+    (out / "eval.tsv").write_text("\n".join([lines[0]] + lines[161:225]) + "\n", encoding="utf-8")
+    return out
+
+
+def tiny_config(workdir, teacher, data, **over) -> dict:
+    cfg = {
+        "workdir": str(workdir), "seed": 3,
+        "task": {"name": "sst2"},
+        "data": {"train": str(data / "train.tsv"), "eval": str(data / "eval.tsv"),
+                 "batch_size": 8, "max_seq_len": 32, "bucket_multiple": 16},
+        "teacher": {"model": str(teacher), "finetune": {"steps": 6}},
+        "student": {"layers": [1, 3]},
+        "distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
+        "optim": {"learning_rate": 1e-3},
+        "checkpoint": {"every_steps": 4, "keep": 2},
+        "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
+    }
+    for dotted, value in over.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def run_in_process(cfg: dict) -> dict:
+    return trainer.run(config_lib.from_dict(cfg))
+
+
+def student_params(workdir):
+    return hf.load_hf(pathlib.Path(workdir) / "student")[1]
+
+
+def assert_trees_close(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path, tiny_teacher, sst2_small):
+    cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small,
+                      **{"data.test": str(sst2_small / "eval.tsv")})
+    report = run_in_process(cfg)
+    workdir = tmp_path / "run"
+    stages = json.loads((workdir / "stages.json").read_text())
+    assert all(stages[s]["done"] for s in ("teacher", "distill", "export", "report"))
+    on_disk = json.loads((workdir / "report.json").read_text())
+    for who in ("teacher", "student"):
+        assert set(on_disk[who]["metrics"]) == {"accuracy"}
+        assert 0.0 <= on_disk[who]["metrics"]["accuracy"] <= 1.0
+    assert on_disk["student"]["params"] < on_disk["teacher"]["params"]
+    assert report["retention"]["accuracy"] == pytest.approx(
+        on_disk["student"]["metrics"]["accuracy"] / on_disk["teacher"]["metrics"]["accuracy"])
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r.get("split") is None]
+    assert {"stage", "step", "loss", "learning_rate"} <= set(train_rows[0])
+    assert any(r.get("split") == "eval" and "accuracy" in r for r in rows)
+    assert (workdir / "config.yaml").is_file() and (workdir / "report.md").is_file()
+
+    # The exported student loads in PyTorch and reproduces jaxkd's eval predictions.
+    torch = pytest.importorskip("torch")
+    from transformers import BertForSequenceClassification, BertTokenizer
+    model, info = BertForSequenceClassification.from_pretrained(workdir / "student",
+                                                                output_loading_info=True)
+    assert not any(info.values()), info
+    model.eval()
+    tok = BertTokenizer.from_pretrained(workdir / "student")
+    texts = [line.split("\t")[0] for line in
+             (sst2_small / "eval.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    enc = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        torch_pred = model(**enc).logits.argmax(-1).numpy()
+    labels = np.array([int(line.split("\t")[1]) for line in
+                       (sst2_small / "eval.tsv").read_text(encoding="utf-8").splitlines()[1:]])
+    assert np.mean(torch_pred == labels) == pytest.approx(report["student"]["metrics"]["accuracy"])
+
+    # Running the same command again skips every finished stage and gives the same report.
+    again = run_in_process(cfg)
+    assert again["student"]["metrics"] == report["student"]["metrics"]
+
+
+@pytest.mark.slow
+def test_teacher_cache_gives_the_same_student(tmp_path, tiny_teacher, sst2_small):
+    common = {"teacher.finetune.steps": 0, "distill.eval_every": None, "distill.steps": 10,
+              "data.eval": None}
+    run_in_process(tiny_config(tmp_path / "cached", tiny_teacher, sst2_small,
+                               **common, **{"distill.teacher_cache": True}))
+    run_in_process(tiny_config(tmp_path / "live", tiny_teacher, sst2_small,
+                               **common, **{"distill.teacher_cache": False}))
+    assert list((tmp_path / "cached" / "cache").glob("teacher_logits-*.npy"))
+    assert not list((tmp_path / "live" / "cache").glob("teacher_logits-*.npy"))
+    assert_trees_close(student_params(tmp_path / "cached"), student_params(tmp_path / "live"), 1e-5)
+
+
+def _launch(cfg: dict, path: pathlib.Path) -> subprocess.Popen:
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for_distill_step(workdir: pathlib.Path, proc: subprocess.Popen, step: int) -> None:
+    """Block until the run has logged distillation step >= `step`."""
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()}")
+        if metrics.is_file():
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            if any(r.get("stage") == "distill" and r.get("step", 0) >= step for r in rows):
+                return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill", "sigterm"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_teacher, sst2_small, how):
+    # The subprocesses simulate the same four CPU devices as this one (tests/conftest.py).
+    over = {"distill.steps": 120, "distill.eval_every": 60, "checkpoint.every_steps": 10,
+            "log.every_steps": 2, "teacher.finetune.steps": 0, "distributed.cpu_devices": 4}
+    reference = run_in_process(tiny_config(tmp_path / "ref", tiny_teacher, sst2_small, **over))
+
+    workdir = tmp_path / "run"
+    cfg = tiny_config(workdir, tiny_teacher, sst2_small, **over)
+    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    _wait_for_distill_step(workdir, proc, 30)
+    if how == "kill":
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    else:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "SIGTERM" in out
+    steps_saved = sorted(int(p.name) for p in (workdir / "checkpoints" / "distill").iterdir()
+                         if p.name.isdigit())
+    assert steps_saved and steps_saved[-1] < 120
+    if how == "sigterm":
+        last_logged = max(json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()
+                          if json.loads(x).get("stage") == "distill")
+        assert steps_saved[-1] >= last_logged  # the checkpoint is at the step it stopped on
+
+    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    resumed = json.loads((workdir / "report.json").read_text())
+    assert resumed["student"]["metrics"] == reference["student"]["metrics"]
+    assert resumed["student"]["splits"] == reference["student"]["splits"]
+    assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
+
+
+def _snapshot(workdir: pathlib.Path) -> dict:
+    return {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"distill.temprature": 3.0}, "did you mean 'temperature'"),
+    ({"data.train": "/no/such/train.tsv"}, "/no/such/train.tsv"),
+    ({"student.layers": [0, 9]}, "out of range"),
+])
+def test_bad_input_stops_before_work_and_keeps_outputs(tmp_path, tiny_teacher, sst2_small,
+                                                        override, message):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "report.json").write_text('{"earlier": true}')
+    (workdir / "config.yaml").write_text("earlier: run\n")
+    before = _snapshot(workdir)
+    cfg = tiny_config(workdir, tiny_teacher, sst2_small)
+    for dotted, value in override.items():
+        section, key = dotted.split(".")
+        cfg[section][key] = value
+    with pytest.raises((ConfigError, FileNotFoundError, ValueError), match=message):
+        run_in_process(cfg)
+    assert _snapshot(workdir) == before
+
+
+def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_teacher, sst2_small, minilm_dir):
+    other = tmp_path / "other"
+    small_vocab = TINY.replace(vocab_size=1000)
+    hf.save_hf(small_vocab, init_params(small_vocab, jax.random.key(1)), other)
+    workdir = tmp_path / "run"
+    cfg = tiny_config(workdir, tiny_teacher, sst2_small,
+                      **{"student.init": "pretrained", "student.pretrained": str(other)})
+    with pytest.raises(ConfigError, match="must share one tokenizer"):
+        run_in_process(cfg)
+    assert not workdir.exists()
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_teacher, sst2_small):
+    cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small,
+                      **{"teacher.finetune.steps": 0, "distill.steps": 8, "data.eval": None,
+                         "optim.learning_rate": 1e30, "optim.clip_norm": None,
+                         "distill.teacher_cache": False})
+    with pytest.raises(trainer.NonFiniteLoss, match="loss became"):
+        run_in_process(cfg)
