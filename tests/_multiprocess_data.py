@@ -15,7 +15,7 @@ MAX_SEQ_LEN = 32
 
 def synthetic_encoded(num_examples: int = 29, seed: int = 0):
     """Token lists of random lengths; the same on every process."""
-    from jaxkd import data, sharding  # pylint: disable=import-outside-toplevel
+    from jaxkd import data  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(3, MAX_SEQ_LEN + 1, size=num_examples)
@@ -28,7 +28,7 @@ def collect(mesh, process_index: int, process_count: int) -> dict[str, np.ndarra
     """Training and evaluation batches, assembled over `mesh` and gathered back to the host."""
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-    from jaxkd import data  # pylint: disable=import-outside-toplevel
+    from jaxkd import data, sharding  # pylint: disable=import-outside-toplevel
 
     encoded = synthetic_encoded()
     layout = dict(bucket_multiple=8, max_seq_len=MAX_SEQ_LEN, process_index=process_index,
