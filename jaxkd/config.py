@@ -33,7 +33,9 @@ def _check(ok: bool, key: str, message: str) -> None:
 class FinetuneConfig:
     """Teacher fine-tuning on the task; skipped when steps is 0."""
 
-    steps: int | None = None  # None: derive from epochs; 0: the teacher is already trained
+    # None: fine-tune for `epochs`, unless the checkpoint already is a classifier for the task
+    # (a BertForSequenceClassification with as many labels); 0: never fine-tune.
+    steps: int | None = None
     epochs: float = 1.0
     learning_rate: float = 5e-5
     eval_every: int | None = None  # None: once per epoch and at the end

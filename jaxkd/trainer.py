@@ -51,17 +51,22 @@ class Plan:
     splits: dict[str, Any]  # name -> tokenised examples (train / eval / test, those given)
     teacher_source: str
     teacher_config: BertConfig
+    finetune_steps: int | None  # 0: the teacher already classifies this task; None: from epochs
 
 
-def _teacher_config(cfg: Config, task) -> BertConfig:
+def _teacher_config(cfg: Config, task) -> tuple[BertConfig, bool]:
+    """The teacher's config, and whether its checkpoint is already a classifier for this task."""
     try:
-        teacher_cfg = hf.config_from_hf(hf.read_hf_config(hf.resolve_dir(cfg.teacher.model)), num_labels=task.num_labels)
+        raw = hf.read_hf_config(hf.resolve_dir(cfg.teacher.model))
+        teacher_cfg = hf.config_from_hf(raw, num_labels=task.num_labels)
     except FileNotFoundError as e:
         raise ConfigError(f"teacher.model {cfg.teacher.model!r}: {e}") from e
+    is_classifier = (any("SequenceClassification" in a for a in raw.get("architectures") or [])
+                     and len(raw.get("id2label") or {}) == task.num_labels)
     changes = {"dtype": cfg.precision.compute}
     if cfg.teacher.hidden_dropout is not None:
         changes["hidden_dropout"] = cfg.teacher.hidden_dropout
-    return teacher_cfg.replace(**changes)
+    return teacher_cfg.replace(**changes), is_classifier
 
 
 def prepare(cfg: Config) -> Plan:
@@ -70,7 +75,14 @@ def prepare(cfg: Config) -> Plan:
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give a split name or a training file")
     tokenizer = hf.load_tokenizer(cfg.teacher.model)
-    teacher_cfg = _teacher_config(cfg, task)
+    teacher_cfg, is_classifier = _teacher_config(cfg, task)
+    steps = cfg.teacher.finetune.steps
+    if steps == 0 and not is_classifier:
+        raise ConfigError(
+            f"teacher.model {cfg.teacher.model!r} is not a {task.num_labels}-label sequence "
+            "classifier, so it cannot teach this task untrained: set teacher.finetune.steps > 0 "
+            "(or leave it unset to fine-tune for teacher.finetune.epochs)")
+    finetune = steps if steps is not None else (0 if is_classifier else None)
     if len(tokenizer) > teacher_cfg.vocab_size:
         raise ConfigError(f"teacher.model: tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocabulary holds {teacher_cfg.vocab_size}")
@@ -85,7 +97,7 @@ def prepare(cfg: Config) -> Plan:
         if source is not None:
             examples = data_lib.load_split(cfg.data, task, source)
             splits[name] = data_lib.tokenize(examples, tokenizer, cfg.data.max_seq_len, cache_dir)
-    return Plan(cfg, task, tokenizer, splits, cfg.teacher.model, teacher_cfg)
+    return Plan(cfg, task, tokenizer, splits, cfg.teacher.model, teacher_cfg, finetune)
 
 
 def _id2label(task) -> dict[int, str] | None:
@@ -355,18 +367,18 @@ def stage_teacher(rt: Runtime, plan: Plan):
     cfg, stages = rt.cfg, _read_stages(rt.workdir)
     out_dir = rt.workdir / "teacher"
     ft = cfg.teacher.finetune
-    if stages.get("teacher", {}).get("done") and ft.steps != 0:
+    if stages.get("teacher", {}).get("done") and plan.finetune_steps != 0:
         config, params = hf.load_hf(out_dir, num_labels=plan.task.num_labels)
         return config.replace(dtype=plan.teacher_config.dtype), params, str(out_dir)
     config, params = hf.load_hf(plan.teacher_source, num_labels=plan.task.num_labels,
                                 rng=jax.random.key(cfg.seed))
     config = config.replace(dtype=plan.teacher_config.dtype,
                             hidden_dropout=plan.teacher_config.hidden_dropout)
-    if ft.steps == 0:
+    if plan.finetune_steps == 0:
         return config, params, plan.teacher_source
     train = plan.splits["train"]
     epoch_steps = _epoch_steps(rt, train)
-    total = _total_steps(ft.steps, ft.epochs, epoch_steps)
+    total = _total_steps(plan.finetune_steps, ft.epochs, epoch_steps)
     optim_cfg = dataclasses.replace(cfg.optim, learning_rate=ft.learning_rate)
     tx, schedule = _optimizer(optim_cfg, total)
     state = steps.TrainState.create(params, tx)

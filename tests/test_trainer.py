@@ -231,6 +231,13 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_teacher, sst2
     assert not workdir.exists()
 
 
+def test_untrained_teacher_without_finetuning_is_refused(tmp_path, minilm_dir, sst2_small):
+    cfg = tiny_config(tmp_path / "run", minilm_dir, sst2_small, **{"teacher.finetune.steps": 0})
+    with pytest.raises(ConfigError, match="not a 2-label sequence classifier"):
+        run_in_process(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_teacher, sst2_small):
     cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small,
                       **{"teacher.finetune.steps": 0, "distill.steps": 8, "data.eval": None,
