@@ -107,6 +107,7 @@ def measure_speed(logits_fn: Callable, params, batch_size: int, seq_len: int,
 
 def build_report(cfg, task, models: dict, logits: dict) -> dict:
     """teacher/student entries with metrics, retention, agreement and speed-up."""
+    from jaxkd.config import to_dict
     teacher, student = models["teacher"], models["student"]
     retention = {k: (student["metrics"][k] / teacher["metrics"][k] if teacher["metrics"].get(k) else None)
                  for k in student["metrics"]}
@@ -125,8 +126,8 @@ def build_report(cfg, task, models: dict, logits: dict) -> dict:
         "speedup": teacher["latency_ms"] / student["latency_ms"],
         "throughput_ratio": student["throughput"] / teacher["throughput"],
         "compression": teacher["params"] / student["params"],
-        "distill": {"temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha,
-                    "steps": cfg.distill.steps, "epochs": cfg.distill.epochs},
+        "distill": to_dict(cfg.distill),
+        "student_config": to_dict(cfg.student),
         "seed": cfg.seed,
     }
 

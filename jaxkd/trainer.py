@@ -171,6 +171,7 @@ class Runtime:
                                            tensorboard=cfg.log.tensorboard)
         self.preempt = False
         self._old_handler = None
+        self.stage_started = time.perf_counter()
 
     def __enter__(self):
         def on_term(signum, frame):
@@ -204,7 +205,13 @@ def _mark_stage(rt: Runtime, name: str, info: dict) -> None:
     if not rt.is_main:
         return
     stages = _read_stages(rt.workdir)
-    stages[name] = {"done": True, **info}
+    if stages.get(name, {}).get("done"):  # a rerun that found the stage finished keeps its record
+        rt.stage_started = time.perf_counter()
+        return
+    # Wall time of this process's part of the stage (a resumed stage counts its last part only).
+    seconds = time.perf_counter() - rt.stage_started
+    stages[name] = {"done": True, "seconds": round(seconds, 1), **info}
+    rt.stage_started = time.perf_counter()
     tmp = rt.workdir / "stages.json.tmp"
     tmp.write_text(json.dumps(stages, indent=2))
     tmp.replace(rt.workdir / "stages.json")
@@ -498,6 +505,7 @@ def stage_report(rt: Runtime, plan: Plan, teacher_cfg, teacher_params, student_c
                                               rt.cfg.data.batch_size, rt.cfg.data.max_seq_len))
         models[name] = entry
     report = report_lib.build_report(rt.cfg, plan.task, models, logits)
+    report["stages"] = _read_stages(rt.workdir)
     if rt.is_main:
         report_lib.write_report(report, rt.workdir, plots=rt.cfg.log.plots)
     return report

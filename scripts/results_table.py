@@ -1,0 +1,101 @@
+"""Build the README's results table from results/*/report.json (the table is never typed by hand).
+
+  python scripts/results_table.py           # rewrite the table in README.md
+  python scripts/results_table.py --check   # exit 1 if README.md and the reports disagree
+
+Runs named <name>_s<seed> are grouped: one row with mean +- standard deviation over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import statistics
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load_reports(results: pathlib.Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(results.glob("*/report.json"))}
+
+
+def _describe(report: dict) -> str:
+    d, s = report["distill"], report["student_config"]
+    if s["init"] == "teacher_layers":
+        init = f"teacher layers {s['layers']}"
+    elif s["init"] == "shape":
+        init = f"random {s['num_layers']}x{s['hidden_size']}"
+    else:
+        init = f"pretrained {s['pretrained']}"
+    terms = [name.replace("_weight", "") for name in
+             ("hidden_weight", "embedding_weight", "attention_score_weight", "attention_kl_weight",
+              "value_relation_weight") if d.get(name)]
+    if d.get("steps") == 0:
+        loss = "none (teacher layers, untrained)"
+    elif d["alpha"] == 0 and not terms:
+        loss = "hard labels only"
+    else:
+        loss = f"KD T={d['temperature']:g} alpha={d['alpha']:g}" + (f" + {', '.join(terms)}" if terms else "")
+    return f"{init}; {loss}"
+
+
+def _stat(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def table(reports: dict[str, dict]) -> str:
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for name, report in reports.items():
+        groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((name, report))
+    lines = ["| run | task | student | metric (split) | student | teacher | retention % | params (M) "
+             "| latency b1 (ms) | distill wall (s) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for group, members in groups.items():
+        first = members[0][1]
+        for metric in first["metric_names"]:
+            student = [r["student"]["metrics"][metric] for _, r in members]
+            teacher = [r["teacher"]["metrics"][metric] for _, r in members]
+            retention = [r["retention"][metric] for _, r in members]
+            wall = [r["stages"].get("distill", {}).get("seconds", 0.0) for _, r in members]
+            latency = [r["student"]["latency_ms"] for _, r in members]
+            lines.append(
+                f"| {group} | {first['task']} | {_describe(first)} | {metric} ({first['report_split']}) "
+                f"| {_stat(student)} | {_stat(teacher)} | {_stat(retention)} "
+                f"| {first['student']['params'] / 1e6:.1f} | {statistics.median(latency):.1f} "
+                f"| {statistics.median(wall):.0f} | {len(members)} |")
+    return "\n".join(lines)
+
+
+def render(readme: str, body: str) -> str:
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md lacks the {START} ... {END} markers")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{body}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=pathlib.Path, default=ROOT / "results")
+    args = parser.parse_args(argv)
+    readme = args.readme.read_text(encoding="utf-8")
+    wanted = render(readme, table(load_reports(args.results)))
+    if args.check:
+        if wanted != readme:
+            print("README.md results table is out of date: run python scripts/results_table.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(wanted, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

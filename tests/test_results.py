@@ -1,0 +1,30 @@
+"""The README's results table is generated from the committed report.json files."""
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_results_table_matches_reports():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_check_fails_when_a_report_changes(tmp_path):
+    import json
+    import shutil
+    reports = sorted((ROOT / "results").glob("*/report.json"))
+    if not reports:
+        return
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "results", results)
+    edited = results / reports[0].parent.name / "report.json"
+    data = json.loads(edited.read_text())
+    metric = data["metric_names"][0]
+    data["student"]["metrics"][metric] += 0.01
+    edited.write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), "--check",
+                           "--results", str(results)], capture_output=True, text=True)
+    assert proc.returncode == 1
