@@ -461,7 +461,8 @@ def stage_distill(rt: Runtime, plan: Plan, teacher_cfg, teacher_params):
     teacher_shardings = sharding.tree_shardings(rt.mesh, teacher_params, fsdp)
     teacher_params = sharding.place(teacher_params, teacher_shardings)
     prepare_batch = lambda b: b  # noqa: E731
-    if d.teacher_cache and not loss_cfg.any_intermediate and d.steps != 0:
+    needs_teacher_logits = loss_cfg.alpha > 0 and not loss_cfg.any_intermediate
+    if d.teacher_cache and needs_teacher_logits and d.steps != 0:
         table = teacher_logits_cache(rt, plan, teacher_cfg, teacher_params)
         prepare_batch = lambda b: cache_lib.attach(b, table)  # noqa: E731
     jitted = sharding.jit_distill_step(
