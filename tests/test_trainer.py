@@ -245,3 +245,39 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_teacher, sst2_small):
                          "distill.teacher_cache": False})
     with pytest.raises(trainer.NonFiniteLoss, match="loss became"):
         run_in_process(cfg)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_result(tmp_path, tiny_teacher, sst2_small):
+    """Two processes x two CPU devices run the whole pipeline like one process with four."""
+    over = {"teacher.finetune.steps": 4, "distill.steps": 8, "distill.eval_every": 4,
+            "distributed.cpu_devices": 4}
+    single = tiny_config(tmp_path / "single", tiny_teacher, sst2_small, **over)
+    proc = _launch(single, tmp_path / "single.yaml")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+
+    port = _free_port()
+    multi = tiny_config(tmp_path / "multi", tiny_teacher, sst2_small,
+                        **{**over, "distributed.cpu_devices": 2,
+                           "distributed.coordinator_address": f"127.0.0.1:{port}",
+                           "distributed.num_processes": 2})
+    procs = []
+    for pid in range(2):
+        cfg = {**multi, "distributed": {**multi["distributed"], "process_id": pid}}
+        procs.append(_launch(cfg, tmp_path / f"multi{pid}.yaml"))
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+    a = json.loads((tmp_path / "single" / "report.json").read_text())
+    b = json.loads((tmp_path / "multi" / "report.json").read_text())
+    for who in ("teacher", "student"):
+        assert b[who]["splits"]["eval"] == pytest.approx(a[who]["splits"]["eval"])
+    assert_trees_close(student_params(tmp_path / "multi"), student_params(tmp_path / "single"), 1e-5)
