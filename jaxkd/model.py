@@ -117,6 +117,37 @@ def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
                         param_dtype=cfg.params_dtype, name=name)
 
 
+def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+    """Bernoulli(1 - rate) draws from 16 random bits each, two per 32-bit word.
+
+    `jax.random.bernoulli` spends a whole 32-bit word per element; on CPU the generator is most
+    of dropout's cost (docs/performance.md), and this halves it. The rate is exact to 2**-16.
+    """
+    n = math.prod(shape)
+    words = jax.random.bits(rng, ((n + 1) // 2,), jnp.uint32)
+    halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:n]
+    return (halves >= _drop_threshold(rate)).reshape(shape)
+
+
+def _drop_threshold(rate: float) -> int:
+    return round(rate * 65536)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout like `nn.Dropout` (same name, so the same rng streams), cheaper bits."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = keep_mask(self.make_rng("dropout"), self.rate, x.shape)
+        # Scale by the exact keep probability of the 16-bit threshold: E[output] = x.
+        scale = 65536 / (65536 - _drop_threshold(self.rate))
+        return jnp.where(keep, x * scale, 0).astype(x.dtype)
+
+
 class Embeddings(nn.Module):
     config: BertConfig
 
@@ -134,7 +165,7 @@ class Embeddings(nn.Module):
                    + embed(cfg.max_position_embeddings, "position_embeddings")(positions_1xL)
                    + embed(cfg.type_vocab_size, "token_type_embeddings")(token_types_BxL))
         x_BxLxH = _layer_norm(cfg, "LayerNorm")(x_BxLxH)
-        return nn.Dropout(cfg.hidden_dropout)(x_BxLxH, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout)(x_BxLxH, deterministic=deterministic)
 
 
 class Attention(nn.Module):
@@ -154,7 +185,7 @@ class Attention(nn.Module):
         scores_BxNxLxL = jnp.einsum("bnqd,bnkd->bnqk", q_BxNxLxD, k_BxNxLxD) / math.sqrt(D)
         scores_BxNxLxL = scores_BxNxLxL.astype(jnp.float32)
         probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL + bias_Bx1x1xL, axis=-1)
-        dropped = nn.Dropout(cfg.attention_dropout)(probs_BxNxLxL, deterministic=deterministic)
+        dropped = Dropout(cfg.attention_dropout)(probs_BxNxLxL, deterministic=deterministic)
         ctx_BxNxLxD = jnp.einsum("bnqk,bnkd->bnqd", dropped.astype(cfg.compute_dtype), v_BxNxLxD)
         ctx_BxLxH = ctx_BxNxLxD.transpose(0, 2, 1, 3).reshape(B, L, N * D)
         return ctx_BxLxH, (scores_BxNxLxL, probs_BxNxLxL, v_BxNxLxD)
@@ -166,7 +197,7 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
         cfg = self.config
-        drop = nn.Dropout(cfg.hidden_dropout)
+        drop = Dropout(cfg.hidden_dropout)
         ctx_BxLxH, extras = Attention(cfg, name="attention")(x_BxLxH, bias_Bx1x1xL, deterministic)
         y = drop(_dense(cfg, cfg.hidden_size, "attention_output")(ctx_BxLxH), deterministic=deterministic)
         x_BxLxH = _layer_norm(cfg, "attention_LayerNorm")(x_BxLxH + y)
@@ -203,7 +234,7 @@ class Bert(nn.Module):
 
         pooled_BxH = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxLxH[:, 0]))
         rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled_BxH = nn.Dropout(rate)(pooled_BxH, deterministic=deterministic)
+        pooled_BxH = Dropout(rate)(pooled_BxH, deterministic=deterministic)
         logits_BxC = _dense(cfg, cfg.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
         return BertOutput(
             logits=logits_BxC.astype(jnp.float32),
