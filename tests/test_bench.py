@@ -1,0 +1,148 @@
+"""Benchmark CLI smoke tests on a tiny checkpoint (no timings asserted), FLOP counting, and the
+cheaper dropout of jaxkd.model (the benchmarks' speed change)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkd import bench
+from jaxkd.hf import save_hf
+from jaxkd.model import BertConfig, Dropout, init_params, keep_mask
+
+WORDS = ["good", "bad", "film", "very", "not", "a", "fun", "dull", "plot", "great"]
+# Over 1000 ids: the PyTorch reference script draws token ids from 1000 up.
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+FILLER = [f"[unused{i}]" for i in range(1100 - len(SPECIAL) - len(WORDS))]
+TINY = BertConfig(vocab_size=1100, hidden_size=16, num_layers=2, num_heads=2,
+                  intermediate_size=32, max_position_embeddings=64, num_labels=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A saved 2-layer checkpoint with a WordPiece vocabulary of the test sentences' words."""
+    from transformers import BertTokenizer
+
+    out = tmp_path_factory.mktemp("teacher")
+    vocab = out / "vocab.txt"
+    vocab.write_text("\n".join([*SPECIAL, *WORDS, *FILLER]) + "\n")
+    save_hf(TINY, init_params(TINY, jax.random.key(0)), out, tokenizer=BertTokenizer(str(vocab)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_tsv(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    rows = [" ".join(rng.choice(WORDS, rng.integers(2, 9))) + f"\t{i % 2}" for i in range(24)]
+    path = tmp_path_factory.mktemp("data") / "train.tsv"
+    path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _last_float(capsys) -> float:
+    return float(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_spread_layers_like_distilbert():
+    assert bench.spread_layers(6, 3) == (0, 2, 4)
+    assert bench.spread_layers(12, 4) == (0, 3, 6, 9)
+    assert bench.spread_layers(12, 6) == (0, 2, 4, 6, 8, 10)
+    with pytest.raises(ValueError, match="--student-layers"):
+        bench.spread_layers(6, 7)
+
+
+def test_flops_match_an_enumeration_of_every_matmul():
+    cfg = BertConfig(hidden_size=24, num_layers=3, num_heads=4, intermediate_size=40, num_labels=3)
+    B, L, H, N, I = 5, 7, 24, 4, 40
+    D, tokens = H // N, B * L
+    per_layer = (4 * 2 * tokens * H * H  # q, k, v, attention output
+                 + 2 * 2 * tokens * H * I  # FFN in and out
+                 + 2 * 2 * B * N * L * L * D)  # q.k scores and probs.v
+    expected = 3 * per_layer + 2 * B * H * H + 2 * B * H * 3  # pooler, classifier
+    assert bench.forward_flops(cfg, B, L) == expected
+    student = cfg.replace(num_layers=1)
+    assert bench.step_flops(cfg, student, B, L) == expected + 3 * bench.forward_flops(student, B, L)
+
+
+@pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
+                                       ("NVIDIA A100-SXM4-40GB", 312.0), ("TPU v4", 275.0),
+                                       ("TPU v5 lite", 197.0), ("TPU v5", 459.0),
+                                       ("TPU v6 lite", 918.0), ("cpu", None)])
+def test_peak_table(kind, peak):
+    assert bench.peak_tflops(kind) == peak
+
+
+def test_keep_mask_rate_and_unbiased_dropout():
+    n = 200_000
+    keep = np.asarray(keep_mask(jax.random.key(0), 0.1, (n,)))
+    sd = math.sqrt(0.1 * 0.9 / n)
+    assert abs((1 - keep.mean()) - 0.1) < 5 * sd
+    # Odd sizes and other shapes: same draws for the same key, different for another key.
+    a = keep_mask(jax.random.key(1), 0.3, (3, 5, 7))
+    assert a.shape == (3, 5, 7) and np.array_equal(a, keep_mask(jax.random.key(1), 0.3, (3, 5, 7)))
+    assert not np.array_equal(a, keep_mask(jax.random.key(2), 0.3, (3, 5, 7)))
+    x = jnp.ones((n,))
+    out = np.asarray(Dropout(0.25).apply({}, x, False, rngs={"dropout": jax.random.key(3)}))
+    np.testing.assert_allclose(np.unique(out), [0.0, 4 / 3], rtol=1e-6)
+    assert abs(out.mean() - 1.0) < 5 * math.sqrt(0.25 / 0.75 / n)
+    assert np.array_equal(Dropout(0.25).apply({}, x, True), x)
+
+
+def test_step_and_breakdown_cli(tiny_teacher, capsys):
+    bench.main(["step", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",
+                "--seq", "8", "--steps", "2", "--warmup", "1", "--breakdown"])
+    out = capsys.readouterr().out
+    assert "breakdown (median s): teacher_forward=" in out and "peak host memory" in out
+    assert float(out.strip().splitlines()[-1]) > 0
+
+
+def test_mfu_cli_with_peak_override(tiny_teacher, capsys):
+    bench.main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",
+                "--seq", "8", "--steps", "2", "--warmup", "1", "--dtype", "float32",
+                "--peak-tflops", "1"])
+    assert 0 < _last_float(capsys) < 1
+
+
+def test_mfu_without_peak_on_cpu_prints_flops(tiny_teacher, capsys):
+    bench.main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "2", "--batch", "4",
+                "--seq", "8", "--steps", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "peak unknown" in out and float(out.strip().splitlines()[-1]) > 0
+
+
+@pytest.mark.parametrize("impl", ["jaxkd", "torch"])
+def test_epoch_cli(tiny_teacher, tiny_tsv, impl, capsys):
+    if impl == "torch":
+        pytest.importorskip("torch")
+    bench.main(["epoch", "--impl", impl, "--teacher", str(tiny_teacher), "--train", str(tiny_tsv),
+                "--limit", "20", "--batch", "4", "--student-layers", "1", "--max-seq-len", "16"])
+    out = capsys.readouterr().out
+    assert f"{impl}: 20 examples in 5 steps" in out
+    assert float(out.strip().splitlines()[-1]) > 0
+
+
+def test_epoch_rejects_missing_file_and_random_teacher(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.tsv"):
+        bench.main(["epoch", "--impl", "jaxkd", "--train", str(tmp_path / "nothere.tsv")])
+    with pytest.raises(ValueError, match="tokenizer"):
+        bench.main(["epoch", "--impl", "jaxkd", "--teacher", bench.RANDOM_BASE,
+                    "--train", str(tmp_path)])
+
+
+def test_step_rejects_bad_shapes(tiny_teacher):
+    with pytest.raises(ValueError, match="--batch"):
+        bench.main(["step", "--teacher", str(tiny_teacher), "--batch", "0"])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        bench.main(["step", "--teacher", str(tiny_teacher), "--student-layers", "1",
+                    "--batch", "4", "--seq", "65"])
+
+
+@pytest.mark.slow
+def test_step_vs_torch_alternates_processes(tiny_teacher, capsys):
+    pytest.importorskip("torch")
+    bench.main(["step", "--vs-torch", "--rounds", "1", "--teacher", str(tiny_teacher),
+                "--student-layers", "1", "--batch", "4", "--seq", "8", "--steps", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "round 1 jaxkd" in out and "round 1 torch" in out
+    assert float(out.strip().splitlines()[-1]) > 0
