@@ -52,6 +52,7 @@ class Plan:
     teacher_source: str
     teacher_config: BertConfig
     finetune_steps: int | None  # 0: the teacher already classifies this task; None: from epochs
+    data_stats: dict[str, dict]  # per split: source, examples, rows skipped by reason
 
 
 def _teacher_config(cfg: Config, task) -> tuple[BertConfig, bool]:
@@ -91,13 +92,15 @@ def prepare(cfg: Config) -> Plan:
                           f"max_position_embeddings={teacher_cfg.max_position_embeddings}")
     _student_config(cfg, teacher_cfg)  # validates student.* against the teacher
     cache_dir = _cache_dir(cfg)
-    splits = {}
+    splits, data_stats = {}, {}
     for name in ("train", "eval", "test"):
         source = getattr(cfg.data, name)
         if source is not None:
             examples = data_lib.load_split(cfg.data, task, source)
             splits[name] = data_lib.tokenize(examples, tokenizer, cfg.data.max_seq_len, cache_dir)
-    return Plan(cfg, task, tokenizer, splits, cfg.teacher.model, teacher_cfg, finetune)
+            data_stats[name] = {"source": source, "examples": len(examples),
+                                "skipped": dict(examples.skipped)}
+    return Plan(cfg, task, tokenizer, splits, cfg.teacher.model, teacher_cfg, finetune, data_stats)
 
 
 def _id2label(task) -> dict[int, str] | None:
@@ -507,6 +510,7 @@ def stage_report(rt: Runtime, plan: Plan, teacher_cfg, teacher_params, student_c
         models[name] = entry
     report = report_lib.build_report(rt.cfg, plan.task, models, logits)
     report["stages"] = _read_stages(rt.workdir)
+    report["data"] = plan.data_stats
     if rt.is_main:
         report_lib.write_report(report, rt.workdir, plots=rt.cfg.log.plots)
     return report
