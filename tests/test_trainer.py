@@ -90,6 +90,8 @@ def test_pipeline_end_to_end(tmp_path, tiny_teacher, sst2_small):
         assert set(on_disk[who]["metrics"]) == {"accuracy"}
         assert 0.0 <= on_disk[who]["metrics"]["accuracy"] <= 1.0
     assert on_disk["student"]["params"] < on_disk["teacher"]["params"]
+    assert on_disk["data"]["train"] == {"source": str(sst2_small / "train.tsv"), "examples": 160,
+                                        "skipped": {}}
     assert report["retention"]["accuracy"] == pytest.approx(
         on_disk["student"]["metrics"]["accuracy"] / on_disk["teacher"]["metrics"]["accuracy"])
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
