@@ -227,17 +227,26 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def predict(rt: Runtime, logits_fn: Callable, params, encoded, batch_size: int) -> np.ndarray:
+def predict(rt: Runtime, logits_fn: Callable, params, encoded, batch_size: int,
+            desc: str = "predict") -> np.ndarray:
     """Logits for every example of a split, in example order."""
+    from tqdm import tqdm
+
     cfg = rt.cfg
-    out = None
-    for local in data_lib.eval_batches(encoded, batch_size, bucket_multiple=cfg.data.bucket_multiple,
-                                       max_seq_len=cfg.data.max_seq_len,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
+    batches = data_lib.eval_batches(encoded, batch_size, bucket_multiple=cfg.data.bucket_multiple,
+                                    max_seq_len=cfg.data.max_seq_len,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    # Dispatch every batch before reading any result back: the host prepares batch n+1
+    # while the device computes batch n.
+    pending = []
+    for local in tqdm(batches, desc=desc, leave=False,
+                      disable=not (rt.is_main and cfg.log.progress)):
         batch = sharding.global_batch(local, rt.mesh)
-        logits = _host(logits_fn(params, batch))
-        index = _host(batch["index"])
+        pending.append((logits_fn(params, batch), batch["index"]))
+    out = None
+    for logits, index in pending:
+        logits, index = _host(logits), _host(index)
         if out is None:
             out = np.zeros((len(encoded), logits.shape[-1]), np.float32)
         keep = index >= 0
@@ -438,9 +447,11 @@ def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_cfg, teacher_params) -
                                 rt.cfg.data.max_seq_len)
     logits_fn = _logits_fn(rt, teacher_cfg)
     bs = rt.cfg.data.eval_batch_size or rt.cfg.data.batch_size
+    log.info("teacher cache %s: %d training examples", key, len(train))
     logits, hit = cache_lib.load_or_compute(
         _cache_dir(rt.cfg), key, len(train),
-        lambda: predict(rt, logits_fn, teacher_params, train, bs), write=rt.is_main)
+        lambda: predict(rt, logits_fn, teacher_params, train, bs, desc="teacher cache"),
+        write=rt.is_main)
     log.info("teacher cache %s (%s)", "hit" if hit else "computed", key)
     return logits
 
