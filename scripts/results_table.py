@@ -48,10 +48,46 @@ def _stat(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
+def _is_teacher_run(report: dict) -> bool:
+    return "student_config" not in report or report["distill"].get("steps") == 0
+
+
+def _teacher_seconds(name: str, report: dict, results: pathlib.Path) -> float | None:
+    """The teacher stage's wall time: from the report, else from the run's own metrics.jsonl."""
+    seconds = report.get("stages", {}).get("teacher", {}).get("seconds")
+    if seconds is not None:
+        return seconds
+    rows_path, config_path = results / name / "metrics.jsonl", results / name / "config.yaml"
+    if not (rows_path.is_file() and config_path.is_file()):
+        return None
+    import yaml
+    batch = yaml.safe_load(config_path.read_text())["data"]["batch_size"]
+    rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
+    last = [r for r in rows if r.get("stage") == "teacher" and "examples_per_second" in r][-1]
+    return batch * last["step"] / last["examples_per_second"]
+
+
+def teacher_table(reports: dict[str, dict], results: pathlib.Path) -> str:
+    lines = ["| teacher run | task | model | metric (split) | teacher | params (M) | latency b1 (ms) "
+             "| fine-tune wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    for name, report in reports.items():
+        if not _is_teacher_run(report):
+            continue
+        seconds = _teacher_seconds(name, report, results)
+        for metric in report["metric_names"]:
+            lines.append(
+                f"| {name} | {report['task']} | {report['teacher']['model']} "
+                f"| {metric} ({report['report_split']}) | {100 * report['teacher']['metrics'][metric]:.1f} "
+                f"| {report['teacher']['params'] / 1e6:.1f} | {report['teacher']['latency_ms']:.1f} "
+                f"| {'n/a' if seconds is None else f'{seconds:.0f}'} |")
+    return "\n".join(lines)
+
+
 def table(reports: dict[str, dict]) -> str:
     groups: dict[str, list[tuple[str, dict]]] = {}
     for name, report in reports.items():
-        groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((name, report))
+        if not _is_teacher_run(report):
+            groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((name, report))
     lines = ["| run | task | student | metric (split) | student | teacher | retention % | params (M) "
              "| latency b1 (ms) | distill wall (s) | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -86,7 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=pathlib.Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     readme = args.readme.read_text(encoding="utf-8")
-    wanted = render(readme, table(load_reports(args.results)))
+    reports = load_reports(args.results)
+    wanted = render(readme, teacher_table(reports, args.results) + "\n\n" + table(reports))
     if args.check:
         if wanted != readme:
             print("README.md results table is out of date: run python scripts/results_table.py",
