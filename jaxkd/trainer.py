@@ -14,15 +14,15 @@ import math
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import hf, metrics as metrics_lib, report as report_lib, sharding, steps, student as student_lib
+from jaxkd import hf, losses, metrics as metrics_lib, report as report_lib, sharding, steps
+from jaxkd import student as student_lib
 from jaxkd.checkpoint import Checkpointer
 from jaxkd.config import Config, ConfigError, dump_config
 from jaxkd.model import BertConfig, param_count
@@ -466,7 +466,6 @@ def stage_distill(rt: Runtime, plan: Plan, teacher_cfg, teacher_params):
     epoch_steps = _epoch_steps(rt, train)
     total = _total_steps(d.steps, d.epochs, epoch_steps)
     tx, schedule = _optimizer(cfg.optim, total)
-    from jaxkd import losses
     proj = losses.init_projections(loss_cfg, student_cfg, teacher_cfg, jax.random.key(cfg.seed + 2))
     fsdp = cfg.distributed.fsdp
     state = steps.TrainState.create(params, tx, proj_params=proj)
@@ -498,8 +497,8 @@ def stage_distill(rt: Runtime, plan: Plan, teacher_cfg, teacher_params):
     return student_cfg, jax.device_get(state.params)
 
 
-def stage_report(rt: Runtime, plan: Plan, teacher_cfg, teacher_params, student_cfg, student_params,
-                 export_dir: pathlib.Path) -> dict:
+def stage_report(rt: Runtime, plan: Plan, teacher_cfg, teacher_params, student_cfg,
+                 student_params) -> dict:
     models = {}
     logits = {}
     for name, mcfg, mparams in (("teacher", teacher_cfg, teacher_params),
@@ -545,7 +544,6 @@ def run(cfg: Config) -> dict:
             hf.save_hf(student_cfg, student_params, export_dir, tokenizer=plan.tokenizer,
                        id2label=_id2label(plan.task))
         _mark_stage(rt, "export", {"dir": str(export_dir)})
-        report = stage_report(rt, plan, teacher_cfg, teacher_params, student_cfg, student_params,
-                              export_dir)
+        report = stage_report(rt, plan, teacher_cfg, teacher_params, student_cfg, student_params)
         _mark_stage(rt, "report", {})
     return report
