@@ -172,34 +172,41 @@ class Attention(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
+    def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool, queries: int | None = None):
+        """`queries`: attend from the first Q positions only (keys and values use all L)."""
         cfg = self.config
-        B, L, _ = x_BxLxH.shape
         N, D = cfg.num_heads, cfg.head_dim
 
-        def heads(name):
-            y = _dense(cfg, cfg.hidden_size, name)(x_BxLxH)
-            return y.reshape(B, L, N, D).transpose(0, 2, 1, 3)
+        def heads(name, x_BxTxH):
+            y = _dense(cfg, cfg.hidden_size, name)(x_BxTxH)
+            return y.reshape(*x_BxTxH.shape[:2], N, D).transpose(0, 2, 1, 3)
 
-        q_BxNxLxD, k_BxNxLxD, v_BxNxLxD = heads("query"), heads("key"), heads("value")
-        scores_BxNxLxL = jnp.einsum("bnqd,bnkd->bnqk", q_BxNxLxD, k_BxNxLxD) / math.sqrt(D)
-        scores_BxNxLxL = scores_BxNxLxL.astype(jnp.float32)
-        probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL + bias_Bx1x1xL, axis=-1)
-        dropped = Dropout(cfg.attention_dropout)(probs_BxNxLxL, deterministic=deterministic)
-        ctx_BxNxLxD = jnp.einsum("bnqk,bnkd->bnqd", dropped.astype(cfg.compute_dtype), v_BxNxLxD)
-        ctx_BxLxH = ctx_BxNxLxD.transpose(0, 2, 1, 3).reshape(B, L, N * D)
-        return ctx_BxLxH, (scores_BxNxLxL, probs_BxNxLxL, v_BxNxLxD)
+        xq_BxQxH = x_BxLxH if queries is None else x_BxLxH[:, :queries]
+        q_BxNxQxD = heads("query", xq_BxQxH)
+        k_BxNxLxD, v_BxNxLxD = heads("key", x_BxLxH), heads("value", x_BxLxH)
+        scores_BxNxQxL = jnp.einsum("bnqd,bnkd->bnqk", q_BxNxQxD, k_BxNxLxD) / math.sqrt(D)
+        scores_BxNxQxL = scores_BxNxQxL.astype(jnp.float32)
+        probs_BxNxQxL = jax.nn.softmax(scores_BxNxQxL + bias_Bx1x1xL, axis=-1)
+        dropped = Dropout(cfg.attention_dropout)(probs_BxNxQxL, deterministic=deterministic)
+        ctx_BxNxQxD = jnp.einsum("bnqk,bnkd->bnqd", dropped.astype(cfg.compute_dtype), v_BxNxLxD)
+        B, Q, H = xq_BxQxH.shape
+        ctx_BxQxH = ctx_BxNxQxD.transpose(0, 2, 1, 3).reshape(B, Q, H)
+        return ctx_BxQxH, (scores_BxNxQxL, probs_BxNxQxL, v_BxNxLxD)
 
 
 class Layer(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
+    def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool, queries: int | None = None):
+        """`queries`: outputs for the first Q positions only (see `Bert`)."""
         cfg = self.config
         drop = Dropout(cfg.hidden_dropout)
-        ctx_BxLxH, extras = Attention(cfg, name="attention")(x_BxLxH, bias_Bx1x1xL, deterministic)
-        y = drop(_dense(cfg, cfg.hidden_size, "attention_output")(ctx_BxLxH), deterministic=deterministic)
+        ctx_BxQxH, extras = Attention(cfg, name="attention")(x_BxLxH, bias_Bx1x1xL, deterministic,
+                                                             queries)
+        if queries is not None:
+            x_BxLxH = x_BxLxH[:, :queries]
+        y = drop(_dense(cfg, cfg.hidden_size, "attention_output")(ctx_BxQxH), deterministic=deterministic)
         x_BxLxH = _layer_norm(cfg, "attention_LayerNorm")(x_BxLxH + y)
         h_BxLxF = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(x_BxLxH))
         y = drop(_dense(cfg, cfg.hidden_size, "output")(h_BxLxF), deterministic=deterministic)
@@ -223,10 +230,16 @@ class Bert(nn.Module):
         bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                                  jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
+        # The head reads only [CLS] of the last layer: unless the caller wants that layer's
+        # intermediates, it runs for the [CLS] query alone (exact, and it skips most of a layer's
+        # work forward and backward; docs/performance.md).
+        cls_only = not (output_hidden_states or output_attentions or output_values)
         x_BxLxH = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
         hidden, scores, probs, values = [x_BxLxH], [], [], []
         for i in range(cfg.num_layers):
-            x_BxLxH, (s, p, v) = Layer(cfg, name=f"layer_{i}")(x_BxLxH, bias_Bx1x1xL, deterministic)
+            queries = 1 if cls_only and i == cfg.num_layers - 1 else None
+            x_BxLxH, (s, p, v) = Layer(cfg, name=f"layer_{i}")(x_BxLxH, bias_Bx1x1xL, deterministic,
+                                                               queries)
             hidden.append(x_BxLxH)
             scores.append(s)
             probs.append(p)

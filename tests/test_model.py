@@ -50,6 +50,24 @@ def test_shapes_and_intermediates_only_when_asked(params):
     assert np.all(probs[2, :, :, 3:] < 1e-6)
 
 
+def test_cls_only_last_layer_has_the_full_gradient(params):
+    """The logits-only path runs the last layer for [CLS] alone: same loss, same gradient."""
+    ids, mask, types = _batch()
+    labels = np.array([0, 2, 1])
+
+    def loss(p, full):
+        logits = Bert(TINY).apply({"params": p}, ids, mask, types, output_hidden_states=full).logits
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+    l_cls, g_cls = jax.value_and_grad(loss)(params, False)
+    l_full, g_full = jax.value_and_grad(loss)(params, True)
+    np.testing.assert_allclose(l_cls, l_full, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_cls), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The last layer's query/FFN weights do get a gradient (through [CLS]).
+    assert np.abs(g_cls[f"layer_{TINY.num_layers - 1}"]["intermediate"]["kernel"]).sum() > 0
+
+
 def test_padding_invariance(params):
     ids, mask, types = _batch()
     pad = ((0, 0), (0, 5))
@@ -105,6 +123,9 @@ def test_matches_pytorch_bert_for_sequence_classification(params, tmp_path, act)
                     token_type_ids=torch.tensor(types, dtype=torch.long), output_hidden_states=True)
     ours = Bert(cfg).apply({"params": params}, ids, mask, types, output_hidden_states=True)
     np.testing.assert_allclose(ours.logits, out.logits.numpy(), atol=1e-5)
+    # The logits-only forward (last layer for [CLS] alone) against the same reference.
+    plain = Bert(cfg).apply({"params": params}, ids, mask, types)
+    np.testing.assert_allclose(plain.logits, out.logits.numpy(), atol=1e-5)
     valid = mask.astype(bool)
     for h_ours, h_torch in zip(ours.hidden_states, out.hidden_states):
         np.testing.assert_allclose(np.asarray(h_ours)[valid], h_torch.numpy()[valid], atol=1e-5)
