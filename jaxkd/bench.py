@@ -544,16 +544,19 @@ def _epoch_setup(a: argparse.Namespace) -> EpochSetup:
 
 
 def forward_flops(cfg: BertConfig, batch: int, seq: int) -> float:
-    """Matmul FLOPs of one forward pass.
+    """Matmul FLOPs of one logits-only forward pass, as the model runs it.
 
     Per layer per token: 2 * (4 H^2 + 2 H I) (Q, K, V, output and the two FFN projections)
-    plus 2 * 2 * L * H (scores q.k and the weighted sum of values); plus the pooler and
-    classifier on the [CLS] token: 2 H^2 + 2 H C. Embedding lookups, softmax and layer norms
-    are not counted.
+    plus 2 * 2 * L * H (scores q.k and the weighted sum of values). The last layer runs for
+    the [CLS] query alone: K and V for every token, the rest for one. Plus the pooler and
+    classifier on [CLS]: 2 H^2 + 2 H C. Embedding lookups, softmax and layer norms are not
+    counted.
     """
     H, I, C = cfg.hidden_size, cfg.intermediate_size, cfg.num_labels
     per_token_layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq * H
-    return float(batch) * (cfg.num_layers * seq * per_token_layer + 2 * H * H + 2 * H * C)
+    last_layer = seq * 2 * 2 * H * H + 2 * (2 * H * H + 2 * H * I) + 2 * 2 * seq * H
+    return float(batch) * ((cfg.num_layers - 1) * seq * per_token_layer + last_layer
+                           + 2 * H * H + 2 * H * C)
 
 
 def step_flops(teacher_cfg: BertConfig, student_cfg: BertConfig, batch: int, seq: int) -> float:

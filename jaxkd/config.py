@@ -153,6 +153,10 @@ class LogConfig:
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
+    # XLA's persistent compilation cache: a relaunch, a resume or a second run of the same
+    # shapes loads the compiled steps instead of compiling them again. None: JAX's own setting
+    # (off unless JAX_COMPILATION_CACHE_DIR is set). Trusted: share it only with trusted users.
+    compilation_cache: str | None = None
     task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
 import time
@@ -526,8 +527,22 @@ def stage_report(rt: Runtime, plan: Plan, teacher_cfg, teacher_params, student_c
     return report
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Store and look up compiled programs in `directory` from the next compilation on."""
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+
+    path = os.path.expanduser(directory)
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        # JAX decides once per process whether a cache is in use; a process that compiled
+        # before (an embedding program, a test session) must be told to look again.
+        compilation_cache.reset_cache()
+
+
 def run(cfg: Config) -> dict:
     """The whole pipeline for one config; returns the report."""
+    if cfg.compilation_cache:
+        use_compilation_cache(cfg.compilation_cache)
     d = cfg.distributed
     if d.initialize or d.coordinator_address is not None:
         sharding.init_distributed(d.coordinator_address, d.num_processes, d.process_id)

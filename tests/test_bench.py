@@ -59,7 +59,10 @@ def test_flops_match_an_enumeration_of_every_matmul():
     per_layer = (4 * 2 * tokens * H * H  # q, k, v, attention output
                  + 2 * 2 * tokens * H * I  # FFN in and out
                  + 2 * 2 * B * N * L * L * D)  # q.k scores and probs.v
-    expected = 3 * per_layer + 2 * B * H * H + 2 * B * H * 3  # pooler, classifier
+    last_layer = (2 * 2 * tokens * H * H  # k, v for every token
+                  + 2 * 2 * B * H * H + 2 * 2 * B * H * I  # q, output, FFN for [CLS]
+                  + 2 * 2 * B * N * 1 * L * D)  # one query row of scores and probs.v
+    expected = 2 * per_layer + last_layer + 2 * B * H * H + 2 * B * H * 3  # pooler, classifier
     assert bench.forward_flops(cfg, B, L) == expected
     student = cfg.replace(num_layers=1)
     assert bench.step_flops(cfg, student, B, L) == expected + 3 * bench.forward_flops(student, B, L)

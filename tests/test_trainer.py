@@ -283,3 +283,20 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_teacher, ss
     for who in ("teacher", "student"):
         assert b[who]["splits"]["eval"] == pytest.approx(a[who]["splits"]["eval"])
     assert_trees_close(student_params(tmp_path / "multi"), student_params(tmp_path / "single"), 1e-5)
+
+
+def test_compilation_cache_stores_compiled_programs(tmp_path):
+    """`compilation_cache` takes effect even in a process that has compiled before."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.jit(lambda x: x * 2)(np.ones(3))  # this process has compiled already
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        trainer.use_compilation_cache(str(tmp_path / "xla"))
+        jax.jit(lambda x: x * 3 + 1)(np.ones(5))
+        assert any((tmp_path / "xla").iterdir())
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        compilation_cache.reset_cache()
