@@ -251,7 +251,7 @@ def step_vs_torch(a: argparse.Namespace) -> float:
               "--steps", str(a.steps), "--warmup", str(a.warmup),
               "--temperature", str(a.temperature), "--alpha", str(a.alpha)]
     jax_cmd = [sys.executable, "-m", "jaxkd.bench", "step", "--teacher", a.teacher, *shapes,
-               "--dtype", a.dtype, "--rng-impl", a.rng_impl]
+               "--dtype", a.dtype, "--rng-impl", a.rng_impl, *(["--breakdown"] if a.breakdown else [])]
     torch_cmd = [sys.executable, str(a.torch_script), "--teacher", str(hf.resolve_dir(a.teacher)),
                  *shapes, "--threads", str(threads())]
     results: dict[str, list[float]] = {"jaxkd": [], "torch": []}

@@ -145,7 +145,9 @@ def test_step_rejects_bad_shapes(tiny_teacher):
 def test_step_vs_torch_alternates_processes(tiny_teacher, capsys):
     pytest.importorskip("torch")
     bench.main(["step", "--vs-torch", "--rounds", "1", "--teacher", str(tiny_teacher),
-                "--student-layers", "1", "--batch", "4", "--seq", "8", "--steps", "1", "--warmup", "1"])
+                "--student-layers", "1", "--batch", "4", "--seq", "8", "--steps", "1", "--warmup", "1",
+                "--breakdown"])
     out = capsys.readouterr().out
     assert "round 1 jaxkd" in out and "round 1 torch" in out
+    assert "breakdown (median s): teacher_forward=" in out  # passed on to the jaxkd runs
     assert float(out.strip().splitlines()[-1]) > 0
