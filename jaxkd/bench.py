@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import collections
 import csv
 import dataclasses
+import gzip
 import json
 import os
 import pathlib
+import re
 import resource
 import statistics
 import subprocess
@@ -211,7 +214,42 @@ def time_parts(p: Prepared, setup: StepSetup) -> dict[str, float]:
             "student_update": statistics.median(student_t)}
 
 
-def run_step(setup: StepSetup, breakdown: bool) -> float:
+def op_seconds(events: Sequence[dict], steps: int) -> list[tuple[str, float]]:
+    """Busy seconds per step of each kind of compiled op in a trace, largest first.
+
+    Kinds group numbered instances (`ynn_fusion.12` -> `ynn_fusion`); host-side Python frames
+    (`$file:line`) and the executor's own spans are left out. Ops on different threads
+    overlap, so the sum can exceed the wall time of a step.
+    """
+    busy: collections.Counter = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or "dur" not in e or name.startswith(("$", "ThunkExecutor")):
+            continue
+        busy[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e6 / steps
+    return busy.most_common()
+
+
+def profile_step(p: Prepared, setup: StepSetup, directory: pathlib.Path, steps_traced: int = 2,
+                 top: int = 12) -> None:
+    """Trace a few steps with jax.profiler (perfetto file under `directory`), print top ops."""
+    with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+        time_step(p, dataclasses.replace(setup, steps=steps_traced, warmup=0))
+    traces = sorted(directory.glob("**/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not traces:
+        print(f"profile: no perfetto trace under {directory}")
+        return
+    with gzip.open(traces[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    ops = op_seconds(events, steps_traced)
+    print(f"profile: {traces[-1]} (open in ui.perfetto.dev); busy s/step by op kind, "
+          f"all threads, total {sum(v for _, v in ops):.3f}:")
+    for name, secs in ops[:top]:
+        print(f"  {secs:8.4f}  {name}")
+
+
+def run_step(setup: StepSetup, breakdown: bool, profile: pathlib.Path | None = None) -> float:
     t0 = time.perf_counter()
     p = prepare_step(setup)
     times = time_step(p, setup)
@@ -223,6 +261,8 @@ def run_step(setup: StepSetup, breakdown: bool) -> float:
     if breakdown:
         parts = time_parts(p, setup)
         print("breakdown (median s): " + " ".join(f"{k}={v:.4f}" for k, v in parts.items()))
+    if profile is not None:
+        profile_step(p, setup, profile)
     print(memory_line())
     print(f"{median:.4f}")
     return median
@@ -643,6 +683,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--torch-script", type=pathlib.Path, default=TORCH_STEP_SCRIPT)
     s.add_argument("--breakdown", action="store_true",
                    help="also time the teacher forward and the student update separately")
+    s.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
+                   help="after timing, trace two steps into DIR and print the busiest op kinds")
     e = sub.add_parser("epoch", help="one distillation epoch, jaxkd against PyTorch")
     e.add_argument("--teacher", default=MINILM, help="checkpoint directory or pkg:<module>")
     e.add_argument("--train", type=pathlib.Path, default=SST2_TRAIN)
@@ -664,6 +706,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if getattr(a, "profile", None) is not None and "xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+        # XLA's CPU backend names its ops in traces only with this flag; it is read when the
+        # backend starts, so it has no effect if this process has already used JAX.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     if a.command == "step":
         if a.vs_torch:
             if not a.torch_script.is_file():
@@ -671,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "pass --torch-script")
             step_vs_torch(a)
         else:
-            run_step(_step_setup(a), a.breakdown)
+            run_step(_step_setup(a), a.breakdown, a.profile)
     elif a.command == "epoch":
         setup = _epoch_setup(a)
         if a.impl == "both":

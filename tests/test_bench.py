@@ -1,6 +1,7 @@
 """Benchmark CLI smoke tests on a tiny checkpoint (no timings asserted), FLOP counting, and the
 cheaper dropout of jaxkd.model (the benchmarks' speed change)."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,23 @@ def test_keep_mask_rate_and_unbiased_dropout():
     np.testing.assert_allclose(np.unique(out), [0.0, 4 / 3], rtol=1e-6)
     assert abs(out.mean() - 1.0) < 5 * math.sqrt(0.25 / 0.75 / n)
     assert np.array_equal(Dropout(0.25).apply({}, x, True), x)
+
+
+def test_op_seconds_groups_op_kinds_per_step():
+    events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 3e6}, {"ph": "X", "name": "ynn_fusion.41", "dur": 1e6},
+              {"ph": "X", "name": "copy", "dur": 2e6}, {"ph": "X", "name": "$bench.py:12 run", "dur": 9e6},
+              {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9e6}, {"ph": "i", "name": "copy"},
+              {"ph": "X", "name": "dot.2"}]
+    assert bench.op_seconds(events, steps=2) == [("ynn_fusion", 2.0), ("copy", 1.0)]
+
+
+def test_step_profile_writes_a_trace(tiny_teacher, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() may add a flag
+    bench.main(["step", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",
+                "--seq", "8", "--steps", "1", "--warmup", "1", "--profile", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "profile: " in out and list(tmp_path.glob("**/*.trace.json.gz"))
+    assert float(out.strip().splitlines()[-1]) > 0
 
 
 def test_step_and_breakdown_cli(tiny_teacher, capsys):
