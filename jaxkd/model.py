@@ -172,8 +172,8 @@ class Attention(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool, queries: int | None = None):
-        """`queries`: attend from the first Q positions only (keys and values use all L)."""
+    def __call__(self, xq_BxQxH, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
+        """Queries from `xq` (the first Q positions of `x`, or all of it); keys and values from `x`."""
         cfg = self.config
         N, D = cfg.num_heads, cfg.head_dim
 
@@ -181,7 +181,6 @@ class Attention(nn.Module):
             y = _dense(cfg, cfg.hidden_size, name)(x_BxTxH)
             return y.reshape(*x_BxTxH.shape[:2], N, D).transpose(0, 2, 1, 3)
 
-        xq_BxQxH = x_BxLxH if queries is None else x_BxLxH[:, :queries]
         q_BxNxQxD = heads("query", xq_BxQxH)
         k_BxNxLxD, v_BxNxLxD = heads("key", x_BxLxH), heads("value", x_BxLxH)
         scores_BxNxQxL = jnp.einsum("bnqd,bnkd->bnqk", q_BxNxQxD, k_BxNxLxD) / math.sqrt(D)
@@ -202,15 +201,14 @@ class Layer(nn.Module):
         """`queries`: outputs for the first Q positions only (see `Bert`)."""
         cfg = self.config
         drop = Dropout(cfg.hidden_dropout)
-        ctx_BxQxH, extras = Attention(cfg, name="attention")(x_BxLxH, bias_Bx1x1xL, deterministic,
-                                                             queries)
-        if queries is not None:
-            x_BxLxH = x_BxLxH[:, :queries]
+        xq_BxQxH = x_BxLxH if queries is None else x_BxLxH[:, :queries]
+        ctx_BxQxH, extras = Attention(cfg, name="attention")(xq_BxQxH, x_BxLxH, bias_Bx1x1xL,
+                                                             deterministic)
         y = drop(_dense(cfg, cfg.hidden_size, "attention_output")(ctx_BxQxH), deterministic=deterministic)
-        x_BxLxH = _layer_norm(cfg, "attention_LayerNorm")(x_BxLxH + y)
-        h_BxLxF = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(x_BxLxH))
-        y = drop(_dense(cfg, cfg.hidden_size, "output")(h_BxLxF), deterministic=deterministic)
-        return _layer_norm(cfg, "output_LayerNorm")(x_BxLxH + y), extras
+        xq_BxQxH = _layer_norm(cfg, "attention_LayerNorm")(xq_BxQxH + y)
+        h_BxQxF = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(xq_BxQxH))
+        y = drop(_dense(cfg, cfg.hidden_size, "output")(h_BxQxF), deterministic=deterministic)
+        return _layer_norm(cfg, "output_LayerNorm")(xq_BxQxH + y), extras
 
 
 class Bert(nn.Module):
