@@ -36,9 +36,9 @@ import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import hf, sharding, steps
+from jaxkd import hf, inference, sharding, steps, tasks
 from jaxkd.losses import LossConfig
-from jaxkd.model import BertConfig, init_params
+from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
 from jaxkd.optim import OptimConfig, make_optimizer
 from jaxkd.student import student_from_teacher
 
@@ -93,25 +93,28 @@ def spread_layers(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
     return tuple(i * teacher_layers // student_layers for i in range(student_layers))
 
 
-def load_teacher(spec: str, dtype: str, num_labels: int = 2) -> tuple[BertConfig, dict]:
+def load_teacher(spec: str, dtype: str, head: HeadConfig = HeadConfig()) -> tuple[ModelConfig, dict]:
     """A checkpoint (fresh classifier head: a speed benchmark needs no fine-tuned teacher)."""
     if spec == RANDOM_BASE:
-        cfg = BertConfig(num_labels=num_labels, dtype=dtype)
+        cfg = ModelConfig(BertConfig(dtype=dtype), head)
         return cfg, init_params(cfg, jax.random.key(0))
-    return hf.load_hf(spec, num_labels=num_labels, dtype=dtype)
+    return hf.load_hf(spec, dtype=dtype, head=head)
 
 
-def random_batch(cfg: BertConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Token ids drawn like the reference script (from id 1000 up), no padding."""
-    if seq > cfg.max_position_embeddings:
+def random_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids drawn like the reference script (from id 1000 up), no padding; labels per row,
+    or per token for a token head."""
+    enc = cfg.encoder
+    if seq > enc.max_position_embeddings:
         raise ValueError(f"--seq {seq} exceeds the teacher's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
+                         f"{enc.max_position_embeddings}")
     rng = np.random.default_rng(seed)
-    low = 1000 if cfg.vocab_size > 1000 else 1
-    ids_BxL = rng.integers(low, cfg.vocab_size, (batch, seq)).astype(np.int32)
+    low = 1000 if enc.vocab_size > 1000 else 1
+    ids_BxL = rng.integers(low, enc.vocab_size, (batch, seq)).astype(np.int32)
+    label_shape = (batch, seq) if cfg.head.kind == "token" else (batch,)
     return {"input_ids": ids_BxL, "attention_mask": np.ones_like(ids_BxL),
             "token_type_ids": np.zeros_like(ids_BxL),
-            "labels": rng.integers(0, cfg.num_labels, batch).astype(np.int32),
+            "labels": rng.integers(0, cfg.head.num_labels, label_shape).astype(np.int32),
             "weights": np.ones(batch, np.float32)}
 
 
@@ -168,26 +171,28 @@ class Prepared:
     teacher_params: Any
     batch: dict
     keys: list
-    student_cfg: BertConfig
-    teacher_cfg: BertConfig
+    student_cfg: ModelConfig
+    teacher_cfg: ModelConfig
+    loss_cfg: LossConfig
 
 
 def prepare_step(setup: StepSetup) -> Prepared:
     teacher_cfg, teacher_params = load_teacher(setup.teacher, setup.dtype)
-    layers = spread_layers(teacher_cfg.num_layers, setup.student_layers)
+    layers = spread_layers(teacher_cfg.encoder.num_layers, setup.student_layers)
     student_cfg, params = student_from_teacher(teacher_cfg, teacher_params, layers)
     loss_cfg = LossConfig(temperature=setup.temperature, alpha=1.0 - setup.alpha)
     mesh = sharding.make_mesh()
     state = steps.TrainState.create(params, adamw())
     state_shardings = sharding.tree_shardings(mesh, state)
     teacher_shardings = sharding.tree_shardings(mesh, teacher_params)
-    step = sharding.jit_distill_step(steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg),
-                                     mesh, state_shardings, teacher_shardings)
+    step = sharding.jit_distill_step(
+        steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg, teacher="live"),
+        mesh, state_shardings, teacher_shardings)
     return Prepared(step=step, state=sharding.place(state, state_shardings),
                     teacher_params=sharding.place(teacher_params, teacher_shardings),
                     batch=sharding.global_batch(random_batch(teacher_cfg, setup.batch, setup.seq), mesh),
                     keys=step_keys(setup.rng_impl, setup.warmup + setup.steps),
-                    student_cfg=student_cfg, teacher_cfg=teacher_cfg)
+                    student_cfg=student_cfg, teacher_cfg=teacher_cfg, loss_cfg=loss_cfg)
 
 
 def time_step(p: Prepared, setup: StepSetup) -> list[float]:
@@ -205,11 +210,16 @@ def time_step(p: Prepared, setup: StepSetup) -> list[float]:
 
 def time_parts(p: Prepared, setup: StepSetup) -> dict[str, float]:
     """Median seconds of the teacher forward alone and of the student update on cached logits."""
-    teacher_fn = jax.jit(steps.make_teacher_logits_fn(p.teacher_cfg))
+    teacher_fn = jax.jit(steps.make_logits_fn(p.teacher_cfg))
     t_logits = teacher_fn(p.teacher_params, p.batch)
     cached = {**p.batch, "teacher_logits": t_logits}
+    mesh = sharding.make_mesh()
+    cached_step = sharding.jit_distill_step(
+        steps.make_distill_step(p.student_cfg, p.teacher_cfg, p.loss_cfg, teacher="cached"),
+        mesh, sharding.tree_shardings(mesh, p.state), None)
     teacher_t = seconds(lambda i: teacher_fn(p.teacher_params, p.batch), setup.steps, setup.warmup)
-    student_t = time_step(dataclasses.replace(p, batch=cached), setup)
+    student_t = time_step(dataclasses.replace(p, batch=cached, step=cached_step,
+                                              teacher_params=None), setup)
     return {"teacher_forward": statistics.median(teacher_t),
             "student_update": statistics.median(student_t)}
 
@@ -344,27 +354,24 @@ class EpochSetup:
             raise ValueError(f"--limit {self.limit} is below one batch of {self.batch}")
 
 
-def read_examples(setup: EpochSetup) -> data_lib.Examples:
-    task = data_lib.resolve_task(data_lib.TaskConfig(name="sst2"))
-    examples = data_lib.load_split(data_lib.DataConfig(train=setup.train), task, setup.train)
+_SST2 = tasks.resolve(tasks.TaskConfig(name="sst2"))
+
+
+def read_examples(setup: EpochSetup):
+    examples = _SST2.load(data_lib.DataConfig(train=setup.train), setup.train)
     n = len(examples) if setup.limit is None else min(setup.limit, len(examples))
     return dataclasses.replace(examples, texts=examples.texts[:n], labels=examples.labels[:n],
-                               row_ids=examples.row_ids[:n],
                                pairs=None if examples.pairs is None else examples.pairs[:n])
 
 
-def fill_teacher_logits(teacher_cfg: BertConfig, teacher_params: Any, encoded: data_lib.Encoded,
+def fill_teacher_logits(teacher_cfg: ModelConfig, teacher_params: Any, encoded: data_lib.Encoded,
                         setup: EpochSetup, mesh) -> np.ndarray:
     """The teacher's logits for every training example (what the trainer's cache stores)."""
-    logits_fn = jax.jit(steps.make_teacher_logits_fn(teacher_cfg),
+    logits_fn = jax.jit(steps.make_logits_fn(teacher_cfg),
                         in_shardings=(None, sharding.batch_sharding(mesh)))
-    table_NxC = np.zeros((len(encoded), teacher_cfg.num_labels), np.float32)
-    for batch in data_lib.eval_batches(encoded, setup.batch, bucket_multiple=setup.bucket_multiple,
-                                       max_seq_len=setup.max_seq_len):
-        logits_BxC = np.asarray(logits_fn(teacher_params, sharding.global_batch(batch, mesh)))
-        keep_B = batch["index"] >= 0
-        table_NxC[batch["index"][keep_B]] = logits_BxC[keep_B]
-    return table_NxC
+    return inference.predict(logits_fn, teacher_params, encoded, batch_size=setup.batch, mesh=mesh,
+                             bucket_multiple=setup.bucket_multiple, max_seq_len=setup.max_seq_len,
+                             per_token=False)
 
 
 def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
@@ -376,17 +383,18 @@ def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
     teacher_cfg, teacher_params = load_teacher(setup.teacher, setup.dtype)
     tokenizer = hf.load_tokenizer(setup.teacher)
     student_cfg, params = student_from_teacher(
-        teacher_cfg, teacher_params, spread_layers(teacher_cfg.num_layers, setup.student_layers))
+        teacher_cfg, teacher_params, spread_layers(teacher_cfg.encoder.num_layers, setup.student_layers))
     mesh = sharding.make_mesh()
     state = steps.TrainState.create(params, adamw())
     state_sh, teacher_sh = sharding.tree_shardings(mesh, state), sharding.tree_shardings(mesh, teacher_params)
     state, teacher_params = sharding.place(state, state_sh), sharding.place(teacher_params, teacher_sh)
     loss_cfg = LossConfig(temperature=setup.temperature, alpha=1.0 - setup.alpha)
-    step = sharding.jit_distill_step(steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg),
-                                     mesh, state_sh, teacher_sh)
+    step = sharding.jit_distill_step(
+        steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg, teacher="cached"),
+        mesh, state_sh, None)
     out: dict[str, float] = {}
     t0 = time.perf_counter()
-    encoded = data_lib.tokenize(read_examples(setup), tokenizer, setup.max_seq_len)
+    encoded = _SST2.encode(read_examples(setup), tokenizer, setup.max_seq_len)
     out["data_s"] = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -396,11 +404,12 @@ def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
         out["cache_fill_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         table_NxC, hit = cache_lib.load_or_compute(cache_dir, "bench", len(encoded), lambda: None)
+        cached = cache_lib.TeacherLogits(np.array(table_NxC), encoded, per_token=False)
         out["cache_read_s"] = time.perf_counter() - t0
         assert hit
 
     def epoch_batches():
-        return data_lib.train_batches(encoded, setup.batch, seed=setup.seed,
+        return data_lib.TrainBatches(encoded, setup.batch, seed=setup.seed,
                                       bucket_multiple=setup.bucket_multiple,
                                       max_seq_len=setup.max_seq_len)
 
@@ -408,15 +417,15 @@ def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
     keys = step_keys(setup.rng_impl, batches.epoch_steps, setup.seed)
     t0 = time.perf_counter()
     # The example batch comes from a fresh iterator so that the timed epoch starts at batch 0.
-    example = cache_lib.attach(next(epoch_batches()), table_NxC)
-    compiled = compile_buckets(step, (state, teacher_params), example,
+    example = cached.attach(next(epoch_batches()))
+    compiled = compile_buckets(step, (state, None), example,
                                _epoch_lengths(encoded, setup), keys[0], mesh)
     out["compile_s"] = time.perf_counter() - t0
     t0, pending = time.perf_counter(), None
     for i in range(batches.epoch_steps):
-        batch = cache_lib.attach(next(batches), table_NxC)
+        batch = cached.attach(next(batches))
         run = compiled[batch["input_ids"].shape[1]]
-        state, metrics = run(state, teacher_params, sharding.global_batch(batch, mesh), keys[i])
+        state, metrics = run(state, None, sharding.global_batch(batch, mesh), keys[i])
         if pending is not None:  # read step i-1's loss while step i runs, as the trainer does
             _check_finite(float(pending["loss/total"]))
         pending = metrics
@@ -586,7 +595,7 @@ def _epoch_setup(a: argparse.Namespace) -> EpochSetup:
 # ----------------------------------------------------------------------------- mfu
 
 
-def forward_flops(cfg: BertConfig, batch: int, seq: int) -> float:
+def forward_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     """Matmul FLOPs of one logits-only forward pass, as the model runs it.
 
     Per layer per token: 2 * (4 H^2 + 2 H I) (Q, K, V, output and the two FFN projections)
@@ -595,14 +604,17 @@ def forward_flops(cfg: BertConfig, batch: int, seq: int) -> float:
     classifier on [CLS]: 2 H^2 + 2 H C. Embedding lookups, softmax and layer norms are not
     counted.
     """
-    H, I, C = cfg.hidden_size, cfg.intermediate_size, cfg.num_labels
+    enc = cfg.encoder
+    H, I, C = enc.hidden_size, enc.intermediate_size, cfg.head.num_labels
     per_token_layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq * H
+    if not cfg.head.reads_cls_only:  # every token through every layer, a classifier per token
+        return float(batch) * (enc.num_layers * seq * per_token_layer + seq * 2 * H * C)
     last_layer = seq * 2 * 2 * H * H + 2 * (2 * H * H + 2 * H * I) + 2 * 2 * seq * H
-    return float(batch) * ((cfg.num_layers - 1) * seq * per_token_layer + last_layer
+    return float(batch) * ((enc.num_layers - 1) * seq * per_token_layer + last_layer
                            + 2 * H * H + 2 * H * C)
 
 
-def step_flops(teacher_cfg: BertConfig, student_cfg: BertConfig, batch: int, seq: int) -> float:
+def step_flops(teacher_cfg: ModelConfig, student_cfg: ModelConfig, batch: int, seq: int) -> float:
     """Teacher forward + student forward and backward (backward = 2 x forward)."""
     return forward_flops(teacher_cfg, batch, seq) + 3 * forward_flops(student_cfg, batch, seq)
 
@@ -630,7 +642,7 @@ def run_mfu(setup: StepSetup, peak_override: float | None) -> float | None:
     per_chip = peak_override if peak_override is not None else peak_tflops(device.device_kind)
     xla = xla_flops(p)
     print(f"{device.device_kind} x{jax.device_count()} teacher={setup.teacher} "
-          f"({p.teacher_cfg.num_layers}x{p.teacher_cfg.hidden_size}) student_layers={setup.student_layers} "
+          f"({p.teacher_cfg.encoder.num_layers}x{p.teacher_cfg.encoder.hidden_size}) student_layers={setup.student_layers} "
           f"batch={setup.batch} seq={setup.seq} dtype={setup.dtype}: median step {median:.4f} s")
     print(f"model FLOPs/step {flops / 1e12:.4f} T (XLA cost analysis: "
           f"{'n/a' if xla is None else f'{xla / 1e12:.4f} T'}); achieved {achieved / 1e12:.3f} TFLOP/s")

@@ -1,8 +1,9 @@
-"""Teacher-logit cache: the teacher's logits for the training set, computed once, kept on disk.
+"""Teacher-logit cache: the teacher's outputs for the training set, computed once, kept on disk.
 
-The file name is a hash of everything the logits depend on (teacher weights and
-config, the tokenised training data, the compute dtype), so a changed teacher,
-data set or tokenisation never reads a stale cache.
+The file name is a hash of everything the logits depend on (teacher weights and config, the
+encoded training data, the compute dtype), so a changed teacher, data set or tokenisation never
+reads a stale cache. Rows are stored as the prediction path gives them (`jaxkd.inference`):
+[N, C] per example, or [T, C] per token back to back (no padding), and read memory-mapped.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+
+from jaxkd.data import Encoded, TokenGather
 
 
 def fingerprint(*parts: Any) -> str:
@@ -34,17 +37,18 @@ def cache_path(cache_dir: str | pathlib.Path, key: str) -> pathlib.Path:
     return pathlib.Path(cache_dir) / f"teacher_logits-{key}.npy"
 
 
-def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_examples: int,
+def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
                     compute: Callable[[], np.ndarray], write: bool = True) -> tuple[np.ndarray, bool]:
-    """Return (logits_NxC, hit). On a miss, compute and store atomically (when `write`)."""
+    """Return (logits, hit): [num_rows, C], memory-mapped when read from disk. On a miss,
+    compute and store atomically (when `write`)."""
     path = cache_path(cache_dir, key)
     if path.is_file():
-        logits = np.load(path)
-        if logits.shape[0] == num_examples:
+        logits = np.load(path, mmap_mode="r")
+        if logits.shape[0] == num_rows:
             return logits, True
     logits = np.asarray(compute(), np.float32)
-    if logits.shape[0] != num_examples:
-        raise ValueError(f"teacher cache: computed {logits.shape[0]} rows for {num_examples} examples")
+    if logits.shape[0] != num_rows:
+        raise ValueError(f"teacher cache: computed {logits.shape[0]} rows for {num_rows}")
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
@@ -53,9 +57,23 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_examples: int,
     return logits, False
 
 
-def attach(batch: dict, logits_NxC: np.ndarray) -> dict:
-    """The batch with the cached teacher logits of its examples (zeros on padding rows)."""
-    index_B = np.asarray(batch["index"])
-    rows = logits_NxC[np.maximum(index_B, 0)]
-    rows = np.where((index_B >= 0)[:, None], rows, 0.0).astype(np.float32)
-    return {**batch, "teacher_logits": rows}
+class TeacherLogits:
+    """Cached teacher outputs of one encoded split, attached to its batches."""
+
+    def __init__(self, table: np.ndarray, encoded: Encoded, per_token: bool):
+        rows = int(encoded.offsets[-1]) if per_token else len(encoded)
+        if table.shape[0] != rows:
+            raise ValueError(f"teacher cache holds {table.shape[0]} rows, the split has {rows}")
+        self.table, self.offsets, self.per_token = table, encoded.offsets, per_token
+
+    def attach(self, batch: dict) -> dict:
+        """The batch with `teacher_logits` of its rows ([B, C] or [B, L, C]; zeros on padding)."""
+        index_B = np.asarray(batch["index"])
+        real_B = index_B >= 0
+        rows_B = np.maximum(index_B, 0)
+        if self.per_token:
+            gather = TokenGather(self.offsets, rows_B, batch["input_ids"].shape[1])
+            logits = gather(self.table, 0.0) * real_B[:, None, None]
+        else:
+            logits = self.table[rows_B] * real_B[:, None]
+        return {**batch, "teacher_logits": np.asarray(logits, np.float32)}

@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-from jaxkd.data import DataConfig, TaskConfig
+from jaxkd.data import DataConfig
 from jaxkd.losses import LossConfig
 from jaxkd.optim import OptimConfig
+from jaxkd.tasks import TaskConfig
 
 
 class ConfigError(ValueError):
@@ -76,37 +77,23 @@ class StudentConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
-    """Distillation stage. Loss: alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE."""
+class DistillConfig(LossConfig):
+    """Distillation stage: the loss terms (every `LossConfig` field: temperature, alpha,
+    hidden_weight, ..., layer_map, relation_heads) and how long to train.
+
+    Loss: alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * hard-label loss, plus the
+    intermediate terms with their weights.
+    """
 
     steps: int | None = None  # None: derive from epochs; 0: no distillation training
     epochs: float = 1.0
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs the hard labels
-    hidden_weight: float = 0.0
-    embedding_weight: float = 0.0
-    attention_score_weight: float = 0.0
-    attention_kl_weight: float = 0.0
-    value_relation_weight: float = 0.0
-    layer_map: str | tuple[tuple[int, int], ...] = "uniform"
     teacher_cache: bool = True  # record teacher logits once, on disk, and stream them
     eval_every: int | None = None  # None: once per epoch and at the end
 
     def __post_init__(self):
+        super().__post_init__()
         _check(self.steps is None or self.steps >= 0, "distill.steps", "must be >= 0")
         _check(self.epochs > 0, "distill.epochs", "must be > 0")
-
-    def loss_config(self, regression: bool) -> LossConfig:
-        try:
-            return LossConfig(
-                temperature=self.temperature, alpha=self.alpha, hidden_weight=self.hidden_weight,
-                embedding_weight=self.embedding_weight,
-                attention_score_weight=self.attention_score_weight,
-                attention_kl_weight=self.attention_kl_weight,
-                value_relation_weight=self.value_relation_weight, layer_map=self.layer_map,
-                regression=regression)
-        except ValueError as e:
-            raise ConfigError(f"distill: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)

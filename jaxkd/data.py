@@ -1,20 +1,24 @@
-"""Task data: GLUE presets and local files to fixed-shape, length-bucketed, resumable batches.
+"""Task-independent data: reading files and Hub splits, encoded splits, and fixed-shape,
+length-bucketed, resumable batches.
 
-Pipeline: `resolve_task` -> `load_split` (validated rows) -> `tokenize` (token ids, cached on
-disk) -> `train_batches` (infinite, shuffled, bucketed, resumable) or `eval_batches` (every
-example once) -> `jaxkd.sharding.global_batch` (jax Arrays over a mesh, each process giving its own rows).
+Pipeline: a task (`jaxkd.tasks`) reads and validates a split (`read_split` here) and encodes it
+into an `Encoded` (token ids back to back, cached on disk with `cached_arrays`) ->
+`TrainBatches` (infinite, shuffled, bucketed, resumable) or `EvalBatches` (every row once) ->
+`jaxkd.sharding.global_batch` (jax Arrays over a mesh, each process giving its own rows).
 
-A batch is a dict of host NumPy arrays:
+A batch is a dict of host NumPy arrays, built here and nowhere else (`batch_rows`):
   input_ids, attention_mask (1 = token), token_type_ids   int32 [B, L]
-  labels    int32 [B] (float32 for regression); -1 (NaN) where the split has no labels
-  weights   float32 [B]: 1 for real examples, 0 for rows that pad a final evaluation batch
-  index     int32 [B]: the example's position in its split (in `Encoded`), -1 for padding rows
+  labels    per row [B] (int32, or float32 for regression; -1 / NaN where the split has no
+            labels), or per token [B, L] int32 (-1 on tokens without a label), as the task lays
+            them out in `Encoded.labels`
+  weights   float32 [B]: 1 for real rows, 0 for rows that pad a final evaluation batch
+  index     int32 [B]: the row's position in its split (in `Encoded`), -1 for padding rows
+  teacher_logits   only from the teacher cache (`jaxkd.cache.attach`), laid out like the model's
 L is one of `bucket_lengths(max_seq_len, bucket_multiple)`, picked from the whole global batch so
 that every process agrees; B is the global batch size divided by the process count.
 """
 from __future__ import annotations
 
-import collections
 import csv
 import dataclasses
 import difflib
@@ -23,10 +27,9 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import pathlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,11 +38,9 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
-METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
-REGRESSION_METRICS = ("pearson", "spearman")
-LOCAL_SUFFIXES = (".tsv", ".txt", ".csv", ".jsonl", ".json", ".parquet")
-_TOKENIZE_CHUNK = 10_000  # rows per tokenizer call: bounds the Python lists held at once
-_CACHE_VERSION = 1  # bump when the cached arrays change meaning
+LOCAL_SUFFIXES = (".tsv", ".txt", ".csv", ".jsonl", ".json", ".parquet", ".conll")
+FORMATS = ("tsv", "csv", "jsonl", "json", "parquet", "conll")
+_CACHE_VERSION = 2  # bump when the cached arrays change meaning
 
 
 class DataError(ValueError):
@@ -47,48 +48,28 @@ class DataError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskConfig:
-    """What to learn (YAML section `task`)."""
-
-    name: str = "sst2"  # a GLUE preset (cola sst2 mrpc qqp stsb mnli qnli rte wnli) or "custom"
-    text: str | None = None  # text column; None = the preset's
-    text_pair: str | None = None  # second text column of a pair task; None = the preset's
-    label: str | None = None  # label column; None = the preset's ("label")
-    # Label names; a string label becomes its position here. None = the preset's, or (custom)
-    # the sorted distinct values of the training labels.
-    labels: tuple[str, ...] | None = None
-    metric: str | None = None  # primary metric; None = the preset's. pearson/spearman = regression
-
-    def __post_init__(self):
-        if self.name != "custom" and self.name not in PRESETS:
-            raise DataError(f"unknown task.name {self.name!r}{_nearest(self.name, PRESETS)}; "
-                            f"known: {', '.join(PRESETS)} or 'custom'")
-        if self.metric is not None and self.metric not in METRICS:
-            raise DataError(f"unknown task.metric {self.metric!r}{_nearest(self.metric, METRICS)}; "
-                            f"known: {', '.join(METRICS)}")
-        if self.labels is not None:
-            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
-            if not self.labels or len(set(self.labels)) != len(self.labels):
-                raise DataError(f"task.labels must be a non-empty list of distinct names, "
-                                f"got {list(self.labels)}")
-
-
-@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the examples come from and how they are batched (YAML section `data`)."""
 
-    dataset: str = "glue"  # Hub dataset id, used when train/eval/test name a split, not a file
-    train: str | None = None  # a split name ("train") or a file (.tsv .txt .csv .jsonl .json .parquet)
+    # Hub dataset id, used when train/eval/test name a split, not a file; None: the task
+    # preset's (glue for GLUE tasks, conll2003 for NER)
+    dataset: str | None = None
+    train: str | None = None  # a split name ("train") or a file (.tsv .txt .csv .jsonl .json .parquet .conll)
     eval: str | None = None  # None = the task's validation split(s)
     test: str | None = None
     batch_size: int = 32  # global: summed over all processes and devices
     eval_batch_size: int | None = None  # None = batch_size
-    max_seq_len: int = 128  # longer inputs are truncated (longest first for pairs)
+    # Longer sentence(-pair)s are truncated (longest first for pairs); longer token-classification
+    # sentences are split into windows, so every word is still labelled.
+    max_seq_len: int = 128
     # Batch lengths are multiples of this, spaced geometrically up to max_seq_len (see
     # `bucket_lengths`). 8 keeps SST-2 (median 10 tokens) under 25% padding; 16 gives ~38%.
     bucket_multiple: int = 8
     cache_dir: str | None = None  # token and Hub caches; None = the caller's default (workdir)
     skip_invalid: bool = False  # skip rows with empty text / bad labels (counted, logged) vs. error
+    # File format; None: by suffix (.tsv and .txt tab-separated, or CoNLL columns for a
+    # token-classification task; .conll CoNLL columns; .csv .jsonl .json .parquet).
+    format: str | None = None
 
     def __post_init__(self):
         for key in ("batch_size", "max_seq_len", "bucket_multiple"):
@@ -101,138 +82,33 @@ class DataConfig:
                             f"got {self.eval_batch_size!r}")
         if self.max_seq_len < 3:
             raise DataError(f"data.max_seq_len must be >= 3 ([CLS] token [SEP]), got {self.max_seq_len}")
+        if self.format is not None and self.format not in FORMATS:
+            raise DataError(f"data.format {self.format!r} is unknown{nearest(self.format, FORMATS)}; "
+                            f"use one of {', '.join(FORMATS)}, or leave it unset to go by suffix")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Preset:
-    text: str
-    text_pair: str | None
-    labels: tuple[str, ...]  # () = regression
-    metrics: tuple[str, ...]  # primary first
-    eval_splits: tuple[str, ...] = ("validation",)
-    test_splits: tuple[str, ...] = ("test",)
-
-
-# Column and label names as the Hub's `glue` dataset has them.
-PRESETS: dict[str, _Preset] = {
-    "cola": _Preset("sentence", None, ("unacceptable", "acceptable"), ("matthews",)),
-    "sst2": _Preset("sentence", None, ("negative", "positive"), ("accuracy",)),
-    "mrpc": _Preset("sentence1", "sentence2", ("not_equivalent", "equivalent"), ("accuracy", "f1")),
-    "qqp": _Preset("question1", "question2", ("not_duplicate", "duplicate"), ("accuracy", "f1")),
-    "stsb": _Preset("sentence1", "sentence2", (), ("pearson", "spearman")),
-    "mnli": _Preset("premise", "hypothesis", ("entailment", "neutral", "contradiction"),
-                    ("accuracy",), ("validation_matched", "validation_mismatched"),
-                    ("test_matched", "test_mismatched")),
-    "qnli": _Preset("question", "sentence", ("entailment", "not_entailment"), ("accuracy",)),
-    "rte": _Preset("sentence1", "sentence2", ("entailment", "not_entailment"), ("accuracy",)),
-    "wnli": _Preset("sentence1", "sentence2", ("not_entailment", "entailment"), ("accuracy",)),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """A resolved task: columns, labels and metrics, nothing left to default."""
-
-    name: str
-    text: str
-    text_pair: str | None
-    label: str
-    label_names: tuple[str, ...]  # id -> name (id2label at export); () for regression
-    metrics: tuple[str, ...]  # primary first
-    eval_splits: tuple[str, ...]  # Hub splits evaluated when data.eval is not given
-    test_splits: tuple[str, ...]
-
-    @property
-    def is_regression(self) -> bool:
-        return not self.label_names
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.is_regression else len(self.label_names)
-
-
-def _nearest(name: str, choices: Iterable[str]) -> str:
+def nearest(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest choice, or ''."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.4)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _label_key(value: Any) -> str | None:
-    """Label value -> the string it is matched by; None when missing."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (float, np.floating)):
-        if not math.isfinite(value):
-            return None
-        return str(int(value)) if float(value).is_integer() else str(value)
-    key = str(value).strip()
-    return key or None
-
-
-def _is_int(key: str) -> bool:
-    return key.lstrip("-").isdigit()
-
-
-def infer_label_names(values: Iterable[Any]) -> tuple[str, ...]:
-    """Distinct label values, sorted (numerically when all are integers)."""
-    keys = {k for k in map(_label_key, values) if k is not None}
-    if not keys:
-        raise DataError("cannot infer task.labels: the training labels are all empty")
-    if all(_is_int(k) for k in keys):
-        return tuple(sorted(keys, key=int))
-    return tuple(sorted(keys))
-
-
-def resolve_task(cfg: TaskConfig, label_values: Iterable[Any] | None = None) -> Task:
-    """Fills `cfg` from its preset. A custom classification task without `labels` needs the
-    training labels (`label_values`) to infer them from; `load_task` reads them for you."""
-    if cfg.name == "custom":
-        if cfg.text is None:
-            raise DataError("task.name 'custom' needs task.text (the name of the text column)")
-        metric = cfg.metric or "accuracy"
-        preset = _Preset(cfg.text, cfg.text_pair, (), (metric,), ("validation",), ("test",))
-        regression = metric in REGRESSION_METRICS
-    else:
-        preset = PRESETS[cfg.name]
-        regression = not preset.labels
-    if regression:
-        if cfg.labels is not None:
-            raise DataError(f"task {cfg.name!r} is a regression (metric pearson/spearman): "
-                            f"remove task.labels")
-        names: tuple[str, ...] = ()
-    elif cfg.labels is not None:
-        names = cfg.labels
-    elif preset.labels:
-        names = preset.labels
-    elif label_values is not None:
-        names = infer_label_names(label_values)
-    else:
-        raise DataError("task.name 'custom' needs task.labels (the label names), "
-                        "or training labels to infer them from")
-    metrics = _metrics(cfg, preset, regression, len(names))
-    return Task(name=cfg.name, text=cfg.text or preset.text, text_pair=cfg.text_pair or preset.text_pair,
-                label=cfg.label or "label", label_names=names, metrics=metrics,
-                eval_splits=preset.eval_splits, test_splits=preset.test_splits)
-
-
-def _metrics(cfg: TaskConfig, preset: _Preset, regression: bool, num_labels: int) -> tuple[str, ...]:
-    primary = cfg.metric or preset.metrics[0]
-    metrics = (primary,) + tuple(m for m in preset.metrics if m != primary)
-    for metric in metrics:
-        if (metric in REGRESSION_METRICS) != regression:
-            kind = "regression" if regression else "classification"
-            raise DataError(f"task.metric {metric!r} does not fit the {kind} task {cfg.name!r}")
-        if metric == "f1" and num_labels != 2:
-            raise DataError(f"task.metric 'f1' (of the positive class) needs 2 labels, "
-                            f"task {cfg.name!r} has {num_labels}")
-    return metrics
+def check_columns(table: "Table", wanted: Mapping[str, str]) -> None:
+    """Every wanted column (config key -> column name) is in the table, or a DataError naming it."""
+    available = list(table.columns)
+    for key, column in wanted.items():
+        if column not in table.columns:
+            raise DataError(f"{table.source}: no column {column!r} ({key}){nearest(column, available)}; "
+                            f"available columns: {available}. Set {key} to one of them.")
 
 
 # ----------------------------------------------------------------------------- reading
 
 
 @dataclasses.dataclass(frozen=True)
-class _Table:
+class Table:
     """Raw rows of one split, column-wise; `lines` locate rows in their file for messages."""
+
 
     source: str
     columns: dict[str, list]
@@ -252,7 +128,7 @@ def is_local_path(split_or_path: str) -> bool:
             or os.sep in split_or_path or os.path.isfile(split_or_path))
 
 
-def _read_delimited(path: pathlib.Path, delimiter: str, quoting: int) -> _Table:
+def _read_delimited(path: pathlib.Path, delimiter: str, quoting: int) -> Table:
     # utf-8-sig drops a byte-order mark that would otherwise become part of the first column name.
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
@@ -277,7 +153,7 @@ def _read_delimited(path: pathlib.Path, delimiter: str, quoting: int) -> _Table:
                 lines.append(reader.line_num)
         except csv.Error as err:
             raise DataError(f"{path} line {reader.line_num}: {err}") from err
-    return _Table(str(path), columns, lines, tuple(malformed))
+    return Table(str(path), columns, lines, tuple(malformed))
 
 
 def _records_to_columns(records: Sequence[Any], source: str) -> dict[str, list]:
@@ -289,7 +165,7 @@ def _records_to_columns(records: Sequence[Any], source: str) -> dict[str, list]:
     return {name: [record.get(name) for record in records] for name in names}
 
 
-def _read_jsonl(path: pathlib.Path) -> _Table:
+def _read_jsonl(path: pathlib.Path) -> Table:
     records, lines = [], []
     with path.open(encoding="utf-8-sig") as f:
         for line_num, line in enumerate(f, start=1):
@@ -300,228 +176,103 @@ def _read_jsonl(path: pathlib.Path) -> _Table:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path} line {line_num}: not valid JSON ({err.msg})") from err
             lines.append(line_num)
-    return _Table(str(path), _records_to_columns(records, str(path)), lines)
+    return Table(str(path), _records_to_columns(records, str(path)), lines)
 
 
-def _read_json(path: pathlib.Path) -> _Table:
+def _read_json(path: pathlib.Path) -> Table:
     with path.open(encoding="utf-8-sig") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from err
     if isinstance(data, Mapping) and all(isinstance(v, list) for v in data.values()):
-        return _Table(str(path), {str(k): list(v) for k, v in data.items()})
+        return Table(str(path), {str(k): list(v) for k, v in data.items()})
     if isinstance(data, list):
-        return _Table(str(path), _records_to_columns(data, str(path)))
+        return Table(str(path), _records_to_columns(data, str(path)))
     raise DataError(f"{path}: expected a list of objects or an object of column lists")
 
 
-def _read_parquet(path: pathlib.Path) -> _Table:
+def _read_parquet(path: pathlib.Path) -> Table:
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
-    return _Table(str(path), pq.read_table(path).to_pydict())
+    return Table(str(path), pq.read_table(path).to_pydict())
 
 
-def read_file(path: str | os.PathLike) -> _Table:
-    """Reads a local split. .tsv/.txt: tab-separated with quoting off, so text is never altered
-    (SST-2 and MRPC have unbalanced quotes); .csv: comma-separated with standard quoting."""
+_SUFFIX_FORMATS = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "json",
+                   ".parquet": "parquet", ".conll": "conll"}
+
+
+def file_format(path: str | os.PathLike, configured: str | None = None) -> str:
+    """The format a local file is read in: `data.format` if set, else by suffix."""
+    if configured is not None:
+        return configured
+    suffix = pathlib.Path(path).suffix.lower()
+    if suffix not in _SUFFIX_FORMATS:
+        raise DataError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)} "
+                        f"or set data.format")
+    return _SUFFIX_FORMATS[suffix]
+
+
+def read_file(path: str | os.PathLike, fmt: str | None = None) -> Table:
+    """Reads a local split into columns. tsv: tab-separated with quoting off, so text is never
+    altered (SST-2 and MRPC have unbalanced quotes); csv: comma-separated with standard quoting.
+    CoNLL column files are read by the token-classification task, not here."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path} (absolute: {path.absolute()})")
+    fmt = file_format(path, fmt)
     readers = {
-        ".tsv": lambda: _read_delimited(path, "\t", csv.QUOTE_NONE),
-        ".txt": lambda: _read_delimited(path, "\t", csv.QUOTE_NONE),
-        ".csv": lambda: _read_delimited(path, ",", csv.QUOTE_MINIMAL),
-        ".jsonl": lambda: _read_jsonl(path),
-        ".json": lambda: _read_json(path),
-        ".parquet": lambda: _read_parquet(path),
+        "tsv": lambda: _read_delimited(path, "\t", csv.QUOTE_NONE),
+        "csv": lambda: _read_delimited(path, ",", csv.QUOTE_MINIMAL),
+        "jsonl": lambda: _read_jsonl(path),
+        "json": lambda: _read_json(path),
+        "parquet": lambda: _read_parquet(path),
     }
-    suffix = path.suffix.lower()
-    if suffix not in readers:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+    if fmt not in readers:
+        raise DataError(f"{path}: format {fmt!r} holds no columns of text; this task reads "
+                        f"{', '.join(readers)}")
     try:
-        return readers[suffix]()
+        return readers[fmt]()
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
 
 
-def _read_hub(data_cfg: DataConfig, task_name: str, split: str) -> _Table:
+def read_hub(dataset: str, config: str | None, split: str, cache_dir: str | None) -> Table:
+    """A Hub split as columns (`datasets.load_dataset(dataset, config, split=split)`)."""
     import datasets  # pylint: disable=import-outside-toplevel
 
-    config = task_name if task_name in PRESETS else None
-    cache = str(pathlib.Path(data_cfg.cache_dir) / "hub") if data_cfg.cache_dir else None
-    source = f"{data_cfg.dataset}" + (f"/{config}" if config else "") + f" split {split!r}"
+    cache = str(pathlib.Path(cache_dir) / "hub") if cache_dir else None
+    source = f"{dataset}" + (f"/{config}" if config else "") + f" split {split!r}"
     try:
-        ds = datasets.load_dataset(data_cfg.dataset, config, split=split, cache_dir=cache)
+        ds = datasets.load_dataset(dataset, config, split=split, cache_dir=cache)
     except Exception as err:  # the Hub raises many types; all mean "not available here"
         raise DataError(
             f"could not load {source} from the Hugging Face Hub ({type(err).__name__}: {err}). "
             f"Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or no network) give local files "
             f"instead, e.g. data.train: path/to/train.tsv ({' '.join(LOCAL_SUFFIXES)})") from err
-    return _Table(source, ds.to_dict())
+    return Table(source, ds.to_dict())
 
 
-def read_split(data_cfg: DataConfig, task_name: str, split_or_path: str) -> _Table:
-    """Raw rows of a local file or a Hub split (`data.dataset`, config = the preset's name)."""
-    if is_local_path(split_or_path):
-        return read_file(split_or_path)
-    return _read_hub(data_cfg, task_name, split_or_path)
-
-
-def load_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> Task:
-    """`resolve_task`, reading the training labels when a custom task must infer its label names."""
-    needs_labels = (task_cfg.name == "custom" and task_cfg.labels is None
-                    and (task_cfg.metric or "accuracy") not in REGRESSION_METRICS)
-    if not needs_labels:
-        return resolve_task(task_cfg)
-    if data_cfg.train is None:
-        raise DataError("task.name 'custom' without task.labels needs data.train to infer them from")
-    table = read_split(data_cfg, task_cfg.name, data_cfg.train)
-    label = task_cfg.label or "label"
-    _check_columns(table, {"task.label": label})
-    return resolve_task(task_cfg, label_values=table.columns[label])
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-@dataclasses.dataclass(frozen=True)
-class Examples:
-    """Validated rows of one split."""
-
-    source: str
-    texts: list[str]
-    pairs: list[str] | None  # second texts of a pair task
-    labels: np.ndarray  # int32 ids, or float32 for regression; -1 / NaN when has_labels is False
-    has_labels: bool
-    row_ids: np.ndarray  # int64: each example's row among the readable rows of the source
-    skipped: dict[str, int]  # reason -> count of rows left out (only with data.skip_invalid)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
-class _BadRow(Exception):
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
-
-
-def _check_columns(table: _Table, wanted: Mapping[str, str]) -> None:
-    available = list(table.columns)
-    for key, column in wanted.items():
-        if column not in table.columns:
-            raise DataError(f"{table.source}: no column {column!r} ({key}){_nearest(column, available)}; "
-                            f"available columns: {available}. Set {key} to one of them.")
-
-
-def _text(value: Any, column: str) -> str:
-    if value is None:
-        raise _BadRow("empty text", f"null text in column {column!r}")
-    if not isinstance(value, str):
-        raise _BadRow("bad text", f"text in column {column!r} is a {type(value).__name__}, not a string")
-    if not value.strip():
-        raise _BadRow("empty text", f"empty text in column {column!r}")
-    return value
-
-
-def _label(value: Any, task: Task) -> float | int:
-    key = _label_key(value)
-    if key is None:
-        raise _BadRow("missing label", f"missing label in column {task.label!r}")
-    if task.is_regression:
-        try:
-            number = float(key)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
-            raise _BadRow("bad label", f"label {value!r} in column {task.label!r} is not a finite number")
-        return number
-    if key in task.label_names:
-        return task.label_names.index(key)
-    if _is_int(key) and 0 <= int(key) < task.num_labels:
-        return int(key)
-    raise _BadRow("bad label", f"label {value!r} in column {task.label!r} is not one of "
-                  f"{list(task.label_names)} nor an id 0..{task.num_labels - 1} (task.labels)")
-
-
-def _unlabeled(label_column: list | None) -> bool:
-    # Hub test splits keep the column but fill it with -1.
-    return label_column is None or all(_label_key(v) in (None, "-1") for v in label_column)
-
-
-def load_split(data_cfg: DataConfig, task: Task, split_or_path: str,
-               require_labels: bool = True) -> Examples:
-    """Reads and validates one split (a local file or a Hub split name).
-
-    Every row is checked before anything else runs: an empty or null text, a missing label or a
-    label outside `task.label_names` raises a `DataError` naming the file and line, unless
-    `data_cfg.skip_invalid`, which skips such rows and counts them in `Examples.skipped` (logged).
-    With `require_labels=False` (test splits) a missing or all -1 label column gives unlabeled
-    examples.
-    """
-    table = read_split(data_cfg, task.name, split_or_path)
-    wanted = {"task.text": task.text}
-    if task.text_pair is not None:
-        wanted["task.text_pair"] = task.text_pair
-    if require_labels or task.label in table.columns:
-        wanted["task.label"] = task.label
-    _check_columns(table, wanted)
-    if len(table) == 0 and not table.malformed:
-        raise DataError(f"{table.source}: the split is empty (no data rows)")
-    label_column = table.columns.get(task.label)
-    has_labels = require_labels or not _unlabeled(label_column)
-    skipped = collections.Counter("wrong field count" for _ in table.malformed)
-    problems = list(table.malformed)
-    texts, pairs, labels, row_ids = [], [], [], []
-    pair_column = table.columns.get(task.text_pair) if task.text_pair else None
-    for i, text in enumerate(table.columns[task.text]):
-        try:
-            row = (_text(text, task.text),
-                   _text(pair_column[i], task.text_pair) if pair_column is not None else None,
-                   _label(label_column[i], task) if has_labels else None)
-        except _BadRow as bad:
-            skipped[bad.kind] += 1
-            problems.append((table.where(i), str(bad)))
-            continue
-        texts.append(row[0])
-        pairs.append(row[1])
-        labels.append(row[2])
-        row_ids.append(i)
-    if problems and not data_cfg.skip_invalid:
-        where, reason = problems[0]
-        raise DataError(f"{where}: {reason}. Fix the row, or set data.skip_invalid: true to skip "
-                        f"and count such rows ({len(problems)} bad rows in all).")
-    if problems:
-        log.warning("%s: skipped %d invalid rows (%s); first: %s: %s", table.source, len(problems),
-                    dict(skipped), *problems[0])
-    if not texts:
-        raise DataError(f"{table.source}: no valid rows left (all {len(problems)} were invalid)")
-    return Examples(source=table.source, texts=texts, pairs=pairs if pair_column is not None else None,
-                    labels=_label_array(labels, task, has_labels), has_labels=has_labels,
-                    row_ids=np.asarray(row_ids, np.int64), skipped=dict(skipped))
-
-
-def _label_array(labels: list, task: Task, has_labels: bool) -> np.ndarray:
-    dtype = np.float32 if task.is_regression else np.int32
-    if has_labels:
-        return np.asarray(labels, dtype)
-    return np.full(len(labels), np.nan if task.is_regression else -1, dtype)
-
-
-# ----------------------------------------------------------------------------- tokenisation
+# ----------------------------------------------------------------------------- encoded splits
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-    """Token ids of a split, back to back: example i is `input_ids[offsets[i]:offsets[i + 1]]`."""
+    """Token ids of a split, back to back: row i is `input_ids[offsets[i]:offsets[i + 1]]`.
+
+    A row is what the model sees at once: an example, or a window of a long one (token tasks).
+    `labels` is per row ([N], or [N, ...]) or, with `labels_per_token`, per token ([T], aligned
+    with input_ids, -1 where a token has no label). `extras` holds host-side arrays a task needs
+    to turn outputs back into predictions (word indices, windows); batches never carry them.
+    """
 
     input_ids: np.ndarray  # int32 [T]
     token_type_ids: np.ndarray  # int8 [T]
     offsets: np.ndarray  # int64 [N + 1]
-    labels: np.ndarray  # int32 or float32 [N]
+    labels: np.ndarray
     has_labels: bool
+    labels_per_token: bool = False
+    extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -533,21 +284,26 @@ class Encoded:
     @classmethod
     def from_lists(cls, input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]],
                    labels: np.ndarray, has_labels: bool = True) -> Encoded:
-        ids, lengths = _flatten(input_ids, np.int32)
-        types, _ = _flatten(token_type_ids, np.int8)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return cls(ids, types, offsets, np.asarray(labels), has_labels)
+        ids, lengths = flatten(input_ids, np.int32)
+        types, _ = flatten(token_type_ids, np.int8)
+        return cls(ids, types, offsets_of(lengths), np.asarray(labels), has_labels)
 
 
-def _flatten(lists: Sequence[Sequence[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+def flatten(lists: Sequence[Sequence[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Lists back to back, and their lengths."""
     lengths = np.fromiter(map(len, lists), np.int64, count=len(lists))
     flat = np.fromiter(itertools.chain.from_iterable(lists), dtype, count=int(lengths.sum()))
     return flat, lengths
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What a tokenizer's output depends on: vocab, normaliser (lower-casing), special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # vocab, normaliser (lower-casing) and special tokens in one string
+    if backend is not None:
         spec = json.loads(backend.to_str())
         # A call with truncation=... stores that setting here; it must not change the key.
         spec.pop("truncation", None)
@@ -556,53 +312,35 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
 
 
-def _cache_key(examples: Examples, tokenizer, max_seq_len: int) -> str:
-    digest = hashlib.sha256(f"v{_CACHE_VERSION} len{max_seq_len} ".encode())
-    digest.update(_tokenizer_fingerprint(tokenizer).encode())
-    for texts in (examples.texts, examples.pairs or []):
-        digest.update(b"\x00texts\x00")
-        for text in texts:
-            digest.update(text.encode())
-            digest.update(b"\x00")
+def content_key(*parts: Any) -> str:
+    """A short hash of strings, lists of strings and NumPy arrays (cache file names)."""
+    digest = hashlib.sha256(f"v{_CACHE_VERSION}".encode())
+    for part in parts:
+        digest.update(b"\x00part\x00")
+        if isinstance(part, np.ndarray):
+            digest.update(f"{part.dtype}{part.shape}".encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(part, str):
+            digest.update(part.encode())
+        else:
+            for item in part:
+                digest.update(str(item).encode())
+                digest.update(b"\x00")
     return digest.hexdigest()[:24]
 
 
-def _run_tokenizer(examples: Examples, tokenizer, max_seq_len: int) -> dict[str, np.ndarray]:
-    ids, types, lengths = [], [], []
-    for start in range(0, len(examples), _TOKENIZE_CHUNK):
-        stop = start + _TOKENIZE_CHUNK
-        pairs = examples.pairs[start:stop] if examples.pairs is not None else None
-        out = tokenizer(examples.texts[start:stop], pairs, truncation="longest_first",
-                        max_length=max_seq_len, return_token_type_ids=True,
-                        return_attention_mask=False)
-        chunk_ids, chunk_lengths = _flatten(out["input_ids"], np.int32)
-        ids.append(chunk_ids)
-        types.append(_flatten(out["token_type_ids"], np.int8)[0])
-        lengths.append(chunk_lengths)
-    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
-    return {"input_ids": np.concatenate(ids), "token_type_ids": np.concatenate(types),
-            "offsets": offsets}
-
-
-def tokenize(examples: Examples, tokenizer, max_seq_len: int,
-             cache_dir: str | os.PathLike | None = None) -> Encoded:
-    """Token ids of every example ([CLS] a [SEP] (b [SEP])), truncated longest-first to max_seq_len.
-
-    Uses the (fast) tokenizer in batch mode. With `cache_dir`, the ids are kept in
-    `cache_dir/tokens-<key>.npz`, key = hash of the texts, the tokenizer (vocab, normaliser)
-    and max_seq_len, so a second run (or another process) does not tokenise again.
-    """
-    path = None
-    if cache_dir is not None:
-        path = pathlib.Path(cache_dir) / f"tokens-{_cache_key(examples, tokenizer, max_seq_len)}.npz"
+def cached_arrays(cache_dir: str | os.PathLike | None, key: str,
+                  compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`compute()`'s arrays, kept in `cache_dir/tokens-<key>.npz`, so a second run (or another
+    process) does not tokenise again; no caching without a directory."""
+    path = None if cache_dir is None else pathlib.Path(cache_dir) / f"tokens-{key}.npz"
     if path is not None and path.is_file():
         with np.load(path) as cached:
-            arrays = {name: cached[name] for name in cached.files}
-    else:
-        arrays = _run_tokenizer(examples, tokenizer, max_seq_len)
-        if path is not None:
-            _save_atomic(path, arrays)
-    return Encoded(labels=examples.labels, has_labels=examples.has_labels, **arrays)
+            return {name: cached[name] for name in cached.files}
+    arrays = dict(compute())
+    if path is not None:
+        _save_atomic(path, arrays)
+    return arrays
 
 
 def _save_atomic(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -679,20 +417,41 @@ class _Layout:
         length = int(self.bucket(encoded.lengths[rows_B].max()))
         share = self.batch_size // self.process_count
         local = slice(self.process_index * share, (self.process_index + 1) * share)
-        rows_b, real_b = rows_B[local], real_B[local]
-        start_b = encoded.offsets[rows_b]
+        return batch_rows(encoded, rows_B[local], real_B[local], length)
+
+
+class TokenGather:
+    """Where rows `rows_b` of a split sit in its flat token arrays, at batch length L."""
+
+    def __init__(self, offsets: np.ndarray, rows_b: np.ndarray, length: int):
+        start_b = offsets[rows_b]
         pos_bxL = np.arange(length)
-        mask_bxL = pos_bxL < (encoded.offsets[rows_b + 1] - start_b)[:, None]
-        # Positions past a row's end read a clipped index, then are zeroed by the mask.
-        flat_bxL = np.minimum(start_b[:, None] + pos_bxL, len(encoded.input_ids) - 1)
-        return {
-            "input_ids": np.where(mask_bxL, encoded.input_ids[flat_bxL], 0).astype(np.int32),
-            "attention_mask": mask_bxL.astype(np.int32),
-            "token_type_ids": np.where(mask_bxL, encoded.token_type_ids[flat_bxL], 0).astype(np.int32),
-            "labels": encoded.labels[rows_b],
-            "weights": real_b.astype(np.float32),
-            "index": np.where(real_b, rows_b, -1).astype(np.int32),
-        }
+        self.mask_bxL = pos_bxL < (offsets[rows_b + 1] - start_b)[:, None]
+        # Positions past a row's end read a clipped index, then are overwritten by the fill.
+        self.flat_bxL = np.minimum(start_b[:, None] + pos_bxL, max(int(offsets[-1]) - 1, 0))
+
+    def __call__(self, flat_T: np.ndarray, fill) -> np.ndarray:
+        """[b, L, ...] from a flat [T, ...] array; `fill` past each row's end."""
+        values = flat_T[self.flat_bxL]
+        mask = self.mask_bxL.reshape(self.mask_bxL.shape + (1,) * (values.ndim - 2))
+        return np.where(mask, values, np.asarray(fill, values.dtype))
+
+
+def batch_rows(encoded: Encoded, rows_b: np.ndarray, real_b: np.ndarray, length: int) -> Batch:
+    """The batch of rows `rows_b` at length L (see the module docstring for the keys)."""
+    gather = TokenGather(encoded.offsets, rows_b, length)
+    if encoded.labels_per_token:
+        labels = gather(encoded.labels, -1)
+    else:
+        labels = encoded.labels[rows_b]
+    return {
+        "input_ids": gather(encoded.input_ids, 0).astype(np.int32),
+        "attention_mask": gather.mask_bxL.astype(np.int32),
+        "token_type_ids": gather(encoded.token_type_ids, 0).astype(np.int32),
+        "labels": labels,
+        "weights": real_b.astype(np.float32),
+        "index": np.where(real_b, rows_b, -1).astype(np.int32),
+    }
 
 
 def _position(position: Mapping[str, Any] | None, expected: Mapping[str, int],
@@ -779,11 +538,6 @@ class EvalBatches(Iterable[Batch]):
             rows_B = np.concatenate([rows, np.full(fill, rows[0])])
             real_B = np.arange(size) < len(rows)
             yield self._layout.batch(self._encoded, rows_B, real_B)
-
-
-# The names the trainer calls; the classes carry the signatures and docs.
-train_batches = TrainBatches
-eval_batches = EvalBatches
 
 
 @dataclasses.dataclass(frozen=True)

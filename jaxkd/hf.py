@@ -2,8 +2,9 @@
 
 transformers 5 ships no Flax models, so the weights are mapped by name: each
 Flax leaf has one Hugging Face tensor (`_param_names`), PyTorch `Linear.weight`
-is [out, in] and a Flax `kernel` is [in, out]. Export writes the names of
-`BertForSequenceClassification`, so the result loads in PyTorch unchanged.
+is [out, in] and a Flax `kernel` is [in, out]. Export writes the names and the
+architecture of the head's class (`BertForSequenceClassification`,
+`BertForTokenClassification`), so the result loads in PyTorch unchanged.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxkd.model import BertConfig, DTYPES
+from jaxkd.model import DTYPES, BertConfig, HeadConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,13 @@ _ACT_TO_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_tanh": "gelu_new",
               "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
 _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size")
-# Heads of other BERT models that a sequence classifier does not use.
-_IGNORED_PREFIXES = ("cls.", "qa_outputs.")
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_HEAD_MODULES = ("pooler", "classifier")
+# Per head kind: the transformers class, and its modules as (Flax module, HF name).
+ARCHITECTURES = {"sequence": "BertForSequenceClassification", "token": "BertForTokenClassification"}
+_HEAD_MODULES = {"sequence": (("pooler", "bert.pooler.dense"), ("classifier", "classifier")),
+                 "token": (("classifier", "classifier"),)}
+# Checkpoint modules no head of this kind reads: pretraining heads, other tasks' heads.
+_OTHER_HEADS = ("cls.", "qa_outputs.", "classifier.", "bert.pooler.")
 
 
 class CheckpointError(ValueError):
@@ -53,8 +57,8 @@ class LoadReport:
 # ----------------------------------------------------------------------------- configs
 
 
-def config_from_hf(hf_config_or_dict: Any, num_labels: int | None = None) -> BertConfig:
-    """A `BertConfig` from a transformers config object or a config.json dict."""
+def config_from_hf(hf_config_or_dict: Any) -> BertConfig:
+    """The encoder's `BertConfig` from a transformers config object or a config.json dict."""
     d = hf_config_or_dict.to_dict() if hasattr(hf_config_or_dict, "to_dict") else dict(hf_config_or_dict)
     model_type = d.get("model_type", "bert")
     if model_type != "bert":
@@ -83,25 +87,61 @@ def config_from_hf(hf_config_or_dict: Any, num_labels: int | None = None) -> Ber
         layer_norm_eps=d.get("layer_norm_eps", default.layer_norm_eps),
         hidden_dropout=d.get("hidden_dropout_prob", default.hidden_dropout),
         attention_dropout=d.get("attention_probs_dropout_prob", default.attention_dropout),
-        classifier_dropout=d.get("classifier_dropout"),
-        num_labels=_hf_num_labels(d) if num_labels is None else num_labels,
         pad_token_id=d.get("pad_token_id") or 0,
         initializer_range=d.get("initializer_range", default.initializer_range),
     )
 
 
-def _hf_num_labels(d: Mapping[str, Any]) -> int:
+def _as_dict(hf_config_or_dict: Any) -> dict:
+    return hf_config_or_dict.to_dict() if hasattr(hf_config_or_dict, "to_dict") else dict(hf_config_or_dict)
+
+
+def checkpoint_head_kind(hf_config_or_dict: Any) -> str | None:
+    """The head kind of a checkpoint by its architecture; None for a bare or pretraining model."""
+    archs = _as_dict(hf_config_or_dict).get("architectures") or []
+    kinds = [kind for kind, cls in ARCHITECTURES.items() if any(a.endswith(cls[4:]) for a in archs)]
+    return kinds[0] if kinds else None
+
+
+def checkpoint_num_labels(hf_config_or_dict: Any) -> int:
+    d = _as_dict(hf_config_or_dict)
     # id2label is what transformers writes; num_labels alone appears in hand-written configs.
     if d.get("id2label"):
         return len(d["id2label"])
-    return int(d.get("num_labels", BertConfig.num_labels))
+    return int(d.get("num_labels", HeadConfig.num_labels))
 
 
-def config_to_hf(cfg: BertConfig, id2label: Mapping[int, str] | Sequence[str] | None = None) -> dict:
-    """config.json contents for `transformers.BertForSequenceClassification`."""
-    labels = _id2label(cfg.num_labels, id2label)
+def head_from_hf(hf_config_or_dict: Any, kind: str | None = None,
+                 num_labels: int | None = None) -> HeadConfig:
+    """The checkpoint's head (its architecture's kind, else `sequence`), or the one asked for."""
+    d = _as_dict(hf_config_or_dict)
+    kind = kind or checkpoint_head_kind(d) or "sequence"
+    return HeadConfig(kind=kind, dropout=d.get("classifier_dropout"),
+                      num_labels=checkpoint_num_labels(d) if num_labels is None else num_labels)
+
+
+def model_config_from_hf(hf_config_or_dict: Any, head: HeadConfig | str | None = None,
+                         num_labels: int | None = None) -> ModelConfig:
+    """Encoder and head configs of a checkpoint; `head` (a kind or a HeadConfig) overrides the head."""
+    if isinstance(head, HeadConfig):
+        head_cfg = head
+    else:
+        head_cfg = head_from_hf(hf_config_or_dict, head, num_labels)
+    if num_labels is not None and head_cfg.num_labels != num_labels:
+        head_cfg = dataclasses.replace(head_cfg, num_labels=num_labels)
+    return ModelConfig(config_from_hf(hf_config_or_dict), head_cfg)
+
+
+def config_to_hf(config: ModelConfig, id2label: Mapping[int, str] | Sequence[str] | None = None) -> dict:
+    """config.json contents for the transformers class of the config's head."""
+    cfg, head = config.encoder, config.head
+    labels = _id2label(head.num_labels, id2label)
+    if head.kind == "sequence":
+        problem = "regression" if head.num_labels == 1 else "single_label_classification"
+    else:
+        problem = None
     return {
-        "architectures": ["BertForSequenceClassification"],
+        "architectures": [ARCHITECTURES[head.kind]],
         "model_type": "bert",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -111,17 +151,17 @@ def config_to_hf(cfg: BertConfig, id2label: Mapping[int, str] | Sequence[str] | 
         "hidden_act": _ACT_TO_HF[cfg.hidden_act],
         "hidden_dropout_prob": cfg.hidden_dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout,
-        "classifier_dropout": cfg.classifier_dropout,
+        "classifier_dropout": head.dropout,
         "max_position_embeddings": cfg.max_position_embeddings,
         "type_vocab_size": cfg.type_vocab_size,
         "initializer_range": cfg.initializer_range,
         "layer_norm_eps": cfg.layer_norm_eps,
         "pad_token_id": cfg.pad_token_id,
         "position_embedding_type": "absolute",
-        "num_labels": cfg.num_labels,
+        "num_labels": head.num_labels,
         "id2label": {str(i): name for i, name in labels.items()},
         "label2id": {name: i for i, name in labels.items()},
-        "problem_type": "regression" if cfg.num_labels == 1 else "single_label_classification",
+        **({"problem_type": problem} if problem else {}),
         "dtype": "float32",
     }
 
@@ -140,8 +180,9 @@ def _id2label(num_labels: int, id2label) -> dict[int, str]:
 # ----------------------------------------------------------------------------- names
 
 
-def _param_names(cfg: BertConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
-    """Flax path -> (HF BertForSequenceClassification name, transpose?)."""
+def _param_names(config: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
+    """Flax path -> (HF name in the head's Bert*For* class, transpose?)."""
+    cfg = config.encoder
     names: dict[tuple[str, ...], tuple[str, bool]] = {}
 
     def dense(path, hf):
@@ -153,19 +194,19 @@ def _param_names(cfg: BertConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
         names[(*path, "bias")] = (f"{hf}.bias", False)
 
     for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        names[("embeddings", table, "embedding")] = (f"bert.embeddings.{table}.weight", False)
-    layer_norm(("embeddings", "LayerNorm"), "bert.embeddings.LayerNorm")
+        names[("encoder", "embeddings", table, "embedding")] = (f"bert.embeddings.{table}.weight", False)
+    layer_norm(("encoder", "embeddings", "LayerNorm"), "bert.embeddings.LayerNorm")
     for i in range(cfg.num_layers):
-        hf = f"bert.encoder.layer.{i}"
+        hf, layer = f"bert.encoder.layer.{i}", ("encoder", f"layer_{i}")
         for proj in ("query", "key", "value"):
-            dense((f"layer_{i}", "attention", proj), f"{hf}.attention.self.{proj}")
-        dense((f"layer_{i}", "attention_output"), f"{hf}.attention.output.dense")
-        layer_norm((f"layer_{i}", "attention_LayerNorm"), f"{hf}.attention.output.LayerNorm")
-        dense((f"layer_{i}", "intermediate"), f"{hf}.intermediate.dense")
-        dense((f"layer_{i}", "output"), f"{hf}.output.dense")
-        layer_norm((f"layer_{i}", "output_LayerNorm"), f"{hf}.output.LayerNorm")
-    dense(("pooler",), "bert.pooler.dense")
-    dense(("classifier",), "classifier")
+            dense((*layer, "attention", proj), f"{hf}.attention.self.{proj}")
+        dense((*layer, "attention_output"), f"{hf}.attention.output.dense")
+        layer_norm((*layer, "attention_LayerNorm"), f"{hf}.attention.output.LayerNorm")
+        dense((*layer, "intermediate"), f"{hf}.intermediate.dense")
+        dense((*layer, "output"), f"{hf}.output.dense")
+        layer_norm((*layer, "output_LayerNorm"), f"{hf}.output.LayerNorm")
+    for module, hf in _HEAD_MODULES[config.head.kind]:
+        dense(("head", module), hf)
     return names
 
 
@@ -175,13 +216,9 @@ def _canonical_name(key: str) -> str:
         key = key[: -len("gamma")] + "weight"
     elif key.endswith(".beta"):
         key = key[: -len("beta")] + "bias"
-    if key.startswith(("bert.", "classifier.", *_IGNORED_PREFIXES)):
+    if key.startswith(("bert.", *_OTHER_HEADS)):
         return key
     return f"bert.{key}"  # a bare BertModel
-
-
-def _is_ignored(key: str) -> bool:
-    return key.startswith(_IGNORED_PREFIXES) or key.endswith("position_ids")
 
 
 # ----------------------------------------------------------------------------- files
@@ -278,22 +315,27 @@ def _read_tensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
 
 
 def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
-            rng: jax.Array | None = None, dtype: Any = None, *, return_report: bool = False):
-    """(BertConfig, params) from a Hugging Face BERT checkpoint directory or Hub id.
+            rng: jax.Array | None = None, dtype: Any = None, *, head: HeadConfig | str | None = None,
+            return_report: bool = False):
+    """(ModelConfig, params) from a Hugging Face BERT checkpoint directory or Hub id.
 
-    num_labels: None keeps the checkpoint's head (or config.json's label count); a
-    different explicit value replaces the head with a fresh one. rng seeds fresh
-    heads (default key 0). dtype sets the config's compute dtype; params stay fp32.
+    head: None keeps the checkpoint's head kind (its architecture; `sequence` for a bare or
+    pretraining model); a kind (`sequence`, `token`) or a HeadConfig asks for that head, which
+    is fresh when the checkpoint's architecture has another. num_labels: None keeps the
+    checkpoint's label count; a different explicit value replaces the classifier with a fresh
+    one. rng seeds fresh heads (default key 0). dtype sets the compute dtype; params stay fp32.
     With return_report=True a `LoadReport` is returned third.
     """
     directory = resolve_dir(path_or_hub_id)
     hf_dict = read_hf_config(directory)
-    cfg = config_from_hf(hf_dict, num_labels=num_labels)
+    cfg = model_config_from_hf(hf_dict, head=head, num_labels=num_labels)
     if dtype is not None:
         cfg = cfg.replace(dtype=_dtype_name(dtype))
     files = _weight_files(directory)
     tensors = _read_tensors(files)
-    params, fresh, ignored = _params_from_tensors(cfg, tensors, num_labels is not None, rng)
+    own_head = checkpoint_head_kind(hf_dict) in (None, cfg.head.kind)
+    head_requested = num_labels is not None or isinstance(head, HeadConfig)
+    params, fresh, ignored = _params_from_tensors(cfg, tensors, own_head, head_requested, rng)
     report = LoadReport(weights=tuple(str(f) for f in files), fresh=tuple(fresh), ignored=tuple(ignored))
     if fresh:
         log.warning("%s: freshly initialised %s (not in the checkpoint)", directory, ", ".join(fresh))
@@ -309,31 +351,38 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
-def _params_from_tensors(cfg: BertConfig, raw: Mapping[str, np.ndarray], head_requested: bool,
-                         rng: jax.Array | None) -> tuple[dict, list[str], list[str]]:
-    """Flax params from checkpoint tensors; strict about everything but the heads."""
-    ignored = sorted(k for k in raw if _is_ignored(k))
-    tensors = {_canonical_name(k): v for k, v in raw.items() if not _is_ignored(k)}
+def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_head: bool,
+                         head_requested: bool, rng: jax.Array | None) -> tuple[dict, list[str], list[str]]:
+    """Flax params from checkpoint tensors; strict about the encoder, lenient about heads.
+
+    `own_head`: the checkpoint's head is of the requested kind (or it has none), so its
+    classifier may be reused; otherwise the classifier is another task's and is left out.
+    """
+    tensors = {_canonical_name(k): v for k, v in raw.items() if not k.endswith("position_ids")}
+    if not own_head:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
     names = _param_names(cfg)
     used = {hf for hf, _ in names.values()}
-    unexpected = sorted(set(tensors) - used)
+    unexpected = sorted(k for k in set(tensors) - used if not k.startswith(_OTHER_HEADS))
     if unexpected:
-        raise CheckpointError(f"checkpoint has keys that are not part of a BERT classifier: {unexpected}")
+        raise CheckpointError(f"checkpoint has keys that are not part of a BERT model: {unexpected}")
 
-    fresh = [m for m in _HEAD_MODULES if f"{_module_prefix(names, m)}.weight" not in tensors]
+    modules = [m for m, _ in _HEAD_MODULES[cfg.head.kind]]
+    fresh = [m for m in modules if f"{_module_prefix(names, m)}.weight" not in tensors]
     if "classifier" not in fresh:
         have = tensors["classifier.weight"].shape[0]
-        if have != cfg.num_labels:
+        if have != cfg.head.num_labels:
             if not head_requested:
                 raise CheckpointError(
-                    f"classifier.weight has {have} labels but config.json says {cfg.num_labels}; "
+                    f"classifier.weight has {have} labels but config.json says {cfg.head.num_labels}; "
                     "fix config.json or pass num_labels to replace the head")
             fresh.append("classifier")
-            ignored += ["classifier.bias", "classifier.weight"]
-    fresh_paths = [p for p in names if p[0] in fresh]
+    fresh_paths = [p for p in names if p[0] == "head" and p[1] in fresh]
     missing = sorted(hf for p, (hf, _) in names.items() if p not in fresh_paths and hf not in tensors)
     if missing:
         raise CheckpointError(f"checkpoint lacks {missing}")
+    loaded = {hf for p, (hf, _) in names.items() if p not in fresh_paths}
+    ignored = sorted(k for k in raw if _canonical_name(k) not in loaded)
 
     flat: dict[tuple[str, ...], np.ndarray] = {}
     wrong = []
@@ -346,7 +395,7 @@ def _params_from_tensors(cfg: BertConfig, raw: Mapping[str, np.ndarray], head_re
         if value.shape != expected:
             wrong.append(f"{hf}: expected {_torch_shape(expected, transpose)}, got "
                          f"{_torch_shape(value.shape, transpose)}")
-        flat[path] = np.ascontiguousarray(value, dtype=cfg.params_dtype)
+        flat[path] = np.ascontiguousarray(value, dtype=cfg.encoder.params_dtype)
     if wrong:
         raise CheckpointError("checkpoint tensors have the wrong shape for config.json: " + "; ".join(wrong))
     flat.update(_fresh_heads(cfg, sorted(set(fresh)), rng))
@@ -354,7 +403,7 @@ def _params_from_tensors(cfg: BertConfig, raw: Mapping[str, np.ndarray], head_re
 
 
 def _module_prefix(names, module: str) -> str:
-    return names[(module, "kernel")][0].rsplit(".", 1)[0]
+    return names[("head", module, "kernel")][0].rsplit(".", 1)[0]
 
 
 def _torch_shape(shape, transpose: bool) -> tuple[int, ...]:
@@ -362,7 +411,8 @@ def _torch_shape(shape, transpose: bool) -> tuple[int, ...]:
     return tuple(reversed(shape)) if transpose else tuple(shape)
 
 
-def _expected_shape(cfg: BertConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+def _expected_shape(config: ModelConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+    cfg = config.encoder
     H = cfg.hidden_size
     module, leaf = path[-2], path[-1]
     if leaf == "embedding":
@@ -370,19 +420,20 @@ def _expected_shape(cfg: BertConfig, path: tuple[str, ...]) -> tuple[int, ...]:
                 "token_type_embeddings": cfg.type_vocab_size}[module]
         return (rows, H)
     in_out = {"intermediate": (H, cfg.intermediate_size), "output": (cfg.intermediate_size, H),
-              "classifier": (H, cfg.num_labels)}.get(module, (H, H))
+              "classifier": (H, config.head.num_labels)}.get(module, (H, H))
     return in_out if leaf == "kernel" else (in_out[1],)
 
 
-def _fresh_heads(cfg: BertConfig, modules: Sequence[str], rng: jax.Array | None) -> dict:
+def _fresh_heads(config: ModelConfig, modules: Sequence[str], rng: jax.Array | None) -> dict:
     """BERT init for new heads: kernel ~ normal(initializer_range), zero bias."""
+    cfg = config.encoder
     rng = jax.random.key(0) if rng is None else rng
     out = {}
     for module, key in zip(modules, jax.random.split(rng, max(len(modules), 1))):
-        shape = _expected_shape(cfg, (module, "kernel"))
+        shape = _expected_shape(config, ("head", module, "kernel"))
         kernel = cfg.initializer_range * jax.random.normal(key, shape, cfg.params_dtype)
-        out[(module, "kernel")] = np.asarray(kernel)
-        out[(module, "bias")] = np.zeros(shape[1:], cfg.params_dtype)
+        out[("head", module, "kernel")] = np.asarray(kernel)
+        out[("head", module, "bias")] = np.zeros(shape[1:], cfg.params_dtype)
     return out
 
 
@@ -399,8 +450,8 @@ def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
 # ----------------------------------------------------------------------------- save
 
 
-def hf_state_dict(config: BertConfig, params: Mapping) -> dict[str, np.ndarray]:
-    """HF BertForSequenceClassification tensors (contiguous fp32) from Flax params."""
+def hf_state_dict(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
+    """Tensors of the head's HF class (contiguous fp32) from Flax params."""
     out = {}
     for path, (hf, transpose) in _param_names(config).items():
         node = params
@@ -409,15 +460,15 @@ def hf_state_dict(config: BertConfig, params: Mapping) -> dict[str, np.ndarray]:
                 node = node[part]
         except KeyError as err:
             raise KeyError(f"params lack {'/'.join(path)} required by the config "
-                           f"({config.num_layers} layers)") from err
+                           f"({config.encoder.num_layers} layers, {config.head.kind} head)") from err
         value = np.asarray(node, np.float32)
         out[hf] = np.ascontiguousarray(value.T if transpose else value)
     return out
 
 
-def save_hf(config: BertConfig, params: Mapping, out_dir: str | os.PathLike, tokenizer: Any = None,
+def save_hf(config: ModelConfig, params: Mapping, out_dir: str | os.PathLike, tokenizer: Any = None,
             id2label: Mapping[int, str] | Sequence[str] | None = None) -> pathlib.Path:
-    """Writes a directory that `BertForSequenceClassification.from_pretrained` loads as is.
+    """Writes a directory that the head's class (`BertFor*.from_pretrained`) loads as is.
 
     tokenizer: an object with `save_pretrained`, or a directory to copy tokenizer files from.
     """

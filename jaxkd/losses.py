@@ -29,7 +29,7 @@ _TERM_WEIGHTS = ("hidden_weight", "embedding_weight", "attention_score_weight",
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Which distillation terms to use and how much each weighs (YAML section `loss`)."""
+    """Which distillation terms to use and how much each weighs (in YAML, keys of `distill`)."""
 
     temperature: float = 2.0  # softens both distributions in kd_loss; T^2 restores the gradient scale
     alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs the hard-label term
@@ -42,20 +42,19 @@ class LossConfig:
     layer_map: str | LayerPairs = "uniform"
     # Heads the value relation is split into (MiniLM-v2); 0 = the teacher's head count.
     relation_heads: int = 0
-    regression: bool = False  # one output: MSE to the teacher's prediction and to the label
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"loss.temperature must be a positive number, got {self.temperature}")
+            raise ValueError(f"distill.temperature must be a positive number, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"loss.alpha must be in [0, 1] (weight of the distillation term), "
+            raise ValueError(f"distill.alpha must be in [0, 1] (weight of the distillation term), "
                              f"got {self.alpha}")
         for name in _TERM_WEIGHTS:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"loss.{name} must be a number >= 0, got {value}")
+                raise ValueError(f"distill.{name} must be a number >= 0, got {value}")
         if not isinstance(self.relation_heads, int) or self.relation_heads < 0:
-            raise ValueError(f"loss.relation_heads must be an integer >= 0 (0 = teacher heads), "
+            raise ValueError(f"distill.relation_heads must be an integer >= 0 (0 = teacher heads), "
                              f"got {self.relation_heads!r}")
         # YAML gives lists; tuples keep the config hashable, so it can be a static jit argument.
         object.__setattr__(self, "layer_map", _normalise_layer_map(self.layer_map))
@@ -86,17 +85,17 @@ def _normalise_layer_map(spec: Any) -> str | LayerPairs:
         if spec not in _LAYER_MAPS:
             near = difflib.get_close_matches(spec, _LAYER_MAPS, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"loss.layer_map {spec!r} is unknown: use 'uniform' or a list of "
+            raise ValueError(f"distill.layer_map {spec!r} is unknown: use 'uniform' or a list of "
                              f"[student_layer, teacher_layer] pairs{hint}")
         return spec
     if not isinstance(spec, Sequence) or not spec:
-        raise ValueError(f"loss.layer_map must be 'uniform' or a non-empty list of "
+        raise ValueError(f"distill.layer_map must be 'uniform' or a non-empty list of "
                          f"[student_layer, teacher_layer] pairs, got {spec!r}")
     pairs = []
     for k, pair in enumerate(spec):
         if (isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
-            raise ValueError(f"loss.layer_map pair {k} must be two integers "
+            raise ValueError(f"distill.layer_map pair {k} must be two integers "
                              f"[student_layer, teacher_layer], got {pair!r}")
         pairs.append((pair[0], pair[1]))
     return tuple(pairs)
@@ -108,14 +107,14 @@ def layer_map(cfg_layer_map: str | Sequence[Sequence[int]], student_layers: int,
     spec = _normalise_layer_map(cfg_layer_map)
     if spec == "uniform":
         if student_layers > teacher_layers:
-            raise ValueError(f"loss.layer_map 'uniform' needs a student with at most as many layers "
+            raise ValueError(f"distill.layer_map 'uniform' needs a student with at most as many layers "
                              f"as the teacher ({student_layers} > {teacher_layers}); give explicit pairs")
         return tuple((i, (i + 1) * teacher_layers // student_layers - 1)
                      for i in range(student_layers))
     for k, (s, t) in enumerate(spec):
         for role, layer, count in (("student", s, student_layers), ("teacher", t, teacher_layers)):
             if not 0 <= layer < count:
-                raise ValueError(f"loss.layer_map pair {k} ({s}, {t}): {role} layer {layer} is out of "
+                raise ValueError(f"distill.layer_map pair {k} ({s}, {t}): {role} layer {layer} is out of "
                                  f"range; the {role} has layers 0..{count - 1}")
     return spec
 
@@ -167,15 +166,21 @@ def _squeeze_regression(x: Array) -> Array:
 
 def kd_loss(student_logits_BxC: Array, teacher_logits_BxC: Array, weights_B: Array,
             temperature: float) -> Array:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2, per example, then the weighted mean."""
-    _check_shapes("kd_loss logits", student_logits_BxC, teacher_logits_BxC, (0, 1))
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, per example, then the weighted mean.
+
+    Token logits [B, L, C] work the same with token weights [B, L].
+    """
+    _check_shapes("kd_loss logits", student_logits_BxC, teacher_logits_BxC,
+                  range(student_logits_BxC.ndim))
     s_logp_BxC = jax.nn.log_softmax(_f32(student_logits_BxC) / temperature, axis=-1)
     t_logp_BxC = jax.nn.log_softmax(_target(teacher_logits_BxC) / temperature, axis=-1)
     return _weighted_mean(_kl(t_logp_BxC, s_logp_BxC), weights_B) * temperature**2
 
 
 def ce_loss(logits_BxC: Array, labels_B: Array, weights_B: Array) -> Array:
-    """Cross-entropy with integer labels; a label outside [0, C) (padding rows) contributes 0."""
+    """Cross-entropy with integer labels; a label outside [0, C) (padding) contributes 0.
+
+    Token logits [B, L, C] take labels and weights [B, L]."""
     logp_BxC = jax.nn.log_softmax(_f32(logits_BxC), axis=-1)
     onehot_BxC = jax.nn.one_hot(labels_B, logits_BxC.shape[-1], dtype=jnp.float32)
     return _weighted_mean(-jnp.sum(onehot_BxC * logp_BxC, axis=-1), weights_B)
@@ -191,28 +196,30 @@ def mse_loss(pred_B: Array, target_B: Array, weights_B: Array) -> Array:
 
 
 def logit_loss(cfg: LossConfig, student_logits_BxC: Array, teacher_logits_BxC: Array | None,
-               labels_B: Array | None, weights_B: Array) -> tuple[Array, Metrics]:
+               labels_B: Array | None, weights_B: Array, *,
+               regression: bool = False) -> tuple[Array, Metrics]:
     """alpha * distillation + (1 - alpha) * hard-label loss; a term with weight 0 is not computed.
 
-    Classification: `loss/kd` (kd_loss) and `loss/ce`. Regression: `loss/kd` is the MSE to the
-    teacher's prediction and `loss/mse` the MSE to the label. The teacher may be None when
-    alpha = 0 and the labels None when alpha = 1.
+    Classification: `loss/kd` (kd_loss) and `loss/ce`. Regression (one output): `loss/kd` is the
+    MSE to the teacher's prediction and `loss/mse` the MSE to the label. The teacher may be None
+    when alpha = 0 and the labels None when alpha = 1. Token logits [B, L, C] take labels and
+    weights [B, L] (weight 0 on tokens without a label).
     """
     terms: list[tuple[str, float, Array]] = []
     if cfg.alpha > 0:
         if teacher_logits_BxC is None:
-            raise ValueError(f"loss.alpha = {cfg.alpha} needs teacher logits; set alpha to 0 to "
+            raise ValueError(f"distill.alpha = {cfg.alpha} needs teacher logits; set alpha to 0 to "
                              f"train on labels only")
-        if cfg.regression:
+        if regression:
             kd = mse_loss(student_logits_BxC, _target(teacher_logits_BxC), weights_B)
         else:
             kd = kd_loss(student_logits_BxC, teacher_logits_BxC, weights_B, cfg.temperature)
         terms.append(("loss/kd", cfg.alpha, kd))
     if cfg.alpha < 1:
         if labels_B is None:
-            raise ValueError(f"loss.alpha = {cfg.alpha} < 1 needs labels; set alpha to 1 to "
+            raise ValueError(f"distill.alpha = {cfg.alpha} < 1 needs labels; set alpha to 1 to "
                              f"distil from the teacher only")
-        if cfg.regression:
+        if regression:
             terms.append(("loss/mse", 1.0 - cfg.alpha,
                           mse_loss(student_logits_BxC, labels_B, weights_B)))
         else:
@@ -394,10 +401,17 @@ def intermediate_loss(cfg: LossConfig, s_out: Any, t_out: Any, proj_params: Mapp
 
 def total_loss(cfg: LossConfig, s_out: Any, t_out: Any | None, proj_params: Mapping[str, Any],
                labels_B: Array | None, attention_mask_BxL: Array, weights_B: Array,
-               student_cfg: Any, teacher_cfg: Any) -> tuple[Array, Metrics]:
-    """logit_loss + intermediate_loss (when any term is in use); metrics add `loss/total`."""
+               student_cfg: Any, teacher_cfg: Any, *, regression: bool = False,
+               label_weights: Array | None = None) -> tuple[Array, Metrics]:
+    """logit_loss + intermediate_loss (when any term is in use); metrics add `loss/total`.
+
+    `student_cfg`/`teacher_cfg` are the encoders' configs. `label_weights` weigh the logit terms
+    (token weights [B, L] for token logits); None: the row weights.
+    """
     t_logits = None if t_out is None else t_out.logits
-    loss, metrics = logit_loss(cfg, s_out.logits, t_logits, labels_B, weights_B)
+    loss, metrics = logit_loss(cfg, s_out.logits, t_logits, labels_B,
+                               weights_B if label_weights is None else label_weights,
+                               regression=regression)
     if cfg.any_intermediate:
         if t_out is None:
             raise ValueError("intermediate loss terms are in use but no teacher output was given")

@@ -1,9 +1,11 @@
-"""The BERT encoder shared by teacher and student: one linen module, two configs.
+"""The encoder shared by teacher and student, and the task heads that read it.
 
-Parameter names follow Hugging Face's module names so that import and export
-(`jaxkd.hf`) are a table lookup. Intermediate outputs (hidden states, attention
-scores and probabilities, values) are collected only when asked for, so a plain
-forward pass traces exactly the logits path.
+One linen `Model` = `Encoder` (embeddings + layers, a `BertConfig`) + a head chosen by
+`HeadConfig.kind`; teacher and student are the same module with two `ModelConfig`s.
+Parameter names follow Hugging Face's module names so that import and export (`jaxkd.hf`) are a
+table lookup: params = {"encoder": {"embeddings", "layer_<i>"...}, "head": {...}}.
+Intermediate outputs (hidden states, attention scores and probabilities, values) are collected
+only when asked for, so a plain forward pass traces exactly the logits path.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-    """Shape and numerics of a BERT encoder with a classification head."""
+    """Shape and numerics of a BERT encoder (embeddings and layers); the task head is apart."""
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -41,8 +43,6 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    classifier_dropout: float | None = None  # None: hidden_dropout, as in transformers
-    num_labels: int = 2  # 1 = regression
     pad_token_id: int = 0
     initializer_range: float = 0.02
     # Compute dtype; softmax, layer norm and logits stay fp32. bf16 logits agree with fp32 to
@@ -52,8 +52,7 @@ class BertConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                     "num_labels"):
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
@@ -89,15 +88,78 @@ class BertConfig:
         return dataclasses.replace(self, **changes)
 
 
-@struct.dataclass
-class BertOutput:
-    """Logits, plus per-layer intermediates when they were asked for (else None).
 
+# Head kinds: what a head computes from the encoder's last hidden states.
+#   sequence  pooler (dense + tanh on [CLS]) and a classifier: [B, C]; C = 1 is a regression
+#   token     a classifier on every token: [B, L, C]
+HEAD_KINDS = ("sequence", "token")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The task head on top of the encoder."""
+
+    kind: str = "sequence"
+    num_labels: int = 2
+    dropout: float | None = None  # None: the encoder's hidden_dropout, as in transformers
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"HeadConfig.kind {self.kind!r} is not one of {list(HEAD_KINDS)}")
+        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ValueError(f"HeadConfig.num_labels must be a positive integer, got {self.num_labels!r}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"HeadConfig.dropout must be in [0, 1) or None, got {self.dropout}")
+
+    @property
+    def reads_cls_only(self) -> bool:
+        """Whether the head reads the [CLS] position alone (then the last layer may skip the rest)."""
+        return self.kind == "sequence"
+
+
+_ENCODER_FIELDS = frozenset(f.name for f in dataclasses.fields(BertConfig))
+_HEAD_FIELDS = frozenset(f.name for f in dataclasses.fields(HeadConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """An encoder and its head: what teacher and student each are."""
+
+    encoder: BertConfig = BertConfig()
+    head: HeadConfig = HeadConfig()
+
+    def replace(self, **changes) -> "ModelConfig":
+        """Change encoder or head fields by name (the two sets of names do not overlap)."""
+        unknown = sorted(set(changes) - _ENCODER_FIELDS - _HEAD_FIELDS)
+        if unknown:
+            raise TypeError(f"ModelConfig.replace: unknown fields {unknown}")
+        enc = {k: v for k, v in changes.items() if k in _ENCODER_FIELDS}
+        head = {k: v for k, v in changes.items() if k in _HEAD_FIELDS}
+        return ModelConfig(self.encoder.replace(**enc) if enc else self.encoder,
+                           dataclasses.replace(self.head, **head) if head else self.head)
+
+
+@struct.dataclass
+class EncoderOutput:
+    """The last layer's states, plus per-layer intermediates when they were asked for (else None).
+
+    last_hidden_state: [B, Q, H]; Q = L, or 1 when only the [CLS] query ran in the last layer.
     hidden_states: num_layers + 1 arrays [B, L, H]; index 0 is the embedding output.
     attention_scores: per layer [B, N, L, L], q.k/sqrt(d) before the padding mask and softmax.
     attention_probs: per layer [B, N, L, L], after the mask and softmax.
     values: per layer [B, N, L, D], the value heads.
     """
+
+    last_hidden_state: jax.Array
+    hidden_states: tuple | None = None
+    attention_scores: tuple | None = None
+    attention_probs: tuple | None = None
+    values: tuple | None = None
+
+
+@struct.dataclass
+class ModelOutput:
+    """The head's fp32 logits ([B, C] or [B, L, C]) and the encoder's intermediates (see above)."""
 
     logits: jax.Array
     hidden_states: tuple | None = None
@@ -211,15 +273,17 @@ class Layer(nn.Module):
         return _layer_norm(cfg, "output_LayerNorm")(xq_BxQxH + y), extras
 
 
-class Bert(nn.Module):
-    """BERT encoder with pooler and classification head (BertForSequenceClassification)."""
+class Encoder(nn.Module):
+    """Embeddings and transformer layers (BertModel without its pooler)."""
 
     config: BertConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                  deterministic: bool = True, output_hidden_states: bool = False,
-                 output_attentions: bool = False, output_values: bool = False) -> BertOutput:
+                 output_attentions: bool = False, output_values: bool = False,
+                 last_layer_queries: int | None = None) -> EncoderOutput:
+        """`last_layer_queries`: run the last layer for the first Q positions only (see `Model`)."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -227,28 +291,18 @@ class Bert(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                                  jnp.finfo(jnp.float32).min).astype(jnp.float32)
-
-        # The head reads only [CLS] of the last layer: unless the caller wants that layer's
-        # intermediates, it runs for the [CLS] query alone (exact, and it skips most of a layer's
-        # work forward and backward; docs/performance.md).
-        cls_only = not (output_hidden_states or output_attentions or output_values)
         x_BxLxH = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
         hidden, scores, probs, values = [x_BxLxH], [], [], []
         for i in range(cfg.num_layers):
-            queries = 1 if cls_only and i == cfg.num_layers - 1 else None
+            queries = last_layer_queries if i == cfg.num_layers - 1 else None
             x_BxLxH, (s, p, v) = Layer(cfg, name=f"layer_{i}")(x_BxLxH, bias_Bx1x1xL, deterministic,
                                                                queries)
             hidden.append(x_BxLxH)
             scores.append(s)
             probs.append(p)
             values.append(v)
-
-        pooled_BxH = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxLxH[:, 0]))
-        rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled_BxH = Dropout(rate)(pooled_BxH, deterministic=deterministic)
-        logits_BxC = _dense(cfg, cfg.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
-        return BertOutput(
-            logits=logits_BxC.astype(jnp.float32),
+        return EncoderOutput(
+            last_hidden_state=x_BxLxH,
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attention_scores=tuple(scores) if output_attentions else None,
             attention_probs=tuple(probs) if output_attentions else None,
@@ -256,11 +310,81 @@ class Bert(nn.Module):
         )
 
 
-def init_params(config: BertConfig, rng: jax.Array) -> dict[str, Any]:
+class SequenceHead(nn.Module):
+    """BertForSequenceClassification's head: tanh(dense([CLS])) -> dropout -> classifier."""
+
+    encoder: BertConfig
+    head: HeadConfig
+
+    @nn.compact
+    def __call__(self, x_BxQxH, deterministic: bool):
+        cfg = self.encoder
+        pooled_BxH = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxQxH[:, 0]))
+        pooled_BxH = Dropout(_head_dropout(cfg, self.head))(pooled_BxH, deterministic=deterministic)
+        return _dense(cfg, self.head.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
+
+
+class TokenHead(nn.Module):
+    """BertForTokenClassification's head: dropout -> classifier on every token."""
+
+    encoder: BertConfig
+    head: HeadConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxH, deterministic: bool):
+        x_BxLxH = Dropout(_head_dropout(self.encoder, self.head))(x_BxLxH, deterministic=deterministic)
+        return _dense(self.encoder, self.head.num_labels, "classifier", dtype=jnp.float32)(x_BxLxH)
+
+
+HEADS = {"sequence": SequenceHead, "token": TokenHead}
+
+
+def _head_dropout(cfg: BertConfig, head: HeadConfig) -> float:
+    return cfg.hidden_dropout if head.dropout is None else head.dropout
+
+
+class Model(nn.Module):
+    """Encoder + task head; `config.head.kind` picks the head."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                 deterministic: bool = True, output_hidden_states: bool = False,
+                 output_attentions: bool = False, output_values: bool = False) -> ModelOutput:
+        cfg = self.config
+        # A head that reads only [CLS] lets the last layer run for the [CLS] query alone, unless
+        # the caller wants that layer's intermediates (exact, and it skips most of a layer's work
+        # forward and backward; docs/performance.md).
+        wants_intermediates = output_hidden_states or output_attentions or output_values
+        cls_only = cfg.head.reads_cls_only and not wants_intermediates
+        enc = Encoder(cfg.encoder, name="encoder")(
+            input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            output_values=output_values, last_layer_queries=1 if cls_only else None)
+        logits = HEADS[cfg.head.kind](cfg.encoder, cfg.head, name="head")(enc.last_hidden_state,
+                                                                            deterministic)
+        return ModelOutput(logits=logits.astype(jnp.float32), hidden_states=enc.hidden_states,
+                           attention_scores=enc.attention_scores,
+                           attention_probs=enc.attention_probs, values=enc.values)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict[str, Any]:
     """Fresh parameters initialised as BERT does: normal(0.02), zero biases, unit LN scales."""
     dummy = jnp.zeros((1, 2), jnp.int32)
-    return jax.jit(lambda r: Bert(config).init(r, dummy)["params"])(rng)
+    return jax.jit(lambda r: Model(config).init(r, dummy)["params"])(rng)
+
+
+def apply_model(config: ModelConfig, params: Any, input_ids, attention_mask=None,
+                token_type_ids=None) -> ModelOutput:
+    """Encoder and head, deterministic (no dropout): `.logits` is [B, C] or [B, L, C] (token heads)."""
+    return Model(config).apply({"params": params}, input_ids, attention_mask, token_type_ids)
 
 
 def param_count(params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+# Names of the sentence-classification era, kept for code written against them.
+Bert = Model
+BertOutput = ModelOutput

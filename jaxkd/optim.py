@@ -90,11 +90,6 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def learning_rate_at(cfg: OptimConfig, total_steps: int, opt_step: Any) -> jax.Array:
-    """The learning rate of update `opt_step` (0-based, counting updates, not micro-batches)."""
-    return make_schedule(cfg, total_steps)(opt_step)
-
-
 def _key_name(key: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):

@@ -11,7 +11,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxkd import metrics as metrics_lib
 
 
 class MetricsSink:
@@ -105,20 +104,17 @@ def measure_speed(logits_fn: Callable, params, batch_size: int, seq_len: int,
             "speed_seq_len": seq_len, "device": jax.devices()[0].device_kind}
 
 
-def build_report(cfg, task, models: dict, logits: dict) -> dict:
-    """teacher/student entries with metrics, retention, agreement and speed-up."""
+def build_report(cfg, task, models: dict, agreement: dict) -> dict:
+    """teacher/student entries with metrics, retention, agreement (per split) and speed-up."""
     from jaxkd.config import to_dict
     teacher, student = models["teacher"], models["student"]
     retention = {k: (student["metrics"][k] / teacher["metrics"][k] if teacher["metrics"].get(k) else None)
                  for k in student["metrics"]}
-    agreement = {}
-    for split in ("eval", "test"):
-        if ("teacher", split) in logits:
-            agreement[split] = metrics_lib.agreement(logits[("student", split)], logits[("teacher", split)])
     return {
         "task": task.name,
+        "task_type": task.type,
         "metric_names": list(task.metrics),
-        "report_split": "test" if ("teacher", "test") in logits else "eval",
+        "report_split": "test" if "test" in teacher["splits"] else "eval",
         "teacher": {**teacher, "model": cfg.teacher.model},
         "student": {**student, "init": cfg.student.init},
         "retention": retention,

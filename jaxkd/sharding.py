@@ -139,12 +139,6 @@ def jit_finetune_step(step_fn: Callable, mesh: Mesh, state_shardings: Any) -> Ca
                         (state_shardings, rep))
 
 
-def jit_eval_step(step_fn: Callable, mesh: Mesh, param_shardings: Any) -> Callable:
-    """(params, batch) -> row-sharded outputs; nothing donated (params are reused)."""
-    return compile_step(step_fn, (param_shardings, batch_sharding(mesh)),
-                        batch_sharding(mesh), donate_argnums=())
-
-
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
     """Start jax.distributed for multi-process runs; call before any other JAX work.

@@ -7,14 +7,21 @@ Only the student and the projection params of intermediate losses are trained: t
 `TrainState`; the teacher is an argument of the step, runs under `stop_gradient` and is never
 differentiated nor updated.
 
+What the logits are trained on comes from the head: `jaxkd.tasks.objective(config.head)` gives
+the hard-label and KD losses (per row, or per labelled token) and the step metrics.
+
+Where the teacher's logits come from is decided when the step is built, not per batch:
+`teacher="live"` runs the teacher in the step (needed by intermediate losses), `"cached"` reads
+`batch["teacher_logits"]` (the teacher cache), `"none"` trains on labels only (alpha = 0).
+
 Averaging across devices. Under `jax.jit` over a mesh the step sees the global batch and needs
 nothing special. Under `pmap`/`shard_map` pass `axis_name`: every loss is a weighted mean over
-rows, so each device scales its local mean by its share of the global weight,
-sum(w_local) / psum(sum(w_local)), and the scaled losses, gradients and metrics are summed with
-`psum`. Padding rows (weight 0) then neither count nor skew the average, and the step equals the
-one-device step on the whole batch. Terms averaged over tokens (intermediate losses) are exact
-when every device holds the same number of real tokens per unit of row weight, and otherwise a
-close approximation.
+rows (or labelled tokens), so each device scales its local mean by its share of the global
+weight, sum(w_local) / psum(sum(w_local)), and the scaled losses, gradients and metrics are summed
+with `psum`. Padding rows (weight 0) then neither count nor skew the average, and the step equals
+the one-device step on the whole batch. Terms averaged over other units (intermediate losses
+over real tokens) are exact when every device holds the same number of them per unit of loss
+weight, and otherwise a close approximation.
 """
 from __future__ import annotations
 
@@ -26,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxkd import losses
+from jaxkd import losses, tasks
 from jaxkd.losses import LossConfig
-from jaxkd.model import Bert, BertConfig, BertOutput
+from jaxkd.model import Model, ModelConfig, ModelOutput
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -37,6 +44,7 @@ Schedule = Callable[[jax.Array], jax.Array]
 _EPS = 1e-9
 _MODEL_KEYS = ("input_ids", "attention_mask")
 _TRAIN_KEYS = _MODEL_KEYS + ("labels", "weights")
+TEACHER_SOURCES = ("live", "cached", "none")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -88,8 +96,8 @@ def _check_batch(batch: Batch, keys: tuple[str, ...], where: str) -> None:
         raise KeyError(f"{where}: the batch lacks {missing}; it has {sorted(batch)}")
 
 
-def _forward(model: Bert, params: Any, batch: Batch, *, loss_cfg: LossConfig | None = None,
-             rng: jax.Array | None = None) -> BertOutput:
+def _forward(model: Model, params: Any, batch: Batch, *, loss_cfg: LossConfig | None = None,
+             rng: jax.Array | None = None) -> ModelOutput:
     """Model outputs; intermediates only where `loss_cfg` uses them; dropout iff `rng` is given."""
     flags = {}
     if loss_cfg is not None:
@@ -101,39 +109,17 @@ def _forward(model: Bert, params: Any, batch: Batch, *, loss_cfg: LossConfig | N
                        rngs=None if rng is None else {"dropout": rng}, **flags)
 
 
-def _weighted_mean(values_B: jax.Array, weights_B: jax.Array) -> jax.Array:
-    weights_B = weights_B.astype(jnp.float32)
-    return jnp.sum(weights_B * values_B.astype(jnp.float32)) / jnp.maximum(jnp.sum(weights_B), _EPS)
-
-
-def _share(weights_B: jax.Array, axis_name: str | None) -> jax.Array | float:
-    """This device's fraction of the global row weight (1 without an axis)."""
+def _share(loss_weights: jax.Array, axis_name: str | None) -> jax.Array | float:
+    """This device's fraction of the global loss weight (1 without an axis)."""
     if axis_name is None:
         return 1.0
-    local = jnp.sum(weights_B.astype(jnp.float32))
+    local = jnp.sum(loss_weights.astype(jnp.float32))
     return local / jnp.maximum(jax.lax.psum(local, axis_name), _EPS)
 
 
 def _device_rng(rng: jax.Array, axis_name: str | None) -> jax.Array:
     # Replicas that shared one key would draw the same dropout masks for different rows.
     return rng if axis_name is None else jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-
-
-def _predictions(logits_BxC: jax.Array, regression: bool) -> jax.Array:
-    return logits_BxC[:, 0] if regression else jnp.argmax(logits_BxC, axis=-1)
-
-
-def _label_metrics(logits_BxC: jax.Array, batch: Batch, regression: bool,
-                   teacher_logits_BxC: jax.Array | None = None) -> Metrics:
-    """Accuracy vs the labels and agreement with the teacher (classification only)."""
-    if regression:
-        return {}
-    pred_B = _predictions(logits_BxC, regression)
-    metrics = {"accuracy": _weighted_mean(pred_B == batch["labels"], batch["weights"])}
-    if teacher_logits_BxC is not None:
-        agree_B = pred_B == jnp.argmax(teacher_logits_BxC, axis=-1)
-        metrics["agreement"] = _weighted_mean(agree_B, batch["weights"])
-    return metrics
 
 
 def _finish(state: TrainState, grads: Any, metrics: Metrics, share: jax.Array | float,
@@ -149,111 +135,104 @@ def _finish(state: TrainState, grads: Any, metrics: Metrics, share: jax.Array | 
     return state.apply_gradients(grads), metrics
 
 
-def _is_regression(cfg: BertConfig) -> bool:
-    return cfg.num_labels == 1
+def default_teacher_source(loss_cfg: LossConfig) -> str:
+    """Live when intermediate terms need the teacher's layers, none for labels only, else live."""
+    if loss_cfg.any_intermediate:
+        return "live"
+    return "none" if loss_cfg.alpha == 0 else "live"
 
 
 # ----------------------------------------------------------------------------- steps
 
 
-def make_distill_step(student_cfg: BertConfig, teacher_cfg: BertConfig, loss_cfg: LossConfig,
-                      schedule: Schedule | None = None, axis_name: str | None = None):
+def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg: LossConfig,
+                      schedule: Schedule | None = None, axis_name: str | None = None,
+                      teacher: str | None = None):
     """distill_step(state, teacher_params, batch, rng) -> (state, metrics).
 
-    The teacher runs in the step (deterministic, only the intermediates the loss uses), or not
-    at all when the batch carries `teacher_logits` and no intermediate term is on.
+    `teacher`: where the teacher's logits come from (see the module docstring); None picks
+    `default_teacher_source(loss_cfg)`. With "cached", batches carry `teacher_logits` and
+    `teacher_params` is not read (pass None).
     """
-    if student_cfg.num_labels != teacher_cfg.num_labels:
-        raise ValueError(f"student num_labels ({student_cfg.num_labels}) and teacher num_labels "
-                         f"({teacher_cfg.num_labels}) differ; both heads must share the label set")
-    regression = _is_regression(student_cfg)
-    if loss_cfg.regression != regression:
-        raise ValueError(f"loss.regression is {loss_cfg.regression} but the models have "
-                         f"num_labels = {student_cfg.num_labels}; set loss.regression to {regression}")
-    student, teacher = Bert(student_cfg), Bert(teacher_cfg)
+    if student_cfg.head != teacher_cfg.head:
+        raise ValueError(f"student head {student_cfg.head} and teacher head {teacher_cfg.head} "
+                         f"differ; both must be the same head over the same label set")
+    teacher = default_teacher_source(loss_cfg) if teacher is None else teacher
+    if teacher not in TEACHER_SOURCES:
+        raise ValueError(f"teacher={teacher!r}: use one of {TEACHER_SOURCES}")
+    if teacher != "live" and loss_cfg.any_intermediate:
+        raise ValueError(f"intermediate loss terms read the teacher's layers: teacher must be "
+                         f"'live', not {teacher!r}")
+    if teacher == "none" and loss_cfg.alpha > 0:
+        raise ValueError(f"distill.alpha = {loss_cfg.alpha} needs the teacher's logits: teacher "
+                         f"must be 'live' or 'cached', not 'none'")
+    objective = tasks.objective(student_cfg.head)
+    student, teacher_model = Model(student_cfg), Model(teacher_cfg)
+    required = _TRAIN_KEYS + (("teacher_logits",) if teacher == "cached" else ())
 
-    def teacher_output(teacher_params: Any, batch: Batch) -> BertOutput | None:
-        if "teacher_logits" in batch and not loss_cfg.any_intermediate:
-            return BertOutput(logits=batch["teacher_logits"].astype(jnp.float32))
-        if loss_cfg.alpha == 0 and not loss_cfg.any_intermediate:
-            return None  # labels only: the teacher is not needed
-        return jax.lax.stop_gradient(_forward(teacher, teacher_params, batch, loss_cfg=loss_cfg))
+    def teacher_output(teacher_params: Any, batch: Batch) -> ModelOutput | None:
+        if teacher == "cached":
+            return ModelOutput(logits=batch["teacher_logits"].astype(jnp.float32))
+        if teacher == "none":
+            return None
+        return jax.lax.stop_gradient(_forward(teacher_model, teacher_params, batch, loss_cfg=loss_cfg))
 
     def distill_step(state: TrainState, teacher_params: Any, batch: Batch,
                      rng: jax.Array) -> tuple[TrainState, Metrics]:
-        _check_batch(batch, _TRAIN_KEYS, "distill_step")
+        _check_batch(batch, required, "distill_step")
         t_out = teacher_output(teacher_params, batch)
-        share = _share(batch["weights"], axis_name)
+        label_weights = objective.weights(batch)
+        share = _share(label_weights, axis_name)
         rng = _device_rng(rng, axis_name)
 
         def loss_fn(trainable):
             s_out = _forward(student, trainable["params"], batch, loss_cfg=loss_cfg, rng=rng)
             loss, metrics = losses.total_loss(
                 loss_cfg, s_out, t_out, trainable["proj_params"], batch["labels"],
-                batch["attention_mask"], batch["weights"], student_cfg, teacher_cfg)
+                batch["attention_mask"], batch["weights"], student_cfg.encoder, teacher_cfg.encoder,
+                regression=objective.regression, label_weights=label_weights)
             return loss * share, (metrics, s_out.logits)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (metrics, logits)), grads = grad_fn(_trainable(state.params, state.proj_params))
         t_logits = None if t_out is None else t_out.logits
-        metrics.update(_label_metrics(logits, batch, regression, t_logits))
+        metrics.update(objective.metrics(logits, batch, t_logits))
         return _finish(state, grads, metrics, share, schedule, axis_name)
 
     return distill_step
 
 
-def make_finetune_step(cfg: BertConfig, schedule: Schedule | None = None,
+def make_finetune_step(cfg: ModelConfig, schedule: Schedule | None = None,
                        axis_name: str | None = None):
-    """finetune_step(state, batch, rng) -> (state, metrics): hard labels only (CE, or MSE if 1 label)."""
-    model, regression = Bert(cfg), _is_regression(cfg)
-    name = "loss/mse" if regression else "loss/ce"
+    """finetune_step(state, batch, rng) -> (state, metrics): the head's hard-label loss only."""
+    model, objective = Model(cfg), tasks.objective(cfg.head)
 
     def finetune_step(state: TrainState, batch: Batch,
                       rng: jax.Array) -> tuple[TrainState, Metrics]:
         _check_batch(batch, _TRAIN_KEYS, "finetune_step")
-        share = _share(batch["weights"], axis_name)
+        share = _share(objective.weights(batch), axis_name)
         rng = _device_rng(rng, axis_name)
 
         def loss_fn(trainable):
             logits = _forward(model, trainable["params"], batch, rng=rng).logits
-            if regression:
-                loss = losses.mse_loss(logits, batch["labels"], batch["weights"])
-            else:
-                loss = losses.ce_loss(logits, batch["labels"], batch["weights"])
+            loss = objective.hard_loss(logits, batch)
             return loss * share, (loss, logits)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (loss, logits)), grads = grad_fn(_trainable(state.params, state.proj_params))
-        metrics = {name: loss, "loss/total": loss, **_label_metrics(logits, batch, regression)}
+        metrics = {objective.hard_loss_name: loss, "loss/total": loss, **objective.metrics(logits, batch)}
         return _finish(state, grads, metrics, share, schedule, axis_name)
 
     return finetune_step
 
 
-def _logits_fn(cfg: BertConfig, where: str):
-    model = Bert(cfg)
+def make_logits_fn(cfg: ModelConfig):
+    """(params, batch) -> fp32 logits ([B, C] or [B, L, C]), deterministic: evaluation,
+    prediction and the teacher cache all use it (see `jaxkd.inference`)."""
+    model = Model(cfg)
 
     def logits(params: Any, batch: Batch) -> jax.Array:
-        _check_batch(batch, _MODEL_KEYS, where)
+        _check_batch(batch, _MODEL_KEYS, "logits")
         return _forward(model, params, batch).logits.astype(jnp.float32)
 
     return logits
-
-
-def make_eval_step(cfg: BertConfig):
-    """eval_step(params, batch) -> {"logits": [B, C] fp32, "predictions": [B]}, deterministic.
-
-    Predictions are class ids, or the single output for regression (num_labels = 1).
-    """
-    logits_fn, regression = _logits_fn(cfg, "eval_step"), _is_regression(cfg)
-
-    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        logits_BxC = logits_fn(params, batch)
-        return {"logits": logits_BxC, "predictions": _predictions(logits_BxC, regression)}
-
-    return eval_step
-
-
-def make_teacher_logits_fn(cfg: BertConfig):
-    """(params, batch) -> fp32 logits [B, C], deterministic: fills the teacher-logit cache."""
-    return _logits_fn(cfg, "teacher_logits")

@@ -9,15 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import hf
-from jaxkd.model import BertConfig, init_params
+from jaxkd.model import ModelConfig, init_params
 
 
-def student_from_teacher(config: BertConfig, params: Mapping[str, Any],
-                         layers: Sequence[int] = (0, 2, 4)) -> tuple[BertConfig, dict]:
-    """DistilBERT-style init: embeddings, chosen layers (renumbered 0..k-1), pooler, classifier."""
-    layers = _check_layers(layers, config.num_layers)
-    student = {name: params[name] for name in ("embeddings", "pooler", "classifier")}
-    student.update({f"layer_{j}": params[f"layer_{i}"] for j, i in enumerate(layers)})
+def student_from_teacher(config: ModelConfig, params: Mapping[str, Any],
+                         layers: Sequence[int] = (0, 2, 4)) -> tuple[ModelConfig, dict]:
+    """DistilBERT-style init: embeddings, chosen layers (renumbered 0..k-1) and the whole head."""
+    layers = _check_layers(layers, config.encoder.num_layers)
+    teacher = params["encoder"]
+    encoder = {"embeddings": teacher["embeddings"]}
+    encoder.update({f"layer_{j}": teacher[f"layer_{i}"] for j, i in enumerate(layers)})
+    student = {"encoder": encoder, "head": params["head"]}
     # Copies, not views: a jitted step that donates the student would otherwise free the teacher.
     return config.replace(num_layers=len(layers)), jax.tree.map(jnp.copy, student)
 
@@ -38,13 +40,13 @@ def _check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
     return layers
 
 
-def student_from_shape(teacher_config: BertConfig, rng: jax.Array, num_layers: int, hidden_size: int,
+def student_from_shape(teacher_config: ModelConfig, rng: jax.Array, num_layers: int, hidden_size: int,
                        num_heads: int, intermediate_size: int | None = None,
-                       **overrides: Any) -> tuple[BertConfig, dict]:
+                       **overrides: Any) -> tuple[ModelConfig, dict]:
     """A freshly initialised student of a new shape.
 
-    Vocabulary, positions, token types, labels and activation come from the teacher.
-    intermediate_size defaults to 4 * hidden_size; overrides are other BertConfig
+    Vocabulary, positions, token types, activation and the head come from the teacher.
+    intermediate_size defaults to 4 * hidden_size; overrides are other encoder or head
     fields (dropouts, dtype).
     """
     if isinstance(hidden_size, int) and isinstance(num_heads, int) and num_heads > 0 \
@@ -62,20 +64,22 @@ def student_from_shape(teacher_config: BertConfig, rng: jax.Array, num_layers: i
     return config, init_params(config, rng)
 
 
-def student_from_pretrained(path: str | os.PathLike, teacher_config: BertConfig,
+def student_from_pretrained(path: str | os.PathLike, teacher_config: ModelConfig,
                             num_labels: int | None = None,
-                            rng: jax.Array | None = None) -> tuple[BertConfig, dict]:
+                            rng: jax.Array | None = None) -> tuple[ModelConfig, dict]:
     """A student from another pretrained BERT checkpoint sharing the teacher's vocabulary.
 
-    The head gets the teacher's label count (or num_labels); a checkpoint head of
-    another size is replaced by a fresh one. Compute dtype follows the teacher.
+    The head is the teacher's kind with the teacher's label count (or num_labels); a
+    checkpoint head of another kind or size is replaced by a fresh one. Compute dtype
+    follows the teacher.
     """
     directory = hf.resolve_dir(path)
     vocab_size = hf.config_from_hf(hf.read_hf_config(directory)).vocab_size
-    if vocab_size != teacher_config.vocab_size:
+    if vocab_size != teacher_config.encoder.vocab_size:
         raise ValueError(
             f"student checkpoint {directory} has vocab_size {vocab_size} but the teacher has "
-            f"{teacher_config.vocab_size}: student and teacher tokenizers must agree; pick a student "
-            "checkpoint trained with the teacher's vocabulary")
-    num_labels = teacher_config.num_labels if num_labels is None else num_labels
-    return hf.load_hf(directory, num_labels=num_labels, rng=rng, dtype=teacher_config.dtype)
+            f"{teacher_config.encoder.vocab_size}: student and teacher tokenizers must agree; pick "
+            "a student checkpoint trained with the teacher's vocabulary")
+    num_labels = teacher_config.head.num_labels if num_labels is None else num_labels
+    return hf.load_hf(directory, num_labels=num_labels, rng=rng, dtype=teacher_config.encoder.dtype,
+                      head=teacher_config.head.kind)

@@ -3,11 +3,13 @@
 Each stage writes into the work directory and records itself in `stages.json`
 when done, so running the same command again skips finished stages and resumes
 an unfinished one from its newest complete checkpoint. Everything that can be
-checked is checked in `prepare` before anything is written.
+checked is checked in `prepare` before anything is written: the task, every split,
+the tokenizer, and the teacher and student configs, which are resolved there once.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -22,12 +24,13 @@ import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import hf, losses, metrics as metrics_lib, report as report_lib, sharding, steps
+from jaxkd import hf, inference, losses, report as report_lib, sharding, steps, tasks
 from jaxkd import student as student_lib
 from jaxkd.checkpoint import Checkpointer
-from jaxkd.config import Config, ConfigError, dump_config
-from jaxkd.model import BertConfig, param_count
-from jaxkd.optim import make_optimizer, make_schedule
+from jaxkd.config import (Config, ConfigError, DistillConfig, StudentConfig, TeacherConfig,
+                          dump_config)
+from jaxkd.model import ModelConfig, param_count
+from jaxkd.optim import OptimConfig, make_optimizer, make_schedule
 
 log = logging.getLogger("jaxkd")
 
@@ -42,97 +45,109 @@ class NonFiniteLoss(FloatingPointError):
 
 # ---------------------------------------------------------------- preparation
 
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split, validated and encoded."""
+
+    source: str
+    examples: Any  # the task's Examples
+    encoded: data_lib.Encoded
+
+
 @dataclasses.dataclass
 class Plan:
     """Everything validated up front: task, data, tokenizer, teacher and student configs."""
 
-    cfg: Config
-    task: Any
+    task: tasks.Task
     tokenizer: Any
-    splits: dict[str, Any]  # name -> tokenised examples (train / eval / test, those given)
-    teacher_source: str
-    teacher_config: BertConfig
-    finetune_steps: int | None  # 0: the teacher already classifies this task; None: from epochs
-    data_stats: dict[str, dict]  # per split: source, examples, rows skipped by reason
+    splits: dict[str, Split]  # train / eval / test, those given
+    teacher_config: ModelConfig  # with the task's head, the run's dtype and dropout
+    student_config: ModelConfig
+    finetune_steps: int | None  # 0: the teacher already is a model of this task; None: from epochs
+
+    @property
+    def data_stats(self) -> dict[str, dict]:
+        """Per split: source, examples, rows the model sees, rows skipped by reason."""
+        return {name: {"source": s.source, "examples": len(s.examples), "rows": len(s.encoded),
+                       "skipped": dict(s.examples.skipped)} for name, s in self.splits.items()}
 
 
-def _teacher_config(cfg: Config, task) -> tuple[BertConfig, bool]:
-    """The teacher's config, and whether its checkpoint is already a classifier for this task."""
+def _teacher_config(teacher: TeacherConfig, task: tasks.Task, dtype: str) -> tuple[ModelConfig, bool]:
+    """The teacher's config with the task's head, and whether its checkpoint already is a model
+    of this task (the head's architecture and label count)."""
     try:
-        raw = hf.read_hf_config(hf.resolve_dir(cfg.teacher.model))
-        teacher_cfg = hf.config_from_hf(raw, num_labels=task.num_labels)
+        raw = hf.read_hf_config(hf.resolve_dir(teacher.model))
+        encoder = hf.config_from_hf(raw)
     except FileNotFoundError as e:
-        raise ConfigError(f"teacher.model {cfg.teacher.model!r}: {e}") from e
-    is_classifier = (any("SequenceClassification" in a for a in raw.get("architectures") or [])
-                     and len(raw.get("id2label") or {}) == task.num_labels)
-    changes = {"dtype": cfg.precision.compute}
-    if cfg.teacher.hidden_dropout is not None:
-        changes["hidden_dropout"] = cfg.teacher.hidden_dropout
-    return teacher_cfg.replace(**changes), is_classifier
+        raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
+    is_task_model = (hf.checkpoint_head_kind(raw) == task.head_kind
+                     and hf.checkpoint_num_labels(raw) == task.num_labels)
+    encoder = encoder.replace(dtype=dtype)
+    if teacher.hidden_dropout is not None:
+        encoder = encoder.replace(hidden_dropout=teacher.hidden_dropout)
+    head = dataclasses.replace(task.head(), dropout=hf.head_from_hf(raw).dropout)
+    return ModelConfig(encoder, head), is_task_model
 
 
 def prepare(cfg: Config) -> Plan:
     """Resolve and validate everything; raises before any output is written."""
-    task = data_lib.load_task(cfg.task, cfg.data)
+    task = tasks.resolve(cfg.task, cfg.data)
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give a split name or a training file")
     tokenizer = hf.load_tokenizer(cfg.teacher.model)
-    teacher_cfg, is_classifier = _teacher_config(cfg, task)
-    steps = cfg.teacher.finetune.steps
-    if steps == 0 and not is_classifier:
+    teacher_cfg, is_task_model = _teacher_config(cfg.teacher, task, cfg.precision.compute)
+    steps_ = cfg.teacher.finetune.steps
+    if steps_ == 0 and not is_task_model:
         raise ConfigError(
-            f"teacher.model {cfg.teacher.model!r} is not a {task.num_labels}-label sequence "
-            "classifier, so it cannot teach this task untrained: set teacher.finetune.steps > 0 "
-            "(or leave it unset to fine-tune for teacher.finetune.epochs)")
-    finetune = steps if steps is not None else (0 if is_classifier else None)
-    if len(tokenizer) > teacher_cfg.vocab_size:
+            f"teacher.model {cfg.teacher.model!r} is not a {hf.ARCHITECTURES[task.head_kind]} with "
+            f"{task.num_labels} labels, so it cannot teach this task untrained: set "
+            "teacher.finetune.steps > 0 (or leave it unset to fine-tune for teacher.finetune.epochs)")
+    finetune = steps_ if steps_ is not None else (0 if is_task_model else None)
+    encoder = teacher_cfg.encoder
+    if len(tokenizer) > encoder.vocab_size:
         raise ConfigError(f"teacher.model: tokenizer has {len(tokenizer)} tokens but the model's "
-                          f"vocabulary holds {teacher_cfg.vocab_size}")
-    if cfg.data.max_seq_len > teacher_cfg.max_position_embeddings:
+                          f"vocabulary holds {encoder.vocab_size}")
+    if cfg.data.max_seq_len > encoder.max_position_embeddings:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the teacher's "
-                          f"max_position_embeddings={teacher_cfg.max_position_embeddings}")
-    _student_config(cfg, teacher_cfg)  # validates student.* against the teacher
+                          f"max_position_embeddings={encoder.max_position_embeddings}")
+    student_cfg = student_config(cfg.student, teacher_cfg)
     cache_dir = _cache_dir(cfg)
-    splits, data_stats = {}, {}
+    splits = {}
     for name in ("train", "eval", "test"):
         source = getattr(cfg.data, name)
         if source is not None:
-            examples = data_lib.load_split(cfg.data, task, source)
-            splits[name] = data_lib.tokenize(examples, tokenizer, cfg.data.max_seq_len, cache_dir)
-            data_stats[name] = {"source": source, "examples": len(examples),
-                                "skipped": dict(examples.skipped)}
-    return Plan(cfg, task, tokenizer, splits, cfg.teacher.model, teacher_cfg, finetune, data_stats)
-
-
-def _id2label(task) -> dict[int, str] | None:
-    return dict(enumerate(task.label_names)) or None
+            examples = task.load(cfg.data, source)
+            encoded = task.encode(examples, tokenizer, cfg.data.max_seq_len, cache_dir)
+            splits[name] = Split(source, examples, encoded)
+    return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune)
 
 
 def _cache_dir(cfg: Config) -> pathlib.Path:
     return pathlib.Path(cfg.data.cache_dir or pathlib.Path(cfg.workdir) / "cache")
 
 
-def _student_config(cfg: Config, teacher_cfg: BertConfig) -> BertConfig:
-    s = cfg.student
+def student_config(s: StudentConfig, teacher_cfg: ModelConfig) -> ModelConfig:
+    """The student's config from the `student` section and the teacher's (validated)."""
+    teacher = teacher_cfg.encoder
     try:
         if s.init == "teacher_layers":
-            bad = [i for i in s.layers if not 0 <= i < teacher_cfg.num_layers]
+            bad = [i for i in s.layers if not 0 <= i < teacher.num_layers]
             if bad:
                 raise ConfigError(f"student.layers {list(s.layers)}: {bad} out of range; the teacher "
-                                  f"has layers 0..{teacher_cfg.num_layers - 1}")
+                                  f"has layers 0..{teacher.num_layers - 1}")
             student_cfg = teacher_cfg.replace(num_layers=len(s.layers))
         elif s.init == "shape":
             student_cfg = teacher_cfg.replace(num_layers=s.num_layers, hidden_size=s.hidden_size,
                                               num_heads=s.num_heads,
                                               intermediate_size=s.intermediate_size)
         else:
-            pre = hf.config_from_hf(hf.read_hf_config(hf.resolve_dir(s.pretrained)), num_labels=teacher_cfg.num_labels)
-            if pre.vocab_size != teacher_cfg.vocab_size:
+            pre = hf.config_from_hf(hf.read_hf_config(hf.resolve_dir(s.pretrained)))
+            if pre.vocab_size != teacher.vocab_size:
                 raise ConfigError(
                     f"student.pretrained {s.pretrained!r} has a vocabulary of {pre.vocab_size} tokens "
-                    f"but the teacher's has {teacher_cfg.vocab_size}: student and teacher must share "
+                    f"but the teacher's has {teacher.vocab_size}: student and teacher must share "
                     "one tokenizer")
-            student_cfg = pre.replace(dtype=teacher_cfg.dtype)
+            student_cfg = ModelConfig(pre.replace(dtype=teacher.dtype), teacher_cfg.head)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
@@ -145,29 +160,30 @@ def _student_config(cfg: Config, teacher_cfg: BertConfig) -> BertConfig:
     return student_cfg.replace(**changes)
 
 
-def _build_student(cfg: Config, teacher_cfg, teacher_params, rng):
-    s = cfg.student
+def _student_params(s: StudentConfig, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
+                    teacher_params, rng):
+    """The student's initial params, of the shape `student_cfg` (from the plan) describes."""
     if s.init == "teacher_layers":
-        student_cfg, params = student_lib.student_from_teacher(teacher_cfg, teacher_params, layers=s.layers)
+        _, params = student_lib.student_from_teacher(teacher_cfg, teacher_params, layers=s.layers)
     elif s.init == "shape":
-        student_cfg, params = student_lib.student_from_shape(
+        _, params = student_lib.student_from_shape(
             teacher_cfg, rng, num_layers=s.num_layers, hidden_size=s.hidden_size,
             num_heads=s.num_heads, intermediate_size=s.intermediate_size)
     else:
-        student_cfg, params = student_lib.student_from_pretrained(s.pretrained, teacher_cfg,
-                                                                  teacher_cfg.num_labels)
-    wanted = _student_config(cfg, teacher_cfg)
-    return student_cfg.replace(dtype=wanted.dtype, hidden_dropout=wanted.hidden_dropout,
-                               attention_dropout=wanted.attention_dropout), params
+        _, params = student_lib.student_from_pretrained(s.pretrained, teacher_cfg, rng=rng)
+    return params
 
 
 # ---------------------------------------------------------------- run-time helpers
 
 class Runtime:
-    """Per-run process facts, mesh, logging sinks and the preemption flag."""
+    """Per-run process facts, mesh, logging sinks, the preemption flag, and the settings every
+    stage shares: batch geometry (`data`), checkpointing and logging."""
 
     def __init__(self, cfg: Config, workdir: pathlib.Path):
-        self.cfg = cfg
+        self.data = cfg.data
+        self.checkpoint = cfg.checkpoint
+        self.log = cfg.log
         self.workdir = workdir
         self.is_main = jax.process_index() == 0
         self.mesh = sharding.make_mesh()
@@ -199,6 +215,44 @@ class Runtime:
         flags = multihost_utils.process_allgather(np.array([self.preempt], np.int32))
         return bool(np.any(flags))
 
+    @property
+    def eval_batch_size(self) -> int:
+        return self.data.eval_batch_size or self.data.batch_size
+
+    def predict(self, model_cfg: ModelConfig, params, split: Split, per_token: bool,
+                desc: str = "predict") -> np.ndarray:
+        """Outputs of the model for every row of `split` (see `jaxkd.inference`)."""
+        from tqdm import tqdm
+
+        show = self.is_main and self.log.progress
+        return inference.predict(
+            _logits_fn(model_cfg, self.mesh), params, split.encoded, batch_size=self.eval_batch_size,
+            mesh=self.mesh, bucket_multiple=self.data.bucket_multiple,
+            max_seq_len=self.data.max_seq_len, per_token=per_token,
+            progress=lambda it: tqdm(it, desc=desc, leave=False, disable=not show))
+
+    def batches(self, encoded: data_lib.Encoded, seed: int) -> Callable:
+        """position -> this process's training batches of `encoded` from that position."""
+        def make(position):
+            return data_lib.TrainBatches(encoded, self.data.batch_size, seed=seed,
+                                         bucket_multiple=self.data.bucket_multiple,
+                                         max_seq_len=self.data.max_seq_len, position=position,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+        return make
+
+
+@functools.lru_cache(maxsize=8)
+def _logits_fn(model_cfg: ModelConfig, mesh) -> Callable:
+    """Jitted (params, batch) -> logits with the batch sharded over the mesh (one per model)."""
+    return jax.jit(steps.make_logits_fn(model_cfg), in_shardings=(None, sharding.batch_sharding(mesh)))
+
+
+def evaluate(rt: Runtime, task: tasks.Task, model_cfg: ModelConfig, params,
+             split: Split) -> tuple[dict, np.ndarray]:
+    outputs = rt.predict(model_cfg, params, split, task.outputs_per_token, desc="evaluate")
+    return task.scores(outputs, split.encoded, split.examples), outputs
+
 
 def _read_stages(workdir: pathlib.Path) -> dict:
     path = workdir / "stages.json"
@@ -221,47 +275,6 @@ def _mark_stage(rt: Runtime, name: str, info: dict) -> None:
     tmp.replace(rt.workdir / "stages.json")
 
 
-def _host(x) -> np.ndarray:
-    if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def predict(rt: Runtime, logits_fn: Callable, params, encoded, batch_size: int,
-            desc: str = "predict") -> np.ndarray:
-    """Logits for every example of a split, in example order."""
-    from tqdm import tqdm
-
-    cfg = rt.cfg
-    batches = data_lib.eval_batches(encoded, batch_size, bucket_multiple=cfg.data.bucket_multiple,
-                                    max_seq_len=cfg.data.max_seq_len,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-    # Dispatch every batch before reading any result back: the host prepares batch n+1
-    # while the device computes batch n.
-    pending = []
-    for local in tqdm(batches, desc=desc, leave=False,
-                      disable=not (rt.is_main and cfg.log.progress)):
-        batch = sharding.global_batch(local, rt.mesh)
-        pending.append((logits_fn(params, batch), batch["index"]))
-    out = None
-    for logits, index in pending:
-        logits, index = _host(logits), _host(index)
-        if out is None:
-            out = np.zeros((len(encoded), logits.shape[-1]), np.float32)
-        keep = index >= 0
-        out[index[keep]] = logits[keep]
-    return out
-
-
-def evaluate(rt: Runtime, logits_fn, params, encoded, task) -> tuple[dict, np.ndarray]:
-    bs = rt.cfg.data.eval_batch_size or rt.cfg.data.batch_size
-    logits = predict(rt, logits_fn, params, encoded, bs)
-    labels = np.asarray(encoded.labels)
-    return metrics_lib.compute(task.metrics, logits, labels), logits
-
-
 def _total_steps(configured: int | None, epochs: float, epoch_steps: int) -> int:
     return configured if configured is not None else max(1, math.ceil(epochs * epoch_steps))
 
@@ -280,9 +293,10 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
 
     Returns (state, checkpointer). `make_batches(position)` builds the data iterator at a
     saved position (None: the start). Dropout randomness is a pure function of the seed
-    and the step, so a resumed run draws the same bits as an uninterrupted one.
+    and the step, so a resumed run draws the same bits as an uninterrupted one. Logged
+    metrics are means over the steps since the previous log line, summed on the device.
     """
-    ckpt_cfg = rt.cfg.checkpoint
+    ckpt_cfg = rt.checkpoint
     ckpt = Checkpointer(rt.workdir / "checkpoints" / stage, keep=ckpt_cfg.keep,
                         keep_best=ckpt_cfg.keep_best and eval_fn is not None)
     start, position = 0, None
@@ -295,9 +309,10 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
     batches = make_batches(position)
     evals = _eval_points(total_steps, epoch_steps, eval_every)
     base_rng = jax.random.key(seed)
-    bar = report_lib.progress(stage, total_steps, start, enabled=rt.is_main and rt.cfg.log.progress)
-    examples = rt.cfg.data.batch_size
+    bar = report_lib.progress(stage, total_steps, start, enabled=rt.is_main and rt.log.progress)
+    examples = rt.data.batch_size
     t_start, pending = time.perf_counter(), None
+    window_sum, window_steps = None, 0
 
     def check(step_metrics, step):
         loss = float(step_metrics["loss/total"])
@@ -317,21 +332,25 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
             batch = prepare_batch(next(batches))
             rng = jax.random.fold_in(base_rng, step)
             state, step_metrics = step_fn(state, sharding.global_batch(batch, rt.mesh), rng)
+            window_sum = step_metrics if window_sum is None else _add(window_sum, step_metrics)
+            window_steps += 1
             if pending is not None:  # pull step n-1 while step n runs
                 check(jax.device_get(pending[1]), pending[0])
             pending = (step + 1, step_metrics)
             done = step + 1
-            log_now = done % rt.cfg.log.every_steps == 0 or done == total_steps
+            log_now = done % rt.log.every_steps == 0 or done == total_steps
             if log_now or done in evals or done % ckpt_cfg.every_steps == 0:
-                host = jax.device_get(step_metrics)
-                loss = check(host, done)
+                loss = check(jax.device_get(step_metrics), done)
                 pending = None
                 rate = examples * (done - start) / max(time.perf_counter() - t_start, 1e-9)
                 if log_now:
-                    row = {k: float(v) for k, v in host.items()}
-                    row.update(stage=stage, step=done, loss=loss, examples_per_second=rate,
-                               learning_rate=float(host.get("learning_rate", float("nan"))))
-                    rt.sink.write(row)
+                    means = {k: float(v) / window_steps for k, v in jax.device_get(window_sum).items()}
+                    # The learning rate is the rate at this step, not a mean.
+                    means["learning_rate"] = float(jax.device_get(step_metrics).get(
+                        "learning_rate", float("nan")))
+                    rt.sink.write({**means, "stage": stage, "step": done, "loss": means["loss/total"],
+                                   "examples_per_second": rate, "steps_averaged": window_steps})
+                    window_sum, window_steps = None, 0
                 bar.update(done, loss, rate)
             eval_metric = None
             if done in evals and eval_fn is not None:
@@ -355,6 +374,11 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
     return state, ckpt
 
 
+@jax.jit
+def _add(a, b):
+    return jax.tree.map(lambda x, y: x + y, a, b)
+
+
 def _restore_best(ckpt: Checkpointer, state, use_best: bool):
     step = ckpt.best_step() if use_best else None
     step = ckpt.latest_step() if step is None else step
@@ -364,166 +388,143 @@ def _restore_best(ckpt: Checkpointer, state, use_best: bool):
     return restored, step
 
 
-# ---------------------------------------------------------------- stages
-
-def _batches_factory(rt: Runtime, encoded, seed: int):
-    cfg = rt.cfg
-
-    def make(position):
-        return data_lib.train_batches(encoded, cfg.data.batch_size, seed=seed,
-                                      bucket_multiple=cfg.data.bucket_multiple,
-                                      max_seq_len=cfg.data.max_seq_len, position=position,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-    return make
-
-
-def _epoch_steps(rt: Runtime, encoded) -> int:
-    return _batches_factory(rt, encoded, 0)(None).epoch_steps
-
-
-def stage_teacher(rt: Runtime, plan: Plan):
-    """Fine-tune the teacher when asked; returns (config, params, source directory or id)."""
-    cfg, stages = rt.cfg, _read_stages(rt.workdir)
-    out_dir = rt.workdir / "teacher"
-    ft = cfg.teacher.finetune
-    if stages.get("teacher", {}).get("done") and plan.finetune_steps != 0:
-        config, params = hf.load_hf(out_dir, num_labels=plan.task.num_labels)
-        return config.replace(dtype=plan.teacher_config.dtype), params, str(out_dir)
-    config, params = hf.load_hf(plan.teacher_source, num_labels=plan.task.num_labels,
-                                rng=jax.random.key(cfg.seed))
-    config = config.replace(dtype=plan.teacher_config.dtype,
-                            hidden_dropout=plan.teacher_config.hidden_dropout)
-    if plan.finetune_steps == 0:
-        return config, params, plan.teacher_source
-    train = plan.splits["train"]
-    epoch_steps = _epoch_steps(rt, train)
-    total = _total_steps(plan.finetune_steps, ft.epochs, epoch_steps)
-    optim_cfg = dataclasses.replace(cfg.optim, learning_rate=ft.learning_rate)
-    tx, schedule = _optimizer(optim_cfg, total)
-    state = steps.TrainState.create(params, tx)
-    shardings = sharding.tree_shardings(rt.mesh, state)
-    state = sharding.place(state, shardings)
-    step_fn = sharding.jit_finetune_step(steps.make_finetune_step(config, schedule), rt.mesh, shardings)
-    eval_fn = _eval_fn(rt, config, plan)
-    state, ckpt = train_loop(rt, "teacher", state=state, step_fn=step_fn,
-                             make_batches=_batches_factory(rt, train, cfg.seed),
-                             total_steps=total, epoch_steps=epoch_steps,
-                             eval_every=ft.eval_every, eval_fn=eval_fn, seed=cfg.seed)
-    state, best = _restore_best(ckpt, state, cfg.checkpoint.keep_best and eval_fn is not None)
-    ckpt.close()
-    params = jax.device_get(state.params)
-    if rt.is_main:
-        hf.save_hf(config, params, out_dir, tokenizer=plan.tokenizer, id2label=_id2label(plan.task))
-    _mark_stage(rt, "teacher", {"steps": total, "selected_step": best})
-    return config, params, str(out_dir)
-
-
-def _optimizer(optim_cfg, total_batches: int):
+def _optimizer(optim_cfg: OptimConfig, total_batches: int):
     """The optimizer and its schedule; schedules count optimizer updates, not micro-batches."""
     updates = max(1, total_batches // optim_cfg.accumulate_steps)
     return make_optimizer(optim_cfg, updates), make_schedule(optim_cfg, updates)
 
 
-def _logits_fn(rt: Runtime, config: BertConfig):
-    """Jitted (params, batch) -> logits with the batch sharded over the mesh."""
-    return jax.jit(steps.make_teacher_logits_fn(config),
-                   in_shardings=(None, sharding.batch_sharding(rt.mesh)))
-
-
-def _eval_fn(rt: Runtime, config: BertConfig, plan: Plan):
+def _eval_fn(rt: Runtime, plan: Plan, model_cfg: ModelConfig):
     if "eval" not in plan.splits:
         return None
-    logits_fn = _logits_fn(rt, config)
 
-    def run(state):
-        scores, _ = evaluate(rt, logits_fn, state.params, plan.splits["eval"], plan.task)
-        return scores
-    return run
+    def scores(state):
+        return evaluate(rt, plan.task, model_cfg, state.params, plan.splits["eval"])[0]
+    return scores
 
 
-def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_cfg, teacher_params) -> np.ndarray:
+# ---------------------------------------------------------------- stages
+
+def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: OptimConfig,
+                  seed: int):
+    """Fine-tune the teacher when asked; returns its params (config: `plan.teacher_config`)."""
+    out_dir = rt.workdir / "teacher"
+    ft = teacher.finetune
+    config = plan.teacher_config
+    if _read_stages(rt.workdir).get("teacher", {}).get("done") and plan.finetune_steps != 0:
+        return hf.load_hf(out_dir, head=config.head)[1]
+    _, params = hf.load_hf(teacher.model, head=config.head, rng=jax.random.key(seed))
+    if plan.finetune_steps == 0:
+        return params
+    train = plan.splits["train"].encoded
+    make_batches = rt.batches(train, seed)
+    epoch_steps = make_batches(None).epoch_steps
+    total = _total_steps(plan.finetune_steps, ft.epochs, epoch_steps)
+    tx, schedule = _optimizer(dataclasses.replace(optim_cfg, learning_rate=ft.learning_rate), total)
+    state = steps.TrainState.create(params, tx)
+    shardings = sharding.tree_shardings(rt.mesh, state)
+    state = sharding.place(state, shardings)
+    step_fn = sharding.jit_finetune_step(steps.make_finetune_step(config, schedule), rt.mesh, shardings)
+    eval_fn = _eval_fn(rt, plan, config)
+    state, ckpt = train_loop(rt, "teacher", state=state, step_fn=step_fn, make_batches=make_batches,
+                             total_steps=total, epoch_steps=epoch_steps,
+                             eval_every=ft.eval_every, eval_fn=eval_fn, seed=seed)
+    state, best = _restore_best(ckpt, state, rt.checkpoint.keep_best and eval_fn is not None)
+    ckpt.close()
+    params = jax.device_get(state.params)
+    if rt.is_main:
+        hf.save_hf(config, params, out_dir, tokenizer=plan.tokenizer, id2label=plan.task.id2label())
+    _mark_stage(rt, "teacher", {"steps": total, "selected_step": best})
+    return params
+
+
+def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_params, cache_dir) -> cache_lib.TeacherLogits:
+    """The teacher's outputs on the training split, from the disk cache or computed once."""
     train = plan.splits["train"]
-    key = cache_lib.fingerprint(teacher_params, dataclasses.asdict(teacher_cfg), (train.input_ids, train.token_type_ids, train.offsets),
-                                rt.cfg.data.max_seq_len)
-    logits_fn = _logits_fn(rt, teacher_cfg)
-    bs = rt.cfg.data.eval_batch_size or rt.cfg.data.batch_size
-    log.info("teacher cache %s: %d training examples", key, len(train))
-    logits, hit = cache_lib.load_or_compute(
-        _cache_dir(rt.cfg), key, len(train),
-        lambda: predict(rt, logits_fn, teacher_params, train, bs, desc="teacher cache"),
+    enc = train.encoded
+    per_token = plan.task.outputs_per_token
+    key = cache_lib.fingerprint(teacher_params, dataclasses.asdict(plan.teacher_config),
+                                (enc.input_ids, enc.token_type_ids, enc.offsets),
+                                rt.data.max_seq_len, per_token)
+    log.info("teacher cache %s: %d training rows", key, len(enc))
+    table, hit = cache_lib.load_or_compute(
+        cache_dir, key, int(enc.offsets[-1]) if per_token else len(enc),
+        lambda: rt.predict(plan.teacher_config, teacher_params, train, per_token,
+                           desc="teacher cache"),
         write=rt.is_main)
     log.info("teacher cache %s (%s)", "hit" if hit else "computed", key)
-    return logits
+    return cache_lib.TeacherLogits(table, enc, per_token)
 
 
-def stage_distill(rt: Runtime, plan: Plan, teacher_cfg, teacher_params):
-    cfg = rt.cfg
-    d = cfg.distill
-    student_cfg, params = _build_student(cfg, teacher_cfg, teacher_params,
-                                         jax.random.key(cfg.seed + 1))
-    loss_cfg = d.loss_config(regression=plan.task.is_regression)
-    train = plan.splits["train"]
-    epoch_steps = _epoch_steps(rt, train)
-    total = _total_steps(d.steps, d.epochs, epoch_steps)
-    tx, schedule = _optimizer(cfg.optim, total)
-    proj = losses.init_projections(loss_cfg, student_cfg, teacher_cfg, jax.random.key(cfg.seed + 2))
-    fsdp = cfg.distributed.fsdp
+def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: StudentConfig,
+                  optim_cfg: OptimConfig, teacher_params, *, seed: int, fsdp: bool,
+                  cache_dir: pathlib.Path):
+    """Distil the student; returns its params (config: `plan.student_config`)."""
+    teacher_cfg, student_cfg = plan.teacher_config, plan.student_config
+    params = _student_params(student, student_cfg, teacher_cfg, teacher_params,
+                             jax.random.key(seed + 1))
+    train = plan.splits["train"].encoded
+    make_batches = rt.batches(train, seed + 1)
+    epoch_steps = make_batches(None).epoch_steps
+    total = 0 if distill.steps == 0 else _total_steps(distill.steps, distill.epochs, epoch_steps)
+    tx, schedule = _optimizer(optim_cfg, total)
+    proj = losses.init_projections(distill, student_cfg.encoder, teacher_cfg.encoder,
+                                   jax.random.key(seed + 2))
     state = steps.TrainState.create(params, tx, proj_params=proj)
     state_shardings = sharding.tree_shardings(rt.mesh, state, fsdp)
     state = sharding.place(state, state_shardings)
-    teacher_shardings = sharding.tree_shardings(rt.mesh, teacher_params, fsdp)
-    teacher_params = sharding.place(teacher_params, teacher_shardings)
-    prepare_batch = lambda b: b  # noqa: E731
-    needs_teacher_logits = loss_cfg.alpha > 0 and not loss_cfg.any_intermediate
-    if d.teacher_cache and needs_teacher_logits and d.steps != 0:
-        table = teacher_logits_cache(rt, plan, teacher_cfg, teacher_params)
-        prepare_batch = lambda b: cache_lib.attach(b, table)  # noqa: E731
-    jitted = sharding.jit_distill_step(
-        steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg, schedule), rt.mesh,
-        state_shardings, teacher_shardings)
-    step_fn = lambda state, batch, rng: jitted(state, teacher_params, batch, rng)  # noqa: E731
-    eval_fn = _eval_fn(rt, student_cfg, plan)
-    if total > 0 and d.steps != 0:
+    best = None
+    if total > 0:
+        # The one place that decides where the teacher's logits come from.
+        source = steps.default_teacher_source(distill)
+        prepare_batch = lambda b: b  # noqa: E731
+        if source == "live" and distill.teacher_cache and not distill.any_intermediate:
+            cached = teacher_logits_cache(rt, plan, teacher_params, cache_dir)
+            source, prepare_batch = "cached", cached.attach
+        teacher_shardings = sharding.tree_shardings(rt.mesh, teacher_params, fsdp)
+        placed_teacher = sharding.place(teacher_params, teacher_shardings) if source == "live" else None
+        jitted = sharding.jit_distill_step(
+            steps.make_distill_step(student_cfg, teacher_cfg, distill, schedule, teacher=source),
+            rt.mesh, state_shardings, teacher_shardings if source == "live" else None)
+        step_fn = lambda state, batch, rng: jitted(state, placed_teacher, batch, rng)  # noqa: E731
+        eval_fn = _eval_fn(rt, plan, student_cfg)
         state, ckpt = train_loop(rt, "distill", state=state, step_fn=step_fn,
-                                 make_batches=_batches_factory(rt, train, cfg.seed + 1),
-                                 total_steps=total, epoch_steps=epoch_steps,
-                                 eval_every=d.eval_every, eval_fn=eval_fn, seed=cfg.seed + 1,
-                                 prepare_batch=prepare_batch)
-        state, best = _restore_best(ckpt, state, cfg.checkpoint.keep_best and eval_fn is not None)
+                                 make_batches=make_batches, total_steps=total,
+                                 epoch_steps=epoch_steps, eval_every=distill.eval_every,
+                                 eval_fn=eval_fn, seed=seed + 1, prepare_batch=prepare_batch)
+        state, best = _restore_best(ckpt, state, rt.checkpoint.keep_best and eval_fn is not None)
         ckpt.close()
-    else:
-        best, total = None, 0
     _mark_stage(rt, "distill", {"steps": total, "selected_step": best})
-    return student_cfg, jax.device_get(state.params)
+    return jax.device_get(state.params)
 
 
-def stage_report(rt: Runtime, plan: Plan, teacher_cfg, teacher_params, student_cfg,
-                 student_params) -> dict:
-    models = {}
-    logits = {}
-    for name, mcfg, mparams in (("teacher", teacher_cfg, teacher_params),
-                                ("student", student_cfg, student_params)):
-        fn = _logits_fn(rt, mcfg)
-        entry = {"params": param_count(mparams), "layers": mcfg.num_layers,
-                 "hidden_size": mcfg.hidden_size,
-                 "size_mb": sum(np.asarray(x).nbytes for x in jax.tree.leaves(mparams)) / 2**20,
+def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_params) -> dict:
+    task = plan.task
+    models, outputs = {}, {}
+    for name, model_cfg, params in (("teacher", plan.teacher_config, teacher_params),
+                                    ("student", plan.student_config, student_params)):
+        entry = {"params": param_count(params), "layers": model_cfg.encoder.num_layers,
+                 "hidden_size": model_cfg.encoder.hidden_size,
+                 "size_mb": sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)) / 2**20,
                  "metrics": {}, "splits": {}}
         for split in ("eval", "test"):
             if split in plan.splits:
-                scores, split_logits = evaluate(rt, fn, mparams, plan.splits[split], plan.task)
+                scores, outputs[(name, split)] = evaluate(rt, task, model_cfg, params,
+                                                          plan.splits[split])
                 entry["splits"][split] = scores
-                logits[(name, split)] = split_logits
         report_split = "test" if "test" in plan.splits else "eval"
         entry["metrics"] = entry["splits"].get(report_split, {})
-        entry.update(report_lib.measure_speed(steps.make_teacher_logits_fn(mcfg), mparams,
-                                              rt.cfg.data.batch_size, rt.cfg.data.max_seq_len))
+        entry.update(report_lib.measure_speed(steps.make_logits_fn(model_cfg), params,
+                                              rt.data.batch_size, rt.data.max_seq_len))
         models[name] = entry
-    report = report_lib.build_report(rt.cfg, plan.task, models, logits)
+    agreement = {split: task.agreement(outputs[("student", split)], outputs[("teacher", split)],
+                                       plan.splits[split].encoded, plan.splits[split].examples)
+                 for split in ("eval", "test") if ("teacher", split) in outputs}
+    report = report_lib.build_report(cfg, task, models, agreement)
     report["stages"] = _read_stages(rt.workdir)
     report["data"] = plan.data_stats
     if rt.is_main:
-        report_lib.write_report(report, rt.workdir, plots=rt.cfg.log.plots)
+        report_lib.write_report(report, rt.workdir, plots=rt.log.plots)
     return report
 
 
@@ -543,22 +544,23 @@ def run(cfg: Config) -> dict:
     """The whole pipeline for one config; returns the report."""
     if cfg.compilation_cache:
         use_compilation_cache(cfg.compilation_cache)
-    d = cfg.distributed
-    if d.initialize or d.coordinator_address is not None:
-        sharding.init_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    dist = cfg.distributed
+    if dist.initialize or dist.coordinator_address is not None:
+        sharding.init_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
     plan = prepare(cfg)
     workdir = pathlib.Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         dump_config(cfg, workdir / "config.yaml")
     with Runtime(cfg, workdir) as rt:
-        teacher_cfg, teacher_params, _ = stage_teacher(rt, plan)
-        student_cfg, student_params = stage_distill(rt, plan, teacher_cfg, teacher_params)
+        teacher_params = stage_teacher(rt, plan, cfg.teacher, cfg.optim, cfg.seed)
+        student_params = stage_distill(rt, plan, cfg.distill, cfg.student, cfg.optim, teacher_params,
+                                       seed=cfg.seed, fsdp=dist.fsdp, cache_dir=_cache_dir(cfg))
         export_dir = workdir / "student"
         if rt.is_main:
-            hf.save_hf(student_cfg, student_params, export_dir, tokenizer=plan.tokenizer,
-                       id2label=_id2label(plan.task))
+            hf.save_hf(plan.student_config, student_params, export_dir, tokenizer=plan.tokenizer,
+                       id2label=plan.task.id2label())
         _mark_stage(rt, "export", {"dir": str(export_dir)})
-        report = stage_report(rt, plan, teacher_cfg, teacher_params, student_cfg, student_params)
+        report = stage_report(rt, plan, cfg, teacher_params, student_params)
         _mark_stage(rt, "report", {})
     return report

@@ -33,9 +33,9 @@ def collect(mesh, process_index: int, process_count: int) -> dict[str, np.ndarra
     encoded = synthetic_encoded()
     layout = dict(bucket_multiple=8, max_seq_len=MAX_SEQ_LEN, process_index=process_index,
                   process_count=process_count)
-    train = data.train_batches(encoded, BATCH_SIZE, seed=7, **layout)
+    train = data.TrainBatches(encoded, BATCH_SIZE, seed=7, **layout)
     named = [(f"train{i}", next(train)) for i in range(TRAIN_STEPS)]
-    named += [(f"eval{i}", batch) for i, batch in enumerate(data.eval_batches(encoded, BATCH_SIZE, **layout))]
+    named += [(f"eval{i}", batch) for i, batch in enumerate(data.EvalBatches(encoded, BATCH_SIZE, **layout))]
     out = {}
     for name, batch in named:
         for key, value in sharding.global_batch(batch, mesh).items():

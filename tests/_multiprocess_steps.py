@@ -1,8 +1,9 @@
 """Tiny distillation setup shared by test_steps.py, and the per-process body of its 2-process test.
 
-Run as `python tests/_multiprocess_steps.py PROCESS_ID PORT OUT.npz`: two processes with two CPU
-devices each run `STEPS` distillation steps on one 4-device mesh; process 0 saves the losses and
-the final student params.
+Run as `python tests/_multiprocess_steps.py PROCESS_ID PORT OUT.npz KIND`: two processes with two
+CPU devices each run `STEPS` distillation steps on one 4-device mesh; process 0 saves the losses
+and the final student params. KIND is the head: sequence (a label per row) or token (a label per
+token).
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ STEPS = 3
 BATCH, LENGTH = 8, 12
 
 
-def configs():
+def configs(kind: str = "sequence"):
     from jaxkd.losses import LossConfig
-    from jaxkd.model import BertConfig
+    from jaxkd.model import BertConfig, HeadConfig, ModelConfig
     from jaxkd.optim import OptimConfig
-    student = BertConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4,
-                         intermediate_size=64, max_position_embeddings=32, hidden_dropout=0.0,
-                         attention_dropout=0.0, num_labels=3)
+    student = ModelConfig(BertConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32,
+                                     hidden_dropout=0.0, attention_dropout=0.0),
+                          HeadConfig(kind, num_labels=3))
     teacher = student.replace(hidden_size=48, num_layers=2, intermediate_size=96)
     loss = LossConfig(temperature=2.0, alpha=0.5, hidden_weight=1.0, attention_kl_weight=1.0)
     # eps well above fp32 noise: Adam would blow the rounding noise of gradients that are zero
@@ -30,23 +32,33 @@ def configs():
 
 
 def make_batch(rng: np.random.Generator, rows: int = BATCH, length: int = LENGTH,
-               full_mask: bool = False) -> dict[str, np.ndarray]:
-    """Random rows with padded tokens (unless full_mask) and padding rows of weight 0."""
+               full_mask: bool = False, kind: str = "sequence") -> dict[str, np.ndarray]:
+    """Random rows with padded tokens (unless full_mask) and padding rows of weight 0.
+
+    Token labels are -1 on padding and (unless full_mask) on a random part of the real tokens,
+    as on the non-first sub-tokens of words."""
     lengths = np.full(rows, length) if full_mask else rng.integers(3, length + 1, rows)
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
     weights = np.ones(rows, np.float32)
     weights[rng.choice(rows, size=rows // 4, replace=False)] = 0.0
+    if kind == "token":
+        labels = rng.integers(0, 3, (rows, length))
+        if not full_mask:
+            labels[rng.random((rows, length)) < 0.3] = -1
+        labels = np.where(mask > 0, labels, -1)
+    else:
+        labels = rng.integers(0, 3, rows)
     return {
         "input_ids": (rng.integers(1, 100, (rows, length)) * mask).astype(np.int32),
         "attention_mask": mask,
         "token_type_ids": np.zeros((rows, length), np.int32),
-        "labels": rng.integers(0, 3, rows).astype(np.int32),
+        "labels": labels.astype(np.int32),
         "weights": weights,
         "index": np.arange(rows, dtype=np.int32),
     }
 
 
-def build():
+def build(kind: str = "sequence"):
     """(student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches)."""
     import jax
 
@@ -54,13 +66,13 @@ def build():
     from jaxkd.model import init_params
     from jaxkd.optim import make_optimizer
     from jaxkd.steps import TrainState
-    student_cfg, teacher_cfg, loss_cfg, optim_cfg = configs()
+    student_cfg, teacher_cfg, loss_cfg, optim_cfg = configs(kind)
     params = init_params(student_cfg, jax.random.key(0))
     teacher_params = init_params(teacher_cfg, jax.random.key(1))
-    proj = init_projections(loss_cfg, student_cfg, teacher_cfg, jax.random.key(2))
+    proj = init_projections(loss_cfg, student_cfg.encoder, teacher_cfg.encoder, jax.random.key(2))
     state = TrainState.create(params, make_optimizer(optim_cfg, total_steps=10), proj)
     rng = np.random.default_rng(0)
-    batches = [make_batch(rng) for _ in range(STEPS)]
+    batches = [make_batch(rng, kind=kind) for _ in range(STEPS)]
     return student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches
 
 
@@ -93,12 +105,12 @@ def _local(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0))  # replicated: every device holds the whole value
 
 
-def main(process_id: int, port: int, out: str) -> None:
+def main(process_id: int, port: int, out: str, kind: str) -> None:
     import jax
     jax.config.update("jax_num_cpu_devices", 2)
     from jaxkd import sharding, steps
     sharding.init_distributed(f"127.0.0.1:{port}", 2, process_id)
-    student_cfg, teacher_cfg, loss_cfg, _, state, teacher_params, batches = build()
+    student_cfg, teacher_cfg, loss_cfg, _, state, teacher_params, batches = build(kind)
     mesh = sharding.make_mesh()
     step = compile_mesh_step(steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg), mesh,
                              state, teacher_params)
@@ -111,4 +123,4 @@ def main(process_id: int, port: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -7,8 +7,10 @@ from jaxkd import sharding
 
 
 def test_readme_embedding_example(tmp_path):
-    teacher_cfg = jaxkd.BertConfig(vocab_size=100, hidden_size=32, num_layers=4, num_heads=4,
-                                   intermediate_size=64, max_position_embeddings=32)
+    teacher_cfg = jaxkd.ModelConfig(
+        jaxkd.BertConfig(vocab_size=100, hidden_size=32, num_layers=4, num_heads=4,
+                         intermediate_size=64, max_position_embeddings=32),
+        jaxkd.HeadConfig(kind="sequence", num_labels=2))
     teacher_params = jaxkd.init_params(teacher_cfg, jax.random.key(0))
     jaxkd.save_hf(teacher_cfg, teacher_params, tmp_path / "teacher")
     teacher_cfg, teacher_params = jaxkd.load_hf(tmp_path / "teacher")
@@ -42,3 +44,19 @@ def test_readme_embedding_example(tmp_path):
     _, reloaded = jaxkd.load_hf(out)
     for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(jax.device_get(state.params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_apply_model_for_every_head(tmp_path):
+    """`apply_model` runs encoder and head; a token head gives logits per token."""
+    encoder = jaxkd.BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4,
+                               intermediate_size=64, max_position_embeddings=32)
+    ids = np.random.default_rng(0).integers(5, 100, (3, 10)).astype(np.int32)
+    for head, shape in ((jaxkd.HeadConfig("sequence", 2), (3, 2)),
+                        (jaxkd.HeadConfig("token", 9), (3, 10, 9))):
+        cfg = jaxkd.ModelConfig(encoder, head)
+        params = jaxkd.init_params(cfg, jax.random.key(0))
+        assert jaxkd.apply_model(cfg, params, ids).logits.shape == shape
+        jaxkd.save_hf(cfg, params, tmp_path / head.kind)
+        loaded_cfg, _ = jaxkd.load_hf(tmp_path / head.kind)
+        assert loaded_cfg == cfg
+    assert jaxkd.Bert is jaxkd.Model and jaxkd.BertOutput is jaxkd.ModelOutput

@@ -10,14 +10,14 @@ import pytest
 
 from jaxkd import bench
 from jaxkd.hf import save_hf
-from jaxkd.model import BertConfig, Dropout, init_params, keep_mask
+from jaxkd.model import BertConfig, Dropout, HeadConfig, ModelConfig, init_params, keep_mask
 
 WORDS = ["good", "bad", "film", "very", "not", "a", "fun", "dull", "plot", "great"]
 # Over 1000 ids: the PyTorch reference script draws token ids from 1000 up.
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = [f"[unused{i}]" for i in range(1100 - len(SPECIAL) - len(WORDS))]
-TINY = BertConfig(vocab_size=1100, hidden_size=16, num_layers=2, num_heads=2,
-                  intermediate_size=32, max_position_embeddings=64, num_labels=2)
+TINY = ModelConfig(BertConfig(vocab_size=1100, hidden_size=16, num_layers=2, num_heads=2,
+                              intermediate_size=32, max_position_embeddings=64))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_spread_layers_like_distilbert():
 
 
 def test_flops_match_an_enumeration_of_every_matmul():
-    cfg = BertConfig(hidden_size=24, num_layers=3, num_heads=4, intermediate_size=40, num_labels=3)
+    cfg = ModelConfig(BertConfig(hidden_size=24, num_layers=3, num_heads=4, intermediate_size=40),
+                      HeadConfig(num_labels=3))
     B, L, H, N, I = 5, 7, 24, 4, 40
     D, tokens = H // N, B * L
     per_layer = (4 * 2 * tokens * H * H  # q, k, v, attention output
@@ -67,6 +68,9 @@ def test_flops_match_an_enumeration_of_every_matmul():
     assert bench.forward_flops(cfg, B, L) == expected
     student = cfg.replace(num_layers=1)
     assert bench.step_flops(cfg, student, B, L) == expected + 3 * bench.forward_flops(student, B, L)
+    # A token head: every layer for every token, and a classifier on every token.
+    token = cfg.replace(kind="token")
+    assert bench.forward_flops(token, B, L) == 3 * per_layer + 2 * tokens * H * 3
 
 
 @pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),

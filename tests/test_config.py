@@ -43,7 +43,11 @@ def test_wrong_type_names_the_key():
 
 def test_impossible_values_fail_before_work():
     with pytest.raises(ConfigError, match="alpha"):
-        config_lib.load_config(None, ["distill.alpha=1.5"]).distill.loss_config(regression=False)
+        config_lib.load_config(None, ["distill.alpha=1.5"])
+    with pytest.raises(ConfigError, match="distill.temperature must be a positive number"):
+        config_lib.load_config(None, ["distill.temperature=-1"])
+    # Every LossConfig field is a key of the distill section, relation_heads included.
+    assert config_lib.load_config(None, ["distill.relation_heads=4"]).distill.relation_heads == 4
     with pytest.raises(ConfigError, match="student.init"):
         config_lib.load_config(None, ["student.init=magic"])
     with pytest.raises(ConfigError, match="not found"):

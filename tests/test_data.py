@@ -12,6 +12,7 @@ import pytest
 
 import _multiprocess_data as mp_data
 from jaxkd import data
+from jaxkd.tasks import TaskConfig, sequence
 
 BATCH_KEYS = {"input_ids", "attention_mask", "token_type_ids", "labels", "weights", "index"}
 
@@ -29,8 +30,12 @@ def _write(path: pathlib.Path, content: str | bytes) -> str:
     return str(path)
 
 
+def _encode(examples, tokenizer, max_seq_len, cache_dir):
+    return _sst2_task().encode(examples, tokenizer, max_seq_len, cache_dir)
+
+
 def _sst2_task():
-    return data.resolve_task(data.TaskConfig("sst2"))
+    return sequence.resolve(TaskConfig("sst2"))
 
 
 def _raw_tsv(path: pathlib.Path) -> list[list[str]]:
@@ -49,37 +54,37 @@ def _rows_of(batch, row_i):
 
 
 def test_presets_resolve_columns_labels_and_metrics():
-    mrpc = data.resolve_task(data.TaskConfig("mrpc"))
+    mrpc = sequence.resolve(TaskConfig("mrpc"))
     assert (mrpc.text, mrpc.text_pair, mrpc.label) == ("sentence1", "sentence2", "label")
     assert mrpc.metrics == ("accuracy", "f1") and mrpc.num_labels == 2
-    stsb = data.resolve_task(data.TaskConfig("stsb"))
+    stsb = sequence.resolve(TaskConfig("stsb"))
     assert stsb.is_regression and stsb.num_labels == 1 and stsb.metrics == ("pearson", "spearman")
-    assert data.resolve_task(data.TaskConfig("cola")).metrics == ("matthews",)
-    mnli = data.resolve_task(data.TaskConfig("mnli"))
+    assert sequence.resolve(TaskConfig("cola")).metrics == ("matthews",)
+    mnli = sequence.resolve(TaskConfig("mnli"))
     assert mnli.eval_splits == ("validation_matched", "validation_mismatched") and mnli.num_labels == 3
-    assert data.resolve_task(data.TaskConfig("mrpc", metric="f1")).metrics == ("f1", "accuracy")
+    assert sequence.resolve(TaskConfig("mrpc", metric="f1")).metrics == ("f1", "accuracy")
 
 
 def test_custom_task_infers_sorted_labels_and_regression():
-    cfg = data.TaskConfig("custom", text="t", labels=None)
-    assert data.resolve_task(cfg, ["b", "a", "c", "a"]).label_names == ("a", "b", "c")
-    assert data.resolve_task(cfg, ["10", "2", 1]).label_names == ("1", "2", "10")
-    reg = data.resolve_task(data.TaskConfig("custom", text="t", metric="spearman"))
+    cfg = TaskConfig("custom", text="t", labels=None)
+    assert sequence.resolve(cfg, None, ["b", "a", "c", "a"]).label_names == ("a", "b", "c")
+    assert sequence.resolve(cfg, None, ["10", "2", 1]).label_names == ("1", "2", "10")
+    reg = sequence.resolve(TaskConfig("custom", text="t", metric="spearman"))
     assert reg.is_regression and reg.metrics == ("spearman",)
     with pytest.raises(data.DataError, match="task.labels"):
-        data.resolve_task(cfg)
+        sequence.resolve(cfg)
 
 
 def test_unknown_task_suggests_nearest_preset():
     with pytest.raises(data.DataError, match=r"unknown task.name 'sst-2'.*did you mean 'sst2'"):
-        data.TaskConfig("sst-2")
+        TaskConfig("sst-2")
 
 
 def test_metric_that_does_not_fit_the_task_is_refused():
     with pytest.raises(data.DataError, match="'accuracy' does not fit the regression task 'stsb'"):
-        data.resolve_task(data.TaskConfig("stsb", metric="accuracy"))
+        sequence.resolve(TaskConfig("stsb", metric="accuracy"))
     with pytest.raises(data.DataError, match="needs 2 labels"):
-        data.resolve_task(data.TaskConfig("mnli", metric="f1"))
+        sequence.resolve(TaskConfig("mnli", metric="f1"))
 
 
 # ----------------------------------------------------------------------------- reading and errors
@@ -96,7 +101,7 @@ def test_formats_read_the_same_examples(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq.write_table(pa.table({"sentence": expected_texts, "label": [1, 0, 0]}), tmp_path / "a.parquet")
     for path in (tsv, csv_, jsonl, js, str(tmp_path / "a.parquet")):
-        examples = data.load_split(data.DataConfig(), _sst2_task(), path)
+        examples = _sst2_task().load(data.DataConfig(), path)
         assert examples.texts == expected_texts, path
         assert examples.labels.tolist() == expected_labels and examples.labels.dtype == np.int32
 
@@ -104,7 +109,7 @@ def test_formats_read_the_same_examples(tmp_path):
 def test_sst2_local_file_keeps_text_unchanged(data_dir):
     path = data_dir / "sst2" / "glue_dev.tsv"
     raw = _raw_tsv(path)
-    examples = data.load_split(data.DataConfig(), _sst2_task(), str(path))
+    examples = _sst2_task().load(data.DataConfig(), str(path))
     assert examples.texts == [r[0] for r in raw] and len(examples) == 872
     assert examples.labels.tolist() == [int(r[1]) for r in raw]
     # This copy quotes with ' only; the MRPC test covers ". Trailing spaces stay too.
@@ -114,8 +119,8 @@ def test_sst2_local_file_keeps_text_unchanged(data_dir):
 def test_mrpc_local_file_with_bom_and_overridden_columns(data_dir):
     path = data_dir / "mrpc" / "msr_paraphrase_test.txt"
     assert path.read_bytes().startswith(b"\xef\xbb\xbf")
-    task = data.resolve_task(data.TaskConfig("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
-    examples = data.load_split(data.DataConfig(), task, str(path))
+    task = sequence.resolve(TaskConfig("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
+    examples = task.load(data.DataConfig(), str(path))
     raw = [line.split("\t") for line in path.read_text(encoding="utf-8-sig").splitlines()[1:]]
     assert len(examples) == 1725
     assert examples.texts == [r[3] for r in raw] and examples.pairs == [r[4] for r in raw]
@@ -126,13 +131,13 @@ def test_mrpc_local_file_with_bom_and_overridden_columns(data_dir):
 def test_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nope" / "train.tsv"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        data.load_split(data.DataConfig(), _sst2_task(), str(missing))
+        _sst2_task().load(data.DataConfig(), str(missing))
 
 
 def test_missing_column_names_it_and_lists_available(tmp_path):
     path = _write(tmp_path / "t.tsv", "text\tlabel\nhello\t1\n")
     with pytest.raises(data.DataError, match=r"no column 'sentence' \(task.text\).*available columns: \['text', 'label'\]"):
-        data.load_split(data.DataConfig(), _sst2_task(), path)
+        _sst2_task().load(data.DataConfig(), path)
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -150,29 +155,29 @@ def test_missing_column_names_it_and_lists_available(tmp_path):
 ])
 def test_bad_split_names_file_and_line(tmp_path, name, content, message):
     with pytest.raises(data.DataError, match=message):
-        data.load_split(data.DataConfig(), _sst2_task(), _write(tmp_path / name, content))
+        _sst2_task().load(data.DataConfig(), _write(tmp_path / name, content))
 
 
 def test_skip_invalid_counts_and_reports(tmp_path, caplog):
     path = _write(tmp_path / "t.tsv", "sentence\tlabel\ngood\t1\n\t0\nx\t9\ny\t\nz\t0\tq\nfine\t0\n")
-    with caplog.at_level(logging.WARNING, logger="jaxkd.data"):
-        examples = data.load_split(data.DataConfig(skip_invalid=True), _sst2_task(), path)
-    assert examples.texts == ["good", "fine"] and examples.row_ids.tolist() == [0, 4]
+    with caplog.at_level(logging.WARNING, logger="jaxkd.tasks.base"):
+        examples = _sst2_task().load(data.DataConfig(skip_invalid=True), path)
+    assert examples.texts == ["good", "fine"] and examples.labels.tolist() == [1, 0]
     assert examples.skipped == {"empty text": 1, "bad label": 1, "missing label": 1, "wrong field count": 1}
     assert "skipped 4 invalid rows" in caplog.text
     with pytest.raises(data.DataError, match="no valid rows left"):
-        data.load_split(data.DataConfig(skip_invalid=True), _sst2_task(), _write(tmp_path / "b.tsv", "sentence\tlabel\n\t1\n"))
+        _sst2_task().load(data.DataConfig(skip_invalid=True), _write(tmp_path / "b.tsv", "sentence\tlabel\n\t1\n"))
 
 
 def test_unlabeled_split_gets_placeholder_labels(tmp_path):
     path = _write(tmp_path / "test.tsv", "sentence\nhello\n")
-    examples = data.load_split(data.DataConfig(), _sst2_task(), path, require_labels=False)
+    examples = _sst2_task().load(data.DataConfig(), path, require_labels=False)
     assert not examples.has_labels and examples.labels.tolist() == [-1]
-    stsb = data.resolve_task(data.TaskConfig("stsb", text="s", text_pair="p"))
+    stsb = sequence.resolve(TaskConfig("stsb", text="s", text_pair="p"))
     path = _write(tmp_path / "s.tsv", "s\tp\nhello\tthere\n")
-    assert np.isnan(data.load_split(data.DataConfig(), stsb, path, require_labels=False).labels).all()
+    assert np.isnan(stsb.load(data.DataConfig(), path, require_labels=False).labels).all()
     with pytest.raises(data.DataError, match="no column 'label'"):
-        data.load_split(data.DataConfig(), _sst2_task(), _write(tmp_path / "t2.tsv", "sentence\nhello\n"))
+        _sst2_task().load(data.DataConfig(), _write(tmp_path / "t2.tsv", "sentence\nhello\n"))
 
 
 def test_hub_split_offline_says_to_use_local_files(tmp_path, monkeypatch):
@@ -180,7 +185,7 @@ def test_hub_split_offline_says_to_use_local_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cfg = data.DataConfig(cache_dir=str(tmp_path))
     with pytest.raises(data.DataError, match=r"glue/sst2 split 'train'.*Offline.*local files"):
-        data.load_split(cfg, _sst2_task(), "train")
+        _sst2_task().load(cfg, "train")
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -207,18 +212,17 @@ class _CountingTokenizer:
 
 
 def test_tokenize_cache_is_reused_and_keyed_by_max_len(tmp_path):
-    examples = data.load_split(data.DataConfig(), _sst2_task(),
-                               _write(tmp_path / "t.tsv", "sentence\tlabel\na bb ccc\t1\nd\t0\n"))
+    examples = _sst2_task().load(data.DataConfig(), _write(tmp_path / "t.tsv", "sentence\tlabel\na bb ccc\t1\nd\t0\n"))
     tok = _CountingTokenizer()
-    first = data.tokenize(examples, tok, 8, tmp_path / "cache")
-    second = data.tokenize(examples, tok, 8, tmp_path / "cache")
+    first = _encode(examples, tok, 8, tmp_path / "cache")
+    second = _encode(examples, tok, 8, tmp_path / "cache")
     assert tok.calls == 1
     np.testing.assert_array_equal(first.input_ids, second.input_ids)
     np.testing.assert_array_equal(second.input_ids, [1, 11, 12, 13, 2, 1, 11, 2])
     assert second.lengths.tolist() == [5, 3] and second.labels.tolist() == [1, 0]
-    data.tokenize(examples, tok, 4, tmp_path / "cache")
+    _encode(examples, tok, 4, tmp_path / "cache")
     assert tok.calls == 2
-    assert data.tokenize(examples, tok, 4, tmp_path / "cache").lengths.tolist() == [4, 3]
+    assert _encode(examples, tok, 4, tmp_path / "cache").lengths.tolist() == [4, 3]
 
 
 @pytest.mark.slow
@@ -226,9 +230,9 @@ def test_glue_dev_every_row_evaluated_once_with_tokenizer_ids(data_dir, minilm_d
     tok = _tokenizer(minilm_dir)
     path = data_dir / "sst2" / "glue_dev.tsv"
     raw = _raw_tsv(path)
-    examples = data.load_split(data.DataConfig(), _sst2_task(), str(path))
-    encoded = data.tokenize(examples, tok, 128, tmp_path)
-    batches = data.eval_batches(encoded, 32, bucket_multiple=8, max_seq_len=128)
+    examples = _sst2_task().load(data.DataConfig(), str(path))
+    encoded = _encode(examples, tok, 128, tmp_path)
+    batches = data.EvalBatches(encoded, 32, bucket_multiple=8, max_seq_len=128)
     assert len(batches) == 28
     seen = []
     for batch in batches:
@@ -250,9 +254,9 @@ def test_glue_dev_every_row_evaluated_once_with_tokenizer_ids(data_dir, minilm_d
 @pytest.mark.slow
 def test_mrpc_pairs_match_tokenizer_with_truncation(data_dir, minilm_dir):
     tok = _tokenizer(minilm_dir)
-    task = data.resolve_task(data.TaskConfig("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
-    examples = data.load_split(data.DataConfig(), task, str(data_dir / "mrpc" / "msr_paraphrase_test.txt"))
-    encoded = data.tokenize(examples, tok, 32, None)
+    task = sequence.resolve(TaskConfig("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
+    examples = task.load(data.DataConfig(), str(data_dir / "mrpc" / "msr_paraphrase_test.txt"))
+    encoded = _encode(examples, tok, 32, None)
     for i in range(0, len(examples), 25):
         want = tok(examples.texts[i], examples.pairs[i], truncation="longest_first", max_length=32)
         start, stop = encoded.offsets[i], encoded.offsets[i + 1]
@@ -264,14 +268,14 @@ def test_mrpc_pairs_match_tokenizer_with_truncation(data_dir, minilm_dir):
 @pytest.mark.slow
 def test_sst2_train_bucketing_padding_and_shapes(data_dir, minilm_dir, tmp_path):
     tok = _tokenizer(minilm_dir)
-    examples = data.load_split(data.DataConfig(), _sst2_task(), str(data_dir / "sst2" / "train.tsv"))
-    encoded = data.tokenize(examples, tok, 128, tmp_path)
+    examples = _sst2_task().load(data.DataConfig(), str(data_dir / "sst2" / "train.tsv"))
+    encoded = _encode(examples, tok, 128, tmp_path)
     stats = data.padding_stats(encoded, 32, bucket_multiple=8, max_seq_len=128)
     print(f"SST-2 train, batch 32, max 128: padding {stats.pad_fraction:.1%} of token slots, "
           f"{len(stats.shapes)} shapes {stats.shapes}")
     assert stats.pad_fraction < 0.25 and len(stats.shapes) <= 12
     # The figure must describe the batches the iterator really gives.
-    train = data.train_batches(encoded, 32, seed=0, bucket_multiple=8, max_seq_len=128)
+    train = data.TrainBatches(encoded, 32, seed=0, bucket_multiple=8, max_seq_len=128)
     tokens = slots = 0
     shapes = set()
     for _ in range(train.epoch_steps):
@@ -302,7 +306,7 @@ def test_bucket_lengths_are_few_multiples():
 def test_train_epoch_covers_each_example_at_most_once_in_tight_buckets():
     encoded = _synthetic(29)
     rows = _lists(encoded)
-    train = data.train_batches(encoded, 8, seed=1, bucket_multiple=8, max_seq_len=32)
+    train = data.TrainBatches(encoded, 8, seed=1, bucket_multiple=8, max_seq_len=32)
     assert train.epoch_steps == 3
     seen = []
     for _ in range(3):
@@ -316,7 +320,7 @@ def test_train_epoch_covers_each_example_at_most_once_in_tight_buckets():
         seen += batch["index"].tolist()
     assert len(set(seen)) == 24
     assert train.position["epoch"] == 1 and train.position["step"] == 0
-    assert next(train)["index"].tolist() != data.train_batches(
+    assert next(train)["index"].tolist() != data.TrainBatches(
         encoded, 8, seed=1, bucket_multiple=8, max_seq_len=32).__next__()["index"].tolist()
 
 
@@ -324,13 +328,13 @@ def test_train_epoch_covers_each_example_at_most_once_in_tight_buckets():
 def test_resume_gives_the_batches_of_an_uninterrupted_run(stop_after):
     encoded = _synthetic(29)
     kwargs = dict(seed=3, bucket_multiple=8, max_seq_len=32)
-    straight = data.train_batches(encoded, 8, **kwargs)
+    straight = data.TrainBatches(encoded, 8, **kwargs)
     expected = [next(straight) for _ in range(10)]
-    first = data.train_batches(encoded, 8, **kwargs)
+    first = data.TrainBatches(encoded, 8, **kwargs)
     for _ in range(stop_after):
         next(first)
     saved = json.loads(json.dumps(first.position))
-    resumed = data.train_batches(encoded, 8, position=saved, **kwargs)
+    resumed = data.TrainBatches(encoded, 8, position=saved, **kwargs)
     for want in expected[stop_after:]:
         got = next(resumed)
         for key in BATCH_KEYS:
@@ -338,14 +342,14 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(stop_after):
 
 
 def test_resume_with_other_data_is_refused():
-    position = data.train_batches(_synthetic(29), 8, seed=0, bucket_multiple=8, max_seq_len=32).position
+    position = data.TrainBatches(_synthetic(29), 8, seed=0, bucket_multiple=8, max_seq_len=32).position
     with pytest.raises(data.DataError, match="num_examples=29, now 30"):
-        data.train_batches(_synthetic(30), 8, seed=0, bucket_multiple=8, max_seq_len=32, position=position)
+        data.TrainBatches(_synthetic(30), 8, seed=0, bucket_multiple=8, max_seq_len=32, position=position)
 
 
 def test_eval_pads_last_batch_with_weight_zero_rows():
     encoded = _synthetic(29)
-    batches = list(data.eval_batches(encoded, 8, bucket_multiple=8, max_seq_len=32))
+    batches = list(data.EvalBatches(encoded, 8, bucket_multiple=8, max_seq_len=32))
     assert len(batches) == 4
     last = batches[-1]
     assert last["weights"].tolist() == [1] * 5 + [0] * 3 and last["index"][5:].tolist() == [-1] * 3
@@ -358,12 +362,12 @@ def test_eval_pads_last_batch_with_weight_zero_rows():
 def test_process_shares_concatenate_to_the_global_batch(process_count):
     encoded = _synthetic(29)
     kwargs = dict(bucket_multiple=8, max_seq_len=32)
-    whole = data.train_batches(encoded, 8, seed=5, **kwargs)
-    parts = [data.train_batches(encoded, 8, seed=5, process_index=p, process_count=process_count, **kwargs)
+    whole = data.TrainBatches(encoded, 8, seed=5, **kwargs)
+    parts = [data.TrainBatches(encoded, 8, seed=5, process_index=p, process_count=process_count, **kwargs)
              for p in range(process_count)]
-    evals = [list(data.eval_batches(encoded, 8, process_index=p, process_count=process_count, **kwargs))
+    evals = [list(data.EvalBatches(encoded, 8, process_index=p, process_count=process_count, **kwargs))
              for p in range(process_count)]
-    whole_eval = list(data.eval_batches(encoded, 8, **kwargs))
+    whole_eval = list(data.EvalBatches(encoded, 8, **kwargs))
     for step in range(5):
         want, got = next(whole), [next(p) for p in parts]
         for key in BATCH_KEYS:
@@ -372,7 +376,7 @@ def test_process_shares_concatenate_to_the_global_batch(process_count):
         for key in BATCH_KEYS:
             np.testing.assert_array_equal(np.concatenate([e[step][key] for e in evals]), want[key])
     with pytest.raises(data.DataError, match="multiple of the process count 3"):
-        data.train_batches(encoded, 8, seed=0, process_count=3, **kwargs)
+        data.TrainBatches(encoded, 8, seed=0, process_count=3, **kwargs)
 
 
 def _free_port() -> int:
@@ -402,7 +406,7 @@ def test_two_processes_assemble_the_global_batches_of_one(tmp_path):
         for key, value in single.items():
             np.testing.assert_array_equal(two[key], value, err_msg=key)
     # And both equal the plain NumPy global batch.
-    reference = data.train_batches(mp_data.synthetic_encoded(), mp_data.BATCH_SIZE, seed=7,
+    reference = data.TrainBatches(mp_data.synthetic_encoded(), mp_data.BATCH_SIZE, seed=7,
                                    bucket_multiple=8, max_seq_len=mp_data.MAX_SEQ_LEN)
     for step in range(mp_data.TRAIN_STEPS):
         for key, value in next(reference).items():

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import save_file  # noqa: E402
 
 from jaxkd import hf  # noqa: E402
-from jaxkd.model import Bert, BertConfig  # noqa: E402
+from jaxkd.model import Bert, BertConfig, HeadConfig, ModelConfig, apply_model  # noqa: E402
 
 HF_TINY = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=24, max_position_embeddings=20, hidden_act="gelu_new")
@@ -79,7 +79,7 @@ def minilm_batch(minilm_dir):
 @pytest.mark.slow
 def test_minilm_hidden_states_match_pytorch(minilm_dir, minilm_batch):
     cfg, params, report = hf.load_hf(minilm_dir, return_report=True)
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads) == (6, 384, 12)
+    assert (cfg.encoder.num_layers, cfg.encoder.hidden_size, cfg.encoder.num_heads) == (6, 384, 12)
     assert report.fresh == ("classifier",) and report.ignored == ("embeddings.position_ids",)
     reference = transformers.BertModel.from_pretrained(minilm_dir).eval()
     _assert_same_encoder(cfg, params, _torch_outputs(reference, *minilm_batch), *minilm_batch, atol=1e-4)
@@ -109,7 +109,7 @@ def test_sequence_classification_checkpoint_keeps_its_head(tmp_path):
     model = _torch_model()
     model.save_pretrained(tmp_path)
     cfg, params, report = hf.load_hf(tmp_path, return_report=True)
-    assert cfg.num_labels == 3 and cfg.hidden_act == "gelu_tanh"
+    assert cfg.head == HeadConfig("sequence", 3) and cfg.encoder.hidden_act == "gelu_tanh"
     assert report.fresh == () and report.ignored == ()
     batch = _inputs()
     ours = _assert_same_encoder(cfg, params, _torch_outputs(model, *batch), *batch)
@@ -120,10 +120,11 @@ def test_bare_bert_model_gets_fresh_classifier(tmp_path):
     model = _torch_model(transformers.BertModel)
     model.save_pretrained(tmp_path)
     cfg, params, report = hf.load_hf(tmp_path, num_labels=1, rng=jax.random.key(0), return_report=True)
-    assert report.fresh == ("classifier",) and cfg.num_labels == 1
-    kernel, bias = np.asarray(params["classifier"]["kernel"]), np.asarray(params["classifier"]["bias"])
+    assert report.fresh == ("classifier",) and cfg.head.num_labels == 1
+    head = params["head"]
+    kernel, bias = np.asarray(head["classifier"]["kernel"]), np.asarray(head["classifier"]["bias"])
     assert kernel.shape == (16, 1) and not bias.any() and 0 < kernel.std() < 0.05
-    np.testing.assert_allclose(params["pooler"]["kernel"], model.pooler.dense.weight.detach().numpy().T)
+    np.testing.assert_allclose(head["pooler"]["kernel"], model.pooler.dense.weight.detach().numpy().T)
     _assert_same_encoder(cfg, params, _torch_outputs(model, *_inputs()), *_inputs())
 
 
@@ -132,7 +133,8 @@ def test_no_pooler_gets_fresh_pooler(tmp_path):
     model.save_pretrained(tmp_path)
     _, params, report = hf.load_hf(tmp_path, return_report=True)
     assert report.fresh == ("classifier", "pooler")
-    assert params["pooler"]["kernel"].shape == (16, 16) and not np.asarray(params["pooler"]["bias"]).any()
+    pooler = params["head"]["pooler"]
+    assert pooler["kernel"].shape == (16, 16) and not np.asarray(pooler["bias"]).any()
 
 
 def test_pretraining_heads_are_ignored_and_reported(tmp_path, caplog):
@@ -181,8 +183,9 @@ def test_bf16_safetensors(tmp_path):
     model.to(torch.bfloat16).save_pretrained(tmp_path)
     _, params = hf.load_hf(tmp_path)
     expected = model.bert.embeddings.word_embeddings.weight.float().detach().numpy()
-    np.testing.assert_array_equal(params["embeddings"]["word_embeddings"]["embedding"], expected)
-    assert params["embeddings"]["word_embeddings"]["embedding"].dtype == np.float32
+    table = params["encoder"]["embeddings"]["word_embeddings"]["embedding"]
+    np.testing.assert_array_equal(table, expected)
+    assert table.dtype == np.float32
 
 
 def test_missing_key_is_named(tmp_path):
@@ -221,23 +224,29 @@ def test_head_size_mismatch(tmp_path):
     with pytest.raises(ValueError, match="classifier.weight has 3 labels but config.json says 2"):
         hf.load_hf(tmp_path)
     cfg, params, report = hf.load_hf(tmp_path, num_labels=5, return_report=True)
-    assert cfg.num_labels == 5 and report.fresh == ("classifier",)
-    assert "classifier.weight" in report.ignored and params["classifier"]["kernel"].shape == (16, 5)
+    assert cfg.head.num_labels == 5 and report.fresh == ("classifier",)
+    assert "classifier.weight" in report.ignored
+    assert params["head"]["classifier"]["kernel"].shape == (16, 5)
 
 
 # ----------------------------------------------------------------------------- configs and errors
 
 
 def test_config_round_trip_and_activation_names():
-    cfg = BertConfig(vocab_size=60, hidden_size=16, num_layers=2, num_heads=4, intermediate_size=24,
-                     hidden_act="gelu_tanh", num_labels=1, classifier_dropout=0.2)
+    cfg = ModelConfig(BertConfig(vocab_size=60, hidden_size=16, num_layers=2, num_heads=4,
+                                 intermediate_size=24, hidden_act="gelu_tanh"),
+                      HeadConfig(num_labels=1, dropout=0.2))
     d = hf.config_to_hf(cfg)
     assert d["hidden_act"] == "gelu_new" and d["problem_type"] == "regression"
     assert d["architectures"] == ["BertForSequenceClassification"] and d["id2label"] == {"0": "LABEL_0"}
-    assert hf.config_from_hf(d) == cfg
-    assert hf.config_from_hf(transformers.BertConfig(**d)) == cfg
+    assert hf.config_from_hf(d) == cfg.encoder
+    assert hf.model_config_from_hf(d) == cfg
+    assert hf.model_config_from_hf(transformers.BertConfig(**d)) == cfg
     assert hf.config_to_hf(cfg.replace(hidden_act="gelu", num_labels=2))["problem_type"] == \
         "single_label_classification"
+    token = hf.config_to_hf(cfg.replace(kind="token", num_labels=3))
+    assert token["architectures"] == ["BertForTokenClassification"] and "problem_type" not in token
+    assert hf.model_config_from_hf(token).head == HeadConfig("token", 3, dropout=0.2)
     assert hf.config_from_hf({**d, "hidden_act": "gelu_pytorch_tanh"}).hidden_act == "gelu_tanh"
     with pytest.raises(ValueError, match="hidden_act 'silu' is not supported"):
         hf.config_from_hf({**d, "hidden_act": "silu"})
@@ -250,7 +259,7 @@ def test_config_round_trip_and_activation_names():
 def test_dtype_sets_compute_dtype_only(tmp_path):
     _torch_model().save_pretrained(tmp_path)
     cfg, params = hf.load_hf(tmp_path, dtype="bfloat16")
-    assert cfg.dtype == "bfloat16" and all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+    assert cfg.encoder.dtype == "bfloat16" and all(x.dtype == np.float32 for x in jax.tree.leaves(params))
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
         hf.load_hf(tmp_path, dtype="int8")
 
@@ -277,3 +286,46 @@ def test_save_without_tokenizer_files_fails(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         hf.save_hf(cfg, params, tmp_path / "out", tokenizer=tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- token classification
+
+
+def test_token_classification_checkpoint_matches_pytorch(tmp_path):
+    model = _torch_model(transformers.BertForTokenClassification, num_labels=5)
+    model.save_pretrained(tmp_path)
+    cfg, params, report = hf.load_hf(tmp_path, return_report=True)
+    assert cfg.head == HeadConfig("token", 5) and report.fresh == () and report.ignored == ()
+    batch = _inputs()
+    reference = _torch_outputs(model, *batch)
+    ours = _assert_same_encoder(cfg, params, reference, *batch)
+    valid = batch[1].astype(bool)
+    np.testing.assert_allclose(np.asarray(ours.logits)[valid], reference.logits.numpy()[valid], atol=1e-5)
+    out = hf.save_hf(cfg, params, tmp_path / "export")
+    again, info = transformers.AutoModelForTokenClassification.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    logits = _torch_outputs(again.eval(), *batch).logits.numpy()
+    np.testing.assert_allclose(logits[valid], reference.logits.numpy()[valid], atol=1e-6)
+
+
+def test_head_of_another_task_is_replaced_not_reused(tmp_path):
+    """A sequence classifier loaded for token classification keeps its encoder, not its head."""
+    model = _torch_model(num_labels=5)
+    model.save_pretrained(tmp_path)
+    cfg, params, report = hf.load_hf(tmp_path, head="token", return_report=True)
+    assert cfg.head.kind == "token" and report.fresh == ("classifier",)
+    assert {"bert.pooler.dense.weight", "classifier.weight"} <= set(report.ignored)
+    assert not np.allclose(params["head"]["classifier"]["kernel"],
+                           model.classifier.weight.detach().numpy().T)
+    _assert_same_encoder(cfg, params, _torch_outputs(model, *_inputs()), *_inputs())
+
+
+def test_minilm_token_head_matches_pytorch(minilm_dir, minilm_batch, tmp_path):
+    cfg, params = hf.load_hf(minilm_dir, head=HeadConfig("token", 9), rng=jax.random.key(1))
+    out = hf.save_hf(cfg, params, tmp_path / "ner", tokenizer=minilm_dir, id2label=[str(i) for i in range(9)])
+    model = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+    ids, mask, types = minilm_batch
+    reference = _torch_outputs(model, ids, mask, types).logits.numpy()
+    ours = np.asarray(apply_model(cfg, params, ids, mask, types).logits)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], reference[valid], atol=1e-4)

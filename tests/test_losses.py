@@ -187,8 +187,8 @@ def test_logit_loss_alpha_extremes_are_exact():
 
 def test_logit_loss_regression():
     s, t, y = rand(0, B, 1), rand(1, B, 1), rand(2, B)
-    cfg = LossConfig(alpha=0.25, regression=True)
-    loss, metrics = losses.logit_loss(cfg, s, t, y, WEIGHTS)
+    cfg = LossConfig(alpha=0.25)
+    loss, metrics = losses.logit_loss(cfg, s, t, y, WEIGHTS, regression=True)
     to_teacher = np_wmean((s[:, 0] - t[:, 0]) ** 2, WEIGHTS)
     to_label = np_wmean((s[:, 0] - y) ** 2, WEIGHTS)
     close(loss, 0.25 * to_teacher + 0.75 * to_label)
@@ -216,8 +216,8 @@ def test_kd_loss_shape_mismatch_raises():
     ({"alpha": -0.1}, "alpha must be in \\[0, 1\\]"),
     ({"temperature": 0.0}, "temperature must be a positive"),
     ({"temperature": float("nan")}, "temperature must be a positive"),
-    ({"hidden_weight": -1.0}, "loss.hidden_weight must be a number >= 0"),
-    ({"value_relation_weight": -0.5}, "loss.value_relation_weight"),
+    ({"hidden_weight": -1.0}, "distill.hidden_weight must be a number >= 0"),
+    ({"value_relation_weight": -0.5}, "distill.value_relation_weight"),
     ({"layer_map": "unifrom"}, "did you mean 'uniform'"),
     ({"layer_map": [[0, 1], [2]]}, "pair 1 must be two integers"),
     ({"relation_heads": -2}, "relation_heads"),
@@ -430,12 +430,13 @@ def test_intermediate_loss_missing_output_and_projection():
 @pytest.mark.slow  # compiles a backward pass through two small encoders
 def test_total_loss_on_model_outputs():
     model = pytest.importorskip("jaxkd.model")
-    small = dict(vocab_size=50, intermediate_size=16, max_position_embeddings=L, num_labels=C)
-    s_cfg = model.BertConfig(num_layers=2, hidden_size=8, num_heads=2, **small)
-    t_cfg = model.BertConfig(num_layers=4, hidden_size=16, num_heads=2, **small)
+    small = dict(vocab_size=50, intermediate_size=16, max_position_embeddings=L)
+    head = model.HeadConfig(num_labels=C)
+    s_cfg = model.ModelConfig(model.BertConfig(num_layers=2, hidden_size=8, num_heads=2, **small), head)
+    t_cfg = model.ModelConfig(model.BertConfig(num_layers=4, hidden_size=16, num_heads=2, **small), head)
     s_params = model.init_params(s_cfg, jax.random.key(0))
     t_params = model.init_params(t_cfg, jax.random.key(1))
-    proj = losses.init_projections(FULL, s_cfg, t_cfg, jax.random.key(2))
+    proj = losses.init_projections(FULL, s_cfg.encoder, t_cfg.encoder, jax.random.key(2))
     ids = np.random.default_rng(0).integers(1, 50, size=(B, L)) * MASK
     flags = dict(output_hidden_states=True, output_attentions=True, output_values=True)
     t_out = model.Bert(t_cfg).apply({"params": t_params}, ids, MASK, **flags)
@@ -445,7 +446,7 @@ def test_total_loss_on_model_outputs():
         def loss_fn(s_params, proj):
             s_out = model.Bert(s_cfg).apply({"params": s_params}, ids, MASK, **flags)
             return losses.total_loss(FULL, s_out, t_out, proj, np.array([0, 1, 2, 1]), MASK,
-                                     WEIGHTS, s_cfg, t_cfg)
+                                     WEIGHTS, s_cfg.encoder, t_cfg.encoder)
         return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(s_params, proj)
 
     (loss, metrics), grads = step(s_params, proj)
@@ -454,3 +455,26 @@ def test_total_loss_on_model_outputs():
                             "loss/attention_score", "loss/attention_kl", "loss/value_relation",
                             "loss/total"}
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_token_logit_losses_average_over_labelled_tokens():
+    """[B, L, C] logits with labels -1 on unlabelled tokens: a NumPy per-token reference."""
+    rng = np.random.default_rng(7)
+    s, t = rand(10, B, L, C), rand(11, B, L, C)
+    labels = rng.integers(0, C, (B, L))
+    labels[rng.random((B, L)) < 0.4] = -1
+    w_tok = WEIGHTS[:, None] * (labels >= 0)
+    T = 2.5
+    loss, metrics = losses.logit_loss(LossConfig(alpha=0.3, temperature=T), s, t, labels, w_tok)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    t_logp, s_logp = log_softmax(t / T), log_softmax(s / T)
+    kd = (np.exp(t_logp) * (t_logp - s_logp)).sum(-1) * T**2
+    ce = -np.take_along_axis(log_softmax(s), np.maximum(labels, 0)[..., None], -1)[..., 0]
+    mean = lambda v: (w_tok * v).sum() / w_tok.sum()  # noqa: E731
+    close(metrics["loss/kd"], mean(kd))
+    close(metrics["loss/ce"], mean(ce))
+    close(loss, 0.3 * mean(kd) + 0.7 * mean(ce))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from jaxkd.hf import save_hf
-from jaxkd.model import Bert, BertConfig, init_params
+from jaxkd.model import Bert, BertConfig, HeadConfig, ModelConfig, apply_model, init_params
 
-TINY = BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4, intermediate_size=32,
-                  max_position_embeddings=24, num_labels=3)
+TINY = ModelConfig(BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4,
+                              intermediate_size=32, max_position_embeddings=24), HeadConfig(num_labels=3))
 
 
 def _noisy(params, seed=1, scale=0.2):
@@ -39,7 +39,7 @@ def test_shapes_and_intermediates_only_when_asked(params):
     assert plain.hidden_states is plain.attention_scores is plain.attention_probs is plain.values is None
     full = Bert(TINY).apply({"params": params}, ids, mask, types, output_hidden_states=True,
                             output_attentions=True, output_values=True)
-    assert len(full.hidden_states) == TINY.num_layers + 1
+    assert len(full.hidden_states) == TINY.encoder.num_layers + 1
     assert all(h.shape == (3, 7, 16) for h in full.hidden_states)
     assert all(a.shape == (3, 4, 7, 7) for a in full.attention_scores + full.attention_probs)
     assert all(v.shape == (3, 4, 7, 4) for v in full.values)
@@ -65,7 +65,7 @@ def test_cls_only_last_layer_has_the_full_gradient(params):
     for a, b in zip(jax.tree.leaves(g_cls), jax.tree.leaves(g_full)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # The last layer's query/FFN weights do get a gradient (through [CLS]).
-    assert np.abs(g_cls[f"layer_{TINY.num_layers - 1}"]["intermediate"]["kernel"]).sum() > 0
+    assert np.abs(g_cls["encoder"][f"layer_{TINY.encoder.num_layers - 1}"]["intermediate"]["kernel"]).sum() > 0
 
 
 def test_padding_invariance(params):
@@ -129,3 +129,43 @@ def test_matches_pytorch_bert_for_sequence_classification(params, tmp_path, act)
     valid = mask.astype(bool)
     for h_ours, h_torch in zip(ours.hidden_states, out.hidden_states):
         np.testing.assert_allclose(np.asarray(h_ours)[valid], h_torch.numpy()[valid], atol=1e-5)
+
+
+TOKEN = TINY.replace(kind="token", num_labels=5)
+
+
+@pytest.fixture(scope="module")
+def token_params():
+    return _noisy(init_params(TOKEN, jax.random.key(4)), seed=5)
+
+
+def test_heads_share_the_encoder_and_differ_only_in_their_own_params(params, token_params):
+    assert set(params) == set(token_params) == {"encoder", "head"}
+    assert sorted(params["head"]) == ["classifier", "pooler"]
+    assert sorted(token_params["head"]) == ["classifier"]
+    assert jax.tree.structure(params["encoder"]) == jax.tree.structure(token_params["encoder"])
+    ids, mask, types = _batch()
+    out = apply_model(TOKEN, token_params, ids, mask, types)
+    assert out.logits.shape == (3, 7, 5) and out.logits.dtype == jnp.float32
+    # A token head reads every position: the hidden states of the full forward give its logits.
+    full = Bert(TOKEN).apply({"params": token_params}, ids, mask, types, output_hidden_states=True)
+    np.testing.assert_allclose(full.logits, out.logits, atol=1e-6)
+
+
+def test_token_head_matches_pytorch_bert_for_token_classification(token_params, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    save_hf(TOKEN, token_params, tmp_path, id2label=[f"T{i}" for i in range(5)])
+    model, info = transformers.AutoModelForTokenClassification.from_pretrained(
+        tmp_path, output_loading_info=True)
+    assert type(model).__name__ == "BertForTokenClassification"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.id2label == {i: f"T{i}" for i in range(5)}
+    ids, mask, types = _batch()
+    with torch.no_grad():
+        ref = model.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
+                           attention_mask=torch.tensor(mask),
+                           token_type_ids=torch.tensor(types, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(apply_model(TOKEN, token_params, ids, mask, types).logits)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-5)

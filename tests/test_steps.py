@@ -23,12 +23,14 @@ TOL = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def world():
-    student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches = setup.build()
+@pytest.fixture(scope="module", params=["sequence", "token"])
+def world(request):
+    """The same tests for a label per row (sequence head) and a label per token (token head)."""
+    kind = request.param
+    student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches = setup.build(kind)
     step_fn = steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg)
     mesh = sharding.make_mesh()
-    return dict(student=student_cfg, teacher=teacher_cfg, loss=loss_cfg, optim=optim_cfg,
+    return dict(kind=kind, student=student_cfg, teacher=teacher_cfg, loss=loss_cfg, optim=optim_cfg,
                 state=state, teacher_params=teacher_params, batches=batches, step_fn=step_fn,
                 jit_step=jax.jit(step_fn), mesh=mesh,
                 mesh_step=setup.compile_mesh_step(step_fn, mesh, state, teacher_params))
@@ -71,7 +73,7 @@ def test_one_device_equals_four(world, four_device_run):
     one_state, one_losses = setup.run_mesh_steps(step, mesh, world["state"],
                                                  world["teacher_params"], world["batches"])
     four_state, four_losses = four_device_run
-    assert len(four_state.params["embeddings"]["word_embeddings"]["embedding"].devices()) == 4
+    assert len(four_state.params["encoder"]["embeddings"]["word_embeddings"]["embedding"].devices()) == 4
     assert_close(one_losses, four_losses)
     assert_close(one_state.params, four_state.params)
     assert_close(one_state.proj_params, four_state.proj_params)
@@ -82,7 +84,7 @@ def test_pmap_equals_mesh_jit(world):
     # Full attention masks: token-averaged terms are then exact under per-device weighting too;
     # the padding rows (weight 0) still fall unevenly on the devices.
     rng = np.random.default_rng(1)
-    batches = [setup.make_batch(rng, full_mask=True) for _ in range(setup.STEPS)]
+    batches = [setup.make_batch(rng, full_mask=True, kind=world["kind"]) for _ in range(setup.STEPS)]
     mesh_state, mesh_losses = setup.run_mesh_steps(
         world["mesh_step"], world["mesh"], world["state"], world["teacher_params"], batches)
 
@@ -110,7 +112,8 @@ def test_two_processes_equal_one(world, four_device_run, tmp_path):
     out, port = tmp_path / "result.npz", _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
     script = pathlib.Path(__file__).with_name("_multiprocess_steps.py")
-    procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out)],
+    procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out),
+                               world["kind"]],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for pid in (0, 1)]
     for proc in procs:
@@ -128,7 +131,8 @@ def test_accumulation_equals_union_batch(world):
     rng = np.random.default_rng(2)
     # MultiSteps averages micro-batch means: equal to the union's mean for equal weight (and,
     # for the token-averaged terms, token) counts per micro-batch.
-    micro = [setup.make_batch(rng, rows=4, full_mask=True) for _ in range(k * updates)]
+    micro = [setup.make_batch(rng, rows=4, full_mask=True, kind=world["kind"])
+             for _ in range(k * updates)]
     for b in micro:
         b["weights"][:] = 1.0
     union = [{key: np.concatenate([b[key] for b in micro[u * k:(u + 1) * k]]) for key in micro[0]}
@@ -169,19 +173,22 @@ def test_teacher_is_frozen(world, four_device_run):
 
 
 def _with_cache(world, batch):
-    logits = steps.make_teacher_logits_fn(world["teacher"])(world["teacher_params"], batch)
+    logits = steps.make_logits_fn(world["teacher"])(world["teacher_params"], batch)
     return {**batch, "teacher_logits": np.asarray(logits)}
 
 
 def test_teacher_logit_cache_equals_in_step_teacher(world):
     loss_cfg = LossConfig(temperature=3.0, alpha=0.7)
-    step = jax.jit(steps.make_distill_step(world["student"], world["teacher"], loss_cfg))
+    live = jax.jit(steps.make_distill_step(world["student"], world["teacher"], loss_cfg,
+                                           teacher="live"))
+    cached_step = jax.jit(steps.make_distill_step(world["student"], world["teacher"], loss_cfg,
+                                                  teacher="cached"))
     cached = [_with_cache(world, b) for b in world["batches"]]
-    in_step_state, in_step_losses = run_steps(step, world["state"], world["teacher_params"],
+    in_step_state, in_step_losses = run_steps(live, world["state"], world["teacher_params"],
                                               world["batches"])
     # Garbage teacher params: with cached logits the teacher must not run at all.
     garbage = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), world["teacher_params"])
-    cached_state, cached_losses = run_steps(step, world["state"], garbage, cached)
+    cached_state, cached_losses = run_steps(cached_step, world["state"], garbage, cached)
     assert_close(cached_losses, in_step_losses)
     assert_close(cached_state.params, in_step_state.params)
 
@@ -194,10 +201,10 @@ def test_compiles_once_per_batch_shape(world):
     state, rng = sharding.shard_state(world["state"], mesh), np.random.default_rng(3)
     lengths = [8, 16, 8, 8, 16, 8]
     for length in lengths:
-        batch = sharding.global_batch(setup.make_batch(rng, length=length), mesh)
+        batch = sharding.global_batch(setup.make_batch(rng, length=length, kind=world["kind"]), mesh)
         state, _ = step(state, batch, jax.random.key(0))
     assert step._cache_size() == len(set(lengths))
-    assert not world["state"].params["classifier"]["kernel"].is_deleted()  # donation copied
+    assert not world["state"].params["head"]["classifier"]["kernel"].is_deleted()  # donation copied
 
 
 def test_bf16_compute_keeps_fp32_params_and_losses(world):
@@ -215,11 +222,13 @@ def test_bf16_compute_keeps_fp32_params_and_losses(world):
 def test_distill_metrics_match_numpy(world):
     batch = world["batches"][0]
     _, metrics = world["jit_step"](world["state"], world["teacher_params"], batch, jax.random.key(0))
-    s_logits = np.asarray(jax.jit(steps.make_eval_step(world["student"]))(
-        world["state"].params, batch)["logits"])
-    t_logits = np.asarray(jax.jit(steps.make_teacher_logits_fn(world["teacher"]))(
+    s_logits = np.asarray(jax.jit(steps.make_logits_fn(world["student"]))(
+        world["state"].params, batch))
+    t_logits = np.asarray(jax.jit(steps.make_logits_fn(world["teacher"]))(
         world["teacher_params"], batch))
-    w, T = batch["weights"], world["loss"].temperature
+    labels, T = batch["labels"], world["loss"].temperature
+    # Each row (sequence) or each labelled token (token head) counts with its row's weight.
+    w = batch["weights"] if labels.ndim == 1 else batch["weights"][:, None] * (labels >= 0)
 
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
@@ -227,12 +236,13 @@ def test_distill_metrics_match_numpy(world):
 
     t_logp, s_logp = log_softmax(t_logits / T), log_softmax(s_logits / T)
     kd = (np.exp(t_logp) * (t_logp - s_logp)).sum(-1)
-    ce = -log_softmax(s_logits)[np.arange(len(w)), batch["labels"]]
+    ce = -np.take_along_axis(log_softmax(s_logits), np.maximum(labels, 0)[..., None], -1)[..., 0]
     mean = lambda v: (w * v).sum() / w.sum()  # noqa: E731
     np.testing.assert_allclose(metrics["loss/kd"], mean(kd) * T**2, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(metrics["loss/ce"], mean(ce), rtol=1e-5)
-    np.testing.assert_allclose(metrics["accuracy"], mean(s_logits.argmax(-1) == batch["labels"]))
-    np.testing.assert_allclose(metrics["agreement"], mean(s_logits.argmax(-1) == t_logits.argmax(-1)))
+    np.testing.assert_allclose(metrics["accuracy"], mean(s_logits.argmax(-1) == labels), rtol=1e-6)
+    np.testing.assert_allclose(metrics["agreement"], mean(s_logits.argmax(-1) == t_logits.argmax(-1)),
+                               rtol=1e-6)
 
 
 def test_finetune_step_matches_torch_sgd(world):
@@ -244,17 +254,24 @@ def test_finetune_step_matches_torch_sgd(world):
     state = steps.TrainState.create(params, optax.sgd(lr))
     new_state, metrics = jax.jit(steps.make_finetune_step(cfg))(state, batch, jax.random.key(0))
 
-    model = transformers.BertForSequenceClassification(
-        transformers.BertConfig(**config_to_hf(cfg)))
+    token = world["kind"] == "token"
+    cls = transformers.BertForTokenClassification if token else transformers.BertForSequenceClassification
+    model = cls(transformers.BertConfig(**config_to_hf(cfg)))
     model.load_state_dict({k: torch.tensor(v) for k, v in hf_state_dict(cfg, params).items()},
                           strict=False)
     logits = model(input_ids=torch.from_numpy(batch["input_ids"]).long(),
                    attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
                    token_type_ids=torch.from_numpy(batch["token_type_ids"]).long()).logits
-    w = torch.from_numpy(batch["weights"])
-    per_row = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["labels"]).long(),
-                                                reduction="none")
-    loss = (w * per_row).sum() / w.sum()
+    w, labels = torch.from_numpy(batch["weights"]), torch.from_numpy(batch["labels"]).long()
+    if token:  # PyTorch's own masking: ignore_index -100 on unlabelled tokens, then the row weight
+        labels = torch.where(labels >= 0, labels, -100)
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
+                                                      ignore_index=-100, reduction="none")
+        w = w[:, None] * (labels >= 0)
+        loss = (w * per_token).sum() / w.sum()
+    else:
+        per_row = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        loss = (w * per_row).sum() / w.sum()
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     np.testing.assert_allclose(metrics["loss/ce"], loss.item(), rtol=1e-5)
@@ -266,21 +283,38 @@ def test_finetune_step_matches_torch_sgd(world):
         np.testing.assert_allclose(updated[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_eval_step_predictions(world):
+def test_logits_fn_shapes(world):
     batch = world["batches"][0]
-    out = steps.make_eval_step(world["student"])(world["state"].params, batch)
-    assert out["logits"].dtype == jnp.float32 and out["logits"].shape == (setup.BATCH, 3)
-    np.testing.assert_array_equal(out["predictions"], np.asarray(out["logits"]).argmax(-1))
-    reg_cfg = world["student"].replace(num_labels=1)
-    reg = steps.make_eval_step(reg_cfg)(init_params(reg_cfg, jax.random.key(0)), batch)
-    np.testing.assert_array_equal(reg["predictions"], np.asarray(reg["logits"])[:, 0])
+    logits = steps.make_logits_fn(world["student"])(world["state"].params, batch)
+    shape = (setup.BATCH, 3) if world["kind"] == "sequence" else (setup.BATCH, setup.LENGTH, 3)
+    assert logits.dtype == jnp.float32 and logits.shape == shape
+
+
+def test_regression_head_trains_on_squared_error(world):
+    if world["kind"] != "sequence":
+        pytest.skip("regression is a sequence head with one output")
+    cfg = world["student"].replace(num_labels=1)
+    batch = {**world["batches"][0], "labels": np.linspace(-1, 1, setup.BATCH).astype(np.float32)}
+    state = steps.TrainState.create(init_params(cfg, jax.random.key(0)), optax.sgd(0.0))
+    _, metrics = jax.jit(steps.make_finetune_step(cfg))(state, batch, jax.random.key(0))
+    pred = np.asarray(steps.make_logits_fn(cfg)(state.params, batch))[:, 0]
+    w = batch["weights"]
+    np.testing.assert_allclose(metrics["loss/mse"], (w * (pred - batch["labels"]) ** 2).sum() / w.sum(),
+                               rtol=1e-5)
 
 
 def test_bad_inputs_are_named(world):
     batch = {k: v for k, v in world["batches"][0].items() if k != "weights"}
     with pytest.raises(KeyError, match="weights"):
         world["step_fn"](world["state"], world["teacher_params"], batch, jax.random.key(0))
-    with pytest.raises(ValueError, match="num_labels"):
+    with pytest.raises(ValueError, match="head"):
         steps.make_distill_step(world["student"], world["teacher"].replace(num_labels=2), world["loss"])
-    with pytest.raises(ValueError, match="loss.regression"):
-        steps.make_distill_step(world["student"], world["teacher"], LossConfig(regression=True))
+    with pytest.raises(ValueError, match="must be 'live'"):
+        steps.make_distill_step(world["student"], world["teacher"], world["loss"], teacher="cached")
+    with pytest.raises(ValueError, match="needs the teacher's logits"):
+        steps.make_distill_step(world["student"], world["teacher"], LossConfig(alpha=0.5),
+                                teacher="none")
+    cached = jax.jit(steps.make_distill_step(world["student"], world["teacher"], LossConfig(),
+                                             teacher="cached"))
+    with pytest.raises(KeyError, match="teacher_logits"):
+        cached(world["state"], None, world["batches"][0], jax.random.key(0))

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from jaxkd import hf
-from jaxkd.model import Bert, BertConfig, init_params
+from jaxkd.model import Bert, BertConfig, HeadConfig, ModelConfig, init_params
 from jaxkd.student import student_from_pretrained, student_from_shape, student_from_teacher
 
-TEACHER = BertConfig(vocab_size=40, hidden_size=16, num_layers=6, num_heads=4, intermediate_size=32,
-                     max_position_embeddings=16, num_labels=3, hidden_act="gelu_tanh")
+TEACHER = ModelConfig(BertConfig(vocab_size=40, hidden_size=16, num_layers=6, num_heads=4,
+                                 intermediate_size=32, max_position_embeddings=16,
+                                 hidden_act="gelu_tanh"), HeadConfig(num_labels=3))
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +20,19 @@ def teacher_params():
 def test_student_from_layers_copies_teacher_weights(teacher_params):
     cfg, params = student_from_teacher(TEACHER, teacher_params, layers=[0, 2, 4])
     assert cfg == TEACHER.replace(num_layers=3)
-    assert sorted(params) == ["classifier", "embeddings", "layer_0", "layer_1", "layer_2", "pooler"]
-    pairs = {"embeddings": "embeddings", "pooler": "pooler", "classifier": "classifier",
-             "layer_0": "layer_0", "layer_1": "layer_2", "layer_2": "layer_4"}
-    for student_name, teacher_name in pairs.items():
-        s_flat = jax.tree_util.tree_leaves_with_path(params[student_name])
-        t_flat = dict(jax.tree_util.tree_leaves_with_path(teacher_params[teacher_name]))
+    assert sorted(params["encoder"]) == ["embeddings", "layer_0", "layer_1", "layer_2"]
+    pairs = {("encoder", "embeddings"): ("encoder", "embeddings"), ("head",): ("head",),
+             ("encoder", "layer_0"): ("encoder", "layer_0"), ("encoder", "layer_1"): ("encoder", "layer_2"),
+             ("encoder", "layer_2"): ("encoder", "layer_4")}
+
+    def at(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree
+
+    for student_path, teacher_path in pairs.items():
+        s_flat = jax.tree_util.tree_leaves_with_path(at(params, student_path))
+        t_flat = dict(jax.tree_util.tree_leaves_with_path(at(teacher_params, teacher_path)))
         assert len(s_flat) == len(t_flat)
         for path, value in s_flat:
             np.testing.assert_array_equal(value, t_flat[path])
@@ -48,10 +56,12 @@ def test_bad_layer_indices(teacher_params, layers, match):
 def test_student_from_shape_init_statistics():
     cfg, params = student_from_shape(TEACHER, jax.random.key(1), num_layers=2, hidden_size=64,
                                      num_heads=8, intermediate_size=128, hidden_dropout=0.0)
-    for name in ("vocab_size", "max_position_embeddings", "type_vocab_size", "num_labels", "hidden_act"):
-        assert getattr(cfg, name) == getattr(TEACHER, name)
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (2, 64, 8, 128)
-    assert cfg.hidden_dropout == 0.0
+    for name in ("vocab_size", "max_position_embeddings", "type_vocab_size", "hidden_act"):
+        assert getattr(cfg.encoder, name) == getattr(TEACHER.encoder, name)
+    assert cfg.head == TEACHER.head
+    enc = cfg.encoder
+    assert (enc.num_layers, enc.hidden_size, enc.num_heads, enc.intermediate_size) == (2, 64, 8, 128)
+    assert enc.hidden_dropout == 0.0
     leaves = jax.tree_util.tree_leaves_with_path(params)
     for path, value in leaves:
         name, value = jax.tree_util.keystr(path), np.asarray(value)
@@ -61,8 +71,8 @@ def test_student_from_shape_init_statistics():
             np.testing.assert_array_equal(value, 1.0, err_msg=name)
         elif value.size >= 1024:
             assert abs(value.std() - 0.02) < 0.002 and abs(value.mean()) < 0.002, name
-    assert params["layer_1"]["intermediate"]["kernel"].shape == (64, 128)
-    assert student_from_shape(TEACHER, jax.random.key(1), 1, 32, 4)[0].intermediate_size == 128
+    assert params["encoder"]["layer_1"]["intermediate"]["kernel"].shape == (64, 128)
+    assert student_from_shape(TEACHER, jax.random.key(1), 1, 32, 4)[0].encoder.intermediate_size == 128
 
 
 def test_student_from_shape_not_divisible_message():
@@ -77,12 +87,21 @@ def _write_checkpoint(directory, vocab_size, num_labels=2):
 
 
 def test_student_from_pretrained_matching_vocab(tmp_path, teacher_params):
-    directory, saved = _write_checkpoint(tmp_path, TEACHER.vocab_size, num_labels=2)
+    directory, saved = _write_checkpoint(tmp_path, TEACHER.encoder.vocab_size, num_labels=2)
     cfg, params = student_from_pretrained(directory, TEACHER.replace(dtype="bfloat16"))
-    assert cfg.num_layers == 2 and cfg.num_labels == TEACHER.num_labels and cfg.dtype == "bfloat16"
-    assert params["classifier"]["kernel"].shape == (16, 3)
-    reference = hf.load_hf(directory)[1]
-    np.testing.assert_array_equal(params["layer_1"]["output"]["kernel"], reference["layer_1"]["output"]["kernel"])
+    assert cfg.encoder.num_layers == 2 and cfg.head == TEACHER.head and cfg.encoder.dtype == "bfloat16"
+    assert params["head"]["classifier"]["kernel"].shape == (16, 3)
+    reference = hf.load_hf(directory)[1]["encoder"]
+    np.testing.assert_array_equal(params["encoder"]["layer_1"]["output"]["kernel"],
+                                  reference["layer_1"]["output"]["kernel"])
+
+
+def test_student_from_pretrained_takes_the_teachers_head_kind(tmp_path):
+    directory, _ = _write_checkpoint(tmp_path, TEACHER.encoder.vocab_size, num_labels=3)
+    token_teacher = TEACHER.replace(kind="token", num_labels=5)
+    cfg, params = student_from_pretrained(directory, token_teacher)
+    assert cfg.head == token_teacher.head and sorted(params["head"]) == ["classifier"]
+    assert params["head"]["classifier"]["kernel"].shape == (16, 5)
 
 
 def test_student_from_pretrained_mismatched_vocab(tmp_path):

@@ -16,11 +16,12 @@ import yaml
 from jaxkd import config as config_lib
 from jaxkd import hf, trainer
 from jaxkd.config import ConfigError
-from jaxkd.model import BertConfig, init_params
+from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = BertConfig(vocab_size=30522, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
-                  max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+TINY = ModelConfig(BertConfig(vocab_size=30522, hidden_size=32, num_layers=4, num_heads=4,
+                              intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.0,
+                              attention_dropout=0.0), HeadConfig(num_labels=2))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_teacher, sst2_small):
         assert 0.0 <= on_disk[who]["metrics"]["accuracy"] <= 1.0
     assert on_disk["student"]["params"] < on_disk["teacher"]["params"]
     assert on_disk["data"]["train"] == {"source": str(sst2_small / "train.tsv"), "examples": 160,
-                                        "skipped": {}}
+                                        "rows": 160, "skipped": {}}
     assert report["retention"]["accuracy"] == pytest.approx(
         on_disk["student"]["metrics"]["accuracy"] / on_disk["teacher"]["metrics"]["accuracy"])
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]

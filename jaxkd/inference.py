@@ -1,0 +1,57 @@
+"""The one prediction path: a model's outputs for every row of an encoded split.
+
+Used by evaluation, the teacher cache, the report, `jaxkd.bench` and prediction. Outputs are
+[N, C] for sequence heads, or flat [T, C] for token heads (row i's tokens at
+`encoded.offsets[i]:encoded.offsets[i + 1]`), so nothing is padded to the longest row.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxkd import data as data_lib
+from jaxkd import sharding
+from jaxkd.data import Encoded
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) array on the host, whole."""
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: int, mesh: Mesh,
+            bucket_multiple: int, max_seq_len: int, per_token: bool,
+            progress: Callable | None = None) -> np.ndarray:
+    """Outputs of `logits_fn(params, batch)` (jitted, batch sharded over `mesh`) for every row.
+
+    `progress(iterable)` may wrap the batches (a progress bar). Every batch is dispatched before
+    any result is read back: the host prepares batch n+1 while the device computes batch n.
+    """
+    batches = data_lib.EvalBatches(encoded, batch_size, bucket_multiple=bucket_multiple,
+                                   max_seq_len=max_seq_len, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    pending = []
+    for local in (progress(batches) if progress else batches):
+        batch = sharding.global_batch(local, mesh)
+        pending.append((logits_fn(params, batch), batch["index"]))
+    out = None
+    for logits, index in pending:
+        logits, index = to_host(logits), to_host(index)
+        if out is None:
+            rows = int(encoded.offsets[-1]) if per_token else len(encoded)
+            out = np.zeros((rows, logits.shape[-1]), np.float32)
+        real = index >= 0
+        if per_token:
+            gather = data_lib.TokenGather(encoded.offsets, np.maximum(index, 0), logits.shape[1])
+            keep = gather.mask_bxL & real[:, None]
+            out[gather.flat_bxL[keep]] = logits[keep]
+        else:
+            out[index[real]] = logits[real]
+    return out

@@ -1,0 +1,232 @@
+"""What every task kind shares: the `task` config section, the `Task` interface, the on-device
+`Objective` (losses and step metrics of a head's logits) and row validation helpers.
+
+A task kind is one module of `jaxkd.tasks` with:
+  TYPE, KEYS       its `task.type` and the `task.*` keys it reads (others must stay unset)
+  PRESETS          named settings (`task.name`)
+  resolve(cfg, data_cfg) -> Task
+  objective(head) -> Objective
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd import losses
+from jaxkd.data import DataConfig, DataError, Encoded
+from jaxkd.model import HeadConfig
+
+log = logging.getLogger(__name__)
+
+Array = jax.Array
+_EPS = 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What to learn (YAML section `task`). Which keys apply depends on `type`."""
+
+    # A preset (sequence_classification: cola sst2 mrpc qqp stsb mnli qnli rte wnli;
+    # token_classification: conll2003) or "custom".
+    name: str = "sst2"
+    # sequence_classification (one label or score per sentence or pair) | token_classification
+    # (a tag per word). None: the preset's type, else sequence_classification.
+    type: str | None = None
+    # Label names; a string label becomes its position here. None = the preset's, or (custom)
+    # the sorted distinct values of the training labels.
+    labels: tuple[str, ...] | None = None
+    metric: str | None = None  # primary metric; None = the preset's. pearson/spearman = regression
+    # sequence_classification: columns
+    text: str | None = None  # text column; None = the preset's
+    text_pair: str | None = None  # second text column of a pair task; None = the preset's
+    label: str | None = None  # label column; None = the preset's ("label")
+    # token_classification: columns of JSONL/parquet/Hub rows (CoNLL files need none)
+    tokens: str | None = None  # list of words; None = the preset's ("tokens")
+    tags: str | None = None  # list of tags (names, or ids into task.labels); None = "tags"/the preset's
+    label_all_subtokens: bool = False  # label every sub-token of a word, not only the first
+    tag_scheme: str | None = None  # iob1 | iob2 | bioes; None = the preset's (iob2)
+
+    def __post_init__(self):
+        from jaxkd import tasks  # the registry imports this module
+
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+            if not self.labels or len(set(self.labels)) != len(self.labels):
+                raise DataError(f"task.labels must be a non-empty list of distinct names, "
+                                f"got {list(self.labels)}")
+        tasks.check_config(self)
+
+
+class Task:
+    """A resolved task: everything the pipeline asks of a task kind, nothing left to default.
+
+    Subclasses are frozen dataclasses with at least `name`, `label_names` and `metrics`
+    (primary first); they implement the methods below.
+    """
+
+    type: ClassVar[str]
+    head_kind: ClassVar[str]  # jaxkd.model.HEAD_KINDS
+    outputs_per_token: ClassVar[bool]  # model outputs [B, L, C] (stored flat [T, C]) vs [B, C]
+    name: str
+    label_names: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def head(self) -> HeadConfig:
+        return HeadConfig(kind=self.head_kind, num_labels=self.num_labels)
+
+    def id2label(self) -> dict[int, str] | None:
+        return dict(enumerate(self.label_names)) or None
+
+    def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True):
+        """Validated examples of one split (a file or a Hub split); `len()` and `.skipped`."""
+        raise NotImplementedError
+
+    def encode(self, examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
+        raise NotImplementedError
+
+    def scores(self, outputs: np.ndarray, encoded: Encoded, examples) -> dict[str, float]:
+        """The task metrics (primary first) of a split's outputs (see `jaxkd.inference`)."""
+        raise NotImplementedError
+
+    def agreement(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded,
+                  examples) -> float:
+        """How often student and teacher predict the same (NaN where it does not apply)."""
+        raise NotImplementedError
+
+    def predictions(self, outputs: np.ndarray, encoded: Encoded, examples) -> list[dict]:
+        """One JSON-able prediction per example."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- on device
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """How a head's logits are trained and scored inside a step.
+
+    regression: one output per row, squared error (labels float). per_token: labels [B, L] with -1
+    on tokens that carry no label; every loss and metric is a mean over labelled tokens, each
+    weighted by its row's weight.
+    """
+
+    regression: bool = False
+    per_token: bool = False
+
+    def weights(self, batch) -> Array:
+        """Weight of each loss term: [B] rows, or [B, L] labelled tokens."""
+        weights = batch["weights"].astype(jnp.float32)
+        if self.per_token:
+            return weights[:, None] * (batch["labels"] >= 0)
+        return weights
+
+    @property
+    def hard_loss_name(self) -> str:
+        return "loss/mse" if self.regression else "loss/ce"
+
+    def hard_loss(self, logits: Array, batch) -> Array:
+        """The hard-label loss alone (teacher fine-tuning)."""
+        if self.regression:
+            return losses.mse_loss(logits, batch["labels"], self.weights(batch))
+        return losses.ce_loss(logits, batch["labels"], self.weights(batch))
+
+    def metrics(self, logits: Array, batch, teacher_logits: Array | None = None) -> dict[str, Array]:
+        """Accuracy against the labels, agreement with the teacher (classification only)."""
+        if self.regression:
+            return {}
+        weights = self.weights(batch)
+        pred = jnp.argmax(logits, axis=-1)
+        out = {"accuracy": _weighted_mean(pred == batch["labels"], weights)}
+        if teacher_logits is not None:
+            out["agreement"] = _weighted_mean(pred == jnp.argmax(teacher_logits, axis=-1), weights)
+        return out
+
+
+def _weighted_mean(values: Array, weights: Array) -> Array:
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(weights * values.astype(jnp.float32)) / jnp.maximum(jnp.sum(weights), _EPS)
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+class BadRow(Exception):
+    """A row that fails validation; `kind` counts it in `skipped`."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+class Problems:
+    """Bad rows of one split: an error naming the first, or (data.skip_invalid) a count."""
+
+    def __init__(self, source: str, malformed: Sequence[tuple[str, str]] = (),
+                 malformed_kind: str = "wrong field count"):
+        self.source = source
+        self.found = list(malformed)
+        self.skipped = collections.Counter({malformed_kind: len(malformed)} if malformed else {})
+
+    def add(self, where: str, bad: BadRow) -> None:
+        self.skipped[bad.kind] += 1
+        self.found.append((where, str(bad)))
+
+    def settle(self, data_cfg: DataConfig, kept: int) -> dict[str, int]:
+        """Raise for bad rows unless they are to be skipped; the skip counts by reason."""
+        if self.found and not data_cfg.skip_invalid:
+            where, reason = self.found[0]
+            raise DataError(f"{where}: {reason}. Fix the row, or set data.skip_invalid: true to skip "
+                            f"and count such rows ({len(self.found)} bad rows in all).")
+        if self.found:
+            log.warning("%s: skipped %d invalid rows (%s); first: %s: %s", self.source,
+                        len(self.found), dict(self.skipped), *self.found[0])
+        if not kept:
+            raise DataError(f"{self.source}: no valid rows left (all {len(self.found)} were invalid)")
+        return dict(self.skipped)
+
+
+def label_key(value: Any) -> str | None:
+    """Label value -> the string it is matched by; None when missing."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if float(value).is_integer() else str(value)
+    key = str(value).strip()
+    return key or None
+
+
+def is_int(key: str) -> bool:
+    return key.lstrip("-").isdigit()
+
+
+def label_id(key: str, names: Sequence[str]) -> int | None:
+    """A label's id: its position among `names`, or an integer id in range; None otherwise."""
+    if key in names:
+        return list(names).index(key)
+    if is_int(key) and 0 <= int(key) < len(names):
+        return int(key)
+    return None
+
+
+def infer_label_names(values: Iterable[Any]) -> tuple[str, ...]:
+    """Distinct label values, sorted (numerically when all are integers)."""
+    keys = {k for k in map(label_key, values) if k is not None}
+    if not keys:
+        raise DataError("cannot infer task.labels: the training labels are all empty")
+    if all(is_int(k) for k in keys):
+        return tuple(sorted(keys, key=int))
+    return tuple(sorted(keys))

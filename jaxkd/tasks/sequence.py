@@ -1,0 +1,299 @@
+"""Sentence and sentence-pair classification and regression (GLUE): one label or score per row.
+
+Head: pooler + classifier on [CLS] (`BertForSequenceClassification`); one output is a
+regression (MSE, Pearson/Spearman), more are classes (CE, accuracy/F1/Matthews).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from jaxkd import data as data_lib
+from jaxkd import metrics as metrics_lib
+from jaxkd.data import DataConfig, DataError, Encoded, Table
+from jaxkd.model import HeadConfig
+from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, infer_label_names,
+                              label_id, label_key)
+
+TYPE = "sequence_classification"
+KEYS = ("name", "labels", "metric", "text", "text_pair", "label")
+METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+REGRESSION_METRICS = ("pearson", "spearman")
+_TOKENIZE_CHUNK = 10_000  # rows per tokenizer call: bounds the Python lists held at once
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    text: str
+    text_pair: str | None
+    labels: tuple[str, ...]  # () = regression
+    metrics: tuple[str, ...]  # primary first
+    eval_splits: tuple[str, ...] = ("validation",)
+    test_splits: tuple[str, ...] = ("test",)
+
+
+# Column and label names as the Hub's `glue` dataset has them.
+PRESETS: dict[str, Preset] = {
+    "cola": Preset("sentence", None, ("unacceptable", "acceptable"), ("matthews",)),
+    "sst2": Preset("sentence", None, ("negative", "positive"), ("accuracy",)),
+    "mrpc": Preset("sentence1", "sentence2", ("not_equivalent", "equivalent"), ("accuracy", "f1")),
+    "qqp": Preset("question1", "question2", ("not_duplicate", "duplicate"), ("accuracy", "f1")),
+    "stsb": Preset("sentence1", "sentence2", (), ("pearson", "spearman")),
+    "mnli": Preset("premise", "hypothesis", ("entailment", "neutral", "contradiction"),
+                   ("accuracy",), ("validation_matched", "validation_mismatched"),
+                   ("test_matched", "test_mismatched")),
+    "qnli": Preset("question", "sentence", ("entailment", "not_entailment"), ("accuracy",)),
+    "rte": Preset("sentence1", "sentence2", ("entailment", "not_entailment"), ("accuracy",)),
+    "wnli": Preset("sentence1", "sentence2", ("not_entailment", "entailment"), ("accuracy",)),
+}
+
+
+def objective(head: HeadConfig) -> Objective:
+    # The one place "regression" is decided: a sequence head with a single output.
+    return Objective(regression=head.num_labels == 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Validated rows of one split."""
+
+    source: str
+    texts: list[str]
+    pairs: list[str] | None  # second texts of a pair task
+    labels: np.ndarray  # int32 ids, or float32 for regression; -1 / NaN when has_labels is False
+    has_labels: bool
+    skipped: dict[str, int]  # reason -> count of rows left out (only with data.skip_invalid)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceTask(Task):
+    """A resolved sentence(-pair) task: columns, labels and metrics."""
+
+    type: ClassVar[str] = TYPE
+    head_kind: ClassVar[str] = "sequence"
+    outputs_per_token: ClassVar[bool] = False
+
+    name: str
+    text: str
+    text_pair: str | None
+    label: str
+    label_names: tuple[str, ...]  # id -> name (id2label at export); () for regression
+    metrics: tuple[str, ...]  # primary first
+    eval_splits: tuple[str, ...]  # Hub splits evaluated when data.eval is not given
+    test_splits: tuple[str, ...]
+    hub_dataset: str = "glue"
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.label_names
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.is_regression else len(self.label_names)
+
+    def read(self, data_cfg: DataConfig, source: str) -> Table:
+        if data_lib.is_local_path(source):
+            return data_lib.read_file(source, data_cfg.format)
+        config = self.name if self.name in PRESETS else None
+        return data_lib.read_hub(data_cfg.dataset or self.hub_dataset, config, source,
+                                 data_cfg.cache_dir)
+
+    def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True) -> Examples:
+        """Reads and validates one split (a local file or a Hub split name).
+
+        Every row is checked before anything else runs: an empty or null text, a missing label or
+        a label outside `label_names` raises a `DataError` naming the file and line, unless
+        `data.skip_invalid`, which skips such rows and counts them in `Examples.skipped`. With
+        `require_labels=False` (test splits) a missing or all -1 label column gives unlabeled
+        examples.
+        """
+        table = self.read(data_cfg, source)
+        wanted = {"task.text": self.text}
+        if self.text_pair is not None:
+            wanted["task.text_pair"] = self.text_pair
+        if require_labels or self.label in table.columns:
+            wanted["task.label"] = self.label
+        data_lib.check_columns(table, wanted)
+        if len(table) == 0 and not table.malformed:
+            raise DataError(f"{table.source}: the split is empty (no data rows)")
+        label_column = table.columns.get(self.label)
+        has_labels = require_labels or not _unlabeled(label_column)
+        problems = Problems(table.source, table.malformed)
+        texts, pairs, labels = [], [], []
+        pair_column = table.columns.get(self.text_pair) if self.text_pair else None
+        for i, text in enumerate(table.columns[self.text]):
+            try:
+                row = (_text(text, self.text),
+                       _text(pair_column[i], self.text_pair) if pair_column is not None else None,
+                       self._label(label_column[i]) if has_labels else None)
+            except BadRow as bad:
+                problems.add(table.where(i), bad)
+                continue
+            texts.append(row[0])
+            pairs.append(row[1])
+            labels.append(row[2])
+        skipped = problems.settle(data_cfg, len(texts))
+        return Examples(source=table.source, texts=texts,
+                        pairs=pairs if pair_column is not None else None,
+                        labels=self._label_array(labels, has_labels), has_labels=has_labels,
+                        skipped=skipped)
+
+    def _label(self, value: Any) -> float | int:
+        key = label_key(value)
+        if key is None:
+            raise BadRow("missing label", f"missing label in column {self.label!r}")
+        if self.is_regression:
+            try:
+                number = float(key)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                raise BadRow("bad label", f"label {value!r} in column {self.label!r} is not a finite number")
+            return number
+        found = label_id(key, self.label_names)
+        if found is None:
+            raise BadRow("bad label", f"label {value!r} in column {self.label!r} is not one of "
+                         f"{list(self.label_names)} nor an id 0..{self.num_labels - 1} (task.labels)")
+        return found
+
+    def _label_array(self, labels: list, has_labels: bool) -> np.ndarray:
+        dtype = np.float32 if self.is_regression else np.int32
+        if has_labels:
+            return np.asarray(labels, dtype)
+        return np.full(len(labels), np.nan if self.is_regression else -1, dtype)
+
+    def encode(self, examples: Examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
+        """Token ids of every example ([CLS] a [SEP] (b [SEP])), truncated longest-first.
+
+        Cached in `cache_dir` under a hash of the texts, the tokenizer and max_seq_len.
+        """
+        key = data_lib.content_key(f"sequence len{max_seq_len}",
+                                   data_lib.tokenizer_fingerprint(tokenizer), examples.texts,
+                                   examples.pairs or [])
+        arrays = data_lib.cached_arrays(
+            cache_dir, key, lambda: _run_tokenizer(examples, tokenizer, max_seq_len))
+        return Encoded(labels=examples.labels, has_labels=examples.has_labels, **arrays)
+
+    def scores(self, outputs: np.ndarray, encoded: Encoded, examples) -> dict[str, float]:
+        return metrics_lib.compute(self.metrics, outputs, np.asarray(encoded.labels))
+
+    def agreement(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded,
+                  examples) -> float:
+        return metrics_lib.agreement(student, teacher)
+
+    def predictions(self, outputs: np.ndarray, encoded: Encoded, examples) -> list[dict]:
+        if self.is_regression:
+            return [{"score": float(x)} for x in outputs[:, 0]]
+        probs = _softmax(outputs)
+        return [{"label": self.label_names[int(p.argmax())], "probs": [round(float(x), 6) for x in p]}
+                for p in probs]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _run_tokenizer(examples: Examples, tokenizer, max_seq_len: int) -> dict[str, np.ndarray]:
+    ids, types, lengths = [], [], []
+    for start in range(0, len(examples), _TOKENIZE_CHUNK):
+        stop = start + _TOKENIZE_CHUNK
+        pairs = examples.pairs[start:stop] if examples.pairs is not None else None
+        out = tokenizer(examples.texts[start:stop], pairs, truncation="longest_first",
+                        max_length=max_seq_len, return_token_type_ids=True,
+                        return_attention_mask=False)
+        chunk_ids, chunk_lengths = data_lib.flatten(out["input_ids"], np.int32)
+        ids.append(chunk_ids)
+        types.append(data_lib.flatten(out["token_type_ids"], np.int8)[0])
+        lengths.append(chunk_lengths)
+    return {"input_ids": np.concatenate(ids), "token_type_ids": np.concatenate(types),
+            "offsets": data_lib.offsets_of(np.concatenate(lengths))}
+
+
+def _text(value: Any, column: str) -> str:
+    if value is None:
+        raise BadRow("empty text", f"null text in column {column!r}")
+    if not isinstance(value, str):
+        raise BadRow("bad text", f"text in column {column!r} is a {type(value).__name__}, not a string")
+    if not value.strip():
+        raise BadRow("empty text", f"empty text in column {column!r}")
+    return value
+
+
+def _unlabeled(label_column: list | None) -> bool:
+    # Hub test splits keep the column but fill it with -1.
+    return label_column is None or all(label_key(v) in (None, "-1") for v in label_column)
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None,
+            label_values: Iterable[Any] | None = None) -> SequenceTask:
+    """Fills `cfg` from its preset. A custom classification task without `labels` infers them
+    from the training labels: `label_values`, or read from `data_cfg.train`."""
+    if cfg.name == "custom":
+        if cfg.text is None:
+            raise DataError("task.name 'custom' needs task.text (the name of the text column)")
+        metric = cfg.metric or "accuracy"
+        preset = Preset(cfg.text, cfg.text_pair, (), (metric,), ("validation",), ("test",))
+        regression = metric in REGRESSION_METRICS
+    else:
+        preset = PRESETS[cfg.name]
+        regression = not preset.labels
+    if regression:
+        if cfg.labels is not None:
+            raise DataError(f"task {cfg.name!r} is a regression (metric pearson/spearman): "
+                            f"remove task.labels")
+        names: tuple[str, ...] = ()
+    elif cfg.labels is not None:
+        names = cfg.labels
+    elif preset.labels:
+        names = preset.labels
+    else:
+        if label_values is None:
+            label_values = _training_labels(cfg, data_cfg)
+        names = infer_label_names(label_values)
+    metrics = _metrics(cfg, preset, regression, len(names))
+    return SequenceTask(name=cfg.name, text=cfg.text or preset.text,
+                        text_pair=cfg.text_pair or preset.text_pair, label=cfg.label or "label",
+                        label_names=names, metrics=metrics, eval_splits=preset.eval_splits,
+                        test_splits=preset.test_splits)
+
+
+def _training_labels(cfg: TaskConfig, data_cfg: DataConfig | None) -> list:
+    if data_cfg is None or data_cfg.train is None:
+        raise DataError("task.name 'custom' needs task.labels (the label names), "
+                        "or data.train to infer them from")
+    draft = SequenceTask(name=cfg.name, text=cfg.text, text_pair=cfg.text_pair,
+                         label=cfg.label or "label", label_names=(), metrics=(), eval_splits=(),
+                         test_splits=())
+    table = draft.read(data_cfg, data_cfg.train)
+    data_lib.check_columns(table, {"task.label": draft.label})
+    return table.columns[draft.label]
+
+
+def check(cfg: TaskConfig) -> None:
+    if cfg.metric is not None and cfg.metric not in METRICS:
+        raise DataError(f"unknown task.metric {cfg.metric!r}{data_lib.nearest(cfg.metric, METRICS)}; "
+                        f"known: {', '.join(METRICS)}")
+
+
+def _metrics(cfg: TaskConfig, preset: Preset, regression: bool, num_labels: int) -> tuple[str, ...]:
+    primary = cfg.metric or preset.metrics[0]
+    metrics = (primary,) + tuple(m for m in preset.metrics if m != primary)
+    for metric in metrics:
+        if (metric in REGRESSION_METRICS) != regression:
+            kind = "regression" if regression else "classification"
+            raise DataError(f"task.metric {metric!r} does not fit the {kind} task {cfg.name!r}")
+        if metric == "f1" and num_labels != 2:
+            raise DataError(f"task.metric 'f1' (of the positive class) needs 2 labels, "
+                            f"task {cfg.name!r} has {num_labels}")
+    return metrics

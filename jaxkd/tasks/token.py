@@ -1,0 +1,397 @@
+"""Token classification (named entities, CoNLL-2003): a tag per word.
+
+Head: a classifier on every token (`BertForTokenClassification`). A word's label sits on its
+first sub-token and the others are masked (-1), unless `task.label_all_subtokens`; the word's
+prediction is read from its first sub-token. A sentence longer than `data.max_seq_len` is cut
+into consecutive windows of whole words, so every word is predicted exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from jaxkd import data as data_lib
+from jaxkd.data import DataConfig, DataError, Encoded
+from jaxkd.model import HeadConfig
+from jaxkd.tasks import entities as entities_lib
+from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, infer_label_names,
+                              is_int, label_id, label_key)
+
+TYPE = "token_classification"
+KEYS = ("name", "labels", "metric", "tokens", "tags", "label_all_subtokens", "tag_scheme")
+METRICS = ("f1", "precision", "recall", "accuracy")  # entity-level micro P/R/F1, token accuracy
+_DOCSTART = "-DOCSTART-"
+_TOKENIZE_CHUNK = 2_000  # sentences per tokenizer call
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    labels: tuple[str, ...]
+    tokens: str = "tokens"
+    tags: str = "tags"
+    scheme: str = "iob2"
+    hub_dataset: str | None = None
+    eval_splits: tuple[str, ...] = ("validation",)
+    test_splits: tuple[str, ...] = ("test",)
+
+
+PRESETS: dict[str, Preset] = {
+    # Label order of the Hub's conll2003 dataset, so its integer tags read correctly.
+    "conll2003": Preset(("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC",
+                         "I-MISC"), tags="ner_tags", hub_dataset="conll2003"),
+}
+
+
+def objective(head: HeadConfig) -> Objective:
+    return Objective(per_token=True)
+
+
+def check(cfg: TaskConfig) -> None:
+    if cfg.metric is not None and cfg.metric not in METRICS:
+        raise DataError(f"unknown task.metric {cfg.metric!r} for {TYPE}"
+                        f"{data_lib.nearest(cfg.metric, METRICS)}; known: {', '.join(METRICS)}")
+    if cfg.tag_scheme is not None and cfg.tag_scheme not in entities_lib.SCHEMES:
+        raise DataError(f"task.tag_scheme {cfg.tag_scheme!r} is unknown"
+                        f"{data_lib.nearest(cfg.tag_scheme, entities_lib.SCHEMES)}; use one of "
+                        f"{', '.join(entities_lib.SCHEMES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Validated sentences of one split: words, and tag ids back to back."""
+
+    source: str
+    words: list[list[str]]
+    tags: np.ndarray  # int32 [W]: every word's tag id, sentence after sentence; -1 unlabeled
+    has_labels: bool
+    skipped: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @property
+    def word_offsets(self) -> np.ndarray:
+        return data_lib.offsets_of(np.fromiter(map(len, self.words), np.int64, len(self.words)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTask(Task):
+    type: ClassVar[str] = TYPE
+    head_kind: ClassVar[str] = "token"
+    outputs_per_token: ClassVar[bool] = True
+
+    name: str
+    label_names: tuple[str, ...]
+    metrics: tuple[str, ...]
+    tokens: str
+    tags: str
+    scheme: str
+    label_all_subtokens: bool
+    hub_dataset: str | None
+    eval_splits: tuple[str, ...]
+    test_splits: tuple[str, ...]
+
+    # ------------------------------------------------------------------ reading
+
+    def _is_conll(self, data_cfg: DataConfig, source: str) -> bool:
+        if not data_lib.is_local_path(source):
+            return False
+        if data_cfg.format is not None:
+            return data_cfg.format == "conll"
+        # .txt is tab-separated text for sentence tasks, CoNLL columns here.
+        return data_lib.file_format(source) == "conll" or source.lower().endswith(".txt")
+
+    def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True) -> Examples:
+        """Reads and validates one split: CoNLL columns, or rows with lists of tokens and tags.
+
+        A token line without a tag, a tag outside the label set, or token and tag lists of
+        different lengths raise a `DataError` naming the file and line (row), unless
+        `data.skip_invalid`, which skips the sentence and counts it.
+        """
+        if self._is_conll(data_cfg, source):
+            sentences, problems = _read_conll(source)
+        else:
+            sentences, problems = self._read_rows(data_cfg, source, require_labels)
+        words, tags = [], []
+        has_labels = require_labels or any(t is not None for _, _, t in sentences)
+        for where, sentence_words, sentence_tags in sentences:
+            try:
+                ids = self._tag_ids(sentence_words, sentence_tags, has_labels)
+            except BadRow as bad:
+                problems.add(where, bad)
+                continue
+            words.append(sentence_words)
+            tags.extend(ids)
+        skipped = problems.settle(data_cfg, len(words))
+        return Examples(source=problems.source, words=words, tags=np.asarray(tags, np.int32),
+                        has_labels=has_labels, skipped=skipped)
+
+    def _tag_ids(self, words: list[str], tags: list | None, has_labels: bool) -> list[int]:
+        if not has_labels:
+            return [-1] * len(words)
+        if tags is None:
+            raise BadRow("missing tags", "the sentence has no tags")
+        if len(tags) != len(words):
+            raise BadRow("length mismatch", f"{len(words)} tokens but {len(tags)} tags")
+        ids = []
+        for k, tag in enumerate(tags):
+            key = label_key(tag)
+            found = None if key is None else label_id(key, self.label_names)
+            if found is None:
+                raise BadRow("bad tag", f"tag {tag!r} of token {k} ({words[k]!r}) is not one of "
+                             f"{list(self.label_names)} (task.labels)")
+            ids.append(found)
+        return ids
+
+    def _read_rows(self, data_cfg: DataConfig, source: str, require_labels: bool):
+        if data_lib.is_local_path(source):
+            table = data_lib.read_file(source, data_cfg.format)
+        else:
+            dataset = data_cfg.dataset or self.hub_dataset
+            if dataset is None:
+                raise DataError(f"data split {source!r} is not a file, and task {self.name!r} has no "
+                                f"Hub dataset: set data.dataset or give a file")
+            table = data_lib.read_hub(dataset, None, source, data_cfg.cache_dir)
+        wanted = {"task.tokens": self.tokens}
+        if require_labels:
+            wanted["task.tags"] = self.tags
+        data_lib.check_columns(table, wanted)
+        problems = Problems(table.source, table.malformed)
+        tag_column = table.columns.get(self.tags)
+        sentences = []
+        for i, words in enumerate(table.columns[self.tokens]):
+            where = table.where(i)
+            if not isinstance(words, (list, tuple)) or not words or not all(
+                    isinstance(w, str) and w.strip() for w in words):
+                problems.add(where, BadRow("bad tokens", f"column {self.tokens!r} must hold a "
+                                           f"non-empty list of non-empty strings, got {words!r}"))
+                continue
+            tags = None if tag_column is None else tag_column[i]
+            if tags is not None and not isinstance(tags, (list, tuple)):
+                problems.add(where, BadRow("bad tags", f"column {self.tags!r} must hold a list, "
+                                           f"got {tags!r}"))
+                continue
+            sentences.append((where, list(words), None if tags is None else list(tags)))
+        if not sentences and not problems.found:
+            raise DataError(f"{table.source}: the split is empty (no data rows)")
+        return sentences, problems
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, examples: Examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
+        """Windows of whole words, [CLS] sub-tokens [SEP], with per-token labels.
+
+        extras: `word_index` [T] (the split-wide index of the word whose first sub-token this is,
+        else -1) and `row_sentence` [N] (the sentence each window belongs to).
+        """
+        key = data_lib.content_key(
+            f"token len{max_seq_len} all{self.label_all_subtokens}",
+            data_lib.tokenizer_fingerprint(tokenizer),
+            ["\x01".join(words) for words in examples.words], examples.tags)
+        arrays = data_lib.cached_arrays(
+            cache_dir, key, lambda: _windows(examples, tokenizer, max_seq_len,
+                                             self.label_all_subtokens))
+        extras = {"word_index": arrays.pop("word_index"), "row_sentence": arrays.pop("row_sentence")}
+        return Encoded(has_labels=examples.has_labels, labels_per_token=True, extras=extras, **arrays)
+
+    # ------------------------------------------------------------------ outputs
+
+    def word_predictions(self, outputs_TxC: np.ndarray, encoded: Encoded, examples: Examples) -> np.ndarray:
+        """Tag id of every word: argmax at its first sub-token. A word the tokenizer turned into
+        no sub-tokens at all gets "O" (or tag 0)."""
+        fallback = self.label_names.index("O") if "O" in self.label_names else 0
+        pred_W = np.full(len(examples.tags), fallback, np.int32)
+        index_T = encoded.extras["word_index"]
+        first = index_T >= 0
+        pred_W[index_T[first]] = np.argmax(outputs_TxC[first], axis=-1)
+        return pred_W
+
+    def _sentences(self, ids_W: np.ndarray, examples: Examples) -> list[list[str]]:
+        names = np.asarray(self.label_names, dtype=object)
+        offsets = examples.word_offsets
+        return [list(names[ids_W[a:b]]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def scores(self, outputs: np.ndarray, encoded: Encoded, examples: Examples) -> dict[str, float]:
+        pred = self._sentences(self.word_predictions(outputs, encoded, examples), examples)
+        gold = self._sentences(examples.tags, examples)
+        found = entities_lib.entity_scores(gold, pred, scheme=self.scheme)
+        out = {"f1": found["f1"], "precision": found["precision"], "recall": found["recall"],
+               "accuracy": found["token_accuracy"]}
+        ordered = {name: out[name] for name in self.metrics}
+        ordered.update({f"f1/{kind}": v["f1"] for kind, v in sorted(found["per_type"].items())})
+        return ordered
+
+    def agreement(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded,
+                  examples: Examples) -> float:
+        """Fraction of words with the same predicted tag."""
+        return float(np.mean(self.word_predictions(student, encoded, examples)
+                             == self.word_predictions(teacher, encoded, examples)))
+
+    def predictions(self, outputs: np.ndarray, encoded: Encoded, examples: Examples) -> list[dict]:
+        tags = self._sentences(self.word_predictions(outputs, encoded, examples), examples)
+        out = []
+        for words, sentence_tags in zip(examples.words, tags):
+            found = entities_lib.entities(sentence_tags, self.scheme)
+            out.append({"tokens": words, "tags": sentence_tags,
+                        "entities": [{"type": kind, "start": a, "end": b, "text": " ".join(words[a:b])}
+                                     for kind, a, b in found]})
+        return out
+
+
+def _read_conll(path: str) -> tuple[list, Problems]:
+    """(where, words, tags) per sentence of a CoNLL column file: token first, tag last, a blank
+    line between sentences, -DOCSTART- lines skipped. A line with one column has no tag."""
+    problems = Problems(str(path))
+    sentences: list = []
+    words: list[str] = []
+    tags: list[str] = []
+    start, bad = 0, None
+
+    def close():
+        nonlocal words, tags, bad
+        where = f"{path} line {start}"
+        if bad is not None:
+            problems.add(*bad)
+        elif words:
+            sentences.append((where, words, tags))
+        words, tags, bad = [], [], None
+
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line_num, line in enumerate(f, start=1):
+                fields = line.split()
+                if not fields:
+                    close()
+                    continue
+                if fields[0] == _DOCSTART:
+                    close()
+                    continue
+                if not words and bad is None:
+                    start = line_num
+                if len(fields) < 2:
+                    if bad is None:
+                        bad = (f"{path} line {line_num}",
+                               BadRow("missing tag", f"token {fields[0]!r} has no tag column"))
+                    continue
+                words.append(fields[0])
+                tags.append(fields[-1])
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data file not found: {path}") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+    close()
+    if not sentences and not problems.found:
+        raise DataError(f"{path}: the file holds no sentences (expected CoNLL columns: token ... tag)")
+    return sentences, problems
+
+
+def _windows(examples: Examples, tokenizer, max_seq_len: int,
+             label_all_subtokens: bool) -> dict[str, np.ndarray]:
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    room = max_seq_len - 2  # [CLS] ... [SEP]
+    ids: list[int] = []
+    labels: list[int] = []
+    word_index: list[int] = []
+    lengths: list[int] = []
+    row_sentence: list[int] = []
+    word_base = 0
+    tags = examples.tags
+    for start in range(0, len(examples.words), _TOKENIZE_CHUNK):
+        chunk = examples.words[start:start + _TOKENIZE_CHUNK]
+        out = tokenizer(chunk, is_split_into_words=True, add_special_tokens=False,
+                        return_attention_mask=False, return_token_type_ids=False)
+        for k, words in enumerate(chunk):
+            pieces = _word_pieces(out["input_ids"][k], out.word_ids(k), len(words))
+            sentence = start + k
+            window: list[tuple[int, list[int]]] = []
+            used = 0
+            for w, piece in enumerate(pieces):
+                piece = piece[:room]  # a single word longer than a window keeps its first pieces
+                if window and used + len(piece) > room:
+                    _emit(window, word_base, tags, cls_id, sep_id, label_all_subtokens, ids, labels,
+                          word_index, lengths)
+                    row_sentence.append(sentence)
+                    window, used = [], 0
+                window.append((w, piece))
+                used += len(piece)
+            if window:  # every sentence has a word, so its last window is never empty
+                _emit(window, word_base, tags, cls_id, sep_id, label_all_subtokens, ids, labels,
+                      word_index, lengths)
+                row_sentence.append(sentence)
+            word_base += len(words)
+    return {"input_ids": np.asarray(ids, np.int32), "token_type_ids": np.zeros(len(ids), np.int8),
+            "offsets": data_lib.offsets_of(np.asarray(lengths, np.int64)),
+            "labels": np.asarray(labels, np.int32), "word_index": np.asarray(word_index, np.int64),
+            "row_sentence": np.asarray(row_sentence, np.int64)}
+
+
+def _word_pieces(token_ids: Sequence[int], word_ids: Sequence[int | None], num_words: int) -> list[list[int]]:
+    pieces: list[list[int]] = [[] for _ in range(num_words)]
+    for token, word in zip(token_ids, word_ids):
+        if word is not None:
+            pieces[word].append(token)
+    return pieces
+
+
+def _emit(window, word_base, tags, cls_id, sep_id, label_all_subtokens, ids, labels, word_index,
+          lengths) -> None:
+    """Append one row: [CLS] the window's pieces [SEP]; labels and word indices per token."""
+    ids.append(cls_id)
+    labels.append(-1)
+    word_index.append(-1)
+    for w, piece in window:
+        tag = int(tags[word_base + w])
+        for j, token in enumerate(piece):
+            ids.append(token)
+            labels.append(tag if j == 0 or label_all_subtokens else -1)
+            word_index.append(word_base + w if j == 0 else -1)
+    ids.append(sep_id)
+    labels.append(-1)
+    word_index.append(-1)
+    lengths.append(2 + sum(len(piece) for _, piece in window))
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None,
+            tag_values: Iterable[Any] | None = None) -> TokenTask:
+    preset = PRESETS.get(cfg.name) or Preset(labels=())
+    if cfg.labels is not None:
+        names = cfg.labels
+    elif preset.labels:
+        names = preset.labels
+    else:
+        names = _infer_tags(cfg, data_cfg, preset, tag_values)
+    primary = cfg.metric or METRICS[0]
+    metrics = (primary,) + tuple(m for m in METRICS if m != primary)
+    return TokenTask(name=cfg.name, label_names=names, metrics=metrics,
+                     tokens=cfg.tokens or preset.tokens, tags=cfg.tags or preset.tags,
+                     scheme=cfg.tag_scheme or preset.scheme,
+                     label_all_subtokens=cfg.label_all_subtokens, hub_dataset=preset.hub_dataset,
+                     eval_splits=preset.eval_splits, test_splits=preset.test_splits)
+
+
+def _infer_tags(cfg: TaskConfig, data_cfg: DataConfig | None, preset: Preset,
+                tag_values: Iterable[Any] | None) -> tuple[str, ...]:
+    """Distinct training tags, "O" first (the fallback tag), then sorted."""
+    if tag_values is None:
+        if data_cfg is None or data_cfg.train is None:
+            raise DataError("task.name 'custom' needs task.labels (the tag names), or data.train "
+                            "to infer them from")
+        draft = TokenTask(name=cfg.name, label_names=(), metrics=METRICS,
+                          tokens=cfg.tokens or preset.tokens, tags=cfg.tags or preset.tags,
+                          scheme="iob2", label_all_subtokens=False, hub_dataset=None,
+                          eval_splits=(), test_splits=())
+        if draft._is_conll(data_cfg, data_cfg.train):
+            sentences, _ = _read_conll(data_cfg.train)
+        else:
+            sentences, _ = draft._read_rows(data_cfg, data_cfg.train, require_labels=True)
+        tag_values = [t for _, _, tags in sentences for t in (tags or [])]
+    names = infer_label_names(tag_values)
+    if any(is_int(n) for n in names):
+        raise DataError("the training tags are integer ids: give their names in task.labels")
+    return tuple(sorted(names, key=lambda n: (n != "O", n)))

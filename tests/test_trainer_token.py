@@ -1,0 +1,173 @@
+"""The pipeline for token classification on a tiny random teacher and generated CoNLL files:
+stages, export to BertForTokenClassification scored outside jaxkd, the teacher cache, kill -9
+resume."""
+import json
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from jaxkd import hf
+from test_trainer import (TINY, _launch, _wait_for_distill_step, assert_trees_close,
+                          run_in_process, student_params)
+from jaxkd.model import init_params
+
+TYPES = {"PER": ["john", "mary", "smith", "anna", "peter"], "LOC": ["paris", "berlin", "london", "texas"],
+         "ORG": ["google", "reuters", "fifa", "nasa"]}
+FILLER = ["the", "said", "in", "on", "visited", "met", "with", "today", "and", "a", "report"]
+
+
+def _sentences(rng, n):
+    out = []
+    for _ in range(n):
+        words, tags = [], []
+        for _ in range(rng.integers(2, 7)):
+            if rng.random() < 0.4:
+                kind = rng.choice(list(TYPES))
+                span = rng.choice(TYPES[kind], rng.integers(1, 3))
+                words += list(span)
+                tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(span) - 1)
+            else:
+                words.append(rng.choice(FILLER))
+                tags.append("O")
+        out.append((words, tags))
+    return out
+
+
+def _write_conll(path, sentences):
+    # Token first, tag last, other columns between, as in the CoNLL-2003 files.
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for words, tags in sentences:
+        lines += [f"{w} NN I-NP {t}" for w, t in zip(words, tags)] + [""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ner_data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("ner")
+    for name, n in (("train", 192), ("dev", 40), ("test", 48)):
+        _write_conll(out / f"{name}.txt", _sentences(rng, n))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, minilm_dir):
+    """A random sequence-classification checkpoint: the token head is fresh and fine-tuned."""
+    out = tmp_path_factory.mktemp("teacher")
+    hf.save_hf(TINY, init_params(TINY, jax.random.key(0)), out, tokenizer=minilm_dir)
+    return out
+
+
+def ner_config(workdir, teacher, data, **over) -> dict:
+    cfg = {
+        "workdir": str(workdir), "seed": 1,
+        "task": {"name": "conll2003", "type": "token_classification"},
+        "data": {"train": str(data / "train.txt"), "eval": str(data / "dev.txt"),
+                 "test": str(data / "test.txt"), "batch_size": 8, "max_seq_len": 32},
+        "teacher": {"model": str(teacher), "finetune": {"steps": 40, "learning_rate": 3e-3}},
+        "student": {"layers": [0, 2]},
+        "distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
+        "optim": {"learning_rate": 1e-3},
+        "checkpoint": {"every_steps": 4, "keep": 2},
+        "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
+    }
+    for dotted, value in over.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def _read_conll(path):
+    sentences, words, tags = [], [], []
+    for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        words.append(fields[0])
+        tags.append(fields[-1])
+    if words:
+        sentences.append((words, tags))
+    return sentences
+
+
+@pytest.mark.slow
+def test_ner_pipeline_end_to_end_and_scored_outside_jaxkd(tmp_path, tiny_teacher, ner_data):
+    torch = pytest.importorskip("torch")
+    seqeval = pytest.importorskip("seqeval.metrics")
+    from transformers import AutoModelForTokenClassification, BertTokenizer
+
+    cfg = ner_config(tmp_path / "run", tiny_teacher, ner_data)
+    report = run_in_process(cfg)
+    workdir = tmp_path / "run"
+    stages = json.loads((workdir / "stages.json").read_text())
+    assert all(stages[s]["done"] for s in ("teacher", "distill", "export", "report"))
+    assert report["task_type"] == "token_classification"
+    metrics = report["student"]["metrics"]
+    assert {"f1", "precision", "recall", "accuracy"} <= set(metrics)
+    assert report["teacher"]["metrics"]["f1"] > 0.3  # the generated entities are easy to learn
+    assert 0.0 <= report["agreement"]["test"] <= 1.0
+
+    # The exported student, run by transformers; each word's tag read at its first sub-token.
+    model, info = AutoModelForTokenClassification.from_pretrained(workdir / "student",
+                                                                  output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.id2label[1] == "B-PER"
+    tok = BertTokenizer.from_pretrained(workdir / "student")
+    gold, pred = [], []
+    for words, tags in _read_conll(ner_data / "test.txt"):
+        enc = tok(words, is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.eval()(**enc).logits[0].argmax(-1).tolist()
+        first, seen = {}, set()
+        for position, word in enumerate(enc.word_ids(0)):
+            if word is not None and word not in seen:
+                seen.add(word)
+                first[word] = ids[position]
+        pred.append([model.config.id2label[first[w]] for w in range(len(words))])
+        gold.append(tags)
+    assert seqeval.f1_score(gold, pred) == pytest.approx(metrics["f1"], abs=0.01)
+
+    again = run_in_process(cfg)
+    assert again["student"]["metrics"] == report["student"]["metrics"]
+
+
+@pytest.mark.slow
+def test_ner_teacher_cache_gives_the_same_student(tmp_path, tiny_teacher, ner_data):
+    common = {"distill.eval_every": None, "distill.steps": 10, "data.eval": None,
+              "teacher.finetune.steps": 4}
+    run_in_process(ner_config(tmp_path / "cached", tiny_teacher, ner_data,
+                              **common, **{"distill.teacher_cache": True}))
+    run_in_process(ner_config(tmp_path / "live", tiny_teacher, ner_data,
+                              **common, **{"distill.teacher_cache": False}))
+    assert list((tmp_path / "cached" / "cache").glob("teacher_logits-*.npy"))
+    assert not list((tmp_path / "live" / "cache").glob("teacher_logits-*.npy"))
+    assert_trees_close(student_params(tmp_path / "cached"), student_params(tmp_path / "live"), 1e-5)
+
+
+@pytest.mark.slow
+def test_ner_killed_run_resumes_to_the_same_result(tmp_path, tiny_teacher, ner_data):
+    over = {"distill.steps": 80, "distill.eval_every": 40, "checkpoint.every_steps": 10,
+            "log.every_steps": 2, "teacher.finetune.steps": 4, "distributed.cpu_devices": 4}
+    reference = run_in_process(ner_config(tmp_path / "ref", tiny_teacher, ner_data, **over))
+    workdir = tmp_path / "run"
+    cfg = ner_config(workdir, tiny_teacher, ner_data, **over)
+    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    _wait_for_distill_step(workdir, proc, 24)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    resumed = json.loads((workdir / "report.json").read_text())
+    assert resumed["student"]["splits"] == reference["student"]["splits"]
+    assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
