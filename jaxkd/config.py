@@ -244,6 +244,26 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _override_value(raw: str) -> Any:
+    """A command-line value read as YAML, except where YAML would lose the text typed.
+
+    `task.text=#1 String` is a YAML comment (nothing), and text YAML cannot parse is no value
+    at all: both are taken as the string given. An empty value or an explicit null (`null`, `~`)
+    unsets the key.
+    """
+    text = raw.strip()
+    if not text or text in _YAML_NULLS:
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if value is None else value
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """`["distill.temperature=4", "data.batch_size=64"]` -> nested dict (values read as YAML)."""
     tree: dict = {}
@@ -251,7 +271,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. distill.temperature=4")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_dotted(tree, key.strip(), _override_value(raw))
     return tree
 
 

@@ -57,6 +57,9 @@ class DataConfig:
     train: str | None = None  # a split name ("train") or a file (.tsv .txt .csv .jsonl .json .parquet .conll)
     eval: str | None = None  # None = the task's validation split(s)
     test: str | None = None
+    # A seeded share of the training file held out as the eval split (model selection), when
+    # data.eval is not given: no config then selects on the split it reports.
+    eval_fraction: float | None = None
     batch_size: int = 32  # global: summed over all processes and devices
     eval_batch_size: int | None = None  # None = batch_size
     # Longer sentence(-pair)s are truncated (longest first for pairs); longer token-classification
@@ -82,9 +85,22 @@ class DataConfig:
                             f"got {self.eval_batch_size!r}")
         if self.max_seq_len < 3:
             raise DataError(f"data.max_seq_len must be >= 3 ([CLS] token [SEP]), got {self.max_seq_len}")
+        if self.eval_fraction is not None:
+            if not 0.0 < self.eval_fraction < 0.5:
+                raise DataError(f"data.eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+            if self.eval is not None:
+                raise DataError("data.eval_fraction carves the eval split out of data.train: "
+                                "remove data.eval, or data.eval_fraction")
         if self.format is not None and self.format not in FORMATS:
             raise DataError(f"data.format {self.format!r} is unknown{nearest(self.format, FORMATS)}; "
                             f"use one of {', '.join(FORMATS)}, or leave it unset to go by suffix")
+
+
+def holdout(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) example indices, each sorted: a seeded `fraction` of them held out."""
+    held = max(1, round(num_examples * fraction))
+    order = np.random.default_rng((seed, 0x5EED)).permutation(num_examples)
+    return np.sort(order[held:]), np.sort(order[:held])
 
 
 def nearest(name: str, choices: Iterable[str]) -> str:

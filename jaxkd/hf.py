@@ -245,14 +245,19 @@ def resolve_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     if path.exists():
         raise FileNotFoundError(f"{path} is a file; pass the checkpoint directory that holds "
                                 "config.json and the weights")
+    given = str(path_or_hub_id)
+    # A Hub id is "name" or "owner/name"; anything else can only have meant a directory.
+    if given.startswith((".", "/", "~")) or given.count("/") > 1 or os.sep != "/" and os.sep in given:
+        raise FileNotFoundError(f"no such directory: {given} (absolute: {path.absolute()}); pass a "
+                                "local checkpoint directory with config.json and the weights")
     try:
         from huggingface_hub import snapshot_download
-        return pathlib.Path(snapshot_download(str(path_or_hub_id)))
+        return pathlib.Path(snapshot_download(given))
     except Exception as err:  # offline, unknown id, no network: all mean the same to the user
         raise FileNotFoundError(
-            f"{str(path_or_hub_id)!r} is not a local directory and could not be fetched from the "
-            f"Hugging Face Hub ({type(err).__name__}: {err}); pass a local directory with "
-            "config.json and model.safetensors") from err
+            f"{given!r} is neither a local directory nor a reachable Hugging Face Hub id "
+            f"({type(err).__name__}: {err}); pass a local directory with config.json and "
+            "model.safetensors") from err
 
 
 def read_hf_config(directory: pathlib.Path) -> dict:

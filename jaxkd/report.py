@@ -5,6 +5,7 @@ import json
 import math
 import pathlib
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -48,20 +49,40 @@ class MetricsSink:
             self._tb.close()
 
 
+_PLAIN_EVERY_S = 30.0  # with output to a file or a pipe: one progress line this often
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
 class _Progress:
+    """tqdm on a terminal; in a log file or a pipe, a plain line every `_PLAIN_EVERY_S` seconds
+    (a bar's carriage returns would pile up on one line of the log)."""
+
     def __init__(self, stage: str, total: int, start: int, enabled: bool):
-        self._bar = None
-        if enabled:
+        self._bar, self._plain = None, enabled and not _interactive()
+        if enabled and not self._plain:
             from tqdm import tqdm
             self._bar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True)
-        self._at = start
+        self._stage, self._total, self._at = stage, total, start
+        self._started, self._last_line = time.perf_counter(), 0.0
+        self._start = start
 
     def update(self, step: int, loss: float, examples_per_second: float) -> None:
-        if self._bar is None:
-            return
-        self._bar.update(step - self._at)
+        if self._bar is not None:
+            self._bar.update(step - self._at)
+            self._bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{examples_per_second:.0f}")
+        elif self._plain:
+            now = time.perf_counter()
+            if now - self._last_line >= _PLAIN_EVERY_S or step == self._total:
+                self._last_line = now
+                done = max(step - self._start, 1)
+                left = (now - self._started) / done * (self._total - step)
+                print(f"{self._stage}: step {step}/{self._total} loss {loss:.4f} "
+                      f"{examples_per_second:.0f} ex/s, {left / 60:.1f} min left",
+                      file=sys.stderr, flush=True)
         self._at = step
-        self._bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{examples_per_second:.0f}")
 
     def close(self) -> None:
         if self._bar is not None:
@@ -69,8 +90,27 @@ class _Progress:
 
 
 def progress(stage: str, total: int, start: int, enabled: bool) -> _Progress:
-    """A progress bar with loss, examples per second and time left (tqdm's estimate)."""
+    """A progress bar with loss, examples per second and time left."""
     return _Progress(stage, total, start, enabled)
+
+
+def progress_iter(iterable, desc: str, enabled: bool):
+    """Iterate with a bar on a terminal; elsewhere a plain line every `_PLAIN_EVERY_S` seconds."""
+    if not enabled:
+        yield from iterable
+        return
+    if _interactive():
+        from tqdm import tqdm
+        yield from tqdm(iterable, desc=desc, leave=False)
+        return
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    last = time.perf_counter()
+    for i, item in enumerate(iterable):
+        if time.perf_counter() - last >= _PLAIN_EVERY_S:
+            last = time.perf_counter()
+            print(f"{desc}: {i}/{total if total is not None else '?'} batches", file=sys.stderr,
+                  flush=True)
+        yield item
 
 
 def _time(fn: Callable, repeats: int) -> float:
@@ -163,23 +203,28 @@ def _plots(report: dict, workdir: pathlib.Path) -> None:
 
     path = workdir / "metrics.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for stage in sorted({r.get("stage") for r in rows}):
-        train = [r for r in rows if r.get("stage") == stage and "loss" in r]
-        evals = [r for r in rows if r.get("stage") == stage and r.get("split") == "eval"]
-        if train:
-            axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=stage)
-        if evals:
-            name = report["metric_names"][0]
-            axes[1].plot([r["step"] for r in evals], [r.get(name) for r in evals], "o-", label=stage)
-    axes[0].set(title="training loss", xlabel="step")
-    axes[1].set(title=f"eval {report['metric_names'][0]}", xlabel="step")
-    for ax in axes:
-        if ax.lines:
+    name = report["metric_names"][0]
+    stages = sorted({r.get("stage") for r in rows if r.get("stage")})
+    train = {st: [r for r in rows if r.get("stage") == st and "loss" in r] for st in stages}
+    evals = {st: [r for r in rows if r.get("stage") == st and r.get("split") == "eval" and name in r]
+             for st in stages}
+    # Only panels with data: a run without an eval split draws no empty eval panel.
+    panels = [(title, series) for title, series in (("training loss (mean per log interval)", train),
+                                                    (f"eval {name}", evals))
+              if any(series.values())]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        for ax, (title, series) in zip(axes[0], panels):
+            key = "loss" if series is train else name
+            for stage, points in series.items():
+                if points:
+                    ax.plot([r["step"] for r in points], [r[key] for r in points],
+                            "-" if series is train else "o-", label=stage)
+            ax.set(title=title, xlabel="step")
             ax.legend()
-    fig.tight_layout()
-    fig.savefig(workdir / "training_curves.png", dpi=100)
-    plt.close(fig)
+        fig.tight_layout()
+        fig.savefig(workdir / "training_curves.png", dpi=100)
+        plt.close(fig)
 
     name = report["metric_names"][0]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))

@@ -72,11 +72,19 @@ class Plan:
                        "skipped": dict(s.examples.skipped)} for name, s in self.splits.items()}
 
 
-def _teacher_config(teacher: TeacherConfig, task: tasks.Task, dtype: str) -> tuple[ModelConfig, bool]:
+def _teacher_dir(teacher: TeacherConfig) -> pathlib.Path:
+    try:
+        return hf.resolve_dir(teacher.model)
+    except FileNotFoundError as e:
+        raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
+
+
+def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks.Task,
+                    dtype: str) -> tuple[ModelConfig, bool]:
     """The teacher's config with the task's head, and whether its checkpoint already is a model
     of this task (the head's architecture and label count)."""
     try:
-        raw = hf.read_hf_config(hf.resolve_dir(teacher.model))
+        raw = hf.read_hf_config(directory)
         encoder = hf.config_from_hf(raw)
     except FileNotFoundError as e:
         raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
@@ -89,13 +97,15 @@ def _teacher_config(teacher: TeacherConfig, task: tasks.Task, dtype: str) -> tup
     return ModelConfig(encoder, head), is_task_model
 
 
-def prepare(cfg: Config) -> Plan:
-    """Resolve and validate everything; raises before any output is written."""
-    task = tasks.resolve(cfg.task, cfg.data)
+def prepare(cfg: Config, write_cache: bool = True) -> Plan:
+    """Resolve and validate everything; raises before any output is written. Without
+    `write_cache` nothing at all is written (the tokenised splits are not cached)."""
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give a split name or a training file")
-    tokenizer = hf.load_tokenizer(cfg.teacher.model)
-    teacher_cfg, is_task_model = _teacher_config(cfg.teacher, task, cfg.precision.compute)
+    task = tasks.resolve(cfg.task, cfg.data)
+    teacher_dir = _teacher_dir(cfg.teacher)
+    tokenizer = hf.load_tokenizer(teacher_dir)
+    teacher_cfg, is_task_model = _teacher_config(cfg.teacher, teacher_dir, task, cfg.precision.compute)
     steps_ = cfg.teacher.finetune.steps
     if steps_ == 0 and not is_task_model:
         raise ConfigError(
@@ -111,15 +121,58 @@ def prepare(cfg: Config) -> Plan:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the teacher's "
                           f"max_position_embeddings={encoder.max_position_embeddings}")
     student_cfg = student_config(cfg.student, teacher_cfg)
-    cache_dir = _cache_dir(cfg)
-    splits = {}
-    for name in ("train", "eval", "test"):
-        source = getattr(cfg.data, name)
-        if source is not None:
-            examples = task.load(cfg.data, source)
-            encoded = task.encode(examples, tokenizer, cfg.data.max_seq_len, cache_dir)
-            splits[name] = Split(source, examples, encoded)
+    # Every split is read and validated before anything (even a tokenisation cache) is written.
+    loaded = {name: (getattr(cfg.data, name), task.load(cfg.data, getattr(cfg.data, name)))
+              for name in ("train", "eval", "test") if getattr(cfg.data, name) is not None}
+    if cfg.data.eval_fraction is not None:
+        source, train = loaded["train"]
+        kept, held = data_lib.holdout(len(train), cfg.data.eval_fraction, cfg.seed)
+        where = f"{source} ({len(held)} of {len(train)} held out, seed {cfg.seed})"
+        loaded = {"train": (source, train.subset(kept, train.source)),
+                  "eval": (where, train.subset(held, where)),
+                  **{name: split for name, split in loaded.items() if name == "test"}}
+    cache_dir = _cache_dir(cfg) if write_cache else None
+    splits = {name: Split(source, examples,
+                          task.encode(examples, tokenizer, cfg.data.max_seq_len, cache_dir))
+              for name, (source, examples) in loaded.items()}
     return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune)
+
+
+def describe(cfg: Config, plan: Plan) -> str:
+    """The plan in words: task, splits, models, stages with their steps, batch shapes."""
+    data = cfg.data
+    train = plan.splits["train"].encoded
+    epoch_steps = len(train) // data.batch_size
+    pad = data_lib.padding_stats(train, data.batch_size, bucket_multiple=data.bucket_multiple,
+                                 max_seq_len=data.max_seq_len, seed=cfg.seed)
+    t, s = plan.teacher_config, plan.student_config
+    ft = cfg.teacher.finetune
+    if plan.finetune_steps == 0:
+        teacher_stage = "skipped (the checkpoint already is a model of this task)"
+    else:
+        teacher_stage = f"{_total_steps(plan.finetune_steps, ft.epochs, epoch_steps)} steps"
+    distill = cfg.distill
+    total = 0 if distill.steps == 0 else _total_steps(distill.steps, distill.epochs, epoch_steps)
+    source = steps.default_teacher_source(distill)
+    if source == "live" and distill.teacher_cache and not distill.any_intermediate:
+        source = "cached (logits on disk)"
+    lines = [f"task: {plan.task.name} ({plan.task.type}), {plan.task.num_labels} labels, "
+             f"metrics {', '.join(plan.task.metrics)}"]
+    for name, split in plan.splits.items():
+        lines.append(f"data.{name}: {split.source}: {len(split.examples)} examples, "
+                     f"{len(split.encoded)} rows, skipped {dict(split.examples.skipped) or 'none'}")
+    for who, mc in (("teacher", t), ("student", s)):
+        enc = mc.encoder
+        lines.append(f"{who}: {enc.num_layers} layers x {enc.hidden_size} hidden, {enc.num_heads} "
+                     f"heads, {mc.head.kind} head, {enc.dtype}")
+    lines += [f"stage teacher: {teacher_stage} (batch {data.batch_size}, {epoch_steps} steps per epoch)",
+              f"stage distill: {total} steps, teacher {source}, T={distill.temperature:g}, "
+              f"alpha={distill.alpha:g}",
+              "stage export, report",
+              f"batches: {len(pad.shapes)} shapes {[length for _, length in pad.shapes]} "
+              f"(lengths up to {data.max_seq_len}), padding {100 * pad.pad_fraction:.1f}% of tokens",
+              f"workdir: {cfg.workdir}"]
+    return "\n".join(lines)
 
 
 def _cache_dir(cfg: Config) -> pathlib.Path:
@@ -222,14 +275,12 @@ class Runtime:
     def predict(self, model_cfg: ModelConfig, params, split: Split, per_token: bool,
                 desc: str = "predict") -> np.ndarray:
         """Outputs of the model for every row of `split` (see `jaxkd.inference`)."""
-        from tqdm import tqdm
-
         show = self.is_main and self.log.progress
         return inference.predict(
             _logits_fn(model_cfg, self.mesh), params, split.encoded, batch_size=self.eval_batch_size,
             mesh=self.mesh, bucket_multiple=self.data.bucket_multiple,
             max_seq_len=self.data.max_seq_len, per_token=per_token,
-            progress=lambda it: tqdm(it, desc=desc, leave=False, disable=not show))
+            progress=lambda it: report_lib.progress_iter(it, desc, show))
 
     def batches(self, encoded: data_lib.Encoded, seed: int) -> Callable:
         """position -> this process's training batches of `encoded` from that position."""

@@ -60,3 +60,27 @@ def test_round_trip_through_yaml(tmp_path):
     cfg = config_lib.load_config(CONFIGS / "mrpc.yaml", ["distill.layer_map=[[0,1]]"])
     config_lib.dump_config(cfg, tmp_path / "c.yaml")
     assert config_lib.load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_override_text_that_yaml_would_drop_is_kept():
+    """`#1 String` is a YAML comment; typed on the command line it means the text itself. An
+    empty value or an explicit null unsets the key."""
+    cfg = config_lib.load_config(None, ["task.name=mrpc", "task.text=#1 String",
+                                        "task.text_pair=#2 String", "task.label=Quality"])
+    assert (cfg.task.text, cfg.task.text_pair) == ("#1 String", "#2 String")
+    assert config_lib.load_config(None, ["task.text=null"]).task.text is None
+    assert config_lib.load_config(None, ["task.text="]).task.text is None
+    assert config_lib.load_config(None, ["data.batch_size=64"]).data.batch_size == 64
+
+
+def test_eval_fraction_is_checked():
+    with pytest.raises(ConfigError, match=r"data.eval_fraction must be in \(0, 0.5\)"):
+        config_lib.load_config(None, ["data.eval_fraction=0.7"])
+    with pytest.raises(ConfigError, match="remove data.eval"):
+        config_lib.load_config(None, ["data.eval_fraction=0.1", "data.eval=dev.tsv"])
+
+
+def test_shipped_configs_never_select_on_the_reported_split():
+    for path in sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "experiments").glob("*.yaml")):
+        data = config_lib.load_config(path).data
+        assert data.eval is None or data.eval != data.test, path

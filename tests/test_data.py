@@ -411,3 +411,12 @@ def test_two_processes_assemble_the_global_batches_of_one(tmp_path):
     for step in range(mp_data.TRAIN_STEPS):
         for key, value in next(reference).items():
             np.testing.assert_array_equal(single[f"train{step}/{key}"], value)
+
+
+def test_holdout_is_seeded_disjoint_and_complete():
+    kept, held = data.holdout(1000, 0.1, seed=3)
+    assert len(held) == 100 and len(kept) == 900
+    assert sorted(np.concatenate([kept, held]).tolist()) == list(range(1000))
+    again = data.holdout(1000, 0.1, seed=3)
+    np.testing.assert_array_equal(again[1], held)
+    assert not np.array_equal(data.holdout(1000, 0.1, seed=4)[1], held)

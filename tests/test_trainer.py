@@ -34,10 +34,11 @@ def tiny_teacher(tmp_path_factory, minilm_dir):
 
 
 @pytest.fixture(scope="module")
-def sst2_small(tmp_path_factory, data_dir):
-    """The first 160 rows of SST-2 glue_dev for training and the next 64 for evaluation."""
+def sst2_small(tmp_path_factory):
+    """The first 160 rows of SST-2 glue_dev (shipped in data/) for training, the next 64 for
+    evaluation."""
     out = tmp_path_factory.mktemp("sst2")
-    lines = (data_dir / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
+    lines = (ROOT / "data" / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
     (out / "train.tsv").write_text("\n".join([lines[0]] + lines[1:161]) + "\n", encoding="utf-8")
     (out / "eval.tsv").write_text("\n".join([lines[0]] + lines[161:225]) + "\n", encoding="utf-8")
     return out
@@ -205,6 +206,10 @@ def _snapshot(workdir: pathlib.Path) -> dict:
     ({"distill.temprature": 3.0}, "did you mean 'temperature'"),
     ({"data.train": "/no/such/train.tsv"}, "/no/such/train.tsv"),
     ({"student.layers": [0, 9]}, "out of range"),
+    ({"distill.temperature": -1.0}, "distill.temperature must be a positive number"),
+    ({"distill.alpha": 1.5}, "distill.alpha must be in"),
+    ({"data.max_seq_len": 0}, "data.max_seq_len must be a positive integer"),
+    ({"teacher.model": "runs/no/such/teacher"}, "no such directory: runs/no/such/teacher"),
 ])
 def test_bad_input_stops_before_work_and_keeps_outputs(tmp_path, tiny_teacher, sst2_small,
                                                         override, message):
@@ -222,6 +227,40 @@ def test_bad_input_stops_before_work_and_keeps_outputs(tmp_path, tiny_teacher, s
     assert _snapshot(workdir) == before
 
 
+def test_unreadable_test_split_stops_before_anything_is_written(tmp_path, tiny_teacher, sst2_small):
+    """Every split is read and checked first: no tokenisation cache, no checkpoint, no report."""
+    bad = tmp_path / "test.tsv"
+    bad.write_text("text\tlabel\nfine\t1\n", encoding="utf-8")
+    workdir = tmp_path / "run"
+    cfg = tiny_config(workdir, tiny_teacher, sst2_small, **{"data.test": str(bad)})
+    with pytest.raises(ValueError, match=r"test.tsv: no column 'sentence' \(task.text\)"):
+        run_in_process(cfg)
+    assert not workdir.exists()
+
+
+def test_cli_check_prints_the_plan_and_bad_values_exit_2(tmp_path, tiny_teacher, sst2_small):
+    cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, str(ROOT / "train.py"), "--config", str(path), *extra], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300)
+    checked = run("--check")
+    assert checked.returncode == 0, checked.stderr
+    assert "stage teacher: 6 steps" in checked.stdout and "stage distill: 24 steps" in checked.stdout
+    assert "data.eval:" in checked.stdout and "padding" in checked.stdout
+    assert "PyTorch was not found" not in checked.stdout + checked.stderr
+    for override, message in (("distill.temperature=-1", "distill.temperature"),
+                              ("distill.alpha=1.5", "distill.alpha"),
+                              ("data.max_seq_len=0", "data.max_seq_len")):
+        start = time.time()
+        bad = run(override)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert time.time() - start < 60
+    assert not (tmp_path / "run").exists()  # --check and refused runs write nothing
+
+
 def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_teacher, sst2_small, minilm_dir):
     other = tmp_path / "other"
     small_vocab = TINY.replace(vocab_size=1000)
@@ -236,7 +275,7 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_teacher, sst2
 
 def test_untrained_teacher_without_finetuning_is_refused(tmp_path, minilm_dir, sst2_small):
     cfg = tiny_config(tmp_path / "run", minilm_dir, sst2_small, **{"teacher.finetune.steps": 0})
-    with pytest.raises(ConfigError, match="not a 2-label sequence classifier"):
+    with pytest.raises(ConfigError, match="not a BertForSequenceClassification with 2 labels"):
         run_in_process(cfg)
     assert not (tmp_path / "run").exists()
 

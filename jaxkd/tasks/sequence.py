@@ -71,6 +71,12 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def subset(self, indices: np.ndarray, source: str) -> Examples:
+        """The examples at `indices`, as a split of its own."""
+        return Examples(source=source, texts=[self.texts[i] for i in indices],
+                        pairs=None if self.pairs is None else [self.pairs[i] for i in indices],
+                        labels=self.labels[indices], has_labels=self.has_labels, skipped={})
+
 
 @dataclasses.dataclass(frozen=True)
 class SequenceTask(Task):

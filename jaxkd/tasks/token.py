@@ -76,6 +76,14 @@ class Examples:
     def word_offsets(self) -> np.ndarray:
         return data_lib.offsets_of(np.fromiter(map(len, self.words), np.int64, len(self.words)))
 
+    def subset(self, indices: np.ndarray, source: str) -> Examples:
+        """The sentences at `indices`, as a split of its own."""
+        offsets = self.word_offsets
+        tags = [self.tags[offsets[i]:offsets[i + 1]] for i in indices]
+        return Examples(source=source, words=[self.words[i] for i in indices],
+                        tags=np.concatenate(tags) if tags else self.tags[:0],
+                        has_labels=self.has_labels, skipped={})
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenTask(Task):
