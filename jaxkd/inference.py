@@ -6,6 +6,7 @@ Used by evaluation, the teacher cache, the report, `jaxkd.bench` and prediction.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +15,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxkd import data as data_lib
-from jaxkd import sharding
+from jaxkd import sharding, steps
 from jaxkd.data import Encoded
+from jaxkd.model import ModelConfig
 
 
 def to_host(x) -> np.ndarray:
@@ -24,6 +26,12 @@ def to_host(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+@functools.lru_cache(maxsize=8)
+def jit_logits_fn(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
+    """Jitted (params, batch) -> logits with the batch sharded over the mesh (one per model)."""
+    return jax.jit(steps.make_logits_fn(model_cfg), in_shardings=(None, sharding.batch_sharding(mesh)))
 
 
 def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: int, mesh: Mesh,

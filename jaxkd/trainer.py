@@ -9,7 +9,6 @@ the tokenizer, and the teacher and student configs, which are resolved there onc
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -277,7 +276,7 @@ class Runtime:
         """Outputs of the model for every row of `split` (see `jaxkd.inference`)."""
         show = self.is_main and self.log.progress
         return inference.predict(
-            _logits_fn(model_cfg, self.mesh), params, split.encoded, batch_size=self.eval_batch_size,
+            inference.jit_logits_fn(model_cfg, self.mesh), params, split.encoded, batch_size=self.eval_batch_size,
             mesh=self.mesh, bucket_multiple=self.data.bucket_multiple,
             max_seq_len=self.data.max_seq_len, per_token=per_token,
             progress=lambda it: report_lib.progress_iter(it, desc, show))
@@ -291,12 +290,6 @@ class Runtime:
                                          process_index=jax.process_index(),
                                          process_count=jax.process_count())
         return make
-
-
-@functools.lru_cache(maxsize=8)
-def _logits_fn(model_cfg: ModelConfig, mesh) -> Callable:
-    """Jitted (params, batch) -> logits with the batch sharded over the mesh (one per model)."""
-    return jax.jit(steps.make_logits_fn(model_cfg), in_shardings=(None, sharding.batch_sharding(mesh)))
 
 
 def evaluate(rt: Runtime, task: tasks.Task, model_cfg: ModelConfig, params,

@@ -78,6 +78,15 @@ def test_bad_rows_name_file_and_line(tmp_path, name, content, message):
         CONLL.load(DataConfig(), _write(tmp_path / name, content))
 
 
+def test_words_without_tags_read_as_unlabeled_where_labels_are_not_required(tmp_path):
+    path = _write(tmp_path / "w.txt", "EU\nrejects\n\nPeter\n")
+    examples = CONLL.load(DataConfig(), path, require_labels=False)
+    assert examples.words == [["EU", "rejects"], ["Peter"]] and not examples.has_labels
+    assert examples.tags.tolist() == [-1, -1, -1]
+    with pytest.raises(DataError, match="w.txt line 1: token 'EU' has no tag column"):
+        CONLL.load(DataConfig(), path)
+
+
 def test_skip_invalid_skips_and_counts_sentences(tmp_path, caplog):
     path = _write(tmp_path / "t.txt", "EU B-ORG\n\nbad\n\nx B-FOO\n\nfine O\nok O\n")
     with caplog.at_level(logging.WARNING, logger="jaxkd.tasks.base"):

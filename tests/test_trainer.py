@@ -119,6 +119,15 @@ def test_pipeline_end_to_end(tmp_path, tiny_teacher, sst2_small):
                        (sst2_small / "eval.tsv").read_text(encoding="utf-8").splitlines()[1:]])
     assert np.mean(torch_pred == labels) == pytest.approx(report["student"]["metrics"]["accuracy"])
 
+    # `python -m jaxkd.predict` on the exported student reproduces the report's accuracy exactly.
+    from jaxkd import predict
+    out = tmp_path / "pred.jsonl"
+    assert predict.main([str(workdir / "student"), str(sst2_small / "eval.tsv"), "--output", str(out),
+                         "--max-seq-len", "32", "--quiet"]) == 0
+    names = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    predicted = np.array([["negative", "positive"].index(n) for n in names])
+    assert np.mean(predicted == labels) == report["student"]["splits"]["test"]["accuracy"]
+
     # Running the same command again skips every finished stage and gives the same report.
     again = run_in_process(cfg)
     assert again["student"]["metrics"] == report["student"]["metrics"]

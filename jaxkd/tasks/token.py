@@ -120,7 +120,7 @@ class TokenTask(Task):
         `data.skip_invalid`, which skips the sentence and counts it.
         """
         if self._is_conll(data_cfg, source):
-            sentences, problems = _read_conll(source)
+            sentences, problems = _read_conll(source, require_labels)
         else:
             sentences, problems = self._read_rows(data_cfg, source, require_labels)
         words, tags = [], []
@@ -249,9 +249,10 @@ class TokenTask(Task):
         return out
 
 
-def _read_conll(path: str) -> tuple[list, Problems]:
+def _read_conll(path: str, require_labels: bool = True) -> tuple[list, Problems]:
     """(where, words, tags) per sentence of a CoNLL column file: token first, tag last, a blank
-    line between sentences, -DOCSTART- lines skipped. A line with one column has no tag."""
+    line between sentences, -DOCSTART- lines skipped. A line with one column has no tag: an
+    error where labels are required, else a sentence of words alone (tags None)."""
     problems = Problems(str(path))
     sentences: list = []
     words: list[str] = []
@@ -264,7 +265,7 @@ def _read_conll(path: str) -> tuple[list, Problems]:
         if bad is not None:
             problems.add(*bad)
         elif words:
-            sentences.append((where, words, tags))
+            sentences.append((where, words, None if None in tags else tags))
         words, tags, bad = [], [], None
 
     try:
@@ -279,13 +280,13 @@ def _read_conll(path: str) -> tuple[list, Problems]:
                     continue
                 if not words and bad is None:
                     start = line_num
-                if len(fields) < 2:
+                if len(fields) < 2 and require_labels:
                     if bad is None:
                         bad = (f"{path} line {line_num}",
                                BadRow("missing tag", f"token {fields[0]!r} has no tag column"))
                     continue
                 words.append(fields[0])
-                tags.append(fields[-1])
+                tags.append(fields[-1] if len(fields) > 1 else None)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"data file not found: {path}") from err
     except UnicodeDecodeError as err:

@@ -1,0 +1,85 @@
+"""The `jaxkd` command: one entry point for the repository's tools.
+
+    jaxkd train --config configs/sst2.yaml [key=value ...]   distil (train.py)
+    jaxkd predict MODEL_DIR INPUT [--output OUT.jsonl]       run an exported classifier
+    jaxkd evaluate MODEL_DIR --config X.yaml | --task NAME --data FILE   its task metrics
+    jaxkd bench step|epoch|mfu ...                           benchmarks (jaxkd.bench)
+
+`jaxkd COMMAND --help` describes each.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+def _train(argv: list[str]) -> int:
+    from jaxkd import launch
+    return launch.main(argv)
+
+
+def _predict(argv: list[str]) -> int:
+    from jaxkd import predict
+    return predict.main(argv, prog="jaxkd predict")
+
+
+def _evaluate(argv: list[str]) -> int:
+    from jaxkd import evaluate
+    return evaluate.main(argv, prog="jaxkd evaluate")
+
+
+def _bench(argv: list[str]) -> int:
+    from jaxkd import bench
+    return bench.main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (_train, "distil a teacher into a student (train.py)"),
+    "predict": (_predict, "predictions of an exported classifier, one JSON line per row"),
+    "evaluate": (_evaluate, "task metrics of an exported classifier on labelled data"),
+    "bench": (_bench, "benchmarks: step, epoch, mfu (jaxkd.bench)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: jaxkd COMMAND [args ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "jaxkd COMMAND --help describes each."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    if command in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if command in ("-V", "--version"):
+        from jaxkd import __version__
+        print(f"jaxkd {__version__}")
+        return 0
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"jaxkd: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        code = COMMANDS[command][0](rest)
+    except SystemExit as stop:  # argparse inside a command: --help (0) or a usage error (2)
+        if stop.code is not None and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return 0 if code is None else int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

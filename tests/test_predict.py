@@ -1,0 +1,300 @@
+"""`python -m jaxkd.predict`, `python -m jaxkd.evaluate` and the `jaxkd` command on tiny random
+exported models, against PyTorch transformers running the same directories."""
+import io
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxkd import cli, evaluate, predict  # noqa: E402
+from jaxkd.hf import save_hf  # noqa: E402
+from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params  # noqa: E402
+
+MAX_LEN = 32
+ENCODER = BertConfig(vocab_size=30522, hidden_size=16, num_layers=2, num_heads=4,
+                     intermediate_size=32, max_position_embeddings=64)
+SEQ_LABELS = ["neg", "neu", "pos"]
+NER_LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]  # not the preset order
+TEXTS = ["a gripping , funny film .", "dull and far too long", "The cast is great but the plot?",
+         "it 's a \"mess\" of a movie , frankly", "Wonderful!",
+         " ".join(["a very long review that keeps going"] * 12)]  # truncated at MAX_LEN
+PAIRS = ["is it good ?", "yes", "no it is not", "maybe", "sure", "who knows"]
+SENTENCES = [["John", "Smith", "lives", "in", "Paris", "."], ["EU", "rejects", "German", "call"],
+             ["Peter", "Blackburn"], ["BRUSSELS", "1996-08-22"],
+             ["The", "European", "Commission", "said", "on", "Thursday", "it", "disagreed"]]
+
+
+def _noisy(params, seed, scale=0.3):
+    """Random values on every leaf: logits spread out, so argmax never meets a near tie."""
+    rng = np.random.default_rng(seed)  # NumPy: jax.random would compile once per leaf shape
+    return jax.tree.map(lambda x: np.asarray(x) + scale * rng.standard_normal(x.shape, np.float32),
+                        params)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, minilm_dir):
+    """Exported classifier, regression and NER models (one init_params: it compiles slowly)."""
+    root = tmp_path_factory.mktemp("models")
+    seq_cfg = ModelConfig(ENCODER, HeadConfig(kind="sequence", num_labels=len(SEQ_LABELS)))
+    base = init_params(seq_cfg, jax.random.key(0))
+    classifier = base["head"]["classifier"]
+    heads = {
+        "seq": (seq_cfg, base["head"], SEQ_LABELS),  # seed 6: all three labels predicted
+        "reg": (ModelConfig(ENCODER, HeadConfig(kind="sequence", num_labels=1)),
+                {"pooler": base["head"]["pooler"], "classifier": {
+                    "kernel": classifier["kernel"][:, :1], "bias": classifier["bias"][:1]}}, None),
+        "ner": (ModelConfig(ENCODER, HeadConfig(kind="token", num_labels=len(NER_LABELS))),
+                {"classifier": {"kernel": np.zeros((ENCODER.hidden_size, len(NER_LABELS)), np.float32),
+                                "bias": np.zeros(len(NER_LABELS), np.float32)}}, NER_LABELS),
+    }
+    out = {}
+    for seed, (name, (cfg, head, labels)) in enumerate(heads.items(), start=6):
+        params = _noisy({"encoder": base["encoder"], "head": head}, seed)
+        out[name] = save_hf(cfg, params, root / name, tokenizer=minilm_dir, id2label=labels)
+    return out
+
+
+def _torch_sequence(model_dir, texts, pairs=None):
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    enc = tok(texts, pairs, truncation=True, max_length=MAX_LEN, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits.numpy()
+
+
+def _torch_tags(model_dir, sentences):
+    """Tag names at each word's first sub-token."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+    names = model.config.id2label
+    tags = []
+    for words in sentences:
+        enc = tok(words, is_split_into_words=True, truncation=True, max_length=MAX_LEN,
+                  return_tensors="pt")
+        with torch.no_grad():
+            pred = model(**enc).logits[0].argmax(-1).numpy()
+        first = {}
+        for position, word in enumerate(enc.word_ids(0)):
+            if word is not None:
+                first.setdefault(word, position)
+        tags.append([names[int(pred[first[w]])] for w in range(len(words))])
+    return tags
+
+
+def _softmax(x):
+    z = np.exp(x - x.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _run(capsys, module, argv):
+    code = module.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _lines(out):
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def _write_tsv(path, header, rows):
+    path.write_text("\n".join(["\t".join(header)] + ["\t".join(r) for r in rows]) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_sequence_predictions_match_pytorch(models, tmp_path, capsys):
+    data = _write_tsv(tmp_path / "in.tsv", ["sentence"], [[t] for t in TEXTS])  # no label column
+    code, out, err = _run(capsys, predict, [models["seq"], data, "--max-seq-len", MAX_LEN,
+                                            "--batch-size", 4])
+    assert code == 0, err
+    rows = _lines(out)
+    probs = _softmax(_torch_sequence(models["seq"], TEXTS))
+    assert [r["label"] for r in rows] == [SEQ_LABELS[i] for i in probs.argmax(-1)]
+    np.testing.assert_allclose([r["probs"] for r in rows], probs, atol=1e-4)
+    assert len(set(r["label"] for r in rows)) > 1  # the check is not vacuous
+    assert "predict" in err  # the progress bar and summary go to stderr, stdout is pure JSON
+
+
+def test_pair_predictions_from_jsonl_to_output_file(models, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"q": t, "a": p, "label": "neu"}) + "\n"
+                            for t, p in zip(TEXTS, PAIRS)))
+    out_file = tmp_path / "preds.jsonl"
+    code, out, err = _run(capsys, predict, [models["seq"], data, "--text", "q", "--text-pair", "a",
+                                            "--max-seq-len", MAX_LEN, "-o", out_file, "-q"])
+    assert code == 0, err
+    assert out == "" and err == ""
+    rows = _lines(out_file.read_text())
+    probs = _softmax(_torch_sequence(models["seq"], TEXTS, PAIRS))
+    np.testing.assert_allclose([r["probs"] for r in rows], probs, atol=1e-4)
+
+
+def test_regression_scores_match_pytorch(models, tmp_path, capsys):
+    data = tmp_path / "in.csv"
+    data.write_text("id,sentence\n" + "".join(f'{i},"{t.replace(chr(34), 2 * chr(34))}"\n'
+                                              for i, t in enumerate(TEXTS)))
+    code, out, err = _run(capsys, predict, [models["reg"], data, "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    np.testing.assert_allclose([r["score"] for r in _lines(out)],
+                               _torch_sequence(models["reg"], TEXTS)[:, 0], atol=1e-4)
+
+
+def test_token_predictions_match_pytorch(models, tmp_path, capsys):
+    expected = _torch_tags(models["ner"], SENTENCES)
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps({"words": w}) + "\n" for w in SENTENCES))
+    words_only = tmp_path / "words.conll"  # CoNLL columns without tags
+    words_only.write_text("\n\n".join("\n".join(w) for w in SENTENCES) + "\n")
+    tagged = tmp_path / "tagged.txt"  # CoNLL with POS and (any valid) tags
+    tagged.write_text("\n\n".join("\n".join(f"{w} NN O" for w in s) for s in SENTENCES) + "\n")
+    for source, extra in ((rows_file, ["--tokens", "words"]), (words_only, []), (tagged, [])):
+        code, out, err = _run(capsys, predict, [models["ner"], source, "--max-seq-len", MAX_LEN,
+                                                "-q", *extra])
+        assert code == 0, (source, err)
+        rows = _lines(out)
+        assert [r["tokens"] for r in rows] == SENTENCES
+        assert [r["tags"] for r in rows] == expected, source
+    assert any(r["entities"] for r in rows)
+    for row in rows:
+        for ent in row["entities"]:
+            assert ent["text"] == " ".join(row["tokens"][ent["start"]:ent["end"]])
+            assert row["tags"][ent["start"]][2:] == ent["type"]
+
+
+def test_stdin(models, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(TEXTS[:3]) + "\n\n"))
+    code, out, err = _run(capsys, predict, [models["seq"], "-", "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    probs = _softmax(_torch_sequence(models["seq"], TEXTS[:3]))
+    np.testing.assert_allclose([r["probs"] for r in _lines(out)], probs, atol=1e-4)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(" ".join(s) + "\n" for s in SENTENCES)))
+    code, out, err = _run(capsys, predict, [models["ner"], "-", "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    assert [r["tags"] for r in _lines(out)] == _torch_tags(models["ner"], SENTENCES)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@pytest.fixture(scope="module")
+def labelled(models, tmp_path_factory):
+    """A TSV whose gold labels agree with PyTorch's predictions on 4 rows of 6, and that
+    accuracy as computed from the PyTorch predictions."""
+    pred = _torch_sequence(models["seq"], TEXTS).argmax(-1)
+    gold = [p if i % 3 else (p + 1) % 3 for i, p in enumerate(pred)]
+    path = _write_tsv(tmp_path_factory.mktemp("eval") / "dev.tsv", ["sentence", "label"],
+                      [[t, SEQ_LABELS[g]] for t, g in zip(TEXTS, gold)])
+    return path, float(np.mean(pred == np.asarray(gold)))
+
+
+def _scores(out):
+    return {k: float(v) for k, v in (line.split("=") for line in out.splitlines())}
+
+
+def test_evaluate_accuracy_matches_pytorch(models, labelled, tmp_path, capsys):
+    data, accuracy = labelled
+    assert 0 < accuracy < 1
+    base = [models["seq"], "--max-seq-len", MAX_LEN, "-q"]
+    code, out, err = _run(capsys, evaluate, [*base, "--task", "custom", "--text", "sentence",
+                                             "--data", data])
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("accuracy=")
+    assert _scores(out)["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+    # Another label order in the task: the outputs are reordered, the score is the same.
+    code, out, err = _run(capsys, evaluate, [*base, "--task", "custom", "--text", "sentence",
+                                             "--labels", "pos,neg,neu", "--data", data])
+    assert code == 0, err
+    assert _scores(out)["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+    # The same from a training config's task section and test split.
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task:\n  name: custom\n  text: sentence\n  labels: [neu, pos, neg]\n"
+                      f"data:\n  test: {data}\n  max_seq_len: {MAX_LEN}\n")
+    code, out, err = _run(capsys, evaluate, [models["seq"], "--config", config, "-q"])
+    assert code == 0, err
+    assert _scores(out)["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_evaluate_refuses_other_label_names(models, labelled, capsys):
+    data, _ = labelled
+    code, out, err = _run(capsys, evaluate, [models["seq"], "--task", "sst2", "--text", "sentence",
+                                             "--data", data, "-q"])
+    assert code == 2 and out == ""
+    assert "['neg', 'neu', 'pos']" in err and "['negative', 'positive']" in err
+
+
+def test_evaluate_token_model(models, tmp_path, capsys):
+    """Gold tags equal to PyTorch's predictions: every token and entity is right."""
+    gold = _torch_tags(models["ner"], SENTENCES)
+    data = tmp_path / "gold.conll"
+    data.write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in zip(s, g))
+                                for s, g in zip(SENTENCES, gold)) + "\n")
+    code, out, err = _run(capsys, evaluate, [models["ner"], "--task", "conll2003", "--data", data,
+                                             "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    scores = _scores(out)
+    assert list(scores)[:4] == ["f1", "precision", "recall", "accuracy"]
+    assert scores["accuracy"] == 1.0 and scores["f1"] == 1.0
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_usage_errors_exit_2_before_loading_weights(models, labelled, tmp_path, capsys, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the inputs were checked")
+
+    monkeypatch.setattr("jaxkd.hf.load_hf", no_weights)
+    data, _ = labelled
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    config = json.loads((models["seq"] / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
+    cases = [
+        ([tmp_path / "nope", data], "model directory not found"),
+        ([data, data], "is a file"),
+        ([tmp_path, data], "no config.json"),
+        ([bare, data], "not a sequence or token classifier"),
+        ([models["seq"], data, "--text", "review"], "no column 'review'"),
+        ([models["seq"], tmp_path / "missing.tsv"], "input file not found"),
+        ([models["seq"], data, "--max-seq-len", 512], "max_position_embeddings"),
+        ([models["ner"], data, "--text", "sentence"], "--text and --text-pair are for sentence"),
+    ]
+    for argv, message in cases:
+        code, out, err = _run(capsys, predict, [*argv, "-q"])
+        assert code == 2 and out == "", (argv, err)
+        assert message in err and err.startswith("error: "), (message, err)
+    code, _, err = _run(capsys, evaluate, [models["seq"], "--task", "custom", "--text", "body",
+                                           "--data", data])
+    assert code == 2 and "no column 'body'" in err
+    code, _, err = _run(capsys, evaluate, [models["ner"], "--task", "sst2", "--data", data])
+    assert code == 2 and "BertForTokenClassification" in err
+    code, _, err = _run(capsys, evaluate, [models["seq"], "--data", data])
+    assert code == 2 and "--config" in err
+
+
+# ----------------------------------------------------------------------------- jaxkd command
+
+
+def test_cli_dispatch(models, labelled, capsys):
+    data, accuracy = labelled
+    code, out, err = _run(capsys, cli, ["evaluate", models["seq"], "--task", "custom", "--text",
+                                        "sentence", "--data", data, "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    assert _scores(out)["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    for command in ("train", "predict", "evaluate", "bench"):
+        code, out, _ = _run(capsys, cli, [command, "--help"])
+        assert code == 0 and "usage:" in out, command
+    code, _, err = _run(capsys, cli, ["predcit"])
+    assert code == 2 and "did you mean 'predict'" in err
+    code, out, _ = _run(capsys, cli, ["--help"])
+    assert code == 0 and all(c in out for c in cli.COMMANDS)
