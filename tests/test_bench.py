@@ -1,5 +1,6 @@
 """Benchmark CLI smoke tests on a tiny checkpoint (no timings asserted), FLOP counting, and the
 cheaper dropout of jaxkd.model (the benchmarks' speed change)."""
+import dataclasses
 import math
 import os
 
@@ -38,6 +39,18 @@ def tiny_tsv(tmp_path_factory):
     rows = [" ".join(rng.choice(WORDS, rng.integers(2, 9))) + f"\t{i % 2}" for i in range(24)]
     path = tmp_path_factory.mktemp("data") / "train.tsv"
     path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_conll(tmp_path_factory):
+    """A CoNLL file of 24 sentences (2-8 known words, random tags), led by a -DOCSTART- line."""
+    rng = np.random.default_rng(0)
+    tags = bench.EPOCH_TASKS["conll2003"].task.label_names
+    sentences = ["\n".join(f"{w} NN O {rng.choice(tags)}" for w in rng.choice(WORDS, rng.integers(2, 9)))
+                 for _ in range(24)]
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text("-DOCSTART- -X- -X- O\n\n" + "\n\n".join(sentences) + "\n")
     return path
 
 
@@ -145,6 +158,47 @@ def test_epoch_cli(tiny_teacher, tiny_tsv, impl, capsys):
     out = capsys.readouterr().out
     assert f"{impl}: 20 examples in 5 steps" in out
     assert float(out.strip().splitlines()[-1]) > 0
+
+
+def test_conll_limit_takes_whole_sentences_as_the_torch_reader_does(tiny_conll):
+    setup = bench.EpochSetup(teacher="unused", train=str(tiny_conll), limit=7, task="conll2003",
+                             batch=4)
+    first = bench.read_examples(setup)
+    whole = bench.read_examples(dataclasses.replace(setup, limit=None))
+    assert len(first) == 7 and len(whole) == 24
+    assert len(first.tags) == sum(map(len, first.words)) == int(whole.word_offsets[7])
+    np.testing.assert_array_equal(first.tags, whole.tags[:len(first.tags)])
+    words, tags = bench.read_conll(setup)
+    assert words == first.words and [t for s in tags for t in s] == first.tags.tolist()
+
+
+def test_first_subtoken_labels_mask_the_rest():
+    # [CLS] w0 w1 w1 w2 [SEP]: only the first sub-token of each word keeps its tag.
+    assert bench.first_subtoken_labels([None, 0, 1, 1, 2, None], [5, 3, 0]) == [-100, 5, 3, -100, 0, -100]
+
+
+@pytest.mark.parametrize("impl", ["jaxkd", "torch"])
+def test_epoch_conll_cli(tiny_teacher, tiny_conll, impl, capsys):
+    if impl == "torch":
+        pytest.importorskip("torch")
+    bench.main(["epoch", "--task", "conll2003", "--impl", impl, "--teacher", str(tiny_teacher),
+                "--train", str(tiny_conll), "--limit", "20", "--batch", "4", "--student-layers", "1",
+                "--max-seq-len", "16"])
+    out = capsys.readouterr().out
+    assert f"{impl}: 20 examples in 5 steps" in out  # every sentence fits one window of 16
+    assert 0 < float(out.strip().splitlines()[-1]) < math.inf
+
+
+@pytest.mark.slow
+def test_epoch_conll_vs_torch_prints_a_ratio(tiny_teacher, tiny_conll, capsys):
+    pytest.importorskip("torch")
+    bench.main(["epoch", "--task", "conll2003", "--vs-torch", "--teacher", str(tiny_teacher),
+                "--train", str(tiny_conll), "--limit", "8", "--batch", "4", "--student-layers", "1",
+                "--max-seq-len", "16"])
+    out = capsys.readouterr().out
+    assert "round 1 jaxkd: 8 examples in 2 steps" in out and "round 1 torch: 8 examples" in out
+    assert "task conll2003" in out
+    assert 0 < float(out.strip().splitlines()[-1]) < math.inf
 
 
 def test_epoch_rejects_missing_file_and_random_teacher(tmp_path):
