@@ -63,8 +63,9 @@ class DataConfig:
     batch_size: int = 32  # global: summed over all processes and devices
     eval_batch_size: int | None = None  # None = batch_size
     # Longer sentence(-pair)s are truncated (longest first for pairs); longer token-classification
-    # sentences are split into windows, so every word is still labelled.
+    # sentences and QA contexts are split into windows, so every word is still labelled.
     max_seq_len: int = 128
+    doc_stride: int = 128  # question answering: tokens shared by neighbouring context windows
     # Batch lengths are multiples of this, spaced geometrically up to max_seq_len (see
     # `bucket_lengths`). 8 keeps SST-2 (median 10 tokens) under 25% padding; 16 gives ~38%.
     bucket_multiple: int = 8
@@ -75,7 +76,7 @@ class DataConfig:
     format: str | None = None
 
     def __post_init__(self):
-        for key in ("batch_size", "max_seq_len", "bucket_multiple"):
+        for key in ("batch_size", "max_seq_len", "bucket_multiple", "doc_stride"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise DataError(f"data.{key} must be a positive integer, got {value!r}")

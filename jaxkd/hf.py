@@ -34,9 +34,11 @@ _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_atte
                      "intermediate_size")
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Per head kind: the transformers class, and its modules as (Flax module, HF name).
-ARCHITECTURES = {"sequence": "BertForSequenceClassification", "token": "BertForTokenClassification"}
+ARCHITECTURES = {"sequence": "BertForSequenceClassification", "token": "BertForTokenClassification",
+                 "span": "BertForQuestionAnswering"}
 _HEAD_MODULES = {"sequence": (("pooler", "bert.pooler.dense"), ("classifier", "classifier")),
-                 "token": (("classifier", "classifier"),)}
+                 "token": (("classifier", "classifier"),),
+                 "span": (("qa_outputs", "qa_outputs"),)}
 # Checkpoint modules no head of this kind reads: pretraining heads, other tasks' heads.
 _OTHER_HEADS = ("cls.", "qa_outputs.", "classifier.", "bert.pooler.")
 
@@ -116,6 +118,8 @@ def head_from_hf(hf_config_or_dict: Any, kind: str | None = None,
     """The checkpoint's head (its architecture's kind, else `sequence`), or the one asked for."""
     d = _as_dict(hf_config_or_dict)
     kind = kind or checkpoint_head_kind(d) or "sequence"
+    if kind == "span":  # start and end, whatever the config's label bookkeeping says
+        num_labels = 2
     return HeadConfig(kind=kind, dropout=d.get("classifier_dropout"),
                       num_labels=checkpoint_num_labels(d) if num_labels is None else num_labels)
 
@@ -365,7 +369,7 @@ def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_he
     """
     tensors = {_canonical_name(k): v for k, v in raw.items() if not k.endswith("position_ids")}
     if not own_head:
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(("classifier.", "qa_outputs."))}
     names = _param_names(cfg)
     used = {hf for hf, _ in names.values()}
     unexpected = sorted(k for k in set(tensors) - used if not k.startswith(_OTHER_HEADS))
@@ -374,7 +378,7 @@ def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_he
 
     modules = [m for m, _ in _HEAD_MODULES[cfg.head.kind]]
     fresh = [m for m in modules if f"{_module_prefix(names, m)}.weight" not in tensors]
-    if "classifier" not in fresh:
+    if "classifier" in modules and "classifier" not in fresh:
         have = tensors["classifier.weight"].shape[0]
         if have != cfg.head.num_labels:
             if not head_requested:
@@ -425,7 +429,7 @@ def _expected_shape(config: ModelConfig, path: tuple[str, ...]) -> tuple[int, ..
                 "token_type_embeddings": cfg.type_vocab_size}[module]
         return (rows, H)
     in_out = {"intermediate": (H, cfg.intermediate_size), "output": (cfg.intermediate_size, H),
-              "classifier": (H, config.head.num_labels)}.get(module, (H, H))
+              "classifier": (H, config.head.num_labels), "qa_outputs": (H, 2)}.get(module, (H, H))
     return in_out if leaf == "kernel" else (in_out[1],)
 
 

@@ -92,7 +92,8 @@ class BertConfig:
 # Head kinds: what a head computes from the encoder's last hidden states.
 #   sequence  pooler (dense + tanh on [CLS]) and a classifier: [B, C]; C = 1 is a regression
 #   token     a classifier on every token: [B, L, C]
-HEAD_KINDS = ("sequence", "token")
+#   span      start and end scores of every token (extractive QA): [B, L, 2]
+HEAD_KINDS = ("sequence", "token", "span")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,8 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.kind {self.kind!r} is not one of {list(HEAD_KINDS)}")
         if not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"HeadConfig.num_labels must be a positive integer, got {self.num_labels!r}")
+        if self.kind == "span" and self.num_labels != 2:
+            raise ValueError(f"a span head scores start and end: num_labels must be 2, got {self.num_labels}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"HeadConfig.dropout must be in [0, 1) or None, got {self.dropout}")
 
@@ -159,13 +162,24 @@ class EncoderOutput:
 
 @struct.dataclass
 class ModelOutput:
-    """The head's fp32 logits ([B, C] or [B, L, C]) and the encoder's intermediates (see above)."""
+    """The head's fp32 logits ([B, C], [B, L, C], or [B, L, 2] for spans) and the encoder's
+    intermediates (see above)."""
 
     logits: jax.Array
     hidden_states: tuple | None = None
     attention_scores: tuple | None = None
     attention_probs: tuple | None = None
     values: tuple | None = None
+
+    @property
+    def start_logits(self) -> jax.Array:
+        """Span heads: [B, L] scores of each token as the answer's first."""
+        return self.logits[..., 0]
+
+    @property
+    def end_logits(self) -> jax.Array:
+        """Span heads: [B, L] scores of each token as the answer's last."""
+        return self.logits[..., 1]
 
 
 def _dense(cfg: BertConfig, features: int, name: str, dtype=None) -> nn.Dense:
@@ -336,7 +350,18 @@ class TokenHead(nn.Module):
         return _dense(self.encoder, self.head.num_labels, "classifier", dtype=jnp.float32)(x_BxLxH)
 
 
-HEADS = {"sequence": SequenceHead, "token": TokenHead}
+class SpanHead(nn.Module):
+    """BertForQuestionAnswering's head: `qa_outputs` gives start and end scores per token."""
+
+    encoder: BertConfig
+    head: HeadConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxH, deterministic: bool):
+        return _dense(self.encoder, 2, "qa_outputs", dtype=jnp.float32)(x_BxLxH)
+
+
+HEADS = {"sequence": SequenceHead, "token": TokenHead, "span": SpanHead}
 
 
 def _head_dropout(cfg: BertConfig, head: HeadConfig) -> float:

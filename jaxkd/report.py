@@ -193,7 +193,19 @@ def report_markdown(report: dict) -> str:
               "Agreement with the teacher: "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in report["agreement"].items()),
               f"Speed-up at batch 1: {report['speedup']:.2f}x; compression {report['compression']:.2f}x.", ""]
+    shown = report.get("examples") or []
+    if shown:
+        keys = list(shown[0])
+        lines += [f"## Examples ({report['report_split']})", "", "| " + " | ".join(keys) + " |",
+                  "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_cell(row[k]) for k in keys) + " |" for row in shown]
+        lines.append("")
     return "\n".join(lines)
+
+
+def _cell(text: str, width: int = 160) -> str:
+    text = str(text).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _plots(report: dict, workdir: pathlib.Path) -> None:

@@ -154,9 +154,11 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
     `default_teacher_source(loss_cfg)`. With "cached", batches carry `teacher_logits` and
     `teacher_params` is not read (pass None).
     """
-    if student_cfg.head != teacher_cfg.head:
-        raise ValueError(f"student head {student_cfg.head} and teacher head {teacher_cfg.head} "
-                         f"differ; both must be the same head over the same label set")
+    s_head, t_head = student_cfg.head, teacher_cfg.head
+    if (s_head.kind, s_head.num_labels) != (t_head.kind, t_head.num_labels):
+        raise ValueError(f"student head ({s_head.kind}, {s_head.num_labels} labels) and teacher head "
+                         f"({t_head.kind}, {t_head.num_labels} labels) differ; both must be the same "
+                         f"kind of head over the same label set")
     teacher = default_teacher_source(loss_cfg) if teacher is None else teacher
     if teacher not in TEACHER_SOURCES:
         raise ValueError(f"teacher={teacher!r}: use one of {TEACHER_SOURCES}")
@@ -181,15 +183,19 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
                      rng: jax.Array) -> tuple[TrainState, Metrics]:
         _check_batch(batch, required, "distill_step")
         t_out = teacher_output(teacher_params, batch)
+        t_view = None if t_out is None else objective.view(t_out.logits, batch)
         label_weights = objective.weights(batch)
         share = _share(label_weights, axis_name)
         rng = _device_rng(rng, axis_name)
 
         def loss_fn(trainable):
             s_out = _forward(student, trainable["params"], batch, loss_cfg=loss_cfg, rng=rng)
+            # The losses read the logits as the head's objective lays them out.
+            t_viewed = None if t_out is None else t_out.replace(logits=t_view)
             loss, metrics = losses.total_loss(
-                loss_cfg, s_out, t_out, trainable["proj_params"], batch["labels"],
-                batch["attention_mask"], batch["weights"], student_cfg.encoder, teacher_cfg.encoder,
+                loss_cfg, s_out.replace(logits=objective.view(s_out.logits, batch)), t_viewed,
+                trainable["proj_params"], batch["labels"], batch["attention_mask"],
+                batch["weights"], student_cfg.encoder, teacher_cfg.encoder,
                 regression=objective.regression, label_weights=label_weights)
             return loss * share, (metrics, s_out.logits)
 

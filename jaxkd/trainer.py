@@ -565,6 +565,11 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
                                        plan.splits[split].encoded, plan.splits[split].examples)
                  for split in ("eval", "test") if ("teacher", split) in outputs}
     report = report_lib.build_report(cfg, task, models, agreement)
+    shown = "test" if "test" in plan.splits else "eval"
+    if ("teacher", shown) in outputs:
+        split = plan.splits[shown]
+        report["examples"] = task.showcase(outputs[("student", shown)], outputs[("teacher", shown)],
+                                           split.encoded, split.examples)
     report["stages"] = _read_stages(rt.workdir)
     report["data"] = plan.data_stats
     if rt.is_main:

@@ -2,8 +2,8 @@
 
 Run as `python tests/_multiprocess_steps.py PROCESS_ID PORT OUT.npz KIND`: two processes with two
 CPU devices each run `STEPS` distillation steps on one 4-device mesh; process 0 saves the losses
-and the final student params. KIND is the head: sequence (a label per row) or token (a label per
-token).
+and the final student params. KIND is the head: sequence (a label per row), token (a label per
+token) or span (start and end positions per row).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def configs(kind: str = "sequence"):
     student = ModelConfig(BertConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4,
                                      intermediate_size=64, max_position_embeddings=32,
                                      hidden_dropout=0.0, attention_dropout=0.0),
-                          HeadConfig(kind, num_labels=3))
+                          HeadConfig(kind, num_labels=2 if kind == "span" else 3))
     teacher = student.replace(hidden_size=48, num_layers=2, intermediate_size=96)
     loss = LossConfig(temperature=2.0, alpha=0.5, hidden_weight=1.0, attention_kl_weight=1.0)
     # eps well above fp32 noise: Adam would blow the rounding noise of gradients that are zero
@@ -46,6 +46,9 @@ def make_batch(rng: np.random.Generator, rows: int = BATCH, length: int = LENGTH
         if not full_mask:
             labels[rng.random((rows, length)) < 0.3] = -1
         labels = np.where(mask > 0, labels, -1)
+    elif kind == "span":  # start <= end inside each row's real tokens
+        ends = rng.integers(0, lengths)
+        labels = np.stack([rng.integers(0, ends + 1), ends], axis=1)
     else:
         labels = rng.integers(0, 3, rows)
     return {

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from jaxkd.data import DataConfig, DataError, nearest
 from jaxkd.model import HeadConfig
-from jaxkd.tasks import sequence, token
+from jaxkd.tasks import qa, sequence, token
 from jaxkd.tasks.base import Objective, Task, TaskConfig
 
-KINDS = {module.TYPE: module for module in (sequence, token)}
+KINDS = {module.TYPE: module for module in (sequence, token, qa)}
 DEFAULT_TYPE = sequence.TYPE
-_BY_HEAD = {"sequence": sequence, "token": token}
+_BY_HEAD = {"sequence": sequence, "token": token, "span": qa}
 _ALL_KEYS = {key for module in KINDS.values() for key in module.KEYS}
 _DEFAULTS = TaskConfig.__dataclass_fields__
 

@@ -35,10 +35,11 @@ class TaskConfig:
     """What to learn (YAML section `task`). Which keys apply depends on `type`."""
 
     # A preset (sequence_classification: cola sst2 mrpc qqp stsb mnli qnli rte wnli;
-    # token_classification: conll2003) or "custom".
+    # token_classification: conll2003; question_answering: squad) or "custom".
     name: str = "sst2"
     # sequence_classification (one label or score per sentence or pair) | token_classification
-    # (a tag per word). None: the preset's type, else sequence_classification.
+    # (a tag per word) | question_answering (a span of the context). None: the preset's type,
+    # else sequence_classification.
     type: str | None = None
     # Label names; a string label becomes its position here. None = the preset's, or (custom)
     # the sorted distinct values of the training labels.
@@ -53,6 +54,12 @@ class TaskConfig:
     tags: str | None = None  # list of tags (names, or ids into task.labels); None = "tags"/the preset's
     label_all_subtokens: bool = False  # label every sub-token of a word, not only the first
     tag_scheme: str | None = None  # iob1 | iob2 | bioes; None = the preset's (iob2)
+    # question_answering: columns of JSONL/parquet/Hub rows (SQuAD JSON files need none)
+    question: str | None = None  # None = "question"
+    context: str | None = None  # None = "context"
+    answers: str | None = None  # {"text": [...], "answer_start": [...]}; None = "answers"
+    n_best: int | None = None  # best starts and ends searched per window; None = 20
+    max_answer_len: int | None = None  # tokens; None = 30
 
     def __post_init__(self):
         from jaxkd import tasks  # the registry imports this module
@@ -109,6 +116,11 @@ class Task:
         """One JSON-able prediction per example."""
         raise NotImplementedError
 
+    def showcase(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded, examples,
+                 count: int = 5) -> list[dict[str, str]]:
+        """A few examples with the gold answer and both models' predictions, for report.md."""
+        raise NotImplementedError
+
 
 # ----------------------------------------------------------------------------- on device
 
@@ -125,6 +137,10 @@ class Objective:
     regression: bool = False
     per_token: bool = False
 
+    def view(self, logits: Array, batch) -> Array:
+        """The logits as the losses read them: classes on the last axis, labels on the others."""
+        return logits
+
     def weights(self, batch) -> Array:
         """Weight of each loss term: [B] rows, or [B, L] labelled tokens."""
         weights = batch["weights"].astype(jnp.float32)
@@ -140,17 +156,18 @@ class Objective:
         """The hard-label loss alone (teacher fine-tuning)."""
         if self.regression:
             return losses.mse_loss(logits, batch["labels"], self.weights(batch))
-        return losses.ce_loss(logits, batch["labels"], self.weights(batch))
+        return losses.ce_loss(self.view(logits, batch), batch["labels"], self.weights(batch))
 
     def metrics(self, logits: Array, batch, teacher_logits: Array | None = None) -> dict[str, Array]:
         """Accuracy against the labels, agreement with the teacher (classification only)."""
         if self.regression:
             return {}
         weights = self.weights(batch)
-        pred = jnp.argmax(logits, axis=-1)
+        pred = jnp.argmax(self.view(logits, batch), axis=-1)
         out = {"accuracy": _weighted_mean(pred == batch["labels"], weights)}
         if teacher_logits is not None:
-            out["agreement"] = _weighted_mean(pred == jnp.argmax(teacher_logits, axis=-1), weights)
+            teacher_pred = jnp.argmax(self.view(teacher_logits, batch), axis=-1)
+            out["agreement"] = _weighted_mean(pred == teacher_pred, weights)
         return out
 
 

@@ -202,6 +202,21 @@ class SequenceTask(Task):
                 for p in probs]
 
 
+    def showcase(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded, examples,
+                 count: int = 5) -> list[dict[str, str]]:
+        def name(outputs, i):
+            return f"{outputs[i, 0]:.3f}" if self.is_regression else self.label_names[int(outputs[i].argmax())]
+
+        rows = []
+        for i in range(min(count, len(examples))):
+            text = examples.texts[i] + (f" ||| {examples.pairs[i]}" if examples.pairs else "")
+            gold = (f"{examples.labels[i]:.3f}" if self.is_regression else
+                    self.label_names[examples.labels[i]] if examples.has_labels else "")
+            rows.append({"text": text, "gold": gold, "teacher": name(teacher, i),
+                         "student": name(student, i)})
+        return rows
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)

@@ -238,6 +238,17 @@ class TokenTask(Task):
         return float(np.mean(self.word_predictions(student, encoded, examples)
                              == self.word_predictions(teacher, encoded, examples)))
 
+    def showcase(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded,
+                 examples: Examples, count: int = 5) -> list[dict[str, str]]:
+        picked = range(min(count, len(examples)))
+        gold = self._sentences(examples.tags, examples) if examples.has_labels else None
+        s = self._sentences(self.word_predictions(student, encoded, examples), examples)
+        t = self._sentences(self.word_predictions(teacher, encoded, examples), examples)
+        return [{"text": " ".join(examples.words[i]),
+                 "gold": _entity_text(examples.words[i], gold[i], self.scheme) if gold else "",
+                 "teacher": _entity_text(examples.words[i], t[i], self.scheme),
+                 "student": _entity_text(examples.words[i], s[i], self.scheme)} for i in picked]
+
     def predictions(self, outputs: np.ndarray, encoded: Encoded, examples: Examples) -> list[dict]:
         tags = self._sentences(self.word_predictions(outputs, encoded, examples), examples)
         out = []
@@ -247,6 +258,11 @@ class TokenTask(Task):
                         "entities": [{"type": kind, "start": a, "end": b, "text": " ".join(words[a:b])}
                                      for kind, a, b in found]})
         return out
+
+
+def _entity_text(words: list[str], tags: list[str], scheme: str) -> str:
+    return "; ".join(f"{kind}: {' '.join(words[a:b])}"
+                     for kind, a, b in entities_lib.entities(tags, scheme)) or "-"
 
 
 def _read_conll(path: str, require_labels: bool = True) -> tuple[list, Problems]:
