@@ -1,0 +1,168 @@
+"""The pipeline for extractive QA on a tiny random teacher and a generated SQuAD file: stages, the
+exported BertForQuestionAnswering decoded and scored outside jaxkd, kill -9 resume."""
+import collections
+import json
+import re
+import signal
+import string
+
+import jax
+import numpy as np
+import pytest
+
+from jaxkd import hf
+from jaxkd.model import init_params
+from test_trainer import (TINY, _launch, _wait_for_distill_step, assert_trees_close,
+                          run_in_process, student_params)
+
+NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
+CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
+JOBS = ["teacher", "doctor", "pilot", "farmer", "lawyer", "baker"]
+FILLER = "the weather was mild and the streets were quiet on that long day".split()
+
+
+def _paragraph(rng, k):
+    people = rng.choice(NAMES, 3, replace=False)
+    facts = [(p, rng.choice(CITIES), rng.choice(JOBS)) for p in people]
+    parts = []
+    for p, city, job in facts:
+        parts.append(" ".join(rng.choice(FILLER, rng.integers(3, 12))))
+        parts.append(f"{p} lives in {city} and works as a {job}.")
+    context = " ".join(parts)
+    qas = []
+    for n, (p, city, job) in enumerate(facts):
+        for question, answer in ((f"where does {p} live?", city), (f"what does {p} work as?", job)):
+            start = context.index(f"{p} lives in {city}") + (len(f"{p} lives in ") if answer == city else
+                                                              len(f"{p} lives in {city} and works as a "))
+            qas.append({"id": f"p{k}q{n}{answer}", "question": question,
+                        "answers": [{"text": answer, "answer_start": start}]})
+    return {"context": context, "qas": qas}
+
+
+def _write_squad(path, rng, paragraphs):
+    data = {"version": "1.1", "data": [{"title": "x", "paragraphs": [_paragraph(rng, k)
+                                                                     for k in range(paragraphs)]}]}
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("squad")
+    _write_squad(out / "train.json", rng, 40)
+    _write_squad(out / "dev.json", rng, 8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, minilm_dir):
+    out = tmp_path_factory.mktemp("teacher")
+    hf.save_hf(TINY, init_params(TINY, jax.random.key(0)), out, tokenizer=minilm_dir)
+    return out
+
+
+def qa_config(workdir, teacher, data, **over) -> dict:
+    cfg = {
+        "workdir": str(workdir), "seed": 2,
+        "task": {"name": "squad", "type": "question_answering"},
+        "data": {"train": str(data / "train.json"), "eval_fraction": 0.1,
+                 "test": str(data / "dev.json"), "batch_size": 8, "max_seq_len": 48,
+                 "doc_stride": 16},
+        "teacher": {"model": str(teacher), "finetune": {"steps": 60, "learning_rate": 3e-3}},
+        "student": {"layers": [0, 2]},
+        "distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
+        "optim": {"learning_rate": 1e-3},
+        "checkpoint": {"every_steps": 4, "keep": 2},
+        "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
+    }
+    for dotted, value in over.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+# The official SQuAD v1.1 evaluation, written out again here so the check is independent.
+def _normalize(s):
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def _f1(prediction, truth):
+    p, t = _normalize(prediction).split(), _normalize(truth).split()
+    same = sum((collections.Counter(p) & collections.Counter(t)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _decode_with_transformers(model_dir, squad_path, max_len, stride, n_best=20, max_answer=30):
+    """HF-style post-processing of AutoModelForQuestionAnswering outputs."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering, BertTokenizer
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
+    tok = BertTokenizer.from_pretrained(model_dir)
+    data = json.loads(squad_path.read_text(encoding="utf-8"))["data"]
+    f1s = []
+    for paragraph in (p for article in data for p in article["paragraphs"]):
+        context = paragraph["context"]
+        for qa in paragraph["qas"]:
+            enc = tok(qa["question"], context, truncation="only_second", max_length=max_len,
+                      stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+                      padding=True, return_tensors="pt")
+            offsets = enc.pop("offset_mapping").numpy()
+            enc.pop("overflow_to_sample_mapping")
+            with torch.no_grad():
+                out = model(**enc)
+            best, best_text = -np.inf, ""
+            for w in range(len(offsets)):
+                seq = enc.sequence_ids(w)
+                start, end = out.start_logits[w].numpy(), out.end_logits[w].numpy()
+                for i in np.argsort(start)[::-1][:n_best]:
+                    for j in np.argsort(end)[::-1][:n_best]:
+                        if seq[i] != 1 or seq[j] != 1 or j < i or j - i + 1 > max_answer:
+                            continue
+                        if start[i] + end[j] > best:
+                            best = start[i] + end[j]
+                            best_text = context[offsets[w][i][0]:offsets[w][j][1]]
+            f1s.append(max(_f1(best_text, a["text"]) for a in qa["answers"]))
+    return float(np.mean(f1s))
+
+
+@pytest.mark.slow
+def test_qa_pipeline_end_to_end_and_scored_outside_jaxkd(tmp_path, tiny_teacher, qa_data):
+    cfg = qa_config(tmp_path / "run", tiny_teacher, qa_data)
+    report = run_in_process(cfg)
+    workdir = tmp_path / "run"
+    stages = json.loads((workdir / "stages.json").read_text())
+    assert all(stages[s]["done"] for s in ("teacher", "distill", "export", "report"))
+    assert report["task_type"] == "question_answering"
+    assert set(report["student"]["metrics"]) == {"f1", "exact_match"}
+    assert report["teacher"]["metrics"]["f1"] > 0.05  # above chance: the answers are not all empty
+    assert report["examples"] and {"question", "gold", "teacher", "student"} == set(report["examples"][0])
+    assert "## Examples (test)" in (workdir / "report.md").read_text()
+    external = _decode_with_transformers(workdir / "student", qa_data / "dev.json", 48, 16)
+    assert external == pytest.approx(report["student"]["metrics"]["f1"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_qa_killed_run_resumes_to_the_same_result(tmp_path, tiny_teacher, qa_data):
+    over = {"distill.steps": 60, "distill.eval_every": 30, "checkpoint.every_steps": 10,
+            "log.every_steps": 2, "teacher.finetune.steps": 4, "distributed.cpu_devices": 4}
+    reference = run_in_process(qa_config(tmp_path / "ref", tiny_teacher, qa_data, **over))
+    workdir = tmp_path / "run"
+    cfg = qa_config(workdir, tiny_teacher, qa_data, **over)
+    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    _wait_for_distill_step(workdir, proc, 16)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    resumed = json.loads((workdir / "report.json").read_text())
+    assert resumed["student"]["splits"] == reference["student"]["splits"]
+    assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
