@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxkd.predict import (EXIT_USAGE, UsageError, add_run_flags, check_run_flags, fail,
+from jaxkd.predict import (EXIT_USAGE, UsageError, add_run_flags, check_run_flags, doc_stride, fail,
                            inspect_model, load_input, load_model, load_tokenizer, model_outputs,
                            parse, progress_bar)
 
@@ -46,6 +46,8 @@ def label_order(task, info, by_position: bool = False) -> np.ndarray | None:
             raise UsageError(f"{info.directory} is {what} but task {task.name!r} is {task_what}")
         if task.is_regression:
             return None
+    if info.head_kind == "span":  # start and end scores: nothing to match by name
+        return None
     model, wanted = list(info.label_names), list(task.label_names)
     if by_position:
         if len(model) != len(wanted):
@@ -90,7 +92,7 @@ def evaluate_model(model_dir, task, data_cfg, source: str, *, by_position: bool 
 def _with_model_labels(task_cfg, info):
     """A custom task without label names takes the model's; a custom task on a regression
     model without a metric is scored by Pearson's r."""
-    if task_cfg.name != "custom" or task_cfg.labels is not None:
+    if task_cfg.name != "custom" or task_cfg.labels is not None or info.head_kind == "span":
         return task_cfg
     sequence = (task_cfg.type or "sequence_classification") == "sequence_classification"
     if sequence and info.regression:
@@ -114,7 +116,7 @@ def _from_config(args, info):
         raise UsageError(f"{args.config}: data.{split} is not set" +
                          (f"; it sets {', '.join(f'data.{s}' for s in given)} (--split)" if given
                           else "; set data.test or data.eval, or pass --task and --data"))
-    changes = {k: getattr(args, k) for k in ("max_seq_len", "bucket_multiple", "format")
+    changes = {k: getattr(args, k) for k in ("max_seq_len", "bucket_multiple", "format", "doc_stride")
                if getattr(args, k) is not None}
     if args.batch_size is not None:
         changes.update(batch_size=args.batch_size, eval_batch_size=args.batch_size)
@@ -133,7 +135,8 @@ def _from_flags(args, info):
         keys["labels"] = tuple(x.strip() for x in args.labels.split(","))
     task_cfg = TaskConfig(name=args.task, **keys)
     data_cfg = DataConfig(max_seq_len=args.max_seq_len or 128, batch_size=args.batch_size or 32,
-                          bucket_multiple=args.bucket_multiple or 8, format=args.format)
+                          bucket_multiple=args.bucket_multiple or 8, format=args.format,
+                          doc_stride=doc_stride(args))
     return _with_model_labels(task_cfg, info), data_cfg, args.data
 
 
@@ -170,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from jaxkd import tasks
+
     p = argparse.ArgumentParser(prog=prog or "python -m jaxkd.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported classifier directory")
@@ -178,7 +183,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="with --config: which split (default test if set, else eval)")
     p.add_argument("--task", help="task preset (sst2, mrpc, conll2003, ...) or custom")
-    p.add_argument("--type", choices=("sequence_classification", "token_classification"),
+    p.add_argument("--type", choices=tuple(tasks.KINDS),
                    default=None, help="task type (default: the preset's, else sequence)")
     p.add_argument("--data", metavar="FILE", help="with --task: the labelled examples")
     p.add_argument("--text", help="text column")

@@ -48,7 +48,7 @@ class ModelInfo:
 
     directory: pathlib.Path
     hf_config: dict
-    head_kind: str  # sequence | token
+    head_kind: str  # sequence | token | span
     label_names: tuple[str, ...]  # id -> name, from id2label
     max_position_embeddings: int
     vocab_size: int
@@ -121,7 +121,7 @@ def _label_names(raw: dict, directory: pathlib.Path) -> tuple[str, ...]:
 
 
 def model_task(info: ModelInfo, *, text: str | None = None, text_pair: str | None = None,
-               tokens: str | None = None, tag_scheme: str | None = None):
+               tokens: str | None = None, tag_scheme: str | None = None, data_cfg=None):
     """The task a model directory solves: its head kind over its own label names."""
     from jaxkd import tasks
     from jaxkd.data import DataError
@@ -136,6 +136,12 @@ def model_task(info: ModelInfo, *, text: str | None = None, text_pair: str | Non
             keys["metric"] = "pearson"
         else:
             keys["labels"] = info.label_names
+    elif info.head_kind == "span":
+        if any(x is not None for x in (text, text_pair, tokens, tag_scheme)):
+            raise UsageError(f"--text, --text-pair, --tokens and --tag-scheme are for classifiers; "
+                             f"{info.directory} is a {info.architecture} (it reads SQuAD files or "
+                             "rows with question and context)")
+        keys = {"type": "question_answering"}
     else:
         if text is not None or text_pair is not None:
             raise UsageError(f"--text and --text-pair are for sentence classifiers; {info.directory} "
@@ -143,7 +149,7 @@ def model_task(info: ModelInfo, *, text: str | None = None, text_pair: str | Non
         keys = {"type": "token_classification", "labels": info.label_names, "tokens": tokens,
                 "tag_scheme": tag_scheme}
     try:
-        return tasks.resolve(tasks.TaskConfig(name="custom", **keys))
+        return tasks.resolve(tasks.TaskConfig(name="custom", **keys), data_cfg)
     except DataError as err:
         raise UsageError(f"{info.directory}: {err}") from err
 
@@ -230,6 +236,11 @@ def _stdin_records(task, lines: Sequence[str]) -> list[dict | None]:
             records.append(None)
         elif task.head_kind == "token":
             records.append({task.tokens: line.split()})
+        elif task.head_kind == "span":
+            if "\t" not in line:
+                raise UsageError(f"<stdin> line {number}: expected question<TAB>context")
+            question, context = line.split("\t", 1)
+            records.append({"id": str(number), task.question: question, task.context: context})
         elif task.text_pair is not None:
             if "\t" not in line:
                 raise UsageError(f"<stdin> line {number}: expected text<TAB>pair (--text-pair is set)")
@@ -281,6 +292,9 @@ def add_run_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
                    help="rows per batch" + (" (default 32)" if defaults else ""))
     p.add_argument("--bucket-multiple", type=int, default=8 if defaults else None,
                    help="batch lengths are multiples of this" + (" (default 8)" if defaults else ""))
+    p.add_argument("--doc-stride", type=int, default=None,
+                   help="question answering: tokens shared by neighbouring context windows "
+                        "(default: a quarter of --max-seq-len)")
     p.add_argument("--format", choices=("tsv", "csv", "jsonl", "json", "parquet", "conll"),
                    default=None, help="input format (default: by the file's suffix)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -322,16 +336,21 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-seq-len must be >= 3 ([CLS] token [SEP]), got {args.max_seq_len}")
 
 
+def doc_stride(args: argparse.Namespace) -> int:
+    return args.doc_stride or max(1, (args.max_seq_len or 128) // 4)
+
+
 def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     from jaxkd.data import DataConfig
 
     check_run_flags(args)
     started = time.perf_counter()
     info = inspect_model(args.model_dir)
-    task = model_task(info, text=args.text, text_pair=args.text_pair, tokens=args.tokens,
-                      tag_scheme=args.tag_scheme)
     data_cfg = DataConfig(batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                          bucket_multiple=args.bucket_multiple, format=args.format)
+                          bucket_multiple=args.bucket_multiple, format=args.format,
+                          doc_stride=doc_stride(args))
+    task = model_task(info, text=args.text, text_pair=args.text_pair, tokens=args.tokens,
+                      tag_scheme=args.tag_scheme, data_cfg=data_cfg)
     examples = load_input(task, data_cfg, args.input, stdin=stdin)
     if args.output is not None:
         out_dir = pathlib.Path(args.output).parent

@@ -51,6 +51,9 @@ def models(tmp_path_factory, minilm_dir):
         "ner": (ModelConfig(ENCODER, HeadConfig(kind="token", num_labels=len(NER_LABELS))),
                 {"classifier": {"kernel": np.zeros((ENCODER.hidden_size, len(NER_LABELS)), np.float32),
                                 "bias": np.zeros(len(NER_LABELS), np.float32)}}, NER_LABELS),
+        "qa": (ModelConfig(ENCODER, HeadConfig(kind="span", num_labels=2)),
+               {"qa_outputs": {"kernel": classifier["kernel"][:, :2], "bias": classifier["bias"][:2]}},
+               None),
     }
     out = {}
     for seed, (name, (cfg, head, labels)) in enumerate(heads.items(), start=6):
@@ -298,3 +301,22 @@ def test_cli_dispatch(models, labelled, capsys):
     assert code == 2 and "did you mean 'predict'" in err
     code, out, _ = _run(capsys, cli, ["--help"])
     assert code == 0 and all(c in out for c in cli.COMMANDS)
+
+
+def test_qa_predictions_and_evaluate_agree_with_the_official_metric(models, tmp_path, capsys):
+    """predict's answers, scored here by the official v1.1 definitions, give evaluate's F1."""
+    from test_trainer_qa import _f1, _write_squad
+    path = _write_squad(tmp_path / "dev.json", np.random.default_rng(1), 3)
+    code, out, err = _run(capsys, predict, [models["qa"], path, "--max-seq-len", 64, "--quiet"])
+    assert code == 0, err
+    predicted = {row["id"]: row["answer"] for row in _lines(out)}
+    data = json.loads(path.read_text())["data"][0]["paragraphs"]
+    golds = {qa["id"]: ([a["text"] for a in qa["answers"]], p["context"]) for p in data for qa in p["qas"]}
+    assert set(predicted) == set(golds)
+    assert all(answer in golds[qid][1] for qid, answer in predicted.items())  # spans of the context
+    f1 = np.mean([max(_f1(predicted[q], g) for g in golds[q][0]) for q in golds])
+    code, out, err = _run(capsys, evaluate, [models["qa"], "--task", "squad", "--type",
+                                             "question_answering", "--data", path,
+                                             "--max-seq-len", 64, "--quiet"])
+    assert code == 0, err
+    assert _scores(out)["f1"] == pytest.approx(f1, abs=1e-6)  # printed with 6 decimals

@@ -230,9 +230,7 @@ class QATask(Task):
         doc_stride = self.doc_stride
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("question answering needs a fast tokenizer (offset mappings)")
-        if doc_stride >= max_seq_len // 2:
-            raise DataError(f"data.doc_stride {doc_stride} must be under half of data.max_seq_len "
-                            f"({max_seq_len})")
+        _check_stride(doc_stride, max_seq_len)
         key = data_lib.content_key(
             f"qa len{max_seq_len} stride{doc_stride}", data_lib.tokenizer_fingerprint(tokenizer),
             examples.questions, examples.contexts,
@@ -349,6 +347,14 @@ def _positions(offsets: list[tuple[int, int]], answers: list[tuple[str, int]]) -
     return (first, last)
 
 
+def _check_stride(doc_stride: int, max_seq_len: int) -> None:
+    # Each window moves forward by the tokens it does not share; a stride near the window's
+    # context length would barely move it.
+    if doc_stride >= max_seq_len // 2:
+        raise DataError(f"data.doc_stride {doc_stride} must be under half of data.max_seq_len "
+                        f"({max_seq_len})")
+
+
 def _check(qid: str, question: Any, context: Any, answers: list, require_labels: bool) -> None:
     if not isinstance(question, str) or not question.strip():
         raise BadRow("empty question", f"question {qid}: the question is empty")
@@ -396,6 +402,8 @@ def _read_squad_json(path: str):
 
 def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None) -> QATask:
     preset = PRESETS.get(cfg.name) or Preset()
+    if data_cfg is not None:
+        _check_stride(data_cfg.doc_stride, data_cfg.max_seq_len)
     primary = cfg.metric or METRICS[0]
     return QATask(name=cfg.name, metrics=(primary,) + tuple(m for m in METRICS if m != primary),
                   question=cfg.question or preset.question, context=cfg.context or preset.context,
