@@ -254,6 +254,18 @@ def read_file(path: str | os.PathLike, fmt: str | None = None) -> Table:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
 
 
+def read_split(data_cfg: DataConfig, source: str, hub_dataset: str | None,
+               hub_config: str | None = None) -> Table:
+    """A split's columns: a local file, or a split of `data.dataset` (default: `hub_dataset`)."""
+    if is_local_path(source):
+        return read_file(source, data_cfg.format)
+    dataset = data_cfg.dataset or hub_dataset
+    if dataset is None:
+        raise DataError(f"data split {source!r} is not a file and this task has no Hub dataset: "
+                        f"set data.dataset, or give a file")
+    return read_hub(dataset, hub_config, source, data_cfg.cache_dir)
+
+
 def read_hub(dataset: str, config: str | None, split: str, cache_dir: str | None) -> Table:
     """A Hub split as columns (`datasets.load_dataset(dataset, config, split=split)`)."""
     import datasets  # pylint: disable=import-outside-toplevel

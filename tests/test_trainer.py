@@ -57,6 +57,11 @@ def tiny_config(workdir, teacher, data, **over) -> dict:
         "checkpoint": {"every_steps": 4, "keep": 2},
         "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
     }
+    return with_overrides(cfg, over)
+
+
+def with_overrides(cfg: dict, over: dict) -> dict:
+    """`cfg` with dotted keys set ({"distill.steps": 8} sets cfg["distill"]["steps"])."""
     for dotted, value in over.items():
         node = cfg
         *parents, leaf = dotted.split(".")

@@ -13,7 +13,7 @@ import pytest
 from jaxkd import hf
 from jaxkd.model import init_params
 from test_trainer import (TINY, _launch, _wait_for_distill_step, assert_trees_close,
-                          run_in_process, student_params)
+                          run_in_process, student_params, with_overrides)
 
 NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
 CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
@@ -76,13 +76,7 @@ def qa_config(workdir, teacher, data, **over) -> dict:
         "checkpoint": {"every_steps": 4, "keep": 2},
         "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
     }
-    for dotted, value in over.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
+    return with_overrides(cfg, over)
 
 
 # The official SQuAD v1.1 evaluation, written out again here so the check is independent.

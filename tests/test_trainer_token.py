@@ -11,7 +11,7 @@ import pytest
 
 from jaxkd import hf
 from test_trainer import (TINY, _launch, _wait_for_distill_step, assert_trees_close,
-                          run_in_process, student_params)
+                          run_in_process, student_params, with_overrides)
 from jaxkd.model import init_params
 
 TYPES = {"PER": ["john", "mary", "smith", "anna", "peter"], "LOC": ["paris", "berlin", "london", "texas"],
@@ -75,13 +75,7 @@ def ner_config(workdir, teacher, data, **over) -> dict:
         "checkpoint": {"every_steps": 4, "keep": 2},
         "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
     }
-    for dotted, value in over.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
+    return with_overrides(cfg, over)
 
 
 def _read_conll(path):

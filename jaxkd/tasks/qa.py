@@ -173,14 +173,7 @@ class QATask(Task):
         """(where, id, question, context, answers) per question, and the problems found so far."""
         if data_lib.is_local_path(source) and _is_squad_json(source, data_cfg):
             return _read_squad_json(source)
-        if data_lib.is_local_path(source):
-            table = data_lib.read_file(source, data_cfg.format)
-        else:
-            dataset = data_cfg.dataset or self.hub_dataset
-            if dataset is None:
-                raise DataError(f"data split {source!r} is not a file, and task {self.name!r} has no "
-                                f"Hub dataset: set data.dataset or give a file")
-            table = data_lib.read_hub(dataset, None, source, data_cfg.cache_dir)
+        table = data_lib.read_split(data_cfg, source, self.hub_dataset)
         wanted = {"task.question": self.question, "task.context": self.context}
         if require_labels:
             wanted["task.answers"] = self.answers

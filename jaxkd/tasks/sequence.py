@@ -105,11 +105,9 @@ class SequenceTask(Task):
         return 1 if self.is_regression else len(self.label_names)
 
     def read(self, data_cfg: DataConfig, source: str) -> Table:
-        if data_lib.is_local_path(source):
-            return data_lib.read_file(source, data_cfg.format)
-        config = self.name if self.name in PRESETS else None
-        return data_lib.read_hub(data_cfg.dataset or self.hub_dataset, config, source,
-                                 data_cfg.cache_dir)
+        # The Hub's glue dataset has one config per task, named as the preset.
+        return data_lib.read_split(data_cfg, source, self.hub_dataset,
+                                   self.name if self.name in PRESETS else None)
 
     def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True) -> Examples:
         """Reads and validates one split (a local file or a Hub split name).

@@ -155,14 +155,7 @@ class TokenTask(Task):
         return ids
 
     def _read_rows(self, data_cfg: DataConfig, source: str, require_labels: bool):
-        if data_lib.is_local_path(source):
-            table = data_lib.read_file(source, data_cfg.format)
-        else:
-            dataset = data_cfg.dataset or self.hub_dataset
-            if dataset is None:
-                raise DataError(f"data split {source!r} is not a file, and task {self.name!r} has no "
-                                f"Hub dataset: set data.dataset or give a file")
-            table = data_lib.read_hub(dataset, None, source, data_cfg.cache_dir)
+        table = data_lib.read_split(data_cfg, source, self.hub_dataset)
         wanted = {"task.tokens": self.tokens}
         if require_labels:
             wanted["task.tags"] = self.tags
