@@ -152,9 +152,8 @@ def describe(cfg: Config, plan: Plan) -> str:
         teacher_stage = f"{_total_steps(plan.finetune_steps, ft.epochs, epoch_steps)} steps"
     distill = cfg.distill
     total = 0 if distill.steps == 0 else _total_steps(distill.steps, distill.epochs, epoch_steps)
-    source = steps.default_teacher_source(distill)
-    if source == "live" and distill.teacher_cache and not distill.any_intermediate:
-        source = "cached (logits on disk)"
+    source = teacher_source(distill)
+    source = "cached (logits on disk)" if source == "cached" else source
     lines = [f"task: {plan.task.name} ({plan.task.type}), {plan.task.num_labels} labels, "
              f"metrics {', '.join(plan.task.metrics)}"]
     for name, split in plan.splits.items():
@@ -172,6 +171,19 @@ def describe(cfg: Config, plan: Plan) -> str:
               f"(lengths up to {data.max_seq_len}), padding {100 * pad.pad_fraction:.1f}% of tokens",
               f"workdir: {cfg.workdir}"]
     return "\n".join(lines)
+
+
+def teacher_source(distill: DistillConfig) -> str:
+    """Where the distillation step gets the teacher's logits: the one place that decides.
+
+    "cached" (computed once, on disk) when only logit terms are on and the cache is enabled;
+    "live" when intermediate terms need the teacher's layers or the cache is off; "none" for
+    labels only.
+    """
+    source = steps.default_teacher_source(distill)
+    if source == "live" and distill.teacher_cache and not distill.any_intermediate:
+        return "cached"
+    return source
 
 
 def _cache_dir(cfg: Config) -> pathlib.Path:
@@ -519,12 +531,10 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
     state = sharding.place(state, state_shardings)
     best = None
     if total > 0:
-        # The one place that decides where the teacher's logits come from.
-        source = steps.default_teacher_source(distill)
+        source = teacher_source(distill)
         prepare_batch = lambda b: b  # noqa: E731
-        if source == "live" and distill.teacher_cache and not distill.any_intermediate:
-            cached = teacher_logits_cache(rt, plan, teacher_params, cache_dir)
-            source, prepare_batch = "cached", cached.attach
+        if source == "cached":
+            prepare_batch = teacher_logits_cache(rt, plan, teacher_params, cache_dir).attach
         teacher_shardings = sharding.tree_shardings(rt.mesh, teacher_params, fsdp)
         placed_teacher = sharding.place(teacher_params, teacher_shardings) if source == "live" else None
         jitted = sharding.jit_distill_step(
