@@ -354,3 +354,18 @@ def test_compilation_cache_stores_compiled_programs(tmp_path):
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
         compilation_cache.reset_cache()
+
+
+@pytest.mark.slow
+def test_readme_first_command_runs_from_the_shipped_data(tmp_path):
+    """configs/quickstart.yaml needs nothing outside the repository (step counts capped here)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", "configs/quickstart.yaml",
+         f"workdir={tmp_path / 'quickstart'}", "teacher.finetune.steps=2", "distill.steps=2",
+         "log.plots=false", "log.tensorboard=false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "quickstart" / "report.json").read_text())
+    assert report["data"]["test"]["examples"] == 872 and report["data"]["eval"]["examples"] == 800
+    assert "PyTorch was not found" not in proc.stdout + proc.stderr
