@@ -267,7 +267,7 @@ def test_dtype_sets_compute_dtype_only(tmp_path):
 def test_unknown_hub_id_offline_suggests_local_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a local directory.*local directory"):
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a reachable Hugging Face Hub id"):
         hf.load_hf("nobody-here/no-such-bert-model")
 
 
