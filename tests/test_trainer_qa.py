@@ -145,7 +145,7 @@ def test_qa_pipeline_end_to_end_and_scored_outside_jaxkd(tmp_path, tiny_teacher,
 
 @pytest.mark.slow
 def test_qa_killed_run_resumes_to_the_same_result(tmp_path, tiny_teacher, qa_data):
-    over = {"distill.steps": 60, "distill.eval_every": 30, "checkpoint.every_steps": 10,
+    over = {"distill.steps": 40, "distill.eval_every": 20, "checkpoint.every_steps": 8,
             "log.every_steps": 2, "teacher.finetune.steps": 4, "distributed.cpu_devices": 4}
     reference = run_in_process(qa_config(tmp_path / "ref", tiny_teacher, qa_data, **over))
     workdir = tmp_path / "run"

@@ -150,13 +150,13 @@ def test_ner_teacher_cache_gives_the_same_student(tmp_path, tiny_teacher, ner_da
 
 @pytest.mark.slow
 def test_ner_killed_run_resumes_to_the_same_result(tmp_path, tiny_teacher, ner_data):
-    over = {"distill.steps": 80, "distill.eval_every": 40, "checkpoint.every_steps": 10,
+    over = {"distill.steps": 48, "distill.eval_every": 24, "checkpoint.every_steps": 8,
             "log.every_steps": 2, "teacher.finetune.steps": 4, "distributed.cpu_devices": 4}
     reference = run_in_process(ner_config(tmp_path / "ref", tiny_teacher, ner_data, **over))
     workdir = tmp_path / "run"
     cfg = ner_config(workdir, tiny_teacher, ner_data, **over)
     proc = _launch(cfg, tmp_path / "cfg.yaml")
-    _wait_for_distill_step(workdir, proc, 24)
+    _wait_for_distill_step(workdir, proc, 20)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     proc = _launch(cfg, tmp_path / "cfg.yaml")
