@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -208,6 +209,25 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_teacher, sst2
     assert proc.returncode == 0, out
     resumed = json.loads((workdir / "report.json").read_text())
     assert resumed["student"]["metrics"] == reference["student"]["metrics"]
+    assert resumed["student"]["splits"] == reference["student"]["splits"]
+    assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
+
+
+def assert_kill_resume_matches(make_config: Callable[..., dict], tmp_path: pathlib.Path, over: dict,
+                               kill_at: int) -> None:
+    """A run killed (-9) at distillation step `kill_at` and started again ends as one that was
+    never stopped: the same scores, the same student. `make_config(workdir, **over)`."""
+    reference = run_in_process(make_config(tmp_path / "ref", **over))
+    workdir = tmp_path / "run"
+    cfg = make_config(workdir, **over)
+    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    _wait_for_distill_step(workdir, proc, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    resumed = json.loads((workdir / "report.json").read_text())
     assert resumed["student"]["splits"] == reference["student"]["splits"]
     assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
 

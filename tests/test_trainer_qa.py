@@ -3,7 +3,6 @@ exported BertForQuestionAnswering decoded and scored outside jaxkd, kill -9 resu
 import collections
 import json
 import re
-import signal
 import string
 
 import jax
@@ -12,8 +11,7 @@ import pytest
 
 from jaxkd import hf
 from jaxkd.model import init_params
-from test_trainer import (TINY, _launch, _wait_for_distill_step, assert_trees_close,
-                          run_in_process, student_params, with_overrides)
+from test_trainer import TINY, assert_kill_resume_matches, run_in_process, with_overrides
 
 NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
 CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
@@ -147,16 +145,5 @@ def test_qa_pipeline_end_to_end_and_scored_outside_jaxkd(tmp_path, tiny_teacher,
 def test_qa_killed_run_resumes_to_the_same_result(tmp_path, tiny_teacher, qa_data):
     over = {"distill.steps": 40, "distill.eval_every": 20, "checkpoint.every_steps": 8,
             "log.every_steps": 2, "teacher.finetune.steps": 4, "distributed.cpu_devices": 4}
-    reference = run_in_process(qa_config(tmp_path / "ref", tiny_teacher, qa_data, **over))
-    workdir = tmp_path / "run"
-    cfg = qa_config(workdir, tiny_teacher, qa_data, **over)
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
-    _wait_for_distill_step(workdir, proc, 16)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(60)
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    resumed = json.loads((workdir / "report.json").read_text())
-    assert resumed["student"]["splits"] == reference["student"]["splits"]
-    assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
+    assert_kill_resume_matches(
+        lambda workdir, **o: qa_config(workdir, tiny_teacher, qa_data, **o), tmp_path, over, 16)

@@ -3,15 +3,14 @@ stages, export to BertForTokenClassification scored outside jaxkd, the teacher c
 resume."""
 import json
 import pathlib
-import signal
 
 import jax
 import numpy as np
 import pytest
 
 from jaxkd import hf
-from test_trainer import (TINY, _launch, _wait_for_distill_step, assert_trees_close,
-                          run_in_process, student_params, with_overrides)
+from test_trainer import (TINY, assert_kill_resume_matches, assert_trees_close, run_in_process,
+                          student_params, with_overrides)
 from jaxkd.model import init_params
 
 TYPES = {"PER": ["john", "mary", "smith", "anna", "peter"], "LOC": ["paris", "berlin", "london", "texas"],
@@ -152,16 +151,5 @@ def test_ner_teacher_cache_gives_the_same_student(tmp_path, tiny_teacher, ner_da
 def test_ner_killed_run_resumes_to_the_same_result(tmp_path, tiny_teacher, ner_data):
     over = {"distill.steps": 48, "distill.eval_every": 24, "checkpoint.every_steps": 8,
             "log.every_steps": 2, "teacher.finetune.steps": 4, "distributed.cpu_devices": 4}
-    reference = run_in_process(ner_config(tmp_path / "ref", tiny_teacher, ner_data, **over))
-    workdir = tmp_path / "run"
-    cfg = ner_config(workdir, tiny_teacher, ner_data, **over)
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
-    _wait_for_distill_step(workdir, proc, 20)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(60)
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    resumed = json.loads((workdir / "report.json").read_text())
-    assert resumed["student"]["splits"] == reference["student"]["splits"]
-    assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
+    assert_kill_resume_matches(
+        lambda workdir, **o: ner_config(workdir, tiny_teacher, ner_data, **o), tmp_path, over, 20)
