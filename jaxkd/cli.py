@@ -61,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     command, rest = argv[0], argv[1:]
     if command in ("-h", "--help", "help"):
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:  # `jaxkd --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if command in ("-V", "--version"):
         from jaxkd import __version__
