@@ -220,6 +220,8 @@ def test_step_rejects_bad_shapes(tiny_teacher):
 @pytest.mark.slow
 def test_step_vs_torch_alternates_processes(tiny_teacher, capsys):
     pytest.importorskip("torch")
+    if not bench.TORCH_STEP_SCRIPT.is_file():
+        pytest.skip(f"the PyTorch reference step {bench.TORCH_STEP_SCRIPT} is not beside the repository")
     bench.main(["step", "--vs-torch", "--rounds", "1", "--teacher", str(tiny_teacher),
                 "--student-layers", "1", "--batch", "4", "--seq", "8", "--steps", "1", "--warmup", "1",
                 "--breakdown"])
