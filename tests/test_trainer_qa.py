@@ -5,13 +5,11 @@ import json
 import re
 import string
 
-import jax
 import numpy as np
 import pytest
 
-from jaxkd import hf
-from jaxkd.model import init_params
-from test_trainer import TINY, assert_kill_resume_matches, run_in_process, with_overrides
+from test_trainer import (assert_kill_resume_matches, run_in_process,  # noqa: F401
+                          tiny_teacher, with_overrides)
 
 NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
 CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
@@ -50,13 +48,6 @@ def qa_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("squad")
     _write_squad(out / "train.json", rng, 40)
     _write_squad(out / "dev.json", rng, 8)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory, minilm_dir):
-    out = tmp_path_factory.mktemp("teacher")
-    hf.save_hf(TINY, init_params(TINY, jax.random.key(0)), out, tokenizer=minilm_dir)
     return out
 
 

@@ -4,14 +4,12 @@ resume."""
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
-from jaxkd import hf
-from test_trainer import (TINY, assert_kill_resume_matches, assert_trees_close, run_in_process,
-                          student_params, with_overrides)
-from jaxkd.model import init_params
+# tiny_teacher: test_trainer's random checkpoint; a sequence classifier, so the token head is fresh.
+from test_trainer import (assert_kill_resume_matches, assert_trees_close, run_in_process,  # noqa: F401
+                          student_params, tiny_teacher, with_overrides)
 
 TYPES = {"PER": ["john", "mary", "smith", "anna", "peter"], "LOC": ["paris", "berlin", "london", "texas"],
          "ORG": ["google", "reuters", "fifa", "nasa"]}
@@ -50,14 +48,6 @@ def ner_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("ner")
     for name, n in (("train", 192), ("dev", 40), ("test", 48)):
         _write_conll(out / f"{name}.txt", _sentences(rng, n))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory, minilm_dir):
-    """A random sequence-classification checkpoint: the token head is fresh and fine-tuned."""
-    out = tmp_path_factory.mktemp("teacher")
-    hf.save_hf(TINY, init_params(TINY, jax.random.key(0)), out, tokenizer=minilm_dir)
     return out
 
 
