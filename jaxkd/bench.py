@@ -4,7 +4,8 @@ step   one distillation step at fixed shapes (random token ids, dropout on), med
        `--vs-torch` alternates it with ../shared/bench/torch_kd_step.py and prints the ratio.
 epoch  one distillation epoch end to end, against a PyTorch + transformers loop: SST-2, or
        CoNLL-2003 NER with `--task conll2003` (a classifier on every token).
-mfu    achieved FLOP/s of the distillation step and its fraction of the device's peak.
+mfu    achieved FLOP/s of the distillation step and its fraction of the device's measured
+       matmul rate (fp32, or bf16 accumulated in fp32), and of the peak where it is known.
 
 `--alpha` weighs the hard-label CE here, as in the PyTorch reference
 (loss = alpha * CE + (1 - alpha) * T^2 * KL); jaxkd's LossConfig.alpha weighs the KD term,
@@ -32,13 +33,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
 from jaxkd import hf, inference, sharding, steps, tasks
 from jaxkd.losses import LossConfig
-from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
+from jaxkd.model import DTYPES, BertConfig, HeadConfig, ModelConfig, init_params
 from jaxkd.optim import OptimConfig, make_optimizer
 from jaxkd.student import student_from_teacher
 
@@ -735,28 +737,51 @@ def xla_flops(p: Prepared) -> float | None:
     return None if not cost or "flops" not in cost else float(cost["flops"])
 
 
-def run_mfu(setup: StepSetup, peak_override: float | None) -> float | None:
+def gemm_rate(dtype: str, n: int, repeats: int = 5) -> float:
+    """FLOP/s of one n x n x n matmul, the best of `repeats`: what this device achieves at all.
+
+    float32: fp32 operands and result. bfloat16: bf16 operands accumulated into an fp32 result
+    (`preferred_element_type`), the form the model's matmuls take under bf16 compute.
+    """
+    operand = DTYPES[dtype]
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(operand)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(operand)
+    gemm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    jax.block_until_ready(gemm(a, b))
+    best = min(seconds(lambda _: gemm(a, b), repeats, warmup=0))
+    return 2.0 * n ** 3 / best
+
+
+def run_mfu(setup: StepSetup, peak_override: float | None, gemm_size: int | None) -> float:
+    """Prints the step's FLOP rate beside the device's measured matmul rates; returns (and
+    prints last) the step's fraction of the measured rate for its dtype."""
     p = prepare_step(setup)
     median = statistics.median(time_step(p, setup))
     flops = step_flops(p.teacher_cfg, p.student_cfg, setup.batch, setup.seq)
     achieved = flops / median
     device = jax.devices()[0]
-    per_chip = peak_override if peak_override is not None else peak_tflops(device.device_kind)
     xla = xla_flops(p)
     print(f"{device.device_kind} x{jax.device_count()} teacher={setup.teacher} "
           f"({p.teacher_cfg.encoder.num_layers}x{p.teacher_cfg.encoder.hidden_size}) student_layers={setup.student_layers} "
           f"batch={setup.batch} seq={setup.seq} dtype={setup.dtype}: median step {median:.4f} s")
     print(f"model FLOPs/step {flops / 1e12:.4f} T (XLA cost analysis: "
           f"{'n/a' if xla is None else f'{xla / 1e12:.4f} T'}); achieved {achieved / 1e12:.3f} TFLOP/s")
+    n = gemm_size or (2048 if jax.default_backend() == "cpu" else 8192)
+    # The step runs data-parallel over every device; a single GEMM measures one of them.
+    rates = {dtype: gemm_rate(dtype, n) * jax.device_count() for dtype in ("float32", "bfloat16")}
+    fraction = achieved / rates[setup.dtype]
+    print(f"measured matmul rate ({n}^3 GEMM, best of 5, x{jax.device_count()} devices): "
+          f"fp32 {rates['float32'] / 1e12:.3f} TFLOP/s, bf16 x bf16 -> fp32 {rates['bfloat16'] / 1e12:.3f} "
+          f"TFLOP/s; the step reaches {100 * fraction:.1f}% of the {setup.dtype} rate")
     print(memory_line())
+    per_chip = peak_override if peak_override is not None else peak_tflops(device.device_kind)
     if per_chip is None:
-        print(f"peak unknown for {device.device_kind!r}: pass --peak-tflops for the fraction")
-        print(f"{achieved / 1e12:.6g}")
-        return None
-    mfu = achieved / (per_chip * 1e12 * jax.device_count())
-    print(f"peak {per_chip:g} TFLOP/s per chip (dense bf16) x {jax.device_count()}: MFU {100 * mfu:.1f}%")
-    print(f"{mfu:.6g}")
-    return mfu
+        print(f"peak unknown for {device.device_kind!r}: pass --peak-tflops for MFU against a peak")
+    else:
+        mfu = achieved / (per_chip * 1e12 * jax.device_count())
+        print(f"peak {per_chip:g} TFLOP/s per chip (dense bf16) x {jax.device_count()}: MFU {100 * mfu:.1f}%")
+    print(f"{fraction:.6g}")
+    return fraction
 
 
 def _mfu_setup(a: argparse.Namespace) -> StepSetup:
@@ -825,6 +850,8 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mfu", help="achieved FLOP/s of the distillation step, fraction of peak")
     _add_step_flags(m, None, None, None, None, None)
     m.add_argument("--peak-tflops", type=float, default=None, help="peak per chip, overrides the table")
+    m.add_argument("--gemm-size", type=int, default=None,
+                   help="n of the n^3 GEMM that measures the matmul rate (default 2048 on CPU, 8192 else)")
     return p
 
 
@@ -849,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             run_epoch(setup, a.impl)
     else:
-        run_mfu(_mfu_setup(a), a.peak_tflops)
+        run_mfu(_mfu_setup(a), a.peak_tflops, a.gemm_size)
     return 0
 
 

@@ -10,6 +10,7 @@ only when asked for, so a plain forward pass traces exactly the logits path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -45,8 +46,10 @@ class BertConfig:
     attention_dropout: float = 0.1
     pad_token_id: int = 0
     initializer_range: float = 0.02
-    # Compute dtype; softmax, layer norm and logits stay fp32. bf16 logits agree with fp32 to
-    # about 0.02 max abs on MiniLM-sized models; tests/test_model.py allows 0.05.
+    # Matmul operand dtype: under bfloat16 every encoder matmul takes bf16 operands and
+    # accumulates in fp32 (`einsum`); the residual stream, softmax, layer norm, the heads and the
+    # logits stay fp32. bf16 logits agree with fp32 to about 0.02 max abs on MiniLM-sized models;
+    # tests/test_model.py allows 0.05.
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -182,9 +185,74 @@ class ModelOutput:
         return self.logits[..., 1]
 
 
-def _dense(cfg: BertConfig, features: int, name: str, dtype=None) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype or cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """`jnp.einsum(spec, a, b)` computed with `dtype` operands, accumulated and returned in fp32.
+
+    fp32 is the plain einsum. For a 16-bit `dtype` both operands are cast (inside, so fp32
+    params are cast once where they are used) and the products accumulate in fp32
+    (`preferred_element_type`): more accurate than a 16-bit result, and on CPU faster too (XLA
+    runs bf16 x bf16 -> fp32 GEMMs at about twice its fp32 rate, bf16 -> bf16 below it;
+    docs/performance.md). The backward pass is written out so that its GEMMs take the same form:
+    JAX's own transpose would multiply the fp32 cotangent by a 16-bit operand, or round the
+    weight gradient to 16 bits. Gradients come back in each operand's own dtype.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    return _mixed_einsum(spec, jnp.dtype(dtype), a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(spec, dtype, a, b):
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(spec, dtype, a, b):
+    a16, b16 = a.astype(dtype), b.astype(dtype)
+    out = jnp.einsum(spec, a16, b16, preferred_element_type=jnp.float32)
+    # Zero-size arrays carry the operands' dtypes to the backward pass.
+    return out, (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _mixed_einsum_bwd(spec, dtype, residuals, g):
+    a16, b16, a_dtype, b_dtype = residuals
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    g16 = g.astype(dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g16, b16, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{sa},{out}->{sb}", a16, g16, preferred_element_type=jnp.float32)
+    return da.astype(a_dtype.dtype), db.astype(b_dtype.dtype)
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def _dense_spec(ndim: int) -> str:
+    lead = "abcdefgh"[: ndim - 1]
+    return f"{lead}k,kn->{lead}n"
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (same parameter names and init) whose matmul is `einsum` at `dtype`.
+
+    The output is fp32 whatever `dtype` is: the consumer casts it if it multiplies it next.
+    """
+
+    features: int
+    config: BertConfig
+    dtype: Any = None  # matmul operand dtype; None: the encoder's compute dtype
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range),
+                            (x.shape[-1], self.features), cfg.params_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), cfg.params_dtype)
+        dtype = cfg.compute_dtype if self.dtype is None else self.dtype
+        return einsum(_dense_spec(x.ndim), x, kernel, dtype) + bias.astype(jnp.float32)
+
+
+def _dense(cfg: BertConfig, features: int, name: str, dtype=None) -> Dense:
+    return Dense(features, cfg, dtype, name=name)
 
 
 def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
@@ -251,19 +319,22 @@ class Attention(nn.Module):
     def __call__(self, xq_BxQxH, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
         """Queries from `xq` (the first Q positions of `x`, or all of it); keys and values from `x`."""
         cfg = self.config
-        N, D = cfg.num_heads, cfg.head_dim
+        N, D, cd = cfg.num_heads, cfg.head_dim, cfg.compute_dtype
 
         def heads(name, x_BxTxH):
-            y = _dense(cfg, cfg.hidden_size, name)(x_BxTxH)
+            # The projections' fp32 results are only multiplied next: cast them once, here.
+            y = _dense(cfg, cfg.hidden_size, name)(x_BxTxH).astype(cd)
             return y.reshape(*x_BxTxH.shape[:2], N, D).transpose(0, 2, 1, 3)
 
-        q_BxNxQxD = heads("query", xq_BxQxH)
-        k_BxNxLxD, v_BxNxLxD = heads("key", x_BxLxH), heads("value", x_BxLxH)
-        scores_BxNxQxL = jnp.einsum("bnqd,bnkd->bnqk", q_BxNxQxD, k_BxNxLxD) / math.sqrt(D)
-        scores_BxNxQxL = scores_BxNxQxL.astype(jnp.float32)
+        # One cast of the (fp32) residual stream serves all three projections.
+        xq_c = xq_BxQxH.astype(cd)
+        x_c = xq_c if xq_BxQxH is x_BxLxH else x_BxLxH.astype(cd)
+        q_BxNxQxD = heads("query", xq_c)
+        k_BxNxLxD, v_BxNxLxD = heads("key", x_c), heads("value", x_c)
+        scores_BxNxQxL = einsum("bnqd,bnkd->bnqk", q_BxNxQxD, k_BxNxLxD, cd) / math.sqrt(D)
         probs_BxNxQxL = jax.nn.softmax(scores_BxNxQxL + bias_Bx1x1xL, axis=-1)
         dropped = Dropout(cfg.attention_dropout)(probs_BxNxQxL, deterministic=deterministic)
-        ctx_BxNxQxD = jnp.einsum("bnqk,bnkd->bnqd", dropped.astype(cfg.compute_dtype), v_BxNxLxD)
+        ctx_BxNxQxD = einsum("bnqk,bnkd->bnqd", dropped.astype(cd), v_BxNxLxD, cd).astype(cd)
         B, Q, H = xq_BxQxH.shape
         ctx_BxQxH = ctx_BxNxQxD.transpose(0, 2, 1, 3).reshape(B, Q, H)
         return ctx_BxQxH, (scores_BxNxQxL, probs_BxNxQxL, v_BxNxLxD)
@@ -283,6 +354,7 @@ class Layer(nn.Module):
         y = drop(_dense(cfg, cfg.hidden_size, "attention_output")(ctx_BxQxH), deterministic=deterministic)
         xq_BxQxH = _layer_norm(cfg, "attention_LayerNorm")(xq_BxQxH + y)
         h_BxQxF = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(xq_BxQxH))
+        h_BxQxF = h_BxQxF.astype(cfg.compute_dtype)  # the activation in fp32, its product in bf16
         y = drop(_dense(cfg, cfg.hidden_size, "output")(h_BxQxF), deterministic=deterministic)
         return _layer_norm(cfg, "output_LayerNorm")(xq_BxQxH + y), extras
 

@@ -138,15 +138,25 @@ def test_step_and_breakdown_cli(tiny_teacher, capsys):
 def test_mfu_cli_with_peak_override(tiny_teacher, capsys):
     bench.main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",
                 "--seq", "8", "--steps", "2", "--warmup", "1", "--dtype", "float32",
-                "--peak-tflops", "1"])
-    assert 0 < _last_float(capsys) < 1
-
-
-def test_mfu_without_peak_on_cpu_prints_flops(tiny_teacher, capsys):
-    bench.main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "2", "--batch", "4",
-                "--seq", "8", "--steps", "1", "--warmup", "1"])
+                "--peak-tflops", "1", "--gemm-size", "256"])
     out = capsys.readouterr().out
-    assert "peak unknown" in out and float(out.strip().splitlines()[-1]) > 0
+    assert "MFU" in out and "measured matmul rate (256^3 GEMM" in out
+    # A tiny step is far from what the device can do: a fraction of the measured rate.
+    assert 0 < float(out.strip().splitlines()[-1]) < 1
+
+
+def test_mfu_without_peak_on_cpu_prints_fraction_of_measured_rate(tiny_teacher, capsys):
+    bench.main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "2", "--batch", "4",
+                "--seq", "8", "--steps", "1", "--warmup", "1", "--dtype", "bfloat16", "--gemm-size", "256"])
+    out = capsys.readouterr().out
+    assert "peak unknown" in out and "of the bfloat16 rate" in out
+    assert 0 < float(out.strip().splitlines()[-1]) < 1
+
+
+def test_gemm_rate_counts_flops_of_the_timed_matmul(monkeypatch):
+    # 2 n^3 FLOPs over the best of the timed calls.
+    monkeypatch.setattr(bench, "seconds", lambda fn, steps, warmup: [0.5, 0.25, 0.4])
+    assert bench.gemm_rate("bfloat16", 64) == pytest.approx(2 * 64 ** 3 / 0.25)
 
 
 @pytest.mark.parametrize("impl", ["jaxkd", "torch"])

@@ -90,6 +90,37 @@ def test_bf16_compute_keeps_fp32_params_and_logits(params):
     assert 0 < diff < 0.05
 
 
+@pytest.mark.parametrize("spec,shape_a,shape_b", [
+    ("abk,kn->abn", (2, 5, 8), (8, 6)),  # a dense layer: activations x kernel
+    ("bnqd,bnkd->bnqk", (2, 3, 5, 4), (2, 3, 7, 4)),  # attention scores
+    ("bnqk,bnkd->bnqd", (2, 3, 5, 7), (2, 3, 7, 4)),  # attention-weighted values
+])
+def test_bf16_einsum_forward_and_backward_match_numpy(spec, shape_a, shape_b):
+    """bf16 operands, fp32 accumulation: the products (and the gradients' products, from a bf16
+    cotangent) of the bf16-rounded values, in float64; gradients in each operand's dtype."""
+    from jaxkd.model import einsum
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=shape_a).astype(np.float32)
+    b = rng.normal(size=shape_b).astype(np.float32)
+    out_shape = jnp.einsum(spec, a, b).shape
+    g = rng.normal(size=out_shape).astype(np.float32)
+    r = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)  # noqa: E731
+    out, vjp = jax.vjp(lambda x, y: einsum(spec, x, y, jnp.bfloat16), a, b)
+    da, db = vjp(jnp.asarray(g))
+    ins, res = spec.split("->")
+    sa, sb = ins.split(",")
+    assert out.dtype == da.dtype == db.dtype == jnp.float32
+    np.testing.assert_allclose(out, np.einsum(spec, r(a), r(b)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(da, np.einsum(f"{res},{sb}->{sa}", r(g), r(b)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, np.einsum(f"{sa},{res}->{sb}", r(a), r(g)), rtol=1e-5, atol=1e-5)
+    # Not the fp32 products: the operands really are rounded.
+    assert np.abs(np.asarray(out) - np.einsum(spec, a, b)).max() > 1e-4
+    # A bf16 operand gets a bf16 gradient.
+    _, vjp16 = jax.vjp(lambda x, y: einsum(spec, x, y, jnp.bfloat16), jnp.asarray(a, jnp.bfloat16), b)
+    assert vjp16(jnp.asarray(g))[0].dtype == jnp.bfloat16
+
+
 def test_dropout_only_when_not_deterministic(params):
     ids, mask, types = _batch()
     model = Bert(TINY)

@@ -336,3 +336,45 @@ def test_bad_inputs_are_named(world):
                                              teacher="cached"))
     with pytest.raises(KeyError, match="teacher_logits"):
         cached(world["state"], None, world["batches"][0], jax.random.key(0))
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it."""
+    from jax.extend import core
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, core.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+def test_bf16_step_casts_each_kernel_once_and_accumulates_in_fp32(world):
+    """Under bf16 the encoders' matmuls take bf16 operands into fp32 results, forward and
+    backward; each fp32 kernel is cast once per step and no weight gradient is rounded to bf16."""
+    student, teacher = world["student"].replace(dtype="bfloat16"), world["teacher"].replace(dtype="bfloat16")
+    step = steps.make_distill_step(student, teacher, world["loss"])
+    jaxpr = jax.make_jaxpr(step)(world["state"], world["teacher_params"], world["batches"][0],
+                                 jax.random.key(0)).jaxpr
+    eqns = list(_eqns(jaxpr))
+    converts = [(e.invars[0].aval, e.params["new_dtype"]) for e in eqns
+                if e.primitive.name == "convert_element_type"]
+    kernels = lambda params: sum(  # noqa: E731
+        1 for path, _ in jax.tree_util.tree_leaves_with_path(params["encoder"])
+        if path[-1].key == "kernel")
+    n_kernels = kernels(world["state"].params) + kernels(world["teacher_params"])
+    # Kernels are the only 2-D fp32 arrays cast to bf16 (activations are 3-D and 4-D).
+    assert sum(1 for aval, new in converts
+               if aval.ndim == 2 and aval.dtype == jnp.float32 and new == jnp.bfloat16) == n_kernels
+    assert not [aval for aval, new in converts if aval.ndim == 2 and aval.dtype == jnp.bfloat16]
+    dots = [(e.invars[0].aval.dtype, e.invars[1].aval.dtype, e.params["preferred_element_type"])
+            for e in eqns if e.primitive.name == "dot_general"]
+    bf16 = jnp.dtype(jnp.bfloat16)
+    mixed = [d for d in dots if bf16 in d[:2]]
+    assert all(d == (bf16, bf16, jnp.float32) for d in mixed), set(mixed)
+    # Per layer: Q, K, V, output and two FFN projections, and the two attention products;
+    # the student's run forward and twice backward (both operands' gradients).
+    per_layer = 8
+    assert len(mixed) == per_layer * (teacher.encoder.num_layers + 3 * student.encoder.num_layers)
