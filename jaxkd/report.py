@@ -165,6 +165,7 @@ def build_report(cfg, task, models: dict, agreement: dict) -> dict:
         "distill": to_dict(cfg.distill),
         "student_config": to_dict(cfg.student),
         "seed": cfg.seed,
+        "precision": cfg.precision.compute,
     }
 
 
