@@ -85,14 +85,15 @@ def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks
     try:
         raw = hf.read_hf_config(directory)
         encoder = hf.config_from_hf(raw)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, hf.CheckpointError) as e:
         raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
     is_task_model = (hf.checkpoint_head_kind(raw) == task.head_kind
                      and hf.checkpoint_num_labels(raw) == task.num_labels)
     encoder = encoder.replace(dtype=dtype)
     if teacher.hidden_dropout is not None:
         encoder = encoder.replace(hidden_dropout=teacher.hidden_dropout)
-    head = dataclasses.replace(task.head(), dropout=hf.head_from_hf(raw).dropout)
+    # The task's head as the teacher's family computes it (its dropout and pooler activation).
+    head = hf.head_from_hf(raw, kind=task.head_kind, num_labels=task.num_labels)
     return ModelConfig(encoder, head), is_task_model
 
 
@@ -103,12 +104,12 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
         raise ConfigError("data.train is not set: give a split name or a training file")
     task = tasks.resolve(cfg.task, cfg.data)
     teacher_dir = _teacher_dir(cfg.teacher)
-    tokenizer = hf.load_tokenizer(teacher_dir)
     teacher_cfg, is_task_model = _teacher_config(cfg.teacher, teacher_dir, task, cfg.precision.compute)
+    tokenizer = hf.load_tokenizer(teacher_dir, words=task.head_kind == "token")
     steps_ = cfg.teacher.finetune.steps
     if steps_ == 0 and not is_task_model:
         raise ConfigError(
-            f"teacher.model {cfg.teacher.model!r} is not a {hf.ARCHITECTURES[task.head_kind]} with "
+            f"teacher.model {cfg.teacher.model!r} is not a {hf.architecture(teacher_cfg)} with "
             f"{task.num_labels} labels, so it cannot teach this task untrained: set "
             "teacher.finetune.steps > 0 (or leave it unset to fine-tune for teacher.finetune.epochs)")
     finetune = steps_ if steps_ is not None else (0 if is_task_model else None)
@@ -116,9 +117,10 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
     if len(tokenizer) > encoder.vocab_size:
         raise ConfigError(f"teacher.model: tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocabulary holds {encoder.vocab_size}")
-    if cfg.data.max_seq_len > encoder.max_position_embeddings:
-        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the teacher's "
-                          f"max_position_embeddings={encoder.max_position_embeddings}")
+    if cfg.data.max_seq_len > encoder.max_length:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the {encoder.max_length} "
+                          f"positions of the teacher's max_position_embeddings="
+                          f"{encoder.max_position_embeddings}")
     student_cfg = student_config(cfg.student, teacher_cfg)
     # Every split is read and validated before anything (even a tokenisation cache) is written.
     loaded = {name: (getattr(cfg.data, name), task.load(cfg.data, getattr(cfg.data, name)))

@@ -1,0 +1,169 @@
+"""Encoder families (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA) against PyTorch transformers: import,
+export, the DistilBERT-architecture student of a BERT teacher, and the pipeline with RoBERTa and
+ELECTRA teachers."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxkd import hf  # noqa: E402
+from jaxkd.model import Model, apply_model  # noqa: E402
+
+VOCAB, HIDDEN = 100, 32
+SIZES = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=37, hidden_act="gelu")
+# Tiny random models of each family; the shapes differ from BERT's where the family's do.
+HF_CONFIGS = {
+    "bert": lambda: transformers.BertConfig(**SIZES, max_position_embeddings=40),
+    "roberta": lambda: transformers.RobertaConfig(**SIZES, max_position_embeddings=42, type_vocab_size=1,
+                                                  pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    "xlm-roberta": lambda: transformers.XLMRobertaConfig(**SIZES, max_position_embeddings=42,
+                                                         type_vocab_size=1, pad_token_id=1,
+                                                         bos_token_id=0, eos_token_id=2),
+    "distilbert": lambda: transformers.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=2, n_heads=4,
+                                                        hidden_dim=37, max_position_embeddings=40),
+    "electra": lambda: transformers.ElectraConfig(**SIZES, embedding_size=24, max_position_embeddings=40),
+}
+AUTO = {"sequence": transformers.AutoModelForSequenceClassification,
+        "token": transformers.AutoModelForTokenClassification,
+        "span": transformers.AutoModelForQuestionAnswering}
+HEADS = [("sequence", 3), ("sequence", 1), ("token", 5), ("span", 2)]
+
+
+def torch_model(model_type: str, kind: str, num_labels: int, seed: int = 0):
+    """A randomly initialised transformers model, with weights large enough that a mix-up shows
+    (the default init of a model this small gives logits near 0 whatever the wiring)."""
+    config = HF_CONFIGS[model_type]()
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    model = AUTO[kind].from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and ("LayerNorm" in name or "layer_norm" in name):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+def batch(model_type: str, L: int = 9):
+    """Right-padded ids (no pad id among the real tokens), mask, and token types where the family
+    has them (two segments for BERT and ELECTRA)."""
+    pad = HF_CONFIGS[model_type]().pad_token_id
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, VOCAB, (3, L))
+    mask = np.ones((3, L), np.int64)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    ids = np.where(mask > 0, ids, pad)
+    types = None
+    if model_type in ("bert", "electra"):
+        types = np.zeros((3, L), np.int64)
+        types[:, 4:] = 1
+        types *= mask
+    return ids, mask, types
+
+
+def torch_logits(model, ids, mask, types) -> np.ndarray:
+    inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+    if types is not None:
+        inputs["token_type_ids"] = torch.tensor(types)
+    with torch.no_grad():
+        out = model(**inputs)
+    if hasattr(out, "start_logits"):
+        return torch.stack([out.start_logits, out.end_logits], -1).numpy()
+    return out.logits.numpy()
+
+
+def ours(cfg, params, ids, mask, types) -> np.ndarray:
+    return np.asarray(apply_model(cfg, params, ids, mask, types).logits)
+
+
+def assert_same_logits(a, b, kind, mask, atol=1e-4):
+    if kind == "sequence":
+        np.testing.assert_allclose(a, b, atol=atol)
+    else:  # per token: padding positions are whatever each implementation leaves there
+        valid = mask.astype(bool)
+        np.testing.assert_allclose(a[valid], b[valid], atol=atol)
+
+
+@pytest.mark.parametrize("kind, num_labels", HEADS)
+@pytest.mark.parametrize("model_type", list(HF_CONFIGS))
+def test_import_and_export_match_transformers(tmp_path, model_type, kind, num_labels):
+    model = torch_model(model_type, kind, num_labels)
+    model.save_pretrained(tmp_path / "hf")
+    ids, mask, types = batch(model_type)
+    reference = torch_logits(model, ids, mask, types)
+    assert np.abs(reference).max() > 0.1  # large enough that a wrong wiring cannot hide
+
+    cfg, params, report = hf.load_hf(tmp_path / "hf", return_report=True)
+    assert cfg.encoder.model_type == model_type and cfg.head.kind == kind
+    assert report.fresh == () and report.ignored == ()
+    assert_same_logits(ours(cfg, params, ids, mask, types), reference, kind, mask)
+
+    out = hf.save_hf(cfg, params, tmp_path / "export")
+    again, info = AUTO[kind].from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(again).__name__ == type(model).__name__ == hf.architecture(cfg)
+    assert_same_logits(torch_logits(again.eval(), ids, mask, types), reference, kind, mask, atol=1e-5)
+    assert hf.load_hf(out)[0].encoder == cfg.encoder
+
+
+@pytest.mark.parametrize("model_type, change", [
+    ("roberta", {"pad_offset_positions": False}),  # BERT's 0..L-1 positions
+    ("electra", {"pooler_activation": "tanh"}),  # BERT's pooler activation
+    ("distilbert", {"pooler_activation": "tanh"}),
+])
+def test_each_family_difference_matters(tmp_path, model_type, change):
+    """The parity above cannot pass by accident: undoing one family field breaks it."""
+    model = torch_model(model_type, "sequence", 3)
+    model.save_pretrained(tmp_path)
+    cfg, params = hf.load_hf(tmp_path)
+    ids, mask, types = batch(model_type)
+    reference = torch_logits(model, ids, mask, types)
+    assert np.abs(ours(cfg.replace(**change), params, ids, mask, types) - reference).max() > 1e-2
+
+
+def test_bare_base_models_load_with_fresh_heads(tmp_path):
+    """Keys without the base prefix (RobertaModel, ElectraModel, DistilBertModel) are the same
+    weights; the untrained RoBERTa pooler is ignored, the classification head is fresh."""
+    for model_type, cls in (("roberta", transformers.RobertaModel), ("electra", transformers.ElectraModel),
+                            ("distilbert", transformers.DistilBertModel)):
+        torch.manual_seed(0)
+        bare = cls(HF_CONFIGS[model_type]()).eval()
+        bare.save_pretrained(tmp_path / model_type)
+        cfg, params, report = hf.load_hf(tmp_path / model_type, num_labels=2, return_report=True)
+        assert report.fresh == ("classifier", "pooler")
+        assert report.ignored == (("pooler.dense.bias", "pooler.dense.weight") if model_type == "roberta"
+                                  else ())
+        ids, mask, _ = batch(model_type)
+        with torch.no_grad():
+            reference = bare(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+        states = Model(cfg).apply({"params": params}, ids, mask, output_hidden_states=True).hidden_states
+        valid = mask.astype(bool)
+        np.testing.assert_allclose(np.asarray(states[-1])[valid], reference.numpy()[valid], atol=1e-4)
+
+
+def test_unsupported_model_type_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deberta-v2", "hidden_size": 8}))
+    message = "model_type 'deberta-v2' is not supported; jaxkd reads and writes bert, distilbert, " \
+              "electra, roberta, xlm-roberta"
+    with pytest.raises(hf.CheckpointError, match=message):
+        hf.load_hf(tmp_path)
+    with pytest.raises(hf.CheckpointError, match="not supported"):
+        hf.config_from_hf({"model_type": "gpt2"})
+
+
+def test_distilbert_refuses_sinusoidal_positions_and_inexpressible_encoders():
+    d = transformers.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=2, n_heads=4,
+                                      sinusoidal_pos_embds=True).to_dict()
+    with pytest.raises(hf.CheckpointError, match="sinusoidal_pos_embds: true"):
+        hf.config_from_hf(d)
+    bert = hf.model_config_from_hf(HF_CONFIGS["bert"]().to_dict())
+    with pytest.raises(hf.CheckpointError, match="cannot be written as a DistilBERT.*2 token types"):
+        hf.config_to_hf(bert.replace(model_type="distilbert"))
+    with pytest.raises(hf.CheckpointError, match="cannot be written as a RoBERTa.*0..L-1"):
+        hf.config_to_hf(bert.replace(model_type="roberta"))
