@@ -163,8 +163,10 @@ def describe(cfg: Config, plan: Plan) -> str:
                      f"{len(split.encoded)} rows, skipped {dict(split.examples.skipped) or 'none'}")
     for who, mc in (("teacher", t), ("student", s)):
         enc = mc.encoder
-        lines.append(f"{who}: {enc.num_layers} layers x {enc.hidden_size} hidden, {enc.num_heads} "
-                     f"heads, {mc.head.kind} head, {enc.dtype}")
+        lines.append(f"{who}: {hf.architecture(mc)}, {enc.num_layers} layers x {enc.hidden_size} "
+                     f"hidden, {enc.num_heads} heads, {enc.dtype}"
+                     + ("" if enc.type_vocab_size or not t.encoder.type_vocab_size else
+                        ", no token types (the teacher's type 0 folded into positions)"))
     lines += [f"stage teacher: {teacher_stage} (batch {data.batch_size}, {epoch_steps} steps per epoch)",
               f"stage distill: {total} steps, teacher {source}, T={distill.temperature:g}, "
               f"alpha={distill.alpha:g}",
@@ -207,17 +209,26 @@ def student_config(s: StudentConfig, teacher_cfg: ModelConfig) -> ModelConfig:
                                               num_heads=s.num_heads,
                                               intermediate_size=s.intermediate_size)
         else:
-            pre = hf.config_from_hf(hf.read_hf_config(hf.resolve_dir(s.pretrained)))
+            pre_raw = hf.read_hf_config(hf.resolve_dir(s.pretrained))
+            pre = hf.config_from_hf(pre_raw)
             if pre.vocab_size != teacher.vocab_size:
                 raise ConfigError(
                     f"student.pretrained {s.pretrained!r} has a vocabulary of {pre.vocab_size} tokens "
                     f"but the teacher's has {teacher.vocab_size}: student and teacher must share "
                     "one tokenizer")
-            student_cfg = ModelConfig(pre.replace(dtype=teacher.dtype), teacher_cfg.head)
+            # The teacher's head in the student's family (its pooler activation).
+            head = dataclasses.replace(teacher_cfg.head, pooler_activation=hf.head_from_hf(
+                pre_raw, teacher_cfg.head.kind).pooler_activation)
+            student_cfg = ModelConfig(pre.replace(dtype=teacher.dtype), head)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"student: {e}") from e
+    if s.export_as == "distilbert":
+        try:
+            student_cfg = student_lib.distilbert_config(student_cfg)
+        except ValueError as e:
+            raise ConfigError(f"student.export_as: {e}") from e
     changes = {}
     if s.hidden_dropout is not None:
         changes["hidden_dropout"] = s.hidden_dropout
@@ -229,12 +240,15 @@ def student_config(s: StudentConfig, teacher_cfg: ModelConfig) -> ModelConfig:
 def _student_params(s: StudentConfig, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
                     teacher_params, rng):
     """The student's initial params, of the shape `student_cfg` (from the plan) describes."""
+    distilbert = s.export_as == "distilbert"
     if s.init == "teacher_layers":
-        _, params = student_lib.student_from_teacher(teacher_cfg, teacher_params, layers=s.layers)
+        build = student_lib.distilbert_from_teacher if distilbert else student_lib.student_from_teacher
+        _, params = build(teacher_cfg, teacher_params, layers=s.layers)
     elif s.init == "shape":
         _, params = student_lib.student_from_shape(
-            teacher_cfg, rng, num_layers=s.num_layers, hidden_size=s.hidden_size,
-            num_heads=s.num_heads, intermediate_size=s.intermediate_size)
+            student_lib.distilbert_config(teacher_cfg) if distilbert else teacher_cfg, rng,
+            num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+            intermediate_size=s.intermediate_size)
     else:
         _, params = student_lib.student_from_pretrained(s.pretrained, teacher_cfg, rng=rng)
     return params

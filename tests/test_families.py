@@ -3,13 +3,16 @@ export, the DistilBERT-architecture student of a BERT teacher, and the pipeline 
 ELECTRA teachers."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxkd import hf  # noqa: E402
+from jaxkd import hf, trainer  # noqa: E402
+from jaxkd.config import ConfigError, StudentConfig  # noqa: E402
+from jaxkd.student import distilbert_from_teacher, student_from_shape, student_from_teacher  # noqa: E402
 from jaxkd.model import Model, apply_model  # noqa: E402
 
 VOCAB, HIDDEN = 100, 32
@@ -33,11 +36,13 @@ AUTO = {"sequence": transformers.AutoModelForSequenceClassification,
 HEADS = [("sequence", 3), ("sequence", 1), ("token", 5), ("span", 2)]
 
 
-def torch_model(model_type: str, kind: str, num_labels: int, seed: int = 0):
+def torch_model(model_type: str, kind: str, num_labels: int, seed: int = 0, **config_changes):
     """A randomly initialised transformers model, with weights large enough that a mix-up shows
     (the default init of a model this small gives logits near 0 whatever the wiring)."""
     config = HF_CONFIGS[model_type]()
     config.num_labels = num_labels
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AUTO[kind].from_config(config).eval()
     with torch.no_grad():
@@ -167,3 +172,59 @@ def test_distilbert_refuses_sinusoidal_positions_and_inexpressible_encoders():
         hf.config_to_hf(bert.replace(model_type="distilbert"))
     with pytest.raises(hf.CheckpointError, match="cannot be written as a RoBERTa.*0..L-1"):
         hf.config_to_hf(bert.replace(model_type="roberta"))
+
+
+# ----------------------------------------------------------------------------- students
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "distilbert", "electra"])
+def test_students_stay_in_the_teachers_family(tmp_path, model_type):
+    """Teacher layers and a fresh shape both export as the teacher's family and load back."""
+    model = torch_model(model_type, "token", 5)
+    model.save_pretrained(tmp_path / "teacher")
+    cfg, params = hf.load_hf(tmp_path / "teacher")
+    ids, mask, types = batch(model_type)
+    students = {"layers": student_from_teacher(cfg, params, [1]),
+                "shape": student_from_shape(cfg, jax.random.key(0), 1, 16, 2, 24)}
+    for name, (student_cfg, student_params) in students.items():
+        assert student_cfg.encoder.model_type == model_type
+        out = hf.save_hf(student_cfg, student_params, tmp_path / name)
+        again, info = AUTO["token"].from_pretrained(out, output_loading_info=True)
+        assert not any(info.values()), info
+        assert type(again).__name__ == type(model).__name__
+        assert_same_logits(torch_logits(again.eval(), ids, mask, types),
+                           ours(student_cfg, student_params, ids, mask, types), "token", mask)
+
+
+@pytest.mark.parametrize("kind, num_labels", HEADS)
+def test_distilbert_student_of_a_bert_teacher(tmp_path, kind, num_labels):
+    teacher = torch_model("bert", kind, num_labels, num_hidden_layers=4)
+    teacher.save_pretrained(tmp_path / "teacher")
+    cfg, params = hf.load_hf(tmp_path / "teacher")
+    student_cfg, student_params = distilbert_from_teacher(cfg, params)  # layers 0 and 2
+    assert (student_cfg.encoder.model_type, student_cfg.encoder.num_layers) == ("distilbert", 2)
+    ids, mask, types = batch("bert")
+    mine = ours(student_cfg, student_params, ids, mask, types)  # token types are ignored
+
+    out = hf.save_hf(student_cfg, student_params, tmp_path / "student")
+    model, info = AUTO[kind].from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(model).__name__ == f"DistilBert{type(teacher).__name__[len('Bert'):]}"
+    assert_same_logits(torch_logits(model.eval(), ids, mask, None), mine, kind, mask)
+
+    # The fold is exact: with token types all 0 the BERT-layout student on the same layers (with
+    # DistilBERT's ReLU head) computes the same; with a second segment it does not.
+    bert_cfg, bert_params = student_from_teacher(cfg, params, (0, 2))
+    bert_cfg = bert_cfg.replace(pooler_activation="relu")
+    assert_same_logits(ours(bert_cfg, bert_params, ids, mask, np.zeros_like(types)), mine, kind, mask,
+                       atol=1e-5)
+    assert np.abs(ours(bert_cfg, bert_params, ids, mask, types) - mine).max() > 1e-3
+
+
+def test_distilbert_student_needs_a_bert_teacher(tmp_path):
+    torch_model("roberta", "sequence", 2).save_pretrained(tmp_path)
+    cfg, params = hf.load_hf(tmp_path)
+    with pytest.raises(ValueError, match="built from a BERT teacher; this teacher's model_type is 'roberta'"):
+        distilbert_from_teacher(cfg, params)
+    with pytest.raises(ConfigError, match="student.export_as: .*BERT teacher"):
+        trainer.student_config(StudentConfig(layers=(0,), export_as="distilbert"), cfg)
