@@ -10,8 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxkd import hf, trainer  # noqa: E402
+from jaxkd import config as config_lib  # noqa: E402
+from jaxkd import hf, tasks, trainer  # noqa: E402
 from jaxkd.config import ConfigError, StudentConfig  # noqa: E402
+from jaxkd.data import DataConfig  # noqa: E402
 from jaxkd.student import distilbert_from_teacher, student_from_shape, student_from_teacher  # noqa: E402
 from jaxkd.model import Model, apply_model  # noqa: E402
 
@@ -228,3 +230,116 @@ def test_distilbert_student_needs_a_bert_teacher(tmp_path):
         distilbert_from_teacher(cfg, params)
     with pytest.raises(ConfigError, match="student.export_as: .*BERT teacher"):
         trainer.student_config(StudentConfig(layers=(0,), export_as="distilbert"), cfg)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+WORDS = "the a cat dog sat ran on in mat park big small red old new house tree river".split()
+
+
+def _pairs(rng, n):
+    rows = []
+    for _ in range(n):
+        a = " ".join(rng.choice(WORDS, rng.integers(3, 9)))
+        b = " ".join(rng.choice(WORDS, rng.integers(2, 7)))
+        rows.append(f"{a}\t{b}\t{int(a.split()[0] == b.split()[0])}")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory):
+    """A tiny sentence-pair task in MRPC's columns: train.tsv (64 pairs) and eval.tsv (24)."""
+    out = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 64), ("eval", 24)):
+        (out / f"{name}.tsv").write_text("\n".join(["sentence1\tsentence2\tlabel", *_pairs(rng, n)]) + "\n")
+    return out
+
+
+def _tokenizer(model_type: str, texts):
+    """A small tokenizer trained here: byte-level BPE for RoBERTa, WordPiece for the others."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if model_type == "roberta":
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        bpe.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        return transformers.RobertaTokenizerFast(
+            tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+            unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=120, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
+    cls = transformers.ElectraTokenizerFast if model_type == "electra" else transformers.BertTokenizerFast
+    return cls(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+               sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _teacher_dir(path, model_type: str, data):
+    """A 2-layer random teacher of the family (a bare sequence classifier) with its tokenizer."""
+    texts = [field for line in (data / "train.tsv").read_text().splitlines()[1:]
+             for field in line.split("\t")[:2]]
+    tokenizer = _tokenizer(model_type, texts)
+    model = torch_model(model_type, "sequence", 2, vocab_size=len(tokenizer), max_position_embeddings=66)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, export_as, architecture", [
+    ("roberta", None, "RobertaForSequenceClassification"),
+    ("electra", None, "ElectraForSequenceClassification"),
+    ("bert", "distilbert", "DistilBertForSequenceClassification"),
+])
+def test_pipeline_with_a_family_teacher_exports_what_transformers_loads(
+        tmp_path, pair_data, model_type, export_as, architecture):
+    from test_trainer import run_in_process, tiny_config
+
+    teacher = _teacher_dir(tmp_path / "teacher", model_type, pair_data)
+    cfg = tiny_config(tmp_path / "run", teacher, pair_data, **{
+        "task.name": "mrpc", "student.layers": [1], "student.export_as": export_as,
+        "teacher.finetune.steps": 2, "distill.steps": 4, "distill.eval_every": 4})
+    plan = trainer.prepare(config_lib.from_dict(cfg), write_cache=False)
+    described = trainer.describe(config_lib.from_dict(cfg), plan)
+    assert f"student: {architecture}, 1 layers" in described
+    assert ("no token types (the teacher's type 0 folded into positions)" in described) == bool(export_as)
+    report = run_in_process(cfg)
+    workdir = tmp_path / "run"
+    stages = json.loads((workdir / "stages.json").read_text())
+    assert all(stages[s]["done"] for s in ("teacher", "distill", "export", "report"))
+
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        workdir / "student", output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(model).__name__ == architecture
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "student")
+    rows = [line.split("\t") for line in (pair_data / "eval.tsv").read_text().splitlines()[1:]]
+    enc = tokenizer([a for a, _, _ in rows], [b for _, b, _ in rows], padding=True, truncation=True,
+                    max_length=32, return_tensors="pt")
+    if "token_type_ids" not in model.forward.__code__.co_varnames:  # DistilBERT reads none
+        enc.pop("token_type_ids", None)
+    with torch.no_grad():
+        predicted = model.eval()(**enc).logits.argmax(-1).numpy()
+    labels = np.array([int(label) for _, _, label in rows])
+    assert np.mean(predicted == labels) == pytest.approx(report["student"]["splits"]["eval"]["accuracy"])
+
+
+def test_roberta_token_windows_use_its_specials_and_a_space_before_each_word(tmp_path, pair_data):
+    teacher = _teacher_dir(tmp_path / "teacher", "roberta", pair_data)
+    tokenizer = hf.load_tokenizer(teacher, words=True)
+    task = tasks.resolve(tasks.TaskConfig(name="custom", type="token_classification", labels=["O", "X"]))
+    (tmp_path / "t.conll").write_text("the O\ncat X\nsat O\n\nred X\ndog O\n")
+    examples = task.load(DataConfig(), str(tmp_path / "t.conll"))
+    enc = task.encode(examples, tokenizer, 16)
+    plain = hf.load_tokenizer(teacher)  # sentence tasks: no space added before the first word
+    first = enc.input_ids[enc.offsets[0]:enc.offsets[1]].tolist()
+    assert first == tokenizer("the cat sat")["input_ids"] != plain("the cat sat")["input_ids"]
+    assert first[0] == tokenizer.bos_token_id == 0 and first[-1] == tokenizer.eos_token_id == 2
+    assert not enc.token_type_ids.any()
