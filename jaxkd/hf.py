@@ -257,7 +257,8 @@ def _read_tensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
 def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
             rng: jax.Array | None = None, dtype: Any = None, *, head: HeadConfig | str | None = None,
             return_report: bool = False):
-    """(ModelConfig, params) from a Hugging Face BERT checkpoint directory or Hub id.
+    """(ModelConfig, params) from a Hugging Face checkpoint directory or Hub id of a supported
+    family (`jaxkd.families`: bert, roberta, xlm-roberta, distilbert, electra).
 
     head: None keeps the checkpoint's head kind (its architecture; `sequence` for a bare or
     pretraining model); a kind (`sequence`, `token`) or a HeadConfig asks for that head, which

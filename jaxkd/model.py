@@ -2,8 +2,10 @@
 
 One linen `Model` = `Encoder` (embeddings + layers, a `BertConfig`) + a head chosen by
 `HeadConfig.kind`; teacher and student are the same module with two `ModelConfig`s.
-Parameter names follow Hugging Face's module names so that import and export (`jaxkd.hf`) are a
-table lookup: params = {"encoder": {"embeddings", "layer_<i>"...}, "head": {...}}.
+Parameter names follow Hugging Face's BERT module names; import and export (`jaxkd.hf`, with the
+family adapters of `jaxkd.families`) are a table lookup: params = {"encoder": {"embeddings",
+"layer_<i>"...}, "head": {...}}. Other families (RoBERTa, XLM-R, DistilBERT, ELECTRA) are this
+encoder with the `BertConfig` fields that say how they differ.
 Intermediate outputs (hidden states, attention scores and probabilities, values) are collected
 only when asked for, so a plain forward pass traces exactly the logits path.
 """
@@ -272,7 +274,7 @@ def position_ids(cfg: BertConfig, ids_BxL, attention_mask_BxL):
 
 class Embeddings(nn.Module):
     """Word + position (+ token type) embeddings, LayerNorm, dropout; `embeddings_project` to
-    hidden_size when the embeddings are narrower (ELECTRA)."""
+    hidden_size when the embeddings are another width (ELECTRA)."""
 
     config: BertConfig
 

@@ -108,7 +108,8 @@ def student_from_shape(teacher_config: ModelConfig, rng: jax.Array, num_layers: 
 def student_from_pretrained(path: str | os.PathLike, teacher_config: ModelConfig,
                             num_labels: int | None = None,
                             rng: jax.Array | None = None) -> tuple[ModelConfig, dict]:
-    """A student from another pretrained BERT checkpoint sharing the teacher's vocabulary.
+    """A student from another pretrained checkpoint sharing the teacher's vocabulary, in its own
+    family (a DistilBERT checkpoint for a BERT teacher, say).
 
     The head is the teacher's kind with the teacher's label count (or num_labels); a
     checkpoint head of another kind or size is replaced by a fresh one. Compute dtype
