@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-from jaxkd.data import DataConfig
+from jaxkd.data import DataConfig, nearest
 from jaxkd.losses import LossConfig
 from jaxkd.optim import OptimConfig
+from jaxkd.student import EXPORT_AS
 from jaxkd.tasks import TaskConfig
 
 
@@ -67,10 +68,21 @@ class StudentConfig:
     pretrained: str | None = None  # init=pretrained: Hub id or directory
     hidden_dropout: float | None = None  # None: the teacher's
     attention_dropout: float | None = None
+    # None: the teacher's family. distilbert (BERT teachers, init teacher_layers or shape): a
+    # DistilBERT-architecture student that DistilBertFor* loads. It has no token types, so it
+    # trains without them: the teacher's token-type-0 embedding is folded into the position
+    # embeddings (exact for single sentences; pairs lose the segment signal, as in DistilBERT).
+    export_as: str | None = None
 
     def __post_init__(self):
         _check(self.init in ("teacher_layers", "shape", "pretrained"), "student.init",
                f"must be teacher_layers, shape or pretrained, got {self.init!r}")
+        _check(self.export_as is None or self.export_as in EXPORT_AS, "student.export_as",
+               f"must be null (the teacher's family) or one of {', '.join(EXPORT_AS)}, got "
+               f"{self.export_as!r}{nearest(str(self.export_as), EXPORT_AS)}")
+        _check(self.export_as is None or self.init != "pretrained", "student.export_as",
+               "does not apply to student.init pretrained (that student keeps its checkpoint's "
+               "family): remove it, or use teacher_layers or shape")
         _check(self.init != "pretrained" or self.pretrained, "student.pretrained",
                "must name a checkpoint when student.init is pretrained")
         _check(len(self.layers) > 0, "student.layers", "must list at least one teacher layer")

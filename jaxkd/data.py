@@ -330,15 +330,34 @@ def offsets_of(lengths: np.ndarray) -> np.ndarray:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """What a tokenizer's output depends on: vocab, normaliser (lower-casing), special tokens."""
+    """What a tokenizer's output depends on: vocab, normaliser (lower-casing), pre-tokeniser
+    (RoBERTa's prefix space), special tokens, and whether it gives token types."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
         # A call with truncation=... stores that setting here; it must not change the key.
         spec.pop("truncation", None)
         spec.pop("padding", None)
+        if not gives_token_types(tokenizer):  # marked only then: BERT tokenizers keep their keys
+            spec["token_type_ids"] = False
         return json.dumps(spec, sort_keys=True)
-    return json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    return json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
+                       gives_token_types(tokenizer)])
+
+
+def gives_token_types(tokenizer) -> bool:
+    """Whether the tokenizer's model reads token types (BERT, ELECTRA); rows of the others
+    (RoBERTa, XLM-R, DistilBERT) get all-zero token types."""
+    return "token_type_ids" in tokenizer.model_input_names
+
+
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after one sequence ([CLS] and [SEP] for BERT, <s>
+    and </s> for RoBERTa), read off its encoding of a one-word probe."""
+    out = tokenizer([["a"]], is_split_into_words=True)
+    ids, words = out["input_ids"][0], out.word_ids(0)
+    first, last = words.index(0), len(words) - 1 - words[::-1].index(0)
+    return list(ids[:first]), list(ids[last + 1:])
 
 
 def content_key(*parts: Any) -> str:

@@ -1,10 +1,11 @@
-"""Hugging Face BERT checkpoints in and out of jaxkd's Flax params.
+"""Hugging Face checkpoints in and out of jaxkd's Flax params, for every encoder family.
 
-transformers 5 ships no Flax models, so the weights are mapped by name: each
-Flax leaf has one Hugging Face tensor (`_param_names`), PyTorch `Linear.weight`
-is [out, in] and a Flax `kernel` is [in, out]. Export writes the names and the
-architecture of the head's class (`BertForSequenceClassification`,
-`BertForTokenClassification`), so the result loads in PyTorch unchanged.
+transformers 5 ships no Flax models, so the weights are mapped by name. This module reads and
+writes the files (config.json, safetensors or PyTorch weights, shards, dtypes, directories,
+`pkg:` ids); the family adapter of the config's `model_type` (`jaxkd.families`) knows the
+config keys, each Flax leaf's tensor name and the head's class (`BertForSequenceClassification`,
+`RobertaForTokenClassification`, `DistilBertForQuestionAnswering`, ...), so an export loads in
+PyTorch unchanged. PyTorch `Linear.weight` is [out, in] and a Flax `kernel` is [in, out].
 """
 from __future__ import annotations
 
@@ -19,32 +20,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.model import DTYPES, BertConfig, HeadConfig, ModelConfig
+from jaxkd import families
+from jaxkd.families import CheckpointError
+from jaxkd.families.base import HEAD_SUFFIXES
+from jaxkd.model import DTYPES, BertConfig, HeadConfig, Model, ModelConfig
 
 log = logging.getLogger(__name__)
 
-# HF activation name -> BertConfig.hidden_act, and back. Only functions the model computes exactly.
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_tanh": "gelu_tanh", "relu": "relu"}
-_ACT_TO_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_tanh": "gelu_new",
-              "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
-_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size")
-_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# Per head kind: the transformers class, and its modules as (Flax module, HF name).
-ARCHITECTURES = {"sequence": "BertForSequenceClassification", "token": "BertForTokenClassification",
-                 "span": "BertForQuestionAnswering"}
-_HEAD_MODULES = {"sequence": (("pooler", "bert.pooler.dense"), ("classifier", "classifier")),
-                 "token": (("classifier", "classifier"),),
-                 "span": (("qa_outputs", "qa_outputs"),)}
-# Checkpoint modules no head of this kind reads: pretraining heads, other tasks' heads.
-_OTHER_HEADS = ("cls.", "qa_outputs.", "classifier.", "bert.pooler.")
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.json", "merges.txt", "sentencepiece.bpe.model")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the BERT layout or the requested config."""
+__all__ = ["CheckpointError", "LoadReport", "architecture", "checkpoint_head_kind",
+           "checkpoint_num_labels", "config_from_hf", "config_to_hf", "head_from_hf",
+           "hf_state_dict", "load_hf", "load_tokenizer", "model_config_from_hf", "read_hf_config",
+           "resolve_dir", "save_hf"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,49 +51,27 @@ class LoadReport:
 # ----------------------------------------------------------------------------- configs
 
 
-def config_from_hf(hf_config_or_dict: Any) -> BertConfig:
-    """The encoder's `BertConfig` from a transformers config object or a config.json dict."""
-    d = hf_config_or_dict.to_dict() if hasattr(hf_config_or_dict, "to_dict") else dict(hf_config_or_dict)
-    model_type = d.get("model_type", "bert")
-    if model_type != "bert":
-        raise CheckpointError(f"config.json has model_type {model_type!r}; only 'bert' checkpoints "
-                              "share this layout")
-    missing = [k for k in _REQUIRED_HF_KEYS if k not in d]
-    if missing:
-        raise CheckpointError(f"config.json lacks {missing}; a BERT config needs {list(_REQUIRED_HF_KEYS)}")
-    if d.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"config.json position_embedding_type {d['position_embedding_type']!r} "
-                              "is not supported; only 'absolute'")
-    act = d.get("hidden_act", "gelu")
-    if act not in _ACT_FROM_HF:
-        raise CheckpointError(f"config.json hidden_act {act!r} is not supported; use one of "
-                              f"{sorted(_ACT_FROM_HF)}")
-    default = BertConfig()
-    return BertConfig(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        intermediate_size=d["intermediate_size"],
-        max_position_embeddings=d.get("max_position_embeddings", default.max_position_embeddings),
-        type_vocab_size=d.get("type_vocab_size", default.type_vocab_size),
-        hidden_act=_ACT_FROM_HF[act],
-        layer_norm_eps=d.get("layer_norm_eps", default.layer_norm_eps),
-        hidden_dropout=d.get("hidden_dropout_prob", default.hidden_dropout),
-        attention_dropout=d.get("attention_probs_dropout_prob", default.attention_dropout),
-        pad_token_id=d.get("pad_token_id") or 0,
-        initializer_range=d.get("initializer_range", default.initializer_range),
-    )
-
-
 def _as_dict(hf_config_or_dict: Any) -> dict:
     return hf_config_or_dict.to_dict() if hasattr(hf_config_or_dict, "to_dict") else dict(hf_config_or_dict)
+
+
+def config_from_hf(hf_config_or_dict: Any) -> BertConfig:
+    """The encoder's `BertConfig` from a transformers config object or a config.json dict."""
+    d = _as_dict(hf_config_or_dict)
+    return families.of_hf(d).encoder_from_hf(d)
+
+
+def architecture(config: ModelConfig | Mapping, kind: str | None = None) -> str:
+    """The transformers class of a head kind (default: the config's) in the config's family."""
+    if isinstance(config, ModelConfig):
+        return families.of(config).architecture(kind or config.head.kind)
+    return families.of_hf(config).architecture(kind)
 
 
 def checkpoint_head_kind(hf_config_or_dict: Any) -> str | None:
     """The head kind of a checkpoint by its architecture; None for a bare or pretraining model."""
     archs = _as_dict(hf_config_or_dict).get("architectures") or []
-    kinds = [kind for kind, cls in ARCHITECTURES.items() if any(a.endswith(cls[4:]) for a in archs)]
+    kinds = [kind for kind, suffix in HEAD_SUFFIXES.items() if any(a.endswith(suffix) for a in archs)]
     return kinds[0] if kinds else None
 
 
@@ -115,13 +85,14 @@ def checkpoint_num_labels(hf_config_or_dict: Any) -> int:
 
 def head_from_hf(hf_config_or_dict: Any, kind: str | None = None,
                  num_labels: int | None = None) -> HeadConfig:
-    """The checkpoint's head (its architecture's kind, else `sequence`), or the one asked for."""
+    """The checkpoint's head (its architecture's kind, else `sequence`), or the one asked for,
+    as its family computes it."""
     d = _as_dict(hf_config_or_dict)
     kind = kind or checkpoint_head_kind(d) or "sequence"
     if kind == "span":  # start and end, whatever the config's label bookkeeping says
         num_labels = 2
-    return HeadConfig(kind=kind, dropout=d.get("classifier_dropout"),
-                      num_labels=checkpoint_num_labels(d) if num_labels is None else num_labels)
+    return families.of_hf(d).head_from_hf(
+        d, kind, checkpoint_num_labels(d) if num_labels is None else num_labels)
 
 
 def model_config_from_hf(hf_config_or_dict: Any, head: HeadConfig | str | None = None,
@@ -137,31 +108,18 @@ def model_config_from_hf(hf_config_or_dict: Any, head: HeadConfig | str | None =
 
 
 def config_to_hf(config: ModelConfig, id2label: Mapping[int, str] | Sequence[str] | None = None) -> dict:
-    """config.json contents for the transformers class of the config's head."""
-    cfg, head = config.encoder, config.head
+    """config.json contents for the transformers class of the config's family and head."""
+    family = families.of(config)
+    family.check(config.encoder)
+    head = config.head
     labels = _id2label(head.num_labels, id2label)
     if head.kind == "sequence":
         problem = "regression" if head.num_labels == 1 else "single_label_classification"
     else:
         problem = None
     return {
-        "architectures": [ARCHITECTURES[head.kind]],
-        "model_type": "bert",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "hidden_act": _ACT_TO_HF[cfg.hidden_act],
-        "hidden_dropout_prob": cfg.hidden_dropout,
-        "attention_probs_dropout_prob": cfg.attention_dropout,
-        "classifier_dropout": head.dropout,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "type_vocab_size": cfg.type_vocab_size,
-        "initializer_range": cfg.initializer_range,
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": cfg.pad_token_id,
-        "position_embedding_type": "absolute",
+        "architectures": [family.architecture(head.kind)],
+        **family.encoder_to_hf(config),
         "num_labels": head.num_labels,
         "id2label": {str(i): name for i, name in labels.items()},
         "label2id": {name: i for i, name in labels.items()},
@@ -184,45 +142,18 @@ def _id2label(num_labels: int, id2label) -> dict[int, str]:
 # ----------------------------------------------------------------------------- names
 
 
-def _param_names(config: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
-    """Flax path -> (HF name in the head's Bert*For* class, transpose?)."""
-    cfg = config.encoder
-    names: dict[tuple[str, ...], tuple[str, bool]] = {}
-
-    def dense(path, hf):
-        names[(*path, "kernel")] = (f"{hf}.weight", True)
-        names[(*path, "bias")] = (f"{hf}.bias", False)
-
-    def layer_norm(path, hf):
-        names[(*path, "scale")] = (f"{hf}.weight", False)
-        names[(*path, "bias")] = (f"{hf}.bias", False)
-
-    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        names[("encoder", "embeddings", table, "embedding")] = (f"bert.embeddings.{table}.weight", False)
-    layer_norm(("encoder", "embeddings", "LayerNorm"), "bert.embeddings.LayerNorm")
-    for i in range(cfg.num_layers):
-        hf, layer = f"bert.encoder.layer.{i}", ("encoder", f"layer_{i}")
-        for proj in ("query", "key", "value"):
-            dense((*layer, "attention", proj), f"{hf}.attention.self.{proj}")
-        dense((*layer, "attention_output"), f"{hf}.attention.output.dense")
-        layer_norm((*layer, "attention_LayerNorm"), f"{hf}.attention.output.LayerNorm")
-        dense((*layer, "intermediate"), f"{hf}.intermediate.dense")
-        dense((*layer, "output"), f"{hf}.output.dense")
-        layer_norm((*layer, "output_LayerNorm"), f"{hf}.output.LayerNorm")
-    for module, hf in _HEAD_MODULES[config.head.kind]:
-        dense(("head", module), hf)
-    return names
-
-
-def _canonical_name(key: str) -> str:
-    """A checkpoint key in BertForSequenceClassification spelling."""
-    if key.endswith(".gamma"):
-        key = key[: -len("gamma")] + "weight"
-    elif key.endswith(".beta"):
-        key = key[: -len("beta")] + "bias"
-    if key.startswith(("bert.", *_OTHER_HEADS)):
-        return key
-    return f"bert.{key}"  # a bare BertModel
+def _param_table(config: ModelConfig) -> tuple[families.base.Names, dict[tuple[str, ...], tuple]]:
+    """Flax path -> (HF name in the head's class, transpose?), and every Flax leaf's shape, traced
+    from the model itself; the adapter's names must cover exactly the model's leaves."""
+    tree = jax.eval_shape(lambda: Model(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+    shapes = {tuple(k.key for k in path): leaf.shape
+              for path, leaf in jax.tree_util.tree_leaves_with_path(tree["params"])}
+    names = families.of(config).param_names(config)
+    if set(names) != set(shapes):  # an adapter missing a leaf would export a partial model
+        raise AssertionError(f"{config.encoder.model_type} names do not match the params: "
+                             f"unnamed {sorted(set(shapes) - set(names))}, "
+                             f"unknown {sorted(set(names) - set(shapes))}")
+    return names, shapes
 
 
 # ----------------------------------------------------------------------------- files
@@ -326,7 +257,8 @@ def _read_tensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
 def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
             rng: jax.Array | None = None, dtype: Any = None, *, head: HeadConfig | str | None = None,
             return_report: bool = False):
-    """(ModelConfig, params) from a Hugging Face BERT checkpoint directory or Hub id.
+    """(ModelConfig, params) from a Hugging Face checkpoint directory or Hub id of a supported
+    family (`jaxkd.families`: bert, roberta, xlm-roberta, distilbert, electra).
 
     head: None keeps the checkpoint's head kind (its architecture; `sequence` for a bare or
     pretraining model); a kind (`sequence`, `token`) or a HeadConfig asks for that head, which
@@ -367,23 +299,28 @@ def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_he
     `own_head`: the checkpoint's head is of the requested kind (or it has none), so its
     classifier may be reused; otherwise the classifier is another task's and is left out.
     """
-    tensors = {_canonical_name(k): v for k, v in raw.items() if not k.endswith("position_ids")}
+    family = families.of(cfg)
+    # position_ids and token_type_ids are buffers older checkpoints saved, not weights.
+    tensors = {family.canonical_name(k): v for k, v in raw.items()
+               if not k.endswith(("position_ids", "token_type_ids"))}
     if not own_head:
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(("classifier.", "qa_outputs."))}
-    names = _param_names(cfg)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(family.task_heads)}
+    names, shapes = _param_table(cfg)
     used = {hf for hf, _ in names.values()}
-    unexpected = sorted(k for k in set(tensors) - used if not k.startswith(_OTHER_HEADS))
+    unexpected = sorted(k for k in set(tensors) - used if not k.startswith(family.ignorable))
     if unexpected:
-        raise CheckpointError(f"checkpoint has keys that are not part of a BERT model: {unexpected}")
+        raise CheckpointError(f"checkpoint has keys that are not part of a {family.name} model: "
+                              f"{unexpected}")
 
-    modules = [m for m, _ in _HEAD_MODULES[cfg.head.kind]]
+    modules = [m for m, _ in family.head_modules[cfg.head.kind]]
     fresh = [m for m in modules if f"{_module_prefix(names, m)}.weight" not in tensors]
     if "classifier" in modules and "classifier" not in fresh:
-        have = tensors["classifier.weight"].shape[0]
+        classifier = names[("head", "classifier", "kernel")][0]
+        have = tensors[classifier].shape[0]
         if have != cfg.head.num_labels:
             if not head_requested:
                 raise CheckpointError(
-                    f"classifier.weight has {have} labels but config.json says {cfg.head.num_labels}; "
+                    f"{classifier} has {have} labels but config.json says {cfg.head.num_labels}; "
                     "fix config.json or pass num_labels to replace the head")
             fresh.append("classifier")
     fresh_paths = [p for p in names if p[0] == "head" and p[1] in fresh]
@@ -391,7 +328,7 @@ def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_he
     if missing:
         raise CheckpointError(f"checkpoint lacks {missing}")
     loaded = {hf for p, (hf, _) in names.items() if p not in fresh_paths}
-    ignored = sorted(k for k in raw if _canonical_name(k) not in loaded)
+    ignored = sorted(k for k in raw if family.canonical_name(k) not in loaded)
 
     flat: dict[tuple[str, ...], np.ndarray] = {}
     wrong = []
@@ -400,14 +337,13 @@ def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_he
             continue
         value = np.asarray(tensors[hf], np.float32)
         value = value.T if transpose else value
-        expected = _expected_shape(cfg, path)
-        if value.shape != expected:
-            wrong.append(f"{hf}: expected {_torch_shape(expected, transpose)}, got "
+        if value.shape != shapes[path]:
+            wrong.append(f"{hf}: expected {_torch_shape(shapes[path], transpose)}, got "
                          f"{_torch_shape(value.shape, transpose)}")
         flat[path] = np.ascontiguousarray(value, dtype=cfg.encoder.params_dtype)
     if wrong:
         raise CheckpointError("checkpoint tensors have the wrong shape for config.json: " + "; ".join(wrong))
-    flat.update(_fresh_heads(cfg, sorted(set(fresh)), rng))
+    flat.update(_fresh_heads(cfg, sorted(set(fresh)), shapes, rng))
     return _unflatten(flat), sorted(set(fresh)), ignored
 
 
@@ -420,26 +356,14 @@ def _torch_shape(shape, transpose: bool) -> tuple[int, ...]:
     return tuple(reversed(shape)) if transpose else tuple(shape)
 
 
-def _expected_shape(config: ModelConfig, path: tuple[str, ...]) -> tuple[int, ...]:
-    cfg = config.encoder
-    H = cfg.hidden_size
-    module, leaf = path[-2], path[-1]
-    if leaf == "embedding":
-        rows = {"word_embeddings": cfg.vocab_size, "position_embeddings": cfg.max_position_embeddings,
-                "token_type_embeddings": cfg.type_vocab_size}[module]
-        return (rows, H)
-    in_out = {"intermediate": (H, cfg.intermediate_size), "output": (cfg.intermediate_size, H),
-              "classifier": (H, config.head.num_labels), "qa_outputs": (H, 2)}.get(module, (H, H))
-    return in_out if leaf == "kernel" else (in_out[1],)
-
-
-def _fresh_heads(config: ModelConfig, modules: Sequence[str], rng: jax.Array | None) -> dict:
+def _fresh_heads(config: ModelConfig, modules: Sequence[str], shapes: Mapping[tuple[str, ...], tuple],
+                 rng: jax.Array | None) -> dict:
     """BERT init for new heads: kernel ~ normal(initializer_range), zero bias."""
     cfg = config.encoder
     rng = jax.random.key(0) if rng is None else rng
     out = {}
     for module, key in zip(modules, jax.random.split(rng, max(len(modules), 1))):
-        shape = _expected_shape(config, ("head", module, "kernel"))
+        shape = shapes[("head", module, "kernel")]
         kernel = cfg.initializer_range * jax.random.normal(key, shape, cfg.params_dtype)
         out[("head", module, "kernel")] = np.asarray(kernel)
         out[("head", module, "bias")] = np.zeros(shape[1:], cfg.params_dtype)
@@ -462,7 +386,8 @@ def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
 def hf_state_dict(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
     """Tensors of the head's HF class (contiguous fp32) from Flax params."""
     out = {}
-    for path, (hf, transpose) in _param_names(config).items():
+    names, _ = _param_table(config)
+    for path, (hf, transpose) in names.items():
         node = params
         try:
             for part in path:
@@ -477,7 +402,8 @@ def hf_state_dict(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]
 
 def save_hf(config: ModelConfig, params: Mapping, out_dir: str | os.PathLike, tokenizer: Any = None,
             id2label: Mapping[int, str] | Sequence[str] | None = None) -> pathlib.Path:
-    """Writes a directory that the head's class (`BertFor*.from_pretrained`) loads as is.
+    """Writes a directory that the family's head class (`BertFor*`, `RobertaFor*`, ... or
+    `AutoModelFor*`.from_pretrained) loads as is.
 
     tokenizer: an object with `save_pretrained`, or a directory to copy tokenizer files from.
     """
@@ -509,15 +435,19 @@ def _save_tokenizer(tokenizer: Any, out: pathlib.Path) -> None:
             shutil.copyfile(path, out / path.name)
 
 
-def load_tokenizer(path_or_id: str | os.PathLike):
-    """The checkpoint's WordPiece tokenizer (transformers 5 `BertTokenizer`, Rust backed)."""
-    from transformers import BertTokenizer
-
-    if str(path_or_id).startswith("pkg:"):
-        path_or_id = resolve_dir(path_or_id)
+def load_tokenizer(path_or_id: str | os.PathLike, words: bool = False):
+    """The checkpoint's tokenizer, as its family loads it: BERT's `BertTokenizer` (reads a bare
+    vocab.txt), the others' `AutoTokenizer` (never remote code). A directory without config.json
+    is taken as BERT's. `words`: the tokenizer will be given pre-split words (token
+    classification), which RoBERTa's byte-level BPE must be told (add_prefix_space)."""
+    directory = resolve_dir(path_or_id) if str(path_or_id).startswith("pkg:") else pathlib.Path(path_or_id)
+    config_path = directory / "config.json"
+    family = families.of_hf(read_hf_config(directory)) if config_path.is_file() else families.get(
+        families.DEFAULT)
     try:
-        return BertTokenizer.from_pretrained(str(path_or_id))
+        return family.load_tokenizer(directory, words=words)
     except Exception as err:  # transformers raises OSError, ValueError or TypeError here
         raise FileNotFoundError(
-            f"could not load a BERT tokenizer from {str(path_or_id)!r} ({type(err).__name__}: {err}); "
-            "pass a directory with vocab.txt or tokenizer.json") from err
+            f"could not load a {family.name} tokenizer from {str(path_or_id)!r} "
+            f"({type(err).__name__}: {err}); pass a directory with the tokenizer's files "
+            f"(e.g. vocab.txt or tokenizer.json)") from err

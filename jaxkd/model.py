@@ -2,8 +2,10 @@
 
 One linen `Model` = `Encoder` (embeddings + layers, a `BertConfig`) + a head chosen by
 `HeadConfig.kind`; teacher and student are the same module with two `ModelConfig`s.
-Parameter names follow Hugging Face's module names so that import and export (`jaxkd.hf`) are a
-table lookup: params = {"encoder": {"embeddings", "layer_<i>"...}, "head": {...}}.
+Parameter names follow Hugging Face's BERT module names; import and export (`jaxkd.hf`, with the
+family adapters of `jaxkd.families`) are a table lookup: params = {"encoder": {"embeddings",
+"layer_<i>"...}, "head": {...}}. Other families (RoBERTa, XLM-R, DistilBERT, ELECTRA) are this
+encoder with the `BertConfig` fields that say how they differ.
 Intermediate outputs (hidden states, attention scores and probabilities, values) are collected
 only when asked for, so a plain forward pass traces exactly the logits path.
 """
@@ -26,6 +28,7 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+POOLER_ACTIVATIONS = {"tanh": jnp.tanh, **ACTIVATIONS}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -39,13 +42,20 @@ class BertConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     max_position_embeddings: int = 512
-    type_vocab_size: int = 2
+    type_vocab_size: int = 2  # 0: no token-type table; token_type_ids are ignored (DistilBERT)
     hidden_act: str = "gelu"  # gelu (exact) | gelu_tanh | relu
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     pad_token_id: int = 0
     initializer_range: float = 0.02
+    # How a family's encoder differs from BERT's (jaxkd.families reads and writes these):
+    # model_type names the Hugging Face layout that import and export use.
+    model_type: str = "bert"  # bert | roberta | xlm-roberta | distilbert | electra
+    # Embeddings this wide, projected to hidden_size by `embeddings_project` (ELECTRA); None: hidden_size.
+    embedding_size: int | None = None
+    # RoBERTa / XLM-R position ids: tokens count up from pad_token_id + 1, padding sits at pad_token_id.
+    pad_offset_positions: bool = False
     # Matmul operand dtype: under bfloat16 every encoder matmul takes bf16 operands and
     # accumulates in fp32 (`einsum`); the residual stream, softmax, layer norm, the heads and the
     # logits stay fp32. bf16 logits agree with fp32 to about 0.02 max abs on MiniLM-sized models;
@@ -55,10 +65,20 @@ class BertConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+                     "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"BertConfig.type_vocab_size must be an integer >= 0 (0: no token types), "
+                             f"got {self.type_vocab_size!r}")
+        if self.embedding_size is not None and (
+                not isinstance(self.embedding_size, int) or self.embedding_size < 1):
+            raise ValueError(f"BertConfig.embedding_size must be a positive integer or None, "
+                             f"got {self.embedding_size!r}")
+        if self.max_length < 1:
+            raise ValueError(f"BertConfig.max_position_embeddings ({self.max_position_embeddings}) leaves "
+                             f"no positions after the padding offset (pad_token_id {self.pad_token_id})")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
@@ -80,6 +100,17 @@ class BertConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def embedding_width(self) -> int:
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        """The longest input the position table holds (RoBERTa's first pad_token_id + 1 rows are
+        never a token's position)."""
+        offset = self.pad_token_id + 1 if self.pad_offset_positions else 0
+        return self.max_position_embeddings - offset
+
+    @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
@@ -93,7 +124,9 @@ class BertConfig:
 
 
 # Head kinds: what a head computes from the encoder's last hidden states.
-#   sequence  pooler (dense + tanh on [CLS]) and a classifier: [B, C]; C = 1 is a regression
+#   sequence  pooler (dense + activation on the first token) and a classifier: [B, C]; C = 1 is a
+#             regression. Each family's head is this one: BERT's pooler + classifier (tanh),
+#             RoBERTa's dense + out_proj (tanh), ELECTRA's (gelu), DistilBERT's pre_classifier (relu).
 #   token     a classifier on every token: [B, L, C]
 #   span      start and end scores of every token (extractive QA): [B, L, 2]
 HEAD_KINDS = ("sequence", "token", "span")
@@ -106,6 +139,7 @@ class HeadConfig:
     kind: str = "sequence"
     num_labels: int = 2
     dropout: float | None = None  # None: the encoder's hidden_dropout, as in transformers
+    pooler_activation: str = "tanh"  # sequence heads: after the pooler's dense layer
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -116,6 +150,9 @@ class HeadConfig:
             raise ValueError(f"a span head scores start and end: num_labels must be 2, got {self.num_labels}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"HeadConfig.dropout must be in [0, 1) or None, got {self.dropout}")
+        if self.pooler_activation not in POOLER_ACTIVATIONS:
+            raise ValueError(f"HeadConfig.pooler_activation {self.pooler_activation!r} is not supported; "
+                             f"use one of {sorted(POOLER_ACTIVATIONS)}")
 
     @property
     def reads_cls_only(self) -> bool:
@@ -292,24 +329,42 @@ class Dropout(nn.Module):
         return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
 
+def position_ids(cfg: BertConfig, ids_BxL, attention_mask_BxL):
+    """Each token's row of the position table: 0..L-1 ([1, L]), or with `pad_offset_positions`
+    ([B, L]) transformers' `create_position_ids_from_input_ids`: real tokens count up from
+    pad_token_id + 1 and padding sits at pad_token_id. Padding is a pad id or a masked position
+    (jaxkd's batches pad with id 0), so padded rows never index past the table."""
+    if not cfg.pad_offset_positions:
+        return jnp.arange(ids_BxL.shape[1])[None, :]
+    real_BxL = ((ids_BxL != cfg.pad_token_id) & (attention_mask_BxL > 0)).astype(jnp.int32)
+    return jnp.cumsum(real_BxL, axis=1) * real_BxL + cfg.pad_token_id
+
+
 class Embeddings(nn.Module):
+    """Word + position (+ token type) embeddings, LayerNorm, dropout; `embeddings_project` to
+    hidden_size when the embeddings are another width (ELECTRA)."""
+
     config: BertConfig
 
     @nn.compact
-    def __call__(self, ids_BxL, token_types_BxL, deterministic: bool):
+    def __call__(self, ids_BxL, token_types_BxL, positions_BxL, deterministic: bool):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
 
         def embed(num, name):
-            return nn.Embed(num, cfg.hidden_size, embedding_init=init, dtype=jnp.float32,
+            return nn.Embed(num, cfg.embedding_width, embedding_init=init, dtype=jnp.float32,
                             param_dtype=cfg.params_dtype, name=name)
 
-        positions_1xL = jnp.arange(ids_BxL.shape[1])[None, :]
-        x_BxLxH = (embed(cfg.vocab_size, "word_embeddings")(ids_BxL)
-                   + embed(cfg.max_position_embeddings, "position_embeddings")(positions_1xL)
-                   + embed(cfg.type_vocab_size, "token_type_embeddings")(token_types_BxL))
-        x_BxLxH = _layer_norm(cfg, "LayerNorm")(x_BxLxH)
-        return Dropout(cfg.hidden_dropout)(x_BxLxH, deterministic=deterministic)
+        x_BxLxE = (embed(cfg.vocab_size, "word_embeddings")(ids_BxL)
+                   + embed(cfg.max_position_embeddings, "position_embeddings")(positions_BxL))
+        if cfg.type_vocab_size:
+            x_BxLxE = x_BxLxE + embed(cfg.type_vocab_size, "token_type_embeddings")(token_types_BxL)
+        x_BxLxE = _layer_norm(cfg, "LayerNorm")(x_BxLxE)
+        x_BxLxE = Dropout(cfg.hidden_dropout)(x_BxLxE, deterministic=deterministic)
+        if cfg.embedding_width == cfg.hidden_size:
+            return x_BxLxE
+        # fp32 like the LayerNorm outputs: this is the residual stream's start.
+        return _dense(cfg, cfg.hidden_size, "embeddings_project", dtype=jnp.float32)(x_BxLxE)
 
 
 class Attention(nn.Module):
@@ -377,7 +432,8 @@ class Encoder(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                                  jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        x_BxLxH = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+        x_BxLxH = Embeddings(cfg, name="embeddings")(
+            input_ids, token_type_ids, position_ids(cfg, input_ids, attention_mask), deterministic)
         hidden, scores, probs, values = [x_BxLxH], [], [], []
         for i in range(cfg.num_layers):
             queries = last_layer_queries if i == cfg.num_layers - 1 else None
@@ -397,7 +453,8 @@ class Encoder(nn.Module):
 
 
 class SequenceHead(nn.Module):
-    """BertForSequenceClassification's head: tanh(dense([CLS])) -> dropout -> classifier."""
+    """BertForSequenceClassification's head: act(dense([CLS])) -> dropout -> classifier, act the
+    head's pooler_activation (tanh for BERT and RoBERTa, gelu for ELECTRA, relu for DistilBERT)."""
 
     encoder: BertConfig
     head: HeadConfig
@@ -405,7 +462,8 @@ class SequenceHead(nn.Module):
     @nn.compact
     def __call__(self, x_BxQxH, deterministic: bool):
         cfg = self.encoder
-        pooled_BxH = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxQxH[:, 0]))
+        act = POOLER_ACTIVATIONS[self.head.pooler_activation]
+        pooled_BxH = act(_dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxQxH[:, 0]))
         pooled_BxH = Dropout(_head_dropout(cfg, self.head))(pooled_BxH, deterministic=deterministic)
         return _dense(cfg, self.head.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
 

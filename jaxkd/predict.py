@@ -50,7 +50,7 @@ class ModelInfo:
     hf_config: dict
     head_kind: str  # sequence | token | span
     label_names: tuple[str, ...]  # id -> name, from id2label
-    max_position_embeddings: int
+    max_length: int  # the longest input its position table holds
     vocab_size: int
 
     @property
@@ -60,12 +60,14 @@ class ModelInfo:
     @property
     def architecture(self) -> str:
         from jaxkd import hf
-        return hf.ARCHITECTURES[self.head_kind]
+        return hf.architecture(self.hf_config, self.head_kind)
 
 
 def inspect_model(model_dir: str | os.PathLike) -> ModelInfo:
-    """The model directory's head and labels; a `UsageError` if it is not a BERT classifier."""
+    """The model directory's head and labels; a `UsageError` if it is not a classifier of a
+    supported family."""
     from jaxkd import hf
+    from jaxkd.model import HEAD_KINDS
 
     text = str(model_dir)
     if text.startswith("pkg:"):
@@ -86,20 +88,20 @@ def inspect_model(model_dir: str | os.PathLike) -> ModelInfo:
         raw = hf.read_hf_config(directory)
     except json.JSONDecodeError as err:
         raise UsageError(f"{directory / 'config.json'} is not valid JSON ({err.msg})") from err
-    kind = hf.checkpoint_head_kind(raw)
-    if kind is None:
-        archs = raw.get("architectures") or []
-        raise UsageError(
-            f"{directory} is not a sequence or token classifier: config.json names architectures "
-            f"{archs}, not {' or '.join(hf.ARCHITECTURES.values())}. Pass a fine-tuned model, "
-            "e.g. the student/ or teacher/ directory of a jaxkd run")
     try:
         encoder = hf.config_from_hf(raw)
     except hf.CheckpointError as err:
         raise UsageError(f"{directory}: {err}") from err
+    kind = hf.checkpoint_head_kind(raw)
+    if kind is None:
+        archs = raw.get("architectures") or []
+        known = [hf.architecture(raw, k) for k in HEAD_KINDS]
+        raise UsageError(
+            f"{directory} is not a sequence or token classifier: config.json names architectures "
+            f"{archs}, not {' or '.join(known)}. Pass a fine-tuned model, "
+            "e.g. the student/ or teacher/ directory of a jaxkd run")
     return ModelInfo(directory=directory, hf_config=raw, head_kind=kind,
-                     label_names=_label_names(raw, directory),
-                     max_position_embeddings=encoder.max_position_embeddings,
+                     label_names=_label_names(raw, directory), max_length=encoder.max_length,
                      vocab_size=encoder.vocab_size)
 
 
@@ -166,11 +168,11 @@ def load_tokenizer(info: ModelInfo, max_seq_len: int):
     """The directory's tokenizer, checked against the model's vocabulary and positions."""
     from jaxkd import hf
 
-    if max_seq_len > info.max_position_embeddings:
-        raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings "
-                         f"({info.max_position_embeddings})")
+    if max_seq_len > info.max_length:
+        raise UsageError(f"--max-seq-len {max_seq_len} exceeds the {info.max_length} positions of "
+                         f"the model's max_position_embeddings")
     try:
-        tokenizer = hf.load_tokenizer(info.directory)
+        tokenizer = hf.load_tokenizer(info.directory, words=info.head_kind == "token")
     except FileNotFoundError as err:
         raise UsageError(f"{info.directory} has no usable tokenizer files: {err}") from err
     if len(tokenizer) > info.vocab_size:

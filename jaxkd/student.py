@@ -1,4 +1,5 @@
-"""Students: a subset of the teacher's layers, a fresh smaller shape, or another checkpoint."""
+"""Students: a subset of the teacher's layers, a fresh smaller shape, or another checkpoint, each
+in the teacher's family; or, from a BERT teacher, a DistilBERT-architecture student."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxkd import hf
+from jaxkd import families, hf
 from jaxkd.model import ModelConfig, init_params
+
+# Families a student may be exported as, other than its teacher's.
+EXPORT_AS = ("distilbert",)
 
 
 def student_from_teacher(config: ModelConfig, params: Mapping[str, Any],
@@ -22,6 +26,43 @@ def student_from_teacher(config: ModelConfig, params: Mapping[str, Any],
     student = {"encoder": encoder, "head": params["head"]}
     # Copies, not views: a jitted step that donates the student would otherwise free the teacher.
     return config.replace(num_layers=len(layers)), jax.tree.map(jnp.copy, student)
+
+
+def distilbert_config(config: ModelConfig) -> ModelConfig:
+    """A BERT config as a DistilBERT: no token-type table, the sequence head's ReLU.
+
+    Raises ValueError for a teacher of another family, or one DistilBERT cannot hold (its layer
+    norms' epsilon is fixed at 1e-12).
+    """
+    if config.encoder.model_type != "bert":
+        raise ValueError(f"a DistilBERT-architecture student is built from a BERT teacher; this "
+                         f"teacher's model_type is {config.encoder.model_type!r}")
+    student = config.replace(model_type="distilbert", type_vocab_size=0, pooler_activation="relu")
+    families.get("distilbert").check(student.encoder)
+    return student
+
+
+def distilbert_from_teacher(config: ModelConfig, params: Mapping[str, Any],
+                            layers: Sequence[int] | None = None) -> tuple[ModelConfig, dict]:
+    """DistilBERT's initialisation of a BERT teacher, as a DistilBERT-architecture student that
+    `DistilBertFor*` loads: the embeddings, teacher layers `layers` (None: every other one, 0, 2,
+    4, ..., as DistilBERT was built) and the head.
+
+    DistilBERT has no token types, so the student trains without them: the teacher's token-type-0
+    embedding is folded into every position embedding, which is exact for inputs whose token types
+    are all 0 (single sentences); sentence pairs lose the segment signal, as in DistilBERT. The
+    sequence head keeps the teacher's pooler and classifier weights but applies DistilBERT's ReLU
+    where BERT's pooler has tanh: a warm start, not the same function.
+    """
+    student_cfg = distilbert_config(config)  # another family fails here, before any copy
+    layers = range(0, config.encoder.num_layers, 2) if layers is None else layers
+    cfg, student = student_from_teacher(config, params, layers)
+    embeddings = dict(student["encoder"]["embeddings"])
+    type0_H = embeddings.pop("token_type_embeddings")["embedding"][0]
+    positions_PxH = embeddings["position_embeddings"]["embedding"]
+    embeddings["position_embeddings"] = {"embedding": positions_PxH + type0_H[None, :]}
+    student["encoder"] = {**student["encoder"], "embeddings": embeddings}
+    return student_cfg.replace(num_layers=cfg.encoder.num_layers), student
 
 
 def _check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -67,7 +108,8 @@ def student_from_shape(teacher_config: ModelConfig, rng: jax.Array, num_layers: 
 def student_from_pretrained(path: str | os.PathLike, teacher_config: ModelConfig,
                             num_labels: int | None = None,
                             rng: jax.Array | None = None) -> tuple[ModelConfig, dict]:
-    """A student from another pretrained BERT checkpoint sharing the teacher's vocabulary.
+    """A student from another pretrained checkpoint sharing the teacher's vocabulary, in its own
+    family (a DistilBERT checkpoint for a BERT teacher, say).
 
     The head is the teacher's kind with the teacher's label count (or num_labels); a
     checkpoint head of another kind or size is replaced by a fresh one. Compute dtype

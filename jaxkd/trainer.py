@@ -85,14 +85,15 @@ def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks
     try:
         raw = hf.read_hf_config(directory)
         encoder = hf.config_from_hf(raw)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, hf.CheckpointError) as e:
         raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
     is_task_model = (hf.checkpoint_head_kind(raw) == task.head_kind
                      and hf.checkpoint_num_labels(raw) == task.num_labels)
     encoder = encoder.replace(dtype=dtype)
     if teacher.hidden_dropout is not None:
         encoder = encoder.replace(hidden_dropout=teacher.hidden_dropout)
-    head = dataclasses.replace(task.head(), dropout=hf.head_from_hf(raw).dropout)
+    # The task's head as the teacher's family computes it (its dropout and pooler activation).
+    head = hf.head_from_hf(raw, kind=task.head_kind, num_labels=task.num_labels)
     return ModelConfig(encoder, head), is_task_model
 
 
@@ -103,12 +104,12 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
         raise ConfigError("data.train is not set: give a split name or a training file")
     task = tasks.resolve(cfg.task, cfg.data)
     teacher_dir = _teacher_dir(cfg.teacher)
-    tokenizer = hf.load_tokenizer(teacher_dir)
     teacher_cfg, is_task_model = _teacher_config(cfg.teacher, teacher_dir, task, cfg.precision.compute)
+    tokenizer = hf.load_tokenizer(teacher_dir, words=task.head_kind == "token")
     steps_ = cfg.teacher.finetune.steps
     if steps_ == 0 and not is_task_model:
         raise ConfigError(
-            f"teacher.model {cfg.teacher.model!r} is not a {hf.ARCHITECTURES[task.head_kind]} with "
+            f"teacher.model {cfg.teacher.model!r} is not a {hf.architecture(teacher_cfg)} with "
             f"{task.num_labels} labels, so it cannot teach this task untrained: set "
             "teacher.finetune.steps > 0 (or leave it unset to fine-tune for teacher.finetune.epochs)")
     finetune = steps_ if steps_ is not None else (0 if is_task_model else None)
@@ -116,9 +117,10 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
     if len(tokenizer) > encoder.vocab_size:
         raise ConfigError(f"teacher.model: tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocabulary holds {encoder.vocab_size}")
-    if cfg.data.max_seq_len > encoder.max_position_embeddings:
-        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the teacher's "
-                          f"max_position_embeddings={encoder.max_position_embeddings}")
+    if cfg.data.max_seq_len > encoder.max_length:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the {encoder.max_length} "
+                          f"positions of the teacher's max_position_embeddings="
+                          f"{encoder.max_position_embeddings}")
     student_cfg = student_config(cfg.student, teacher_cfg)
     # Every split is read and validated before anything (even a tokenisation cache) is written.
     loaded = {name: (getattr(cfg.data, name), task.load(cfg.data, getattr(cfg.data, name)))
@@ -161,8 +163,10 @@ def describe(cfg: Config, plan: Plan) -> str:
                      f"{len(split.encoded)} rows, skipped {dict(split.examples.skipped) or 'none'}")
     for who, mc in (("teacher", t), ("student", s)):
         enc = mc.encoder
-        lines.append(f"{who}: {enc.num_layers} layers x {enc.hidden_size} hidden, {enc.num_heads} "
-                     f"heads, {mc.head.kind} head, {enc.dtype}")
+        lines.append(f"{who}: {hf.architecture(mc)}, {enc.num_layers} layers x {enc.hidden_size} "
+                     f"hidden, {enc.num_heads} heads, {enc.dtype}"
+                     + ("" if enc.type_vocab_size or not t.encoder.type_vocab_size else
+                        ", no token types (the teacher's type 0 folded into positions)"))
     lines += [f"stage teacher: {teacher_stage} (batch {data.batch_size}, {epoch_steps} steps per epoch)",
               f"stage distill: {total} steps, teacher {source}, T={distill.temperature:g}, "
               f"alpha={distill.alpha:g}",
@@ -205,17 +209,26 @@ def student_config(s: StudentConfig, teacher_cfg: ModelConfig) -> ModelConfig:
                                               num_heads=s.num_heads,
                                               intermediate_size=s.intermediate_size)
         else:
-            pre = hf.config_from_hf(hf.read_hf_config(hf.resolve_dir(s.pretrained)))
+            pre_raw = hf.read_hf_config(hf.resolve_dir(s.pretrained))
+            pre = hf.config_from_hf(pre_raw)
             if pre.vocab_size != teacher.vocab_size:
                 raise ConfigError(
                     f"student.pretrained {s.pretrained!r} has a vocabulary of {pre.vocab_size} tokens "
                     f"but the teacher's has {teacher.vocab_size}: student and teacher must share "
                     "one tokenizer")
-            student_cfg = ModelConfig(pre.replace(dtype=teacher.dtype), teacher_cfg.head)
+            # The teacher's head in the student's family (its pooler activation).
+            head = dataclasses.replace(teacher_cfg.head, pooler_activation=hf.head_from_hf(
+                pre_raw, teacher_cfg.head.kind).pooler_activation)
+            student_cfg = ModelConfig(pre.replace(dtype=teacher.dtype), head)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"student: {e}") from e
+    if s.export_as == "distilbert":
+        try:
+            student_cfg = student_lib.distilbert_config(student_cfg)
+        except ValueError as e:
+            raise ConfigError(f"student.export_as: {e}") from e
     changes = {}
     if s.hidden_dropout is not None:
         changes["hidden_dropout"] = s.hidden_dropout
@@ -227,12 +240,15 @@ def student_config(s: StudentConfig, teacher_cfg: ModelConfig) -> ModelConfig:
 def _student_params(s: StudentConfig, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
                     teacher_params, rng):
     """The student's initial params, of the shape `student_cfg` (from the plan) describes."""
+    distilbert = s.export_as == "distilbert"
     if s.init == "teacher_layers":
-        _, params = student_lib.student_from_teacher(teacher_cfg, teacher_params, layers=s.layers)
+        build = student_lib.distilbert_from_teacher if distilbert else student_lib.student_from_teacher
+        _, params = build(teacher_cfg, teacher_params, layers=s.layers)
     elif s.init == "shape":
         _, params = student_lib.student_from_shape(
-            teacher_cfg, rng, num_layers=s.num_layers, hidden_size=s.hidden_size,
-            num_heads=s.num_heads, intermediate_size=s.intermediate_size)
+            student_lib.distilbert_config(teacher_cfg) if distilbert else teacher_cfg, rng,
+            num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+            intermediate_size=s.intermediate_size)
     else:
         _, params = student_lib.student_from_pretrained(s.pretrained, teacher_cfg, rng=rng)
     return params

@@ -56,6 +56,16 @@ def test_impossible_values_fail_before_work():
         config_lib.load_config(None, ["distill.alpha"])
 
 
+def test_student_export_as_is_checked():
+    assert config_lib.load_config(None, ["student.export_as=distilbert"]).student.export_as == "distilbert"
+    with pytest.raises(ConfigError, match=r"student.export_as must be .* got 'distilbret' "
+                                          r"\(did you mean 'distilbert'\?\)"):
+        config_lib.load_config(None, ["student.export_as=distilbret"])
+    with pytest.raises(ConfigError, match="student.export_as does not apply to student.init pretrained"):
+        config_lib.load_config(None, ["student.export_as=distilbert", "student.init=pretrained",
+                                      "student.pretrained=some/dir"])
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = config_lib.load_config(CONFIGS / "mrpc.yaml", ["distill.layer_map=[[0,1]]"])
     config_lib.dump_config(cfg, tmp_path / "c.yaml")

@@ -194,6 +194,8 @@ def test_hub_split_offline_says_to_use_local_files(tmp_path, monkeypatch):
 class _CountingTokenizer:
     """Whitespace tokenizer that counts its calls: [CLS]=1, a word = 10 + its length, [SEP]=2."""
 
+    model_input_names = ["input_ids", "token_type_ids", "attention_mask"]  # as BERT's
+
     def __init__(self):
         self.calls = 0
 

@@ -215,7 +215,8 @@ class QATask(Task):
     # ------------------------------------------------------------------ encoding
 
     def encode(self, examples: Examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
-        """Windows of [CLS] question [SEP] context part [SEP], with start/end labels per window.
+        """Windows of question and context part as the tokenizer pairs them ([CLS] question [SEP]
+        context [SEP] for BERT), with start/end labels per window.
 
         extras: `example_index` [N] (the question of each window) and `context_offsets` [T, 2]
         (character offsets of context tokens in their context; -1 for the other tokens).
@@ -299,19 +300,20 @@ def _best_span(start_L: np.ndarray, end_L: np.ndarray, in_context_L: np.ndarray,
 
 def _windows(examples: Examples, tokenizer, max_seq_len: int, doc_stride: int) -> dict[str, np.ndarray]:
     ids, types, lengths, labels, example_index, char = [], [], [], [], [], []
+    with_types = data_lib.gives_token_types(tokenizer)
     for start in range(0, len(examples), _TOKENIZE_CHUNK):
         stop = start + _TOKENIZE_CHUNK
         out = tokenizer(examples.questions[start:stop], examples.contexts[start:stop],
                         truncation="only_second", max_length=max_seq_len, stride=doc_stride,
                         return_overflowing_tokens=True, return_offsets_mapping=True,
-                        return_token_type_ids=True, return_attention_mask=False)
+                        return_token_type_ids=with_types, return_attention_mask=False)
         for w, window_ids in enumerate(out["input_ids"]):
             example = start + int(out["overflow_to_sample_mapping"][w])
             sequence = out.sequence_ids(w)
             offsets = [(a, b) if sequence[k] == 1 else (-1, -1)
                        for k, (a, b) in enumerate(out["offset_mapping"][w])]
             ids.append(window_ids)
-            types.append(out["token_type_ids"][w])
+            types.append(out["token_type_ids"][w] if with_types else [0] * len(window_ids))
             lengths.append(len(window_ids))
             char.extend(offsets)
             example_index.append(example)

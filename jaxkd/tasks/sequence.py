@@ -174,7 +174,8 @@ class SequenceTask(Task):
         return np.full(len(labels), np.nan if self.is_regression else -1, dtype)
 
     def encode(self, examples: Examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
-        """Token ids of every example ([CLS] a [SEP] (b [SEP])), truncated longest-first.
+        """Token ids of every example as the tokenizer pairs them ([CLS] a [SEP] (b [SEP]) for
+        BERT, <s> a </s> (</s> b </s>) for RoBERTa), truncated longest-first.
 
         Cached in `cache_dir` under a hash of the texts, the tokenizer and max_seq_len.
         """
@@ -225,12 +226,14 @@ def _run_tokenizer(examples: Examples, tokenizer, max_seq_len: int) -> dict[str,
     for start in range(0, len(examples), _TOKENIZE_CHUNK):
         stop = start + _TOKENIZE_CHUNK
         pairs = examples.pairs[start:stop] if examples.pairs is not None else None
+        with_types = data_lib.gives_token_types(tokenizer)
         out = tokenizer(examples.texts[start:stop], pairs, truncation="longest_first",
-                        max_length=max_seq_len, return_token_type_ids=True,
+                        max_length=max_seq_len, return_token_type_ids=with_types,
                         return_attention_mask=False)
         chunk_ids, chunk_lengths = data_lib.flatten(out["input_ids"], np.int32)
         ids.append(chunk_ids)
-        types.append(data_lib.flatten(out["token_type_ids"], np.int8)[0])
+        types.append(data_lib.flatten(out["token_type_ids"], np.int8)[0] if with_types
+                     else np.zeros(len(chunk_ids), np.int8))
         lengths.append(chunk_lengths)
     return {"input_ids": np.concatenate(ids), "token_type_ids": np.concatenate(types),
             "offsets": data_lib.offsets_of(np.concatenate(lengths))}

@@ -183,7 +183,9 @@ class TokenTask(Task):
     # ------------------------------------------------------------------ encoding
 
     def encode(self, examples: Examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
-        """Windows of whole words, [CLS] sub-tokens [SEP], with per-token labels.
+        """Windows of whole words, [CLS] sub-tokens [SEP] (the family's specials), with per-token
+        labels. The tokenizer must have been loaded for pre-split words (`hf.load_tokenizer(...,
+        words=True)`: RoBERTa's adds the space each word follows).
 
         extras: `word_index` [T] (the split-wide index of the word whose first sub-token this is,
         else -1) and `row_sentence` [N] (the sentence each window belongs to).
@@ -308,8 +310,9 @@ def _read_conll(path: str, require_labels: bool = True) -> tuple[list, Problems]
 
 def _windows(examples: Examples, tokenizer, max_seq_len: int,
              label_all_subtokens: bool) -> dict[str, np.ndarray]:
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    room = max_seq_len - 2  # [CLS] ... [SEP]
+    # The family's own specials around each window ([CLS] ... [SEP], <s> ... </s>).
+    prefix, suffix = data_lib.special_tokens_around(tokenizer)
+    room = max_seq_len - len(prefix) - len(suffix)
     ids: list[int] = []
     labels: list[int] = []
     word_index: list[int] = []
@@ -329,14 +332,14 @@ def _windows(examples: Examples, tokenizer, max_seq_len: int,
             for w, piece in enumerate(pieces):
                 piece = piece[:room]  # a single word longer than a window keeps its first pieces
                 if window and used + len(piece) > room:
-                    _emit(window, word_base, tags, cls_id, sep_id, label_all_subtokens, ids, labels,
-                          word_index, lengths)
+                    _emit(window, word_base, tags, prefix, suffix, label_all_subtokens, ids,
+                          labels, word_index, lengths)
                     row_sentence.append(sentence)
                     window, used = [], 0
                 window.append((w, piece))
                 used += len(piece)
             if window:  # every sentence has a word, so its last window is never empty
-                _emit(window, word_base, tags, cls_id, sep_id, label_all_subtokens, ids, labels,
+                _emit(window, word_base, tags, prefix, suffix, label_all_subtokens, ids, labels,
                       word_index, lengths)
                 row_sentence.append(sentence)
             word_base += len(words)
@@ -354,22 +357,23 @@ def _word_pieces(token_ids: Sequence[int], word_ids: Sequence[int | None], num_w
     return pieces
 
 
-def _emit(window, word_base, tags, cls_id, sep_id, label_all_subtokens, ids, labels, word_index,
+def _emit(window, word_base, tags, prefix, suffix, label_all_subtokens, ids, labels, word_index,
           lengths) -> None:
-    """Append one row: [CLS] the window's pieces [SEP]; labels and word indices per token."""
-    ids.append(cls_id)
-    labels.append(-1)
-    word_index.append(-1)
+    """Append one row: prefix the window's pieces suffix ([CLS] ... [SEP]); labels and word
+    indices per token."""
+    ids.extend(prefix)
+    labels.extend([-1] * len(prefix))
+    word_index.extend([-1] * len(prefix))
     for w, piece in window:
         tag = int(tags[word_base + w])
         for j, token in enumerate(piece):
             ids.append(token)
             labels.append(tag if j == 0 or label_all_subtokens else -1)
             word_index.append(word_base + w if j == 0 else -1)
-    ids.append(sep_id)
-    labels.append(-1)
-    word_index.append(-1)
-    lengths.append(2 + sum(len(piece) for _, piece in window))
+    ids.extend(suffix)
+    labels.extend([-1] * len(suffix))
+    word_index.extend([-1] * len(suffix))
+    lengths.append(len(prefix) + len(suffix) + sum(len(piece) for _, piece in window))
 
 
 # ----------------------------------------------------------------------------- resolving
