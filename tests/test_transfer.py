@@ -145,6 +145,11 @@ def test_augmented_set_is_cached_on_disk(small_tokenizer, embeddings, tmp_path):
     other = transfer.augmented_set(tmp_path, SENTENCES, None, transfer.AugmentConfig(
         factor=3, neighbours=K, seed=6), small_tokenizer, lambda: embeddings)
     assert other != built and len(list(tmp_path.iterdir())) == 2
+    pairs = transfer.augmented_set(tmp_path, SENTENCES, SENTENCES[::-1], cfg, small_tokenizer,
+                                   lambda: embeddings)
+    assert len(pairs[1]) == 15 and pairs == transfer.augmented_set(
+        tmp_path, SENTENCES, SENTENCES[::-1], cfg, small_tokenizer, lambda: embeddings)
+    assert len(list(tmp_path.iterdir())) == 3
 
 
 # ----------------------------------------------------------------------------- loading
