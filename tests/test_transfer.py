@@ -20,7 +20,8 @@ from jaxkd.losses import LossConfig
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, apply_model, init_params, word_embeddings
 from jaxkd.tasks import TaskConfig, sequence
 # tiny_teacher, sst2_small: test_trainer's random checkpoint and SST-2 sample.
-from test_trainer import run_in_process, sst2_small, tiny_config, tiny_teacher  # noqa: F401
+from test_trainer import (assert_kill_resume_matches, run_in_process, sst2_small,  # noqa: F401
+                          tiny_config, tiny_teacher)
 
 # A WordPiece vocabulary small enough to know every whole word by eye: bracketed entries are
 # special or reserved, ## entries are sub-word pieces; "unbelievable" splits into three pieces.
@@ -321,14 +322,20 @@ def test_check_refuses_bad_transfer_config_before_work(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the pipeline
 
 
+def _unlabeled_file(directory: pathlib.Path) -> pathlib.Path:
+    """40 rows of glue_dev.tsv (not in sst2_small), their label column kept (it is ignored)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    lines = (root / "data" / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
+    path = directory / "more.tsv"
+    path.write_text("\n".join([lines[0]] + lines[300:340]) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def transfer_run(tmp_path_factory, tiny_teacher, sst2_small):
     """One tiny run with both sources: 40 unlabeled rows (their labels ignored) and 2 variants
     of each of the 160 training examples."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    lines = (root / "data" / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
-    unlabeled = tmp_path_factory.mktemp("unlabeled") / "more.tsv"
-    unlabeled.write_text("\n".join([lines[0]] + lines[300:340]) + "\n", encoding="utf-8")
+    unlabeled = _unlabeled_file(tmp_path_factory.mktemp("unlabeled"))
     workdir = tmp_path_factory.mktemp("run")
     cfg = tiny_config(workdir, tiny_teacher, sst2_small, **{
         "data.unlabeled": [str(unlabeled)], "data.unlabeled_ratio": 0.5,
@@ -377,3 +384,13 @@ def test_cached_teacher_logits_of_augmented_rows_are_the_teachers(transfer_run, 
     logits = apply_model(teacher_cfg, teacher_params, out["input_ids"], out["attention_mask"],
                          out["token_type_ids"]).logits
     np.testing.assert_allclose(table[[200 + i for i in picked]], np.asarray(logits), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_transfer_run_resumes_to_the_same_result(tmp_path, tiny_teacher, sst2_small):
+    """Both row groups' positions are saved with the checkpoint and restored."""
+    over = {"data.unlabeled": [str(_unlabeled_file(tmp_path))], "distill.augment": {"factor": 2},
+            "distill.steps": 60, "distill.eval_every": 30, "checkpoint.every_steps": 8,
+            "log.every_steps": 2, "teacher.finetune.steps": 0, "distributed.cpu_devices": 4}
+    assert_kill_resume_matches(
+        lambda workdir, **o: tiny_config(workdir, tiny_teacher, sst2_small, **o), tmp_path, over, 20)
