@@ -19,7 +19,8 @@ from jaxkd.data import DataConfig, nearest
 from jaxkd.losses import LossConfig
 from jaxkd.optim import OptimConfig
 from jaxkd.student import EXPORT_AS
-from jaxkd.tasks import TaskConfig
+from jaxkd.tasks import TaskConfig, check_transfer
+from jaxkd.transfer import AugmentConfig
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,9 @@ class DistillConfig(LossConfig):
     epochs: float = 1.0
     teacher_cache: bool = True  # record teacher logits once, on disk, and stream them
     eval_every: int | None = None  # None: once per epoch and at the end
+    # Variants of the labelled examples (masked, replaced, n-gram-cut words: jaxkd.transfer),
+    # labelled by the teacher and trained with the KD term only; None: no augmentation.
+    augment: AugmentConfig | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -166,6 +170,19 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     log: LogConfig = LogConfig()
+
+    def __post_init__(self):
+        # Transfer rows (teacher-labelled only) have hard-label weight 0: without the KD term
+        # they would carry no loss at all.
+        for key, given in (("data.unlabeled", self.data.unlabeled),
+                           ("distill.augment", self.distill.augment)):
+            if given is None:
+                continue
+            _check(self.distill.alpha > 0, key,
+                   f"gives rows that only the teacher labels and trains them with the KD term "
+                   f"alone, so it needs distill.alpha > 0 (the teacher's logits, live or cached); "
+                   f"got alpha {self.distill.alpha:g}. Set distill.alpha, or remove {key}")
+            check_transfer(self.task, key)
 
 
 def _suggest(key: str, choices) -> str:

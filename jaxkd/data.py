@@ -12,6 +12,9 @@ A batch is a dict of host NumPy arrays, built here and nowhere else (`batch_rows
             labels), or per token [B, L] int32 (-1 on tokens without a label), as the task lays
             them out in `Encoded.labels`
   weights   float32 [B]: 1 for real rows, 0 for rows that pad a final evaluation batch
+  hard_weights  float32 [B]: the row's weight in the hard-label loss: its `weights` on labelled
+            rows, 0 on transfer rows (unlabeled or augmented text the teacher alone labels, see
+            `Encoded.hard_weights`); KD and the intermediate terms weigh rows by `weights`
   index     int32 [B]: the row's position in its split (in `Encoded`), -1 for padding rows
   teacher_logits   only from the teacher cache (`jaxkd.cache.attach`), laid out like the model's
 L is one of `bucket_lengths(max_seq_len, bucket_multiple)`, picked from the whole global batch so
@@ -74,8 +77,21 @@ class DataConfig:
     # File format; None: by suffix (.tsv and .txt tab-separated, or CoNLL columns for a
     # token-classification task; .conll CoNLL columns; .csv .jsonl .json .parquet).
     format: str | None = None
+    # Transfer data: text with no labels (files, or splits of data.dataset) in the task's text
+    # columns (a label column is ignored). The teacher labels it; it trains the KD term only.
+    unlabeled: str | tuple[str, ...] | None = None
+    # Share of every distillation batch taken by transfer rows (unlabeled and augmented), when
+    # there are any; an epoch stays one pass over the labelled rows (see `MixedBatches`).
+    unlabeled_ratio: float = 0.5
 
     def __post_init__(self):
+        if isinstance(self.unlabeled, str):  # one source given as a plain string
+            object.__setattr__(self, "unlabeled", (self.unlabeled,))
+        if self.unlabeled is not None and not self.unlabeled:
+            raise DataError("data.unlabeled must name at least one file or split, or be null")
+        if not 0.0 < self.unlabeled_ratio < 1.0:
+            raise DataError(f"data.unlabeled_ratio must be in (0, 1) (the transfer rows' share of "
+                            f"a batch), got {self.unlabeled_ratio}")
         for key in ("batch_size", "max_seq_len", "bucket_multiple", "doc_stride"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
@@ -302,6 +318,9 @@ class Encoded:
     has_labels: bool
     labels_per_token: bool = False
     extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # float32 [N], each row's weight in the hard-label loss: 0 marks transfer rows, whose labels
+    # come from the teacher alone. None: every row is labelled.
+    hard_weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -316,6 +335,25 @@ class Encoded:
         ids, lengths = flatten(input_ids, np.int32)
         types, _ = flatten(token_type_ids, np.int8)
         return cls(ids, types, offsets_of(lengths), np.asarray(labels), has_labels)
+
+
+def with_transfer(labelled: Encoded, transfer: Sequence[Encoded]) -> Encoded:
+    """The distillation set: `labelled` rows first (hard weight 1), then every transfer set's
+    rows (hard weight 0). Row-level sets only (a label per row); the labelled set's extras,
+    which describe its rows alone, are not carried."""
+    if not transfer:
+        return labelled
+    if labelled.labels_per_token or any(t.labels_per_token for t in transfer):
+        raise DataError("transfer data is built for tasks with a label per row")
+    parts = [labelled, *transfer]
+    lengths = np.concatenate([p.lengths for p in parts])
+    # Transfer rows keep their "no label" value (-1 / NaN); their hard weight 0 excludes them.
+    labels = np.concatenate([np.asarray(p.labels, labelled.labels.dtype) for p in parts])
+    hard = np.concatenate([np.ones(len(labelled), np.float32)]
+                          + [np.zeros(len(t), np.float32) for t in transfer])
+    return Encoded(np.concatenate([p.input_ids for p in parts]),
+                   np.concatenate([p.token_type_ids for p in parts]), offsets_of(lengths), labels,
+                   labelled.has_labels, hard_weights=hard)
 
 
 def flatten(lists: Sequence[Sequence[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -418,13 +456,14 @@ def bucket_lengths(max_seq_len: int, multiple: int) -> tuple[int, ...]:
 
 
 def epoch_order(lengths_N: np.ndarray, batch_size: int, seed: int, epoch: int,
-                chunk_batches: int = 100) -> np.ndarray:
+                chunk_batches: int = 100, stream: int = 0) -> np.ndarray:
     """Example indices [S, B] of one training epoch, S = N // B (the remainder is dropped).
 
-    Shuffled from (seed, epoch); sorted by length within chunks of `chunk_batches` batches so a
-    batch holds similar lengths; then the batch order is shuffled, so lengths do not trend.
+    Shuffled from (seed, epoch) (and `stream`, when several row groups are drawn at once); sorted
+    by length within chunks of `chunk_batches` batches so a batch holds similar lengths; then the
+    batch order is shuffled, so lengths do not trend.
     """
-    rng = np.random.default_rng((seed, epoch))
+    rng = np.random.default_rng((seed, epoch, stream) if stream else (seed, epoch))
     steps = len(lengths_N) // batch_size
     perm_N = rng.permutation(len(lengths_N))[:steps * batch_size]
     chunk = chunk_batches * batch_size
@@ -467,6 +506,11 @@ class _Layout:
         local = slice(self.process_index * share, (self.process_index + 1) * share)
         return batch_rows(encoded, rows_B[local], real_B[local], length)
 
+    def local(self, rows_B: np.ndarray) -> np.ndarray:
+        """This process's share of the global rows `rows_B`."""
+        share = len(rows_B) // self.process_count
+        return rows_B[self.process_index * share:(self.process_index + 1) * share]
+
 
 class TokenGather:
     """Where rows `rows_b` of a split sit in its flat token arrays, at batch length L."""
@@ -492,12 +536,15 @@ def batch_rows(encoded: Encoded, rows_b: np.ndarray, real_b: np.ndarray, length:
         labels = gather(encoded.labels, -1)
     else:
         labels = encoded.labels[rows_b]
+    weights_b = real_b.astype(np.float32)
+    hard_b = weights_b if encoded.hard_weights is None else weights_b * encoded.hard_weights[rows_b]
     return {
         "input_ids": gather(encoded.input_ids, 0).astype(np.int32),
         "attention_mask": gather.mask_bxL.astype(np.int32),
         "token_type_ids": gather(encoded.token_type_ids, 0).astype(np.int32),
         "labels": labels,
-        "weights": real_b.astype(np.float32),
+        "weights": weights_b,
+        "hard_weights": hard_b.astype(np.float32),
         "index": np.where(real_b, rows_b, -1).astype(np.int32),
     }
 
@@ -520,6 +567,40 @@ def _position(position: Mapping[str, Any] | None, expected: Mapping[str, int],
     return epoch, step
 
 
+class _Epochs:
+    """Global batches of row indices from `rows` (default: every row): one shuffled,
+    length-bucketed epoch after another, and the position of the next one."""
+
+    def __init__(self, lengths_N: np.ndarray, batch_size: int, seed: int, chunk_batches: int,
+                 rows: np.ndarray | None = None, stream: int = 0):
+        self._rows = np.arange(len(lengths_N)) if rows is None else np.asarray(rows)
+        self._lengths = lengths_N[self._rows]
+        self._batch_size, self._seed, self._chunk, self._stream = batch_size, seed, chunk_batches, stream
+        self.epoch_steps = len(self._rows) // batch_size
+        self.fingerprint = {"seed": seed, "num_examples": len(self._rows), "batch_size": batch_size}
+        self.epoch, self.step = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def seek(self, position: Mapping[str, Any] | None) -> None:
+        self.epoch, self.step = _position(position, self.fingerprint, self.epoch_steps)
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, **self.fingerprint}
+
+    def next_rows(self) -> np.ndarray:
+        """The next global batch's row indices [B]; advances the position."""
+        if self._order is None or self._order[0] != self.epoch:
+            order = epoch_order(self._lengths, self._batch_size, self._seed, self.epoch,
+                                self._chunk, self._stream)
+            self._order = (self.epoch, order)
+        rows_B = self._rows[self._order[1][self.step]]
+        self.step += 1
+        if self.step == self.epoch_steps:
+            self.epoch, self.step = self.epoch + 1, 0
+        return rows_B
+
+
 class TrainBatches(Iterator[Batch]):
     """Infinite training batches: one shuffled, length-bucketed epoch after another.
 
@@ -534,32 +615,78 @@ class TrainBatches(Iterator[Batch]):
                  process_index: int = 0, process_count: int = 1, chunk_batches: int = 100):
         self._encoded = encoded
         self._layout = _Layout(batch_size, max_seq_len, bucket_multiple, process_index, process_count)
-        self._seed, self._chunk_batches = seed, chunk_batches
-        self.epoch_steps = len(encoded) // batch_size
+        self._epochs = _Epochs(encoded.lengths, batch_size, seed, chunk_batches)
+        self.epoch_steps = self._epochs.epoch_steps
         if self.epoch_steps == 0:
             raise DataError(f"{len(encoded)} training examples do not fill one batch of {batch_size}")
-        self._fingerprint = {"seed": seed, "num_examples": len(encoded), "batch_size": batch_size}
-        self._epoch, self._step = _position(position, self._fingerprint, self.epoch_steps)
-        self._order: tuple[int, np.ndarray] | None = None
+        self._epochs.seek(position)
 
     @property
     def position(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "step": self._step, **self._fingerprint}
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order is None or self._order[0] != self._epoch:
-            order = epoch_order(self._encoded.lengths, self._layout.batch_size, self._seed, self._epoch,
-                                self._chunk_batches)
-            self._order = (self._epoch, order)
-        return self._order[1]
+        return self._epochs.position
 
     def __next__(self) -> Batch:
-        rows_B = self._epoch_order()[self._step]
-        batch = self._layout.batch(self._encoded, rows_B, np.ones(len(rows_B), bool))
-        self._step += 1
-        if self._step == self.epoch_steps:
-            self._epoch, self._step = self._epoch + 1, 0
-        return batch
+        rows_B = self._epochs.next_rows()
+        return self._layout.batch(self._encoded, rows_B, np.ones(len(rows_B), bool))
+
+
+def transfer_batch_size(batch_size: int, ratio: float, process_count: int = 1) -> int:
+    """Transfer rows per global batch: `ratio` of it, rounded to a multiple of the process count
+    (every process takes the same share), leaving at least one labelled row per process."""
+    if batch_size < 2 * process_count:
+        raise DataError(f"data.batch_size {batch_size} cannot hold labelled and transfer rows on "
+                        f"each of {process_count} processes: use at least {2 * process_count}")
+    share = round(ratio * batch_size / process_count) * process_count
+    return int(min(max(share, process_count), batch_size - process_count))
+
+
+class MixedBatches(Iterator[Batch]):
+    """Distillation batches of a set built by `with_transfer`: every global batch holds
+    `transfer_size` transfer rows (hard weight 0) and the rest labelled rows.
+
+    Each group is drawn in its own shuffled, length-bucketed epochs; the batch length fits the
+    longest row of both. An epoch (`epoch_steps`) is one pass over the labelled rows, as without
+    transfer data; the transfer rows cycle through their own epochs at their own pace (a smaller
+    transfer set repeats, a larger one is seen partly per labelled epoch). Each process takes its
+    share of the labelled rows, then its share of the transfer rows. `position` resumes both.
+    """
+
+    def __init__(self, encoded: Encoded, batch_size: int, transfer_size: int, *, seed: int,
+                 bucket_multiple: int, max_seq_len: int, position: Mapping[str, Any] | None = None,
+                 process_index: int = 0, process_count: int = 1, chunk_batches: int = 100):
+        if encoded.hard_weights is None:
+            raise DataError("MixedBatches needs a set with transfer rows (data.with_transfer)")
+        if not 0 < transfer_size < batch_size or transfer_size % process_count:
+            raise DataError(f"{transfer_size} transfer rows do not fit a batch of {batch_size} "
+                            f"over {process_count} processes")
+        self._encoded = encoded
+        self._layout = _Layout(batch_size, max_seq_len, bucket_multiple, process_index, process_count)
+        labelled = np.flatnonzero(encoded.hard_weights > 0)
+        transfer = np.flatnonzero(encoded.hard_weights == 0)
+        self._labelled = _Epochs(encoded.lengths, batch_size - transfer_size, seed, chunk_batches,
+                                 labelled)
+        self._transfer = _Epochs(encoded.lengths, transfer_size, seed, chunk_batches, transfer,
+                                 stream=1)
+        self.epoch_steps = self._labelled.epoch_steps
+        for name, group, size in (("labelled", self._labelled, batch_size - transfer_size),
+                                  ("transfer", self._transfer, transfer_size)):
+            if group.epoch_steps == 0:
+                raise DataError(f"{group.fingerprint['num_examples']} {name} rows do not fill the "
+                                f"{size} {name} rows of one batch")
+        position = position or {}
+        self._labelled.seek(position.get("labelled"))
+        self._transfer.seek(position.get("transfer"))
+
+    @property
+    def position(self) -> dict[str, dict[str, int]]:
+        return {"labelled": self._labelled.position, "transfer": self._transfer.position}
+
+    def __next__(self) -> Batch:
+        labelled_B, transfer_B = self._labelled.next_rows(), self._transfer.next_rows()
+        lengths = self._encoded.lengths
+        length = int(self._layout.bucket(max(lengths[labelled_B].max(), lengths[transfer_B].max())))
+        rows_b = np.concatenate([self._layout.local(labelled_B), self._layout.local(transfer_B)])
+        return batch_rows(self._encoded, rows_b, np.ones(len(rows_b), bool), length)
 
 
 class EvalBatches(Iterable[Batch]):

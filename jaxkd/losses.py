@@ -192,19 +192,26 @@ def mse_loss(pred_B: Array, target_B: Array, weights_B: Array) -> Array:
     if pred_B.shape != target_B.shape:
         raise ValueError(f"mse_loss: prediction shape {tuple(pred_B.shape)} and target shape "
                          f"{tuple(target_B.shape)} differ")
+    # A weight-0 row may have no target (NaN: a transfer row); a NaN would reach the gradient
+    # through the masked branch, so it is replaced before the difference is taken.
+    target_B = jnp.where(jnp.broadcast_to(weights_B, target_B.shape) > 0, target_B, 0.0)
     return _weighted_mean((pred_B - target_B) ** 2, weights_B)
 
 
 def logit_loss(cfg: LossConfig, student_logits_BxC: Array, teacher_logits_BxC: Array | None,
                labels_B: Array | None, weights_B: Array, *,
-               regression: bool = False) -> tuple[Array, Metrics]:
+               regression: bool = False,
+               hard_weights_B: Array | None = None) -> tuple[Array, Metrics]:
     """alpha * distillation + (1 - alpha) * hard-label loss; a term with weight 0 is not computed.
 
     Classification: `loss/kd` (kd_loss) and `loss/ce`. Regression (one output): `loss/kd` is the
     MSE to the teacher's prediction and `loss/mse` the MSE to the label. The teacher may be None
     when alpha = 0 and the labels None when alpha = 1. Token logits [B, L, C] take labels and
-    weights [B, L] (weight 0 on tokens without a label).
+    weights [B, L] (weight 0 on tokens without a label). `hard_weights_B` weigh the hard-label
+    term (0 on rows whose only label is the teacher's); None: `weights_B`. Each term is its own
+    weighted mean: the hard term over labelled rows, the KD term over all rows.
     """
+    hard_weights_B = weights_B if hard_weights_B is None else hard_weights_B
     terms: list[tuple[str, float, Array]] = []
     if cfg.alpha > 0:
         if teacher_logits_BxC is None:
@@ -221,10 +228,10 @@ def logit_loss(cfg: LossConfig, student_logits_BxC: Array, teacher_logits_BxC: A
                              f"distil from the teacher only")
         if regression:
             terms.append(("loss/mse", 1.0 - cfg.alpha,
-                          mse_loss(student_logits_BxC, labels_B, weights_B)))
+                          mse_loss(student_logits_BxC, labels_B, hard_weights_B)))
         else:
             terms.append(("loss/ce", 1.0 - cfg.alpha,
-                          ce_loss(student_logits_BxC, labels_B, weights_B)))
+                          ce_loss(student_logits_BxC, labels_B, hard_weights_B)))
     return _weighted_sum(terms)
 
 
@@ -402,16 +409,18 @@ def intermediate_loss(cfg: LossConfig, s_out: Any, t_out: Any, proj_params: Mapp
 def total_loss(cfg: LossConfig, s_out: Any, t_out: Any | None, proj_params: Mapping[str, Any],
                labels_B: Array | None, attention_mask_BxL: Array, weights_B: Array,
                student_cfg: Any, teacher_cfg: Any, *, regression: bool = False,
-               label_weights: Array | None = None) -> tuple[Array, Metrics]:
+               label_weights: Array | None = None,
+               hard_label_weights: Array | None = None) -> tuple[Array, Metrics]:
     """logit_loss + intermediate_loss (when any term is in use); metrics add `loss/total`.
 
     `student_cfg`/`teacher_cfg` are the encoders' configs. `label_weights` weigh the logit terms
-    (token weights [B, L] for token logits); None: the row weights.
+    (token weights [B, L] for token logits); None: the row weights. `hard_label_weights` weigh
+    the hard-label term alone; None: `label_weights`.
     """
     t_logits = None if t_out is None else t_out.logits
     loss, metrics = logit_loss(cfg, s_out.logits, t_logits, labels_B,
                                weights_B if label_weights is None else label_weights,
-                               regression=regression)
+                               regression=regression, hard_weights_B=hard_label_weights)
     if cfg.any_intermediate:
         if t_out is None:
             raise ValueError("intermediate loss terms are in use but no teacher output was given")

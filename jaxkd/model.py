@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 ACTIVATIONS = {
@@ -534,6 +535,11 @@ def apply_model(config: ModelConfig, params: Any, input_ids, attention_mask=None
                 token_type_ids=None) -> ModelOutput:
     """Encoder and head, deterministic (no dropout): `.logits` is [B, C] or [B, L, C] (token heads)."""
     return Model(config).apply({"params": params}, input_ids, attention_mask, token_type_ids)
+
+
+def word_embeddings(params: Any) -> np.ndarray:
+    """The word-embedding matrix [vocab_size, embedding_width] of a model's params."""
+    return np.asarray(params["encoder"]["embeddings"]["word_embeddings"]["embedding"], np.float32)
 
 
 def param_count(params) -> int:

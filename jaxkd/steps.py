@@ -21,7 +21,9 @@ weight, sum(w_local) / psum(sum(w_local)), and the scaled losses, gradients and 
 with `psum`. Padding rows (weight 0) then neither count nor skew the average, and the step equals
 the one-device step on the whole batch. Terms averaged over other units (intermediate losses
 over real tokens) are exact when every device holds the same number of them per unit of loss
-weight, and otherwise a close approximation.
+weight, and otherwise a close approximation; so is the hard-label term of a batch with transfer
+rows (`hard_weights` 0), which is a mean over the labelled rows alone. The trainer's steps run
+under `jax.jit` over the global batch, where every term is exact.
 """
 from __future__ import annotations
 
@@ -185,6 +187,7 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
         t_out = teacher_output(teacher_params, batch)
         t_view = None if t_out is None else objective.view(t_out.logits, batch)
         label_weights = objective.weights(batch)
+        hard_weights = objective.hard_weights(batch)  # 0 on transfer rows: KD only
         share = _share(label_weights, axis_name)
         rng = _device_rng(rng, axis_name)
 
@@ -196,7 +199,8 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
                 loss_cfg, s_out.replace(logits=objective.view(s_out.logits, batch)), t_viewed,
                 trainable["proj_params"], batch["labels"], batch["attention_mask"],
                 batch["weights"], student_cfg.encoder, teacher_cfg.encoder,
-                regression=objective.regression, label_weights=label_weights)
+                regression=objective.regression, label_weights=label_weights,
+                hard_label_weights=hard_weights)
             return loss * share, (metrics, s_out.logits)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -25,10 +25,11 @@ from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
 from jaxkd import hf, inference, losses, report as report_lib, sharding, steps, tasks
 from jaxkd import student as student_lib
+from jaxkd import transfer as transfer_lib
 from jaxkd.checkpoint import Checkpointer
 from jaxkd.config import (Config, ConfigError, DistillConfig, StudentConfig, TeacherConfig,
                           dump_config)
-from jaxkd.model import ModelConfig, param_count
+from jaxkd.model import ModelConfig, param_count, word_embeddings
 from jaxkd.optim import OptimConfig, make_optimizer, make_schedule
 
 log = logging.getLogger("jaxkd")
@@ -63,6 +64,7 @@ class Plan:
     teacher_config: ModelConfig  # with the task's head, the run's dtype and dropout
     student_config: ModelConfig
     finetune_steps: int | None  # 0: the teacher already is a model of this task; None: from epochs
+    unlabeled: list[Split] = dataclasses.field(default_factory=list)  # data.unlabeled, in order
 
     @property
     def data_stats(self) -> dict[str, dict]:
@@ -125,6 +127,7 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
     # Every split is read and validated before anything (even a tokenisation cache) is written.
     loaded = {name: (getattr(cfg.data, name), task.load(cfg.data, getattr(cfg.data, name)))
               for name in ("train", "eval", "test") if getattr(cfg.data, name) is not None}
+    unlabeled = [(source, task.load_unlabeled(cfg.data, source)) for source in cfg.data.unlabeled or ()]
     if cfg.data.eval_fraction is not None:
         source, train = loaded["train"]
         kept, held = data_lib.holdout(len(train), cfg.data.eval_fraction, cfg.seed)
@@ -136,7 +139,31 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
     splits = {name: Split(source, examples,
                           task.encode(examples, tokenizer, cfg.data.max_seq_len, cache_dir))
               for name, (source, examples) in loaded.items()}
-    return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune)
+    transfer = [Split(source, examples, task.encode(examples, tokenizer, cfg.data.max_seq_len,
+                                                    cache_dir))
+                for source, examples in unlabeled]
+    return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune, transfer)
+
+
+def transfer_summary(cfg: Config, plan: Plan) -> dict | None:
+    """The transfer set (rows only the teacher labels) in numbers, for describe and report.json;
+    None without one. An augmented set has exactly `factor` rows per labelled example."""
+    augment = cfg.distill.augment
+    if not plan.unlabeled and augment is None:
+        return None
+    unlabeled = [{"source": s.source, "rows": len(s.encoded), "skipped": dict(s.examples.skipped)}
+                 for s in plan.unlabeled]
+    rows = sum(u["rows"] for u in unlabeled)
+    summary = {"unlabeled": unlabeled, "augment": None}
+    if augment is not None:
+        examples = len(plan.splits["train"].examples)
+        summary["augment"] = {**dataclasses.asdict(augment), "examples": examples,
+                              "rows": augment.factor * examples}
+        rows += augment.factor * examples
+    batch = cfg.data.batch_size
+    per_batch = data_lib.transfer_batch_size(batch, cfg.data.unlabeled_ratio, jax.process_count())
+    return {**summary, "rows": rows, "ratio": cfg.data.unlabeled_ratio,
+            "rows_per_batch": per_batch, "labelled_rows_per_batch": batch - per_batch}
 
 
 def describe(cfg: Config, plan: Plan) -> str:
@@ -144,6 +171,11 @@ def describe(cfg: Config, plan: Plan) -> str:
     data = cfg.data
     train = plan.splits["train"].encoded
     epoch_steps = len(train) // data.batch_size
+    transfer = transfer_summary(cfg, plan)
+    # With transfer rows a distillation epoch is still one pass over the labelled rows, which
+    # then fill only part of each batch.
+    distill_epoch_steps = epoch_steps if transfer is None else \
+        len(train) // transfer["labelled_rows_per_batch"]
     pad = data_lib.padding_stats(train, data.batch_size, bucket_multiple=data.bucket_multiple,
                                  max_seq_len=data.max_seq_len, seed=cfg.seed)
     t, s = plan.teacher_config, plan.student_config
@@ -153,7 +185,8 @@ def describe(cfg: Config, plan: Plan) -> str:
     else:
         teacher_stage = f"{_total_steps(plan.finetune_steps, ft.epochs, epoch_steps)} steps"
     distill = cfg.distill
-    total = 0 if distill.steps == 0 else _total_steps(distill.steps, distill.epochs, epoch_steps)
+    total = 0 if distill.steps == 0 else _total_steps(distill.steps, distill.epochs,
+                                                      distill_epoch_steps)
     source = teacher_source(distill)
     source = "cached (logits on disk)" if source == "cached" else source
     lines = [f"task: {plan.task.name} ({plan.task.type}), {plan.task.num_labels} labels, "
@@ -169,12 +202,33 @@ def describe(cfg: Config, plan: Plan) -> str:
                         ", no token types (the teacher's type 0 folded into positions)"))
     lines += [f"stage teacher: {teacher_stage} (batch {data.batch_size}, {epoch_steps} steps per epoch)",
               f"stage distill: {total} steps, teacher {source}, T={distill.temperature:g}, "
-              f"alpha={distill.alpha:g}",
+              f"alpha={distill.alpha:g}"
+              + ("" if transfer is None else f", {distill_epoch_steps} steps per epoch (one pass "
+                 f"over the labelled rows)"),
+              *_describe_transfer(transfer),
               "stage export, report",
               f"batches: {len(pad.shapes)} shapes {[length for _, length in pad.shapes]} "
               f"(lengths up to {data.max_seq_len}), padding {100 * pad.pad_fraction:.1f}% of tokens",
               f"workdir: {cfg.workdir}"]
     return "\n".join(lines)
+
+
+def _describe_transfer(transfer: dict | None) -> list[str]:
+    if transfer is None:
+        return []
+    batch = transfer["rows_per_batch"] + transfer["labelled_rows_per_batch"]
+    lines = [f"transfer: {transfer['rows']} rows labelled by the teacher only (KD term, hard-label "
+             f"weight 0), {transfer['rows_per_batch']} of every {batch} rows per batch "
+             f"(data.unlabeled_ratio {transfer['ratio']:g})"]
+    for u in transfer["unlabeled"]:
+        lines.append(f"  data.unlabeled: {u['source']}: {u['rows']} rows, skipped {u['skipped'] or 'none'}")
+    a = transfer["augment"]
+    if a is not None:
+        lines.append(f"  distill.augment: {a['factor']} x {a['examples']} labelled examples = "
+                     f"{a['rows']} rows (mask_prob {a['mask_prob']:g}, replace_prob "
+                     f"{a['replace_prob']:g} of {a['neighbours']} neighbours, ngram_prob "
+                     f"{a['ngram_prob']:g}, seed {a['seed']})")
+    return lines
 
 
 def teacher_source(distill: DistillConfig) -> str:
@@ -299,30 +353,35 @@ class Runtime:
     def eval_batch_size(self) -> int:
         return self.data.eval_batch_size or self.data.batch_size
 
-    def predict(self, model_cfg: ModelConfig, params, split: Split, per_token: bool,
+    def predict(self, model_cfg: ModelConfig, params, encoded: data_lib.Encoded, per_token: bool,
                 desc: str = "predict") -> np.ndarray:
-        """Outputs of the model for every row of `split` (see `jaxkd.inference`)."""
+        """Outputs of the model for every row of `encoded` (see `jaxkd.inference`)."""
         show = self.is_main and self.log.progress
         return inference.predict(
-            inference.jit_logits_fn(model_cfg, self.mesh), params, split.encoded, batch_size=self.eval_batch_size,
+            inference.jit_logits_fn(model_cfg, self.mesh), params, encoded, batch_size=self.eval_batch_size,
             mesh=self.mesh, bucket_multiple=self.data.bucket_multiple,
             max_seq_len=self.data.max_seq_len, per_token=per_token,
             progress=lambda it: report_lib.progress_iter(it, desc, show))
 
     def batches(self, encoded: data_lib.Encoded, seed: int) -> Callable:
-        """position -> this process's training batches of `encoded` from that position."""
-        def make(position):
-            return data_lib.TrainBatches(encoded, self.data.batch_size, seed=seed,
-                                         bucket_multiple=self.data.bucket_multiple,
-                                         max_seq_len=self.data.max_seq_len, position=position,
-                                         process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-        return make
+        """position -> this process's training batches of `encoded` from that position; a set
+        with transfer rows (`data.with_transfer`) gives `data.unlabeled_ratio` of each batch
+        to them."""
+        geometry = dict(seed=seed, bucket_multiple=self.data.bucket_multiple,
+                        max_seq_len=self.data.max_seq_len, process_index=jax.process_index(),
+                        process_count=jax.process_count())
+        if encoded.hard_weights is None:
+            return lambda position: data_lib.TrainBatches(encoded, self.data.batch_size,
+                                                          position=position, **geometry)
+        per_batch = data_lib.transfer_batch_size(self.data.batch_size, self.data.unlabeled_ratio,
+                                                 jax.process_count())
+        return lambda position: data_lib.MixedBatches(encoded, self.data.batch_size, per_batch,
+                                                      position=position, **geometry)
 
 
 def evaluate(rt: Runtime, task: tasks.Task, model_cfg: ModelConfig, params,
              split: Split) -> tuple[dict, np.ndarray]:
-    outputs = rt.predict(model_cfg, params, split, task.outputs_per_token, desc="evaluate")
+    outputs = rt.predict(model_cfg, params, split.encoded, task.outputs_per_token, desc="evaluate")
     return task.scores(outputs, split.encoded, split.examples), outputs
 
 
@@ -510,10 +569,28 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
     return params
 
 
-def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_params, cache_dir) -> cache_lib.TeacherLogits:
-    """The teacher's outputs on the training split, from the disk cache or computed once."""
+def distillation_set(rt: Runtime, plan: Plan, augment: transfer_lib.AugmentConfig | None,
+                     teacher_params, cache_dir) -> data_lib.Encoded:
+    """The rows the student is distilled on: the training split, then the transfer rows
+    (data.unlabeled, then distill.augment's variants of the training examples, built from the
+    teacher's vocabulary and word embeddings) with hard-label weight 0."""
     train = plan.splits["train"]
-    enc = train.encoded
+    transfer = [split.encoded for split in plan.unlabeled]
+    if augment is not None:
+        def variants(texts, pairs):
+            return transfer_lib.augmented_set(cache_dir, texts, pairs, augment, plan.tokenizer,
+                                              lambda: word_embeddings(teacher_params))
+        examples = plan.task.augmented(train.examples, variants, f"{train.source} (augmented)")
+        log.info("distill.augment: %d rows from %d examples", len(examples), len(train.examples))
+        transfer.append(plan.task.encode(examples, plan.tokenizer, rt.data.max_seq_len, cache_dir))
+    return data_lib.with_transfer(train.encoded, transfer)
+
+
+def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_params, cache_dir,
+                         enc: data_lib.Encoded) -> cache_lib.TeacherLogits:
+    """The teacher's outputs on the distillation set `enc` (the training split and any transfer
+    rows), from the disk cache or computed once; the key covers every row, so another transfer
+    set has another cache."""
     per_token = plan.task.outputs_per_token
     key = cache_lib.fingerprint(teacher_params, dataclasses.asdict(plan.teacher_config),
                                 (enc.input_ids, enc.token_type_ids, enc.offsets),
@@ -521,7 +598,7 @@ def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_params, cache_dir) -> 
     log.info("teacher cache %s: %d training rows", key, len(enc))
     table, hit = cache_lib.load_or_compute(
         cache_dir, key, int(enc.offsets[-1]) if per_token else len(enc),
-        lambda: rt.predict(plan.teacher_config, teacher_params, train, per_token,
+        lambda: rt.predict(plan.teacher_config, teacher_params, enc, per_token,
                            desc="teacher cache"),
         write=rt.is_main)
     log.info("teacher cache %s (%s)", "hit" if hit else "computed", key)
@@ -535,7 +612,7 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
     teacher_cfg, student_cfg = plan.teacher_config, plan.student_config
     params = _student_params(student, student_cfg, teacher_cfg, teacher_params,
                              jax.random.key(seed + 1))
-    train = plan.splits["train"].encoded
+    train = distillation_set(rt, plan, distill.augment, teacher_params, cache_dir)
     make_batches = rt.batches(train, seed + 1)
     epoch_steps = make_batches(None).epoch_steps
     total = 0 if distill.steps == 0 else _total_steps(distill.steps, distill.epochs, epoch_steps)
@@ -550,7 +627,7 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
         source = teacher_source(distill)
         prepare_batch = lambda b: b  # noqa: E731
         if source == "cached":
-            prepare_batch = teacher_logits_cache(rt, plan, teacher_params, cache_dir).attach
+            prepare_batch = teacher_logits_cache(rt, plan, teacher_params, cache_dir, train).attach
         teacher_shardings = sharding.tree_shardings(rt.mesh, teacher_params, fsdp)
         placed_teacher = sharding.place(teacher_params, teacher_shardings) if source == "live" else None
         jitted = sharding.jit_distill_step(
@@ -564,7 +641,7 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
                                  eval_fn=eval_fn, seed=seed + 1, prepare_batch=prepare_batch)
         state, best = _restore_best(ckpt, state, rt.checkpoint.keep_best and eval_fn is not None)
         ckpt.close()
-    _mark_stage(rt, "distill", {"steps": total, "selected_step": best})
+    _mark_stage(rt, "distill", {"steps": total, "selected_step": best, "rows": len(train)})
     return jax.device_get(state.params)
 
 
@@ -598,6 +675,7 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
                                            split.encoded, split.examples)
     report["stages"] = _read_stages(rt.workdir)
     report["data"] = plan.data_stats
+    report["transfer"] = transfer_summary(cfg, plan)
     if rt.is_main:
         report_lib.write_report(report, rt.workdir, plots=rt.log.plots)
     return report

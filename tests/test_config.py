@@ -91,6 +91,6 @@ def test_eval_fraction_is_checked():
 
 
 def test_shipped_configs_never_select_on_the_reported_split():
-    for path in sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "experiments").glob("*.yaml")):
+    for path in sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "experiments").rglob("*.yaml")):
         data = config_lib.load_config(path).data
         assert data.eval is None or data.eval != data.test, path

@@ -14,7 +14,7 @@ import _multiprocess_data as mp_data
 from jaxkd import data
 from jaxkd.tasks import TaskConfig, sequence
 
-BATCH_KEYS = {"input_ids", "attention_mask", "token_type_ids", "labels", "weights", "index"}
+BATCH_KEYS = {"input_ids", "attention_mask", "token_type_ids", "labels", "weights", "hard_weights", "index"}
 
 
 def _tokenizer(minilm_dir):
@@ -355,6 +355,7 @@ def test_eval_pads_last_batch_with_weight_zero_rows():
     assert len(batches) == 4
     last = batches[-1]
     assert last["weights"].tolist() == [1] * 5 + [0] * 3 and last["index"][5:].tolist() == [-1] * 3
+    assert last["hard_weights"].tolist() == last["weights"].tolist()  # no transfer rows: all labelled
     np.testing.assert_array_equal(last["input_ids"][5:], np.repeat(last["input_ids"][:1], 3, 0))
     index = np.concatenate([b["index"] for b in batches])
     assert sorted(index[index >= 0].tolist()) == list(range(29))

@@ -1,7 +1,7 @@
 """Task kinds, one module each: what to read, how to encode and label it, which head, losses,
 predictions and metrics. The pipeline asks the task and never branches on the kind itself.
 
-A new kind is one module with TYPE, KEYS, PRESETS, check, resolve and objective (see
+A new kind is one module with TYPE, KEYS, PRESETS, TRANSFER, check, resolve and objective (see
 `jaxkd.tasks.base`), added to `KINDS`, plus its head in `jaxkd.model.HEADS`.
 """
 from __future__ import annotations
@@ -47,6 +47,14 @@ def check_config(cfg: TaskConfig) -> None:
     kind.check(cfg)
 
 
+def check_transfer(cfg: TaskConfig, key: str) -> None:
+    """Transfer data (`key`: data.unlabeled or distill.augment) fits the task's kind."""
+    reason = _kind_of(cfg).TRANSFER
+    if reason is not None:
+        raise DataError(f"{key} is not available for {_kind_of(cfg).TYPE} tasks: {reason}. "
+                        f"Remove {key}.")
+
+
 def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None) -> Task:
     """The task of a `task` section; custom tasks without labels read them from data.train."""
     return _kind_of(cfg).resolve(cfg, data_cfg)
@@ -57,4 +65,5 @@ def objective(head: HeadConfig) -> Objective:
     return _BY_HEAD[head.kind].objective(head)
 
 
-__all__ = ["KINDS", "Objective", "Task", "TaskConfig", "check_config", "objective", "resolve"]
+__all__ = ["KINDS", "Objective", "Task", "TaskConfig", "check_config", "check_transfer", "objective",
+           "resolve"]

@@ -6,6 +6,8 @@ A task kind is one module of `jaxkd.tasks` with:
   PRESETS          named settings (`task.name`)
   resolve(cfg, data_cfg) -> Task
   objective(head) -> Objective
+  TRANSFER         None where the kind takes transfer data (data.unlabeled, distill.augment),
+                   else why it does not (the config error says it)
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import collections
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -103,6 +105,16 @@ class Task:
     def encode(self, examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
         raise NotImplementedError
 
+    def load_unlabeled(self, data_cfg: DataConfig, source: str):
+        """Examples of transfer text (data.unlabeled): the text columns only, labels ignored.
+        Kinds that take no transfer data are refused when the config is read (`TRANSFER`)."""
+        raise DataError(f"{self.type} tasks take no data.unlabeled")
+
+    def augmented(self, examples, variants: Callable, source: str):
+        """Examples of the variants of `examples`: `variants(texts, pairs)` gives the new
+        (texts, pairs); they carry no labels."""
+        raise DataError(f"{self.type} tasks take no distill.augment")
+
     def scores(self, outputs: np.ndarray, encoded: Encoded, examples) -> dict[str, float]:
         """The task metrics (primary first) of a split's outputs (see `jaxkd.inference`)."""
         raise NotImplementedError
@@ -148,6 +160,16 @@ class Objective:
             return weights[:, None] * (batch["labels"] >= 0)
         return weights
 
+    def hard_weights(self, batch) -> Array:
+        """Weight of each hard-label loss term, shaped as `weights`: 0 on transfer rows (their
+        `hard_weights` is 0: only the teacher labels them). A batch without `hard_weights`
+        counts every row's labels."""
+        weights = self.weights(batch)
+        if "hard_weights" not in batch:
+            return weights
+        hard_B = batch["hard_weights"].astype(jnp.float32)
+        return weights * hard_B.reshape(hard_B.shape + (1,) * (weights.ndim - 1))
+
     @property
     def hard_loss_name(self) -> str:
         return "loss/mse" if self.regression else "loss/ce"
@@ -155,16 +177,17 @@ class Objective:
     def hard_loss(self, logits: Array, batch) -> Array:
         """The hard-label loss alone (teacher fine-tuning)."""
         if self.regression:
-            return losses.mse_loss(logits, batch["labels"], self.weights(batch))
-        return losses.ce_loss(self.view(logits, batch), batch["labels"], self.weights(batch))
+            return losses.mse_loss(logits, batch["labels"], self.hard_weights(batch))
+        return losses.ce_loss(self.view(logits, batch), batch["labels"], self.hard_weights(batch))
 
     def metrics(self, logits: Array, batch, teacher_logits: Array | None = None) -> dict[str, Array]:
-        """Accuracy against the labels, agreement with the teacher (classification only)."""
+        """Accuracy against the labels (labelled rows), agreement with the teacher (every row);
+        classification only."""
         if self.regression:
             return {}
         weights = self.weights(batch)
         pred = jnp.argmax(self.view(logits, batch), axis=-1)
-        out = {"accuracy": _weighted_mean(pred == batch["labels"], weights)}
+        out = {"accuracy": _weighted_mean(pred == batch["labels"], self.hard_weights(batch))}
         if teacher_logits is not None:
             teacher_pred = jnp.argmax(self.view(teacher_logits, batch), axis=-1)
             out["agreement"] = _weighted_mean(pred == teacher_pred, weights)

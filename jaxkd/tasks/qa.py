@@ -29,6 +29,8 @@ from jaxkd.model import HeadConfig
 from jaxkd.tasks.base import BadRow, Objective, Problems, Task, TaskConfig
 
 TYPE = "question_answering"
+TRANSFER = ("masking, replacing or cutting words would move the answer spans, and a question "
+            "without its answer span gives no start and end targets")
 KEYS = ("name", "metric", "question", "context", "answers", "n_best", "max_answer_len")
 METRICS = ("f1", "exact_match")
 _MASKED = -1e9  # finite: a window whose positions are all padding still has a defined softmax

@@ -21,6 +21,7 @@ from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, inf
 
 TYPE = "sequence_classification"
 KEYS = ("name", "labels", "metric", "text", "text_pair", "label")
+TRANSFER = None  # unlabeled and augmented text: the text columns are all a row needs
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 REGRESSION_METRICS = ("pearson", "spearman")
 _TOKENIZE_CHUNK = 10_000  # rows per tokenizer call: bounds the Python lists held at once
@@ -147,6 +148,42 @@ class SequenceTask(Task):
         return Examples(source=table.source, texts=texts,
                         pairs=pairs if pair_column is not None else None,
                         labels=self._label_array(labels, has_labels), has_labels=has_labels,
+                        skipped=skipped)
+
+    def load_unlabeled(self, data_cfg: DataConfig, source: str) -> Examples:
+        """Transfer text of one file or Hub split: the text columns, validated as `load` does;
+        a label column, if any, is not read."""
+        table = self.read(data_cfg, source)
+        wanted = {"task.text": self.text}
+        if self.text_pair is not None:
+            wanted["task.text_pair"] = self.text_pair
+        data_lib.check_columns(table, wanted)
+        if len(table) == 0 and not table.malformed:
+            raise DataError(f"{table.source}: the split is empty (no data rows)")
+        problems = Problems(table.source, table.malformed)
+        pair_column = table.columns.get(self.text_pair) if self.text_pair else None
+        texts, pairs = [], []
+        for i, text in enumerate(table.columns[self.text]):
+            try:
+                row = (_text(text, self.text),
+                       _text(pair_column[i], self.text_pair) if pair_column is not None else None)
+            except BadRow as bad:
+                problems.add(table.where(i), bad)
+                continue
+            texts.append(row[0])
+            pairs.append(row[1])
+        skipped = problems.settle(data_cfg, len(texts))
+        return self._unlabeled(table.source, texts, pairs if pair_column is not None else None,
+                               skipped)
+
+    def augmented(self, examples: Examples, variants, source: str) -> Examples:
+        texts, pairs = variants(examples.texts, examples.pairs)
+        return self._unlabeled(source, texts, pairs, {})
+
+    def _unlabeled(self, source: str, texts: list[str], pairs: list[str] | None,
+                   skipped: dict[str, int]) -> Examples:
+        return Examples(source=source, texts=texts, pairs=pairs,
+                        labels=self._label_array(texts, has_labels=False), has_labels=False,
                         skipped=skipped)
 
     def _label(self, value: Any) -> float | int:

@@ -23,6 +23,10 @@ from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, inf
 TYPE = "token_classification"
 KEYS = ("name", "labels", "metric", "tokens", "tags", "label_all_subtokens", "tag_scheme")
 METRICS = ("f1", "precision", "recall", "accuracy")  # entity-level micro P/R/F1, token accuracy
+# The KD term of a token task is read on labelled first sub-tokens, so teacher-only rows would
+# need word boundaries carried through tokenisation as tags are: not built.
+TRANSFER = ("transfer rows would need word-level KD targets, which token classification does "
+            "not build yet (distil on the labelled sentences)")
 _DOCSTART = "-DOCSTART-"
 _TOKENIZE_CHUNK = 2_000  # sentences per tokenizer call
 
