@@ -30,6 +30,8 @@ def _describe(report: dict) -> str:
         init = f"random {s['num_layers']}x{s['hidden_size']}"
     else:
         init = f"pretrained {s['pretrained']}"
+    if s.get("export_as"):
+        init += f", {s['export_as']} architecture"
     terms = [name.replace("_weight", "") for name in
              ("hidden_weight", "embedding_weight", "attention_score_weight", "attention_kl_weight",
               "value_relation_weight") if d.get(name)]
