@@ -841,8 +841,7 @@ def gemm_rate(dtype: str, n: int, repeats: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(operand)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(operand)
     gemm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-    jax.block_until_ready(gemm(a, b))
-    best = min(seconds(lambda _: gemm(a, b), repeats, warmup=0))
+    best = min(seconds(lambda _: gemm(a, b), repeats, warmup=1))
     return 2.0 * n ** 3 / best
 
 
