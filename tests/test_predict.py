@@ -305,7 +305,8 @@ def test_cli_dispatch(models, labelled, capsys):
 
 def test_qa_predictions_and_evaluate_agree_with_the_official_metric(models, tmp_path, capsys):
     """predict's answers, scored here by the official v1.1 definitions, give evaluate's F1."""
-    from test_trainer_qa import _f1, _write_squad
+    from test_trainer_qa import _write_squad, load_check_qa_export
+    _f1 = load_check_qa_export().f1
     path = _write_squad(tmp_path / "dev.json", np.random.default_rng(1), 3)
     code, out, err = _run(capsys, predict, [models["qa"], path, "--max-seq-len", 64, "--quiet"])
     assert code == 0, err

@@ -66,17 +66,23 @@ def qa_config(workdir, teacher, data, **over) -> dict:
     return with_overrides(cfg, over)
 
 
-def _decode_with_transformers(model_dir, squad_path, max_len, stride):
-    """Mean F1 of the exported model as scripts/check_qa_export.py scores it outside jaxkd:
-    transformers' model and overflowing-token windows, n-best span search, and the official
-    SQuAD v1.1 definitions written out again there (independent of jaxkd.tasks.qa)."""
+def load_check_qa_export():
+    """scripts/check_qa_export.py as a module: the official SQuAD v1.1 definitions and a
+    transformers span decoder written out independently of jaxkd.tasks.qa."""
     import importlib.util
-
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
     spec = importlib.util.spec_from_file_location(
         "check_qa_export", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "check_qa_export.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
+    return check
+
+
+def _decode_with_transformers(model_dir, squad_path, max_len, stride):
+    """Mean F1 of the exported model as scripts/check_qa_export.py scores it outside jaxkd:
+    transformers' model and overflowing-token windows, n-best span search, and the official
+    SQuAD v1.1 definitions written out again there (independent of jaxkd.tasks.qa)."""
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    check = load_check_qa_export()
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = json.loads(squad_path.read_text(encoding="utf-8"))["data"]
