@@ -4,6 +4,9 @@
   python scripts/results_table.py --check   # exit 1 if README.md and the reports disagree
 
 Runs named <name>_s<seed> are grouped: one row with mean +- standard deviation over seeds.
+Experiments kept in their own folder (results/<experiment>/<student>_<variant>_s<seed>/, with the
+experiment's teacher in results/<experiment>/teacher/) get a second table, between the transfer
+markers, that sets every variant beside the same student trained on hard labels only.
 """
 from __future__ import annotations
 
@@ -16,10 +19,18 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+TRANSFER_START, TRANSFER_END = "<!-- transfer:start -->", "<!-- transfer:end -->"
 
 
 def load_reports(results: pathlib.Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(results.glob("*/report.json"))}
+
+
+def load_experiments(results: pathlib.Path) -> dict[str, dict[str, dict]]:
+    """results/<experiment>/<run>/report.json, by experiment then run (results/checks excluded)."""
+    return {d.name: load_reports(d) for d in sorted(results.iterdir())
+            if d.is_dir() and d.name != "checks" and not (d / "report.json").exists()
+            and any(d.glob("*/report.json"))}
 
 
 def _describe(report: dict) -> str:
@@ -109,12 +120,52 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def render(readme: str, body: str) -> str:
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the {START} ... {END} markers")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{body}\n{END}{tail}"
+def _variant(report: dict) -> str:
+    """What the student learnt from: hard labels, KD, and the transfer rows KD alone sees."""
+    d, transfer = report["distill"], report.get("transfer")
+    words = "hard labels only" if d["alpha"] == 0 else f"KD T={d['temperature']:g} alpha={d['alpha']:g}"
+    if transfer:
+        for u in transfer["unlabeled"]:
+            words += f" + {u['rows']:,} unlabelled rows"
+        if transfer["augment"]:
+            a = transfer["augment"]
+            words += (f" + augmented x{a['factor']} ({a['rows']:,} rows; mask {a['mask_prob']:g}, "
+                      f"replace {a['replace_prob']:g} of {a['neighbours']} neighbours, "
+                      f"n-gram {a['ngram_prob']:g})")
+        words += f", {transfer['rows_per_batch']} of {report['data']['batch_size']} rows a batch"
+    return words
+
+
+def transfer_table(experiments: dict[str, dict[str, dict]]) -> str:
+    lines = ["| experiment | student | variant | metric (split) | student | vs hard (points) | teacher "
+             "| distill steps | distill wall (s) | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for experiment, reports in experiments.items():
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for name, report in reports.items():
+            match = re.fullmatch(r"([^_]+)_(.+)_s\d+", name)
+            if match and not _is_teacher_run(report):
+                groups.setdefault(match.groups(), []).append(report)
+        for (student, variant), members in groups.items():
+            first = members[0]
+            hard = groups.get((student, "hard"), [])
+            for metric in first["metric_names"]:
+                values = [r["student"]["metrics"][metric] for r in members]
+                gain = "" if variant == "hard" or not hard else f"{100 * (statistics.mean(values) - statistics.mean(r['student']['metrics'][metric] for r in hard)):+.1f}"
+                wall = statistics.median(r["stages"]["distill"]["seconds"] for r in members)
+                lines.append(
+                    f"| {experiment} | {student}: {_describe(first).split(';')[0]} | {variant}: {_variant(first)} "
+                    f"| {metric} ({first['report_split']}) | {_stat(values)} | {gain} "
+                    f"| {_stat([r['teacher']['metrics'][metric] for r in members])} "
+                    f"| {first['stages']['distill']['steps']} | {wall:.0f} | {len(members)} |")
+    return "\n".join(lines)
+
+
+def render(readme: str, body: str, start: str = START, end: str = END) -> str:
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md lacks the {start} ... {end} markers")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 def main(argv=None) -> int:
@@ -126,6 +177,9 @@ def main(argv=None) -> int:
     readme = args.readme.read_text(encoding="utf-8")
     reports = load_reports(args.results)
     wanted = render(readme, teacher_table(reports, args.results) + "\n\n" + table(reports))
+    experiments = load_experiments(args.results)
+    if experiments:
+        wanted = render(wanted, transfer_table(experiments), TRANSFER_START, TRANSFER_END)
     if args.check:
         if wanted != readme:
             print("README.md results table is out of date: run python scripts/results_table.py",

@@ -247,7 +247,6 @@ def test_step_vs_torch_alternates_processes(tiny_teacher, capsys):
 def test_torch_autocast_command_runs_the_script_under_bf16_autocast(tmp_path):
     pytest.importorskip("torch")
     import subprocess
-    import sys
 
     script = tmp_path / "probe.py"
     script.write_text("import sys, torch\n"
