@@ -132,7 +132,8 @@ def _variant(report: dict) -> str:
             words += (f" + augmented x{a['factor']} ({a['rows']:,} rows; mask {a['mask_prob']:g}, "
                       f"replace {a['replace_prob']:g} of {a['neighbours']} neighbours, "
                       f"n-gram {a['ngram_prob']:g})")
-        words += f", {transfer['rows_per_batch']} of {report['data']['batch_size']} rows a batch"
+        per_batch = transfer["rows_per_batch"]
+        words += f", {per_batch} of {per_batch + transfer['labelled_rows_per_batch']} rows a batch"
     return words
 
 
@@ -145,12 +146,17 @@ def transfer_table(experiments: dict[str, dict[str, dict]]) -> str:
             match = re.fullmatch(r"([^_]+)_(.+)_s\d+", name)
             if match and not _is_teacher_run(report):
                 groups.setdefault(match.groups(), []).append(report)
-        for (student, variant), members in groups.items():
+        order = ["hard", "kd", "kd_unlabeled", "kd_augment"]  # others after these, by name
+        for (student, variant), members in sorted(groups.items(), key=lambda g: (
+                g[0][0], order.index(g[0][1]) if g[0][1] in order else len(order), g[0][1])):
             first = members[0]
             hard = groups.get((student, "hard"), [])
             for metric in first["metric_names"]:
                 values = [r["student"]["metrics"][metric] for r in members]
-                gain = "" if variant == "hard" or not hard else f"{100 * (statistics.mean(values) - statistics.mean(r['student']['metrics'][metric] for r in hard)):+.1f}"
+                gain = ""
+                if variant != "hard" and hard:
+                    baseline = statistics.mean(r["student"]["metrics"][metric] for r in hard)
+                    gain = f"{100 * (statistics.mean(values) - baseline):+.1f}"
                 wall = statistics.median(r["stages"]["distill"]["seconds"] for r in members)
                 lines.append(
                     f"| {experiment} | {student}: {_describe(first).split(';')[0]} | {variant}: {_variant(first)} "
