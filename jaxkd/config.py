@@ -182,7 +182,7 @@ class Config:
                    f"gives rows that only the teacher labels and trains them with the KD term "
                    f"alone, so it needs distill.alpha > 0 (the teacher's logits, live or cached); "
                    f"got alpha {self.distill.alpha:g}. Set distill.alpha, or remove {key}")
-            check_transfer(self.task, key)
+            check_transfer(self.task, key, self.distill.augment)
 
 
 def _suggest(key: str, choices) -> str:

@@ -339,21 +339,23 @@ class Encoded:
 
 def with_transfer(labelled: Encoded, transfer: Sequence[Encoded]) -> Encoded:
     """The distillation set: `labelled` rows first (hard weight 1), then every transfer set's
-    rows (hard weight 0). Row-level sets only (a label per row); the labelled set's extras,
-    which describe its rows alone, are not carried."""
+    rows (hard weight 0). Labels per row or per token (every part alike); the labelled set's
+    extras, which describe its rows alone, are not carried."""
     if not transfer:
         return labelled
-    if labelled.labels_per_token or any(t.labels_per_token for t in transfer):
-        raise DataError("transfer data is built for tasks with a label per row")
+    if any(t.labels_per_token != labelled.labels_per_token for t in transfer):
+        raise DataError("transfer rows must carry labels as the labelled rows do (per row or per token)")
     parts = [labelled, *transfer]
     lengths = np.concatenate([p.lengths for p in parts])
-    # Transfer rows keep their "no label" value (-1 / NaN); their hard weight 0 excludes them.
+    # Transfer rows keep their labels or "no label" value (-1 / NaN): their hard weight 0
+    # excludes them from the hard term (a per-token set's labels still place the KD term).
     labels = np.concatenate([np.asarray(p.labels, labelled.labels.dtype) for p in parts])
     hard = np.concatenate([np.ones(len(labelled), np.float32)]
                           + [np.zeros(len(t), np.float32) for t in transfer])
     return Encoded(np.concatenate([p.input_ids for p in parts]),
                    np.concatenate([p.token_type_ids for p in parts]), offsets_of(lengths), labels,
-                   labelled.has_labels, hard_weights=hard)
+                   labelled.has_labels, labels_per_token=labelled.labels_per_token,
+                   hard_weights=hard)
 
 
 def flatten(lists: Sequence[Sequence[int]], dtype) -> tuple[np.ndarray, np.ndarray]:

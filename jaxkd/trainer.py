@@ -577,9 +577,9 @@ def distillation_set(rt: Runtime, plan: Plan, augment: transfer_lib.AugmentConfi
     train = plan.splits["train"]
     transfer = [split.encoded for split in plan.unlabeled]
     if augment is not None:
-        def variants(texts, pairs):
+        def variants(texts, pairs, sep=None, keep=None):
             return transfer_lib.augmented_set(cache_dir, texts, pairs, augment, plan.tokenizer,
-                                              lambda: word_embeddings(teacher_params))
+                                              lambda: word_embeddings(teacher_params), sep, keep)
         examples = plan.task.augmented(train.examples, variants, f"{train.source} (augmented)")
         log.info("distill.augment: %d rows from %d examples", len(examples), len(train.examples))
         transfer.append(plan.task.encode(examples, plan.tokenizer, rt.data.max_seq_len, cache_dir))

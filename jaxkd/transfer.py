@@ -10,7 +10,10 @@ whitespace): with probability `mask_prob` the word becomes the tokenizer's mask 
 (cosine); then, with probability `ngram_prob`, the text becomes a random n-gram of its words
 (n uniform in 1..5, capped by the word count). Each side of a pair is augmented on its own.
 A word that is not one whole-word vocabulary entry (it splits into sub-words) can be masked but
-not replaced.
+not replaced. Token classification keeps word boundaries: its words come joined with a
+separator of their own (`sep`), only words tagged O are masked or replaced (`keep` marks the
+others), and n-grams are refused when the config is read (they would cut entities apart), so
+word i of a variant stands where word i of its sentence stood and keeps its tag position.
 
 Deterministic: example i draws from `numpy.random.default_rng((seed, i))`, so a variant depends
 on the seed and the example alone (not on order or process count). The set is built once and
@@ -112,15 +115,17 @@ class WordTable:
     neighbours: dict[str, tuple[str, ...]]
 
 
-def word_table(tokenizer, embeddings_VxE: np.ndarray, texts: Sequence[str], k: int) -> WordTable:
-    """Neighbours of the whole words that occur in `texts`: a word is looked up as the
-    tokenizer sees it on its own (`Good` -> `good` for an uncased vocabulary)."""
+def word_table(tokenizer, embeddings_VxE: np.ndarray, texts: Sequence[str], k: int,
+               sep: str | None = None) -> WordTable:
+    """Neighbours of the whole words that occur in `texts` (split on `sep`, None: whitespace): a
+    word is looked up as the tokenizer sees it on its own (`Good` -> `good` for an uncased
+    vocabulary)."""
     if tokenizer.mask_token is None:
         raise DataError("distill.augment masks words with the tokenizer's mask token, and the "
                         "teacher's tokenizer has none")
     vocab_ids, vocab_texts = whole_words(tokenizer)
     text_of = dict(zip(vocab_ids.tolist(), vocab_texts))
-    words = sorted({word for text in texts for word in text.split()})
+    words = sorted({word for text in texts for word in text.split(sep) if word})
     ids = tokenizer(words, add_special_tokens=False, return_attention_mask=False,
                     return_token_type_ids=False)["input_ids"] if words else []
     found = {word: token[0] for word, token in zip(words, ids)
@@ -135,14 +140,17 @@ def word_table(tokenizer, embeddings_VxE: np.ndarray, texts: Sequence[str], k: i
 
 
 def augment_words(words: Sequence[str], rng: np.random.Generator, cfg: AugmentConfig,
-                  table: WordTable) -> list[str]:
+                  table: WordTable, keep: Sequence[bool] | None = None) -> list[str]:
     """One variant of a word sequence: whole words masked or replaced, then maybe an n-gram.
-    Never empty for a non-empty input."""
+    Words marked in `keep` stay as they are (they still take their draw, so `keep` changes no
+    other word's fate). Never empty for a non-empty input."""
     draws = rng.random(len(words))
     out = []
-    for word, u in zip(words, draws):
+    for i, (word, u) in enumerate(zip(words, draws)):
         near = table.neighbours.get(word, ())
-        if u < cfg.mask_prob:
+        if keep is not None and keep[i]:
+            out.append(word)
+        elif u < cfg.mask_prob:
             out.append(table.mask_token)
         elif u < cfg.mask_prob + cfg.replace_prob and near:
             out.append(near[rng.integers(len(near))])
@@ -155,22 +163,29 @@ def augment_words(words: Sequence[str], rng: np.random.Generator, cfg: AugmentCo
     return out
 
 
-def augment_example(index: int, sides: Sequence[str], cfg: AugmentConfig,
-                    table: WordTable) -> list[tuple[str, ...]]:
-    """`cfg.factor` variants of example `index` (one text, or a pair: each side on its own)."""
+def augment_example(index: int, sides: Sequence[str], cfg: AugmentConfig, table: WordTable,
+                    sep: str | None = None, keep: Sequence[bool] | None = None) -> list[tuple[str, ...]]:
+    """`cfg.factor` variants of example `index` (one text, or a pair: each side on its own);
+    words split on `sep` (None: whitespace) and joined with it (a space for None); `keep` marks
+    the words of a single text that stay as they are."""
     rng = np.random.default_rng((cfg.seed, index))
-    return [tuple(" ".join(augment_words(side.split(), rng, cfg, table)) for side in sides)
+    join = " " if sep is None else sep
+    return [tuple(join.join(augment_words(side.split(sep), rng, cfg, table, keep)) for side in sides)
             for _ in range(cfg.factor)]
 
 
 def augment_texts(texts: Sequence[str], pairs: Sequence[str] | None, cfg: AugmentConfig,
-                  table: WordTable) -> tuple[list[str], list[str] | None]:
-    """Variants of every example, example after example: (texts, pairs or None)."""
+                  table: WordTable, sep: str | None = None,
+                  keep: Sequence[Sequence[bool]] | None = None) -> tuple[list[str], list[str] | None]:
+    """Variants of every example, example after example: (texts, pairs or None). `keep[i]`:
+    the words of text i that stay as they are (single texts only)."""
+    if keep is not None and pairs is not None:
+        raise ValueError("keep marks words of single texts, not of pairs")
     out_texts: list[str] = []
     out_pairs: list[str] | None = None if pairs is None else []
     for i, text in enumerate(texts):
         sides = (text,) if pairs is None else (text, pairs[i])
-        for variant in augment_example(i, sides, cfg, table):
+        for variant in augment_example(i, sides, cfg, table, sep, None if keep is None else keep[i]):
             out_texts.append(variant[0])
             if out_pairs is not None:
                 out_pairs.append(variant[1])
@@ -190,19 +205,24 @@ def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[str]:
 
 
 def augmented_set(cache_dir, texts: Sequence[str], pairs: Sequence[str] | None,
-                  cfg: AugmentConfig, tokenizer,
-                  embeddings: Callable[[], np.ndarray]) -> tuple[list[str], list[str] | None]:
+                  cfg: AugmentConfig, tokenizer, embeddings: Callable[[], np.ndarray],
+                  sep: str | None = None, keep: Sequence[Sequence[bool]] | None = None,
+                  ) -> tuple[list[str], list[str] | None]:
     """The augmented texts (and pairs) of `texts`, from `cache_dir` or built and stored there.
     `embeddings()` gives the teacher's word-embedding matrix [V, E] (read only when needed for
-    the key and the build)."""
+    the key and the build). `sep` and `keep` as for `augment_texts` (pre-split words)."""
     matrix = np.asarray(embeddings(), np.float32)
+    # Keyed as before for plain texts, so their sets stay cached across this extension.
+    words = [] if sep is None else [f"sep {sep!r}"]
+    if keep is not None:  # word boundaries come from the texts, so the flags can run together
+        words.append(np.concatenate([np.asarray(k, bool) for k in keep] or [np.zeros(0, bool)]))
     key = data_lib.content_key("augment", repr(dataclasses.astuple(cfg)),
                                data_lib.tokenizer_fingerprint(tokenizer), matrix, list(texts),
-                               list(pairs or []))
+                               list(pairs or []), *words)
 
     def build() -> dict[str, np.ndarray]:
-        table = word_table(tokenizer, matrix, list(texts) + list(pairs or []), cfg.neighbours)
-        out_texts, out_pairs = augment_texts(texts, pairs, cfg, table)
+        table = word_table(tokenizer, matrix, list(texts) + list(pairs or []), cfg.neighbours, sep)
+        out_texts, out_pairs = augment_texts(texts, pairs, cfg, table, sep, keep)
         arrays = {f"text_{k}": v for k, v in _pack(out_texts).items()}
         if out_pairs is not None:
             arrays.update({f"pair_{k}": v for k, v in _pack(out_pairs).items()})

@@ -297,7 +297,7 @@ def test_transfer_rows_weigh_zero_in_the_hard_loss_and_fully_in_kd(regression):
     ({"task": {"name": "squad"}, "data": {"unlabeled": "more.jsonl"}},
      "data.unlabeled is not available for question_answering"),
     ({"task": {"name": "conll2003"}, "distill": {"augment": {"factor": 2}}},
-     "distill.augment is not available for token_classification"),
+     "ngram_prob must be 0 for token_classification"),
     ({"distill": {"augment": {"mask_prb": 0.2}}}, "did you mean 'mask_prob'"),
     ({"distill": {"augment": {"mask_prob": 1.5}}}, r"mask_prob must be a probability in \[0, 1\]"),
     ({"distill": {"augment": {"ngram_prob": -0.1}}}, r"ngram_prob must be a probability"),

@@ -47,12 +47,15 @@ def check_config(cfg: TaskConfig) -> None:
     kind.check(cfg)
 
 
-def check_transfer(cfg: TaskConfig, key: str) -> None:
-    """Transfer data (`key`: data.unlabeled or distill.augment) fits the task's kind."""
-    reason = _kind_of(cfg).TRANSFER
+def check_transfer(cfg: TaskConfig, key: str, augment=None) -> None:
+    """Transfer data (`key`: data.unlabeled or distill.augment, with its settings `augment`)
+    fits the task's kind."""
+    kind = _kind_of(cfg)
+    reason = kind.TRANSFER[key]
     if reason is not None:
-        raise DataError(f"{key} is not available for {_kind_of(cfg).TYPE} tasks: {reason}. "
-                        f"Remove {key}.")
+        raise DataError(f"{key} is not available for {kind.TYPE} tasks: {reason}. Remove {key}.")
+    if augment is not None and hasattr(kind, "check_augment"):
+        kind.check_augment(augment)
 
 
 def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None) -> Task:

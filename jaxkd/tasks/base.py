@@ -6,8 +6,10 @@ A task kind is one module of `jaxkd.tasks` with:
   PRESETS          named settings (`task.name`)
   resolve(cfg, data_cfg) -> Task
   objective(head) -> Objective
-  TRANSFER         None where the kind takes transfer data (data.unlabeled, distill.augment),
-                   else why it does not (the config error says it)
+  TRANSFER         for "data.unlabeled" and "distill.augment": None where the kind takes that
+                   transfer data, else why it does not (the config error says it)
+  check_augment    optional: check_augment(augment) refuses distill.augment settings the kind
+                   cannot honour
 """
 from __future__ import annotations
 
@@ -111,8 +113,9 @@ class Task:
         raise DataError(f"{self.type} tasks take no data.unlabeled")
 
     def augmented(self, examples, variants: Callable, source: str):
-        """Examples of the variants of `examples`: `variants(texts, pairs)` gives the new
-        (texts, pairs); they carry no labels."""
+        """Examples of the variants of `examples`: `variants(texts, pairs, sep=None, keep=None)`
+        gives the new (texts, pairs) (`jaxkd.transfer.augmented_set`); only the teacher labels
+        them."""
         raise DataError(f"{self.type} tasks take no distill.augment")
 
     def scores(self, outputs: np.ndarray, encoded: Encoded, examples) -> dict[str, float]:

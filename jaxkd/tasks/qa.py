@@ -29,8 +29,9 @@ from jaxkd.model import HeadConfig
 from jaxkd.tasks.base import BadRow, Objective, Problems, Task, TaskConfig
 
 TYPE = "question_answering"
-TRANSFER = ("masking, replacing or cutting words would move the answer spans, and a question "
-            "without its answer span gives no start and end targets")
+_NO_TRANSFER = ("masking, replacing or cutting words would move the answer spans, and a question "
+                "without its answer span gives no start and end targets")
+TRANSFER = {"data.unlabeled": _NO_TRANSFER, "distill.augment": _NO_TRANSFER}
 KEYS = ("name", "metric", "question", "context", "answers", "n_best", "max_answer_len")
 METRICS = ("f1", "exact_match")
 _MASKED = -1e9  # finite: a window whose positions are all padding still has a defined softmax

@@ -21,7 +21,8 @@ from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, inf
 
 TYPE = "sequence_classification"
 KEYS = ("name", "labels", "metric", "text", "text_pair", "label")
-TRANSFER = None  # unlabeled and augmented text: the text columns are all a row needs
+# Unlabeled and augmented text: the text columns are all a row needs.
+TRANSFER = {"data.unlabeled": None, "distill.augment": None}
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 REGRESSION_METRICS = ("pearson", "spearman")
 _TOKENIZE_CHUNK = 10_000  # rows per tokenizer call: bounds the Python lists held at once

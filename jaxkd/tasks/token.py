@@ -23,11 +23,14 @@ from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, inf
 TYPE = "token_classification"
 KEYS = ("name", "labels", "metric", "tokens", "tags", "label_all_subtokens", "tag_scheme")
 METRICS = ("f1", "precision", "recall", "accuracy")  # entity-level micro P/R/F1, token accuracy
-# The KD term of a token task is read on labelled first sub-tokens, so teacher-only rows would
-# need word boundaries carried through tokenisation as tags are: not built.
-TRANSFER = ("transfer rows would need word-level KD targets, which token classification does "
-            "not build yet (distil on the labelled sentences)")
+# The KD term of a token task is read on the first sub-token of each word, found from the tags.
+# Augmented sentences keep their words' positions and tags (only O words change), so they carry
+# those positions; untagged text has none.
+TRANSFER = {"data.unlabeled": "untagged text gives no word positions for the word-level KD term "
+                              "(use distill.augment, which keeps the labelled words' positions)",
+            "distill.augment": None}
 _DOCSTART = "-DOCSTART-"
+_WORD_SEP = "\x1f"  # joins a sentence's words for jaxkd.transfer (a word may hold spaces)
 _TOKENIZE_CHUNK = 2_000  # sentences per tokenizer call
 
 
@@ -61,6 +64,13 @@ def check(cfg: TaskConfig) -> None:
         raise DataError(f"task.tag_scheme {cfg.tag_scheme!r} is unknown"
                         f"{data_lib.nearest(cfg.tag_scheme, entities_lib.SCHEMES)}; use one of "
                         f"{', '.join(entities_lib.SCHEMES)}")
+
+
+def check_augment(augment) -> None:
+    if augment.ngram_prob > 0:
+        raise DataError(f"distill.augment.ngram_prob must be 0 for {TYPE} tasks: an n-gram of a "
+                        f"sentence cuts its entities apart and moves its words' tags (got "
+                        f"{augment.ngram_prob:g}; set distill.augment.ngram_prob: 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +193,30 @@ class TokenTask(Task):
         if not sentences and not problems.found:
             raise DataError(f"{table.source}: the split is empty (no data rows)")
         return sentences, problems
+
+    def augmented(self, examples: Examples, variants, source: str) -> Examples:
+        """`factor` variants of every sentence in which only words tagged O are masked or
+        replaced, word for word (`check_augment` refuses n-grams): each variant keeps its
+        sentence's tags, so its first sub-tokens carry the word-level KD term as the
+        sentence's do. The tags only place that term; the hard-label weight of these rows is 0
+        (`jaxkd.data.with_transfer`), so only the teacher labels them."""
+        if "O" not in self.label_names:
+            raise DataError(f"distill.augment changes only words tagged 'O', and the labels "
+                            f"{list(self.label_names)} have no 'O' (task.labels)")
+        outside = self.label_names.index("O")
+        offsets = examples.word_offsets
+        keep = [examples.tags[a:b] != outside for a, b in zip(offsets[:-1], offsets[1:])]
+        texts, _ = variants([_WORD_SEP.join(words) for words in examples.words], None,
+                            sep=_WORD_SEP, keep=keep)
+        words = [text.split(_WORD_SEP) for text in texts]
+        factor, rest = divmod(len(words), max(len(examples), 1))
+        if rest or any(len(w) != len(examples.words[i // factor]) for i, w in enumerate(words)):
+            raise DataError(f"a word of {examples.source} holds the separator {_WORD_SEP!r}: "
+                            f"distill.augment cannot keep its word boundaries")
+        tags = np.concatenate([np.tile(examples.tags[a:b], factor) for a, b in
+                               zip(offsets[:-1], offsets[1:])] or [examples.tags[:0]])
+        return Examples(source=source, words=words, tags=tags.astype(np.int32), has_labels=True,
+                        skipped={})
 
     # ------------------------------------------------------------------ encoding
 
