@@ -19,11 +19,12 @@ nothing special. Under `pmap`/`shard_map` pass `axis_name`: every loss is a weig
 rows (or labelled tokens), so each device scales its local mean by its share of the global
 weight, sum(w_local) / psum(sum(w_local)), and the scaled losses, gradients and metrics are summed
 with `psum`. Padding rows (weight 0) then neither count nor skew the average, and the step equals
-the one-device step on the whole batch. Terms averaged over other units (intermediate losses
-over real tokens) are exact when every device holds the same number of them per unit of loss
-weight, and otherwise a close approximation; so is the hard-label term of a batch with transfer
-rows (`hard_weights` 0), which is a mean over the labelled rows alone. The trainer's steps run
-under `jax.jit` over the global batch, where every term is exact.
+the one-device step on the whole batch. The hard-label term, a mean over the labelled rows alone
+(transfer rows have `hard_weights` 0), and the metrics read on them take the device's share of
+the hard-label weight instead, so they are exact too however the transfer rows fall. Terms
+averaged over other units (intermediate losses over real tokens) are exact when every device
+holds the same number of them per unit of loss weight, and otherwise a close approximation. The
+trainer's steps run under `jax.jit` over the global batch, where every term is exact.
 """
 from __future__ import annotations
 
@@ -171,6 +172,8 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
         raise ValueError(f"distill.alpha = {loss_cfg.alpha} needs the teacher's logits: teacher "
                          f"must be 'live' or 'cached', not 'none'")
     objective = tasks.objective(student_cfg.head)
+    hard_name = objective.hard_loss_name
+    hard_metrics = (hard_name,) + objective.hard_metric_names  # means over the labelled rows
     student, teacher_model = Model(student_cfg), Model(teacher_cfg)
     required = _TRAIN_KEYS + (("teacher_logits",) if teacher == "cached" else ())
 
@@ -189,7 +192,16 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
         label_weights = objective.weights(batch)
         hard_weights = objective.hard_weights(batch)  # 0 on transfer rows: KD only
         share = _share(label_weights, axis_name)
+        hard_share = _share(hard_weights, axis_name)
         rng = _device_rng(rng, axis_name)
+
+        def device_part(total: jax.Array, terms: Metrics) -> jax.Array:
+            """This device's part of the global loss: each term times its own share."""
+            if axis_name is None:
+                return total
+            if hard_name not in terms:
+                return total * share
+            return total * share + (1.0 - loss_cfg.alpha) * terms[hard_name] * (hard_share - share)
 
         def loss_fn(trainable):
             s_out = _forward(student, trainable["params"], batch, loss_cfg=loss_cfg, rng=rng)
@@ -201,13 +213,16 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
                 batch["weights"], student_cfg.encoder, teacher_cfg.encoder,
                 regression=objective.regression, label_weights=label_weights,
                 hard_label_weights=hard_weights)
-            return loss * share, (metrics, s_out.logits)
+            return device_part(loss, metrics), (metrics, s_out.logits)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (metrics, logits)), grads = grad_fn(_trainable(state.params, state.proj_params))
+        (total, (metrics, logits)), grads = grad_fn(_trainable(state.params, state.proj_params))
         t_logits = None if t_out is None else t_out.logits
         metrics.update(objective.metrics(logits, batch, t_logits))
-        return _finish(state, grads, metrics, share, schedule, axis_name)
+        if axis_name is not None:  # each metric as its own share of the global mean
+            metrics = {k: v * (hard_share if k in hard_metrics else share) for k, v in metrics.items()}
+            metrics["loss/total"] = total
+        return _finish(state, grads, metrics, 1.0, schedule, axis_name)
 
     return distill_step
 

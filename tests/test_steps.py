@@ -81,25 +81,50 @@ def test_one_device_equals_four(world, four_device_run):
     assert int(four_state.step) == setup.STEPS
 
 
-def test_pmap_equals_mesh_jit(world):
+def _with_transfer_rows(batch: dict, rng: np.random.Generator) -> dict:
+    """The batch with hard_weights: 0 on transfer rows, which crowd the first device's quarter
+    (all but one of its rows) and are scattered over the rest."""
+    hard = batch["weights"].copy()
+    quarter = len(hard) // 4
+    hard[1:quarter] = 0.0
+    hard[quarter + rng.choice(len(hard) - quarter, size=3, replace=False)] = 0.0
+    return {**batch, "hard_weights": hard}
+
+
+@pytest.mark.parametrize("transfer", [False, True], ids=["labelled", "transfer_rows"])
+def test_pmap_equals_mesh_jit(world, transfer):
     # Full attention masks: token-averaged terms are then exact under per-device weighting too;
-    # the padding rows (weight 0) still fall unevenly on the devices.
+    # the padding rows (weight 0) still fall unevenly on the devices, and so do transfer rows
+    # (hard-label weight 0), whose hard term and accuracy are means over the labelled rows.
     rng = np.random.default_rng(1)
     batches = [setup.make_batch(rng, full_mask=True, kind=world["kind"]) for _ in range(setup.STEPS)]
-    mesh_state, mesh_losses = setup.run_mesh_steps(
-        world["mesh_step"], world["mesh"], world["state"], world["teacher_params"], batches)
+    if transfer:
+        batches = [_with_transfer_rows(b, rng) for b in batches]
+    mesh_state, mesh_metrics = _mesh_metrics(world, batches)
 
     pstep = jax.pmap(steps.make_distill_step(world["student"], world["teacher"], world["loss"],
                                              axis_name="data"), axis_name="data")
     stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * 4), tree)  # noqa: E731
     split = lambda b: {k: v.reshape(4, -1, *v.shape[1:]) for k, v in b.items()}  # noqa: E731
-    state, teacher_params, losses = stack(world["state"]), stack(world["teacher_params"]), []
-    for k, batch in enumerate(batches):
+    state, teacher_params = stack(world["state"]), stack(world["teacher_params"])
+    for k, (batch, expected) in enumerate(zip(batches, mesh_metrics)):
         keys = jnp.stack([jax.random.key(100 + k)] * 4)
         state, metrics = pstep(state, teacher_params, split(batch), keys)
-        losses.append(metrics["loss/total"][0])
-    assert_close(losses, mesh_losses)
+        assert_close({name: metrics[name][0] for name in expected}, expected)
     assert_close(jax.tree.map(lambda x: x[0], state.params), mesh_state.params)
+
+
+def _mesh_metrics(world, batches):
+    """The mesh-jitted steps' final state and every step's metrics (the reference)."""
+    mesh, out = world["mesh"], []
+    state = sharding.shard_state(world["state"], mesh)
+    teacher_params = sharding.shard_state(world["teacher_params"], mesh)
+    for k, batch in enumerate(batches):
+        state, metrics = world["mesh_step"](state, teacher_params, sharding.global_batch(batch, mesh),
+                                            jax.random.key(100 + k))
+        out.append({name: np.asarray(v) for name, v in metrics.items()
+                    if name not in ("grad_norm", "learning_rate")})
+    return state, out
 
 
 def _free_port() -> int:

@@ -173,6 +173,9 @@ class Objective:
         hard_B = batch["hard_weights"].astype(jnp.float32)
         return weights * hard_B.reshape(hard_B.shape + (1,) * (weights.ndim - 1))
 
+    # Step metrics that are means over the labelled rows (hard_weights), as the hard loss is.
+    hard_metric_names: ClassVar[tuple[str, ...]] = ("accuracy",)
+
     @property
     def hard_loss_name(self) -> str:
         return "loss/mse" if self.regression else "loss/ce"
