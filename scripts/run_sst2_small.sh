@@ -3,7 +3,9 @@
 #   bash scripts/run_sst2_small.sh          # SST-2 with 1,000 labels, then MRPC with augmentation
 #   bash scripts/run_sst2_small.sh sst2     # only SST-2
 #   bash scripts/run_sst2_small.sh mrpc     # only MRPC
-#   bash scripts/run_sst2_small.sh long     # SST-2's l3 hard and kd_augment at 1,200 steps
+#   bash scripts/run_sst2_small.sh long     # SST-2's l3 (1,200 steps) and narrow (2,400 steps)
+#                                           # hard and kd_augment
+#   bash scripts/run_sst2_small.sh long_l3 | long_narrow   # one student of `long`
 # SST-2: scripts/split_sst2_small.py draws 1,000 labelled sentences of ../shared/data/sst2/train.tsv
 # (seed 0) and keeps the rest as unlabelled text; the MiniLM-L6 teacher is fine-tuned on the 1,000;
 # students l3 (teacher layers [0, 2, 4]) and narrow (random 4 x 256) x variants hard, kd,
@@ -59,16 +61,21 @@ mrpc() {
   students mrpc_augment l3 "hard kd kd_augment"
 }
 
-# The l3 student with three times the steps (1,200: the augmented rows it sees cover the 20,000
-# about once); needs the teacher and the split of sst2.
-long() {
+# Both students with three times their steps: l3 1,200 (the augmented rows it sees cover the
+# 20,000 about once), narrow 2,400 (about twice); needs the teacher and the split of sst2.
+long_l3() {
   students sst2_small l3 "hard kd_augment" sst2_small_long distill.steps=1200
+}
+long_narrow() {
+  students sst2_small narrow "hard kd_augment" sst2_small_long distill.steps=2400
 }
 
 case "${1:-all}" in
   sst2) sst2 ;;
   mrpc) mrpc ;;
-  long) long ;;
-  all) sst2; mrpc; long ;;
-  *) echo "usage: bash scripts/run_sst2_small.sh [sst2|mrpc|long|all]" >&2; exit 2 ;;
+  long) long_l3; long_narrow ;;
+  long_l3) long_l3 ;;
+  long_narrow) long_narrow ;;
+  all) sst2; mrpc; long_l3; long_narrow ;;
+  *) echo "usage: bash scripts/run_sst2_small.sh [sst2|mrpc|long|long_l3|long_narrow|all]" >&2; exit 2 ;;
 esac
