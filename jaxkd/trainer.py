@@ -128,6 +128,8 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
     loaded = {name: (getattr(cfg.data, name), task.load(cfg.data, getattr(cfg.data, name)))
               for name in ("train", "eval", "test") if getattr(cfg.data, name) is not None}
     unlabeled = [(source, task.load_unlabeled(cfg.data, source)) for source in cfg.data.unlabeled or ()]
+    if cfg.distill.augment is not None:
+        task.check_augmentable(loaded["train"][1])
     if cfg.data.eval_fraction is not None:
         source, train = loaded["train"]
         kept, held = data_lib.holdout(len(train), cfg.data.eval_fraction, cfg.seed)

@@ -10,6 +10,21 @@ import jax  # noqa: E402
 # Must run before any array exists; tests that need one device use jax.devices()[:1].
 jax.config.update("jax_num_cpu_devices", 4)
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA cache for the session and the train.py processes it launches (they inherit
+# the environment): the tiny models' programs recur across tests and relaunches and are compiled
+# once. A cached program is the same executable, so no result depends on it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxkd-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

@@ -148,3 +148,29 @@ def test_ner_pipeline_with_augmented_rows(tmp_path, tiny_teacher, ner_data):
                              np.zeros_like(ids)).logits[0]
         np.testing.assert_allclose(table[labelled.offsets[-1] + a:labelled.offsets[-1] + b],
                                    np.asarray(logits), atol=1e-4)
+
+
+def test_data_augment_cannot_vary_is_refused_before_any_work(tmp_path, tiny_teacher):
+    """A tag set without O leaves augmentation nothing to vary; the check on the training words
+    runs in trainer.prepare, before the teacher is fine-tuned: nothing is written."""
+    from test_trainer_token import _write_conll
+    sentences = [(["the", "actor"], ["X", "Y"]), (["a", "plot"], ["Y", "X"])]
+    files = {name: _write_conll(tmp_path / f"{name}.txt", sentences) for name in ("train", "test")}
+    workdir = tmp_path / "run"
+    cfg = ner_config(workdir, tiny_teacher, tmp_path,
+                     task={"name": "custom", "type": "token_classification"}, **{
+                         "data.eval": None, "data.test": str(files["test"]),
+                         "distill.augment": {"factor": 2, "ngram_prob": 0.0}})
+    with pytest.raises(data.DataError, match="have no 'O'"):
+        run_in_process(cfg)
+    assert not workdir.exists()
+
+
+def test_word_holding_the_word_separator_is_refused():
+    # CoNLL files split on whitespace, which takes \x1f; pre-split words of JSONL or the Hub may
+    # hold it, and it would move word boundaries in the variants.
+    examples = _examples()
+    examples.words[2][1] = "act\x1for"
+    with pytest.raises(data.DataError, match="sentence 3 holds a word with the control character"):
+        TASK.check_augmentable(examples)
+    TASK.check_augmentable(_examples())

@@ -112,6 +112,10 @@ class Task:
         Kinds that take no transfer data are refused when the config is read (`TRANSFER`)."""
         raise DataError(f"{self.type} tasks take no data.unlabeled")
 
+    def check_augmentable(self, examples) -> None:
+        """Refuses, before any work starts, training examples that distill.augment could not
+        vary (the kind's own reasons); by default every set can be."""
+
     def augmented(self, examples, variants: Callable, source: str):
         """Examples of the variants of `examples`: `variants(texts, pairs, sep=None, keep=None)`
         gives the new (texts, pairs) (`jaxkd.transfer.augmented_set`); only the teacher labels

@@ -194,25 +194,33 @@ class TokenTask(Task):
             raise DataError(f"{table.source}: the split is empty (no data rows)")
         return sentences, problems
 
+    def check_augmentable(self, examples: Examples) -> None:
+        """distill.augment varies only words tagged O, and joins a sentence's words with
+        `_WORD_SEP` for jaxkd.transfer: the labels need an O, and no word may hold the separator."""
+        if "O" not in self.label_names:
+            raise DataError(f"distill.augment changes only words tagged 'O', and the labels "
+                            f"{list(self.label_names)} have no 'O' (task.labels); remove "
+                            f"distill.augment")
+        for i, words in enumerate(examples.words):
+            if any(_WORD_SEP in word for word in words):
+                raise DataError(f"{examples.source}: sentence {i + 1} holds a word with the control "
+                                f"character {_WORD_SEP!r}, which distill.augment uses between "
+                                f"words; remove it from the data or remove distill.augment")
+
     def augmented(self, examples: Examples, variants, source: str) -> Examples:
         """`factor` variants of every sentence in which only words tagged O are masked or
         replaced, word for word (`check_augment` refuses n-grams): each variant keeps its
         sentence's tags, so its first sub-tokens carry the word-level KD term as the
         sentence's do. The tags only place that term; the hard-label weight of these rows is 0
         (`jaxkd.data.with_transfer`), so only the teacher labels them."""
-        if "O" not in self.label_names:
-            raise DataError(f"distill.augment changes only words tagged 'O', and the labels "
-                            f"{list(self.label_names)} have no 'O' (task.labels)")
+        self.check_augmentable(examples)
         outside = self.label_names.index("O")
         offsets = examples.word_offsets
         keep = [examples.tags[a:b] != outside for a, b in zip(offsets[:-1], offsets[1:])]
         texts, _ = variants([_WORD_SEP.join(words) for words in examples.words], None,
                             sep=_WORD_SEP, keep=keep)
         words = [text.split(_WORD_SEP) for text in texts]
-        factor, rest = divmod(len(words), max(len(examples), 1))
-        if rest or any(len(w) != len(examples.words[i // factor]) for i, w in enumerate(words)):
-            raise DataError(f"a word of {examples.source} holds the separator {_WORD_SEP!r}: "
-                            f"distill.augment cannot keep its word boundaries")
+        factor = len(words) // max(len(examples), 1)
         tags = np.concatenate([np.tile(examples.tags[a:b], factor) for a, b in
                                zip(offsets[:-1], offsets[1:])] or [examples.tags[:0]])
         return Examples(source=source, words=words, tags=tags.astype(np.int32), has_labels=True,
