@@ -1,5 +1,8 @@
-"""Shared test setup: offline Hugging Face, four simulated CPU devices."""
+"""Shared test setup: offline Hugging Face, four simulated CPU devices, one XLA cache."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -9,10 +12,6 @@ import jax  # noqa: E402
 
 # Must run before any array exists; tests that need one device use jax.devices()[:1].
 jax.config.update("jax_num_cpu_devices", 4)
-
-import atexit  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 
 # One persistent XLA cache for the session and the train.py processes it launches (they inherit
 # the environment): the tiny models' programs recur across tests and relaunches and are compiled
