@@ -87,21 +87,22 @@ def compile_mesh_step(step_fn, mesh, state, teacher_params):
 
 
 def run_mesh_steps(step, mesh, state, teacher_params, batches):
-    """A compiled step run over `batches`; each process feeds its own slice of every batch."""
+    """A compiled step run over `batches`; each process feeds its own slice of every batch.
+    Returns the final state and every step's metrics."""
     import jax
 
     from jaxkd import sharding
     state = sharding.shard_state(state, mesh)
     teacher_params = sharding.shard_state(teacher_params, mesh)
     n, i = jax.process_count(), jax.process_index()
-    losses = []
+    history = []
     for k, batch in enumerate(batches):
         rows = len(batch["weights"]) // n
         local = {key: v[i * rows:(i + 1) * rows] for key, v in batch.items()}
         state, metrics = step(state, teacher_params, sharding.global_batch(local, mesh),
                               jax.random.key(100 + k))
-        losses.append(metrics["loss/total"])
-    return state, losses
+        history.append(metrics)
+    return state, history
 
 
 def _local(x) -> np.ndarray:
@@ -117,11 +118,11 @@ def main(process_id: int, port: int, out: str, kind: str) -> None:
     mesh = sharding.make_mesh()
     step = compile_mesh_step(steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg), mesh,
                              state, teacher_params)
-    state, losses = run_mesh_steps(step, mesh, state, teacher_params, batches)
+    state, history = run_mesh_steps(step, mesh, state, teacher_params, batches)
     flat = {jax.tree_util.keystr(p): _local(x)
             for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
     if process_id == 0:
-        np.savez(out, losses=np.array([_local(x) for x in losses]), **flat)
+        np.savez(out, losses=np.array([_local(m["loss/total"]) for m in history]), **flat)
     jax.distributed.shutdown()
 
 

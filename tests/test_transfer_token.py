@@ -17,7 +17,7 @@ from jaxkd.tasks import TaskConfig, objective, token
 from test_transfer import K, expected_neighbours, embeddings, small_tokenizer  # noqa: F401
 # The tiny random teacher and generated CoNLL files of the token pipeline tests.
 from test_trainer import run_in_process, tiny_teacher  # noqa: F401
-from test_trainer_token import ner_config, ner_data  # noqa: F401
+from test_trainer_token import _write_conll, ner_config, ner_data  # noqa: F401
 
 TASK = token.resolve(TaskConfig("conll2003", type="token_classification"))
 # Words of the small vocabulary; "actor" and "cast" stand for entities here.
@@ -153,7 +153,6 @@ def test_ner_pipeline_with_augmented_rows(tmp_path, tiny_teacher, ner_data):
 def test_data_augment_cannot_vary_is_refused_before_any_work(tmp_path, tiny_teacher):
     """A tag set without O leaves augmentation nothing to vary; the check on the training words
     runs in trainer.prepare, before the teacher is fine-tuned: nothing is written."""
-    from test_trainer_token import _write_conll
     sentences = [(["the", "actor"], ["X", "Y"]), (["a", "plot"], ["Y", "X"])]
     files = {name: _write_conll(tmp_path / f"{name}.txt", sentences) for name in ("train", "test")}
     workdir = tmp_path / "run"
