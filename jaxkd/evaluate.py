@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxkd.predict import (EXIT_USAGE, UsageError, add_run_flags, check_run_flags, doc_stride, fail,
+from jaxkd.predict import (EXIT_USAGE, UsageError, add_run_flags, check_run_flags, fail,
                            inspect_model, load_input, load_model, load_tokenizer, model_outputs,
                            parse, progress_bar)
 
@@ -136,7 +136,7 @@ def _from_flags(args, info):
     task_cfg = TaskConfig(name=args.task, **keys)
     data_cfg = DataConfig(max_seq_len=args.max_seq_len or 128, batch_size=args.batch_size or 32,
                           bucket_multiple=args.bucket_multiple or 8, format=args.format,
-                          doc_stride=doc_stride(args))
+                          doc_stride=args.doc_stride)
     return _with_model_labels(task_cfg, info), data_cfg, args.data
 
 

@@ -338,10 +338,6 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-seq-len must be >= 3 ([CLS] token [SEP]), got {args.max_seq_len}")
 
 
-def doc_stride(args: argparse.Namespace) -> int:
-    return args.doc_stride or max(1, (args.max_seq_len or 128) // 4)
-
-
 def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     from jaxkd.data import DataConfig
 
@@ -350,7 +346,7 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     info = inspect_model(args.model_dir)
     data_cfg = DataConfig(batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                           bucket_multiple=args.bucket_multiple, format=args.format,
-                          doc_stride=doc_stride(args))
+                          doc_stride=args.doc_stride)
     task = model_task(info, text=args.text, text_pair=args.text_pair, tokens=args.tokens,
                       tag_scheme=args.tag_scheme, data_cfg=data_cfg)
     examples = load_input(task, data_cfg, args.input, stdin=stdin)

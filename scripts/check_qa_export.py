@@ -1,10 +1,12 @@
 """Exact match and F1 of an exported QA student on a SQuAD v1.1 file, computed outside jaxkd:
 transformers' AutoModelForQuestionAnswering, windows from the tokenizer's overflowing tokens, the
 best span over a question's windows from the n best starts and ends (context tokens only, at most
-max_answer tokens), scored with the official v1.1 evaluation's definitions. Prints both beside the
-run's report.json.
+max_answer tokens), scored with the official v1.1 evaluation's definitions. The window length,
+stride, n-best and answer length are read from the run's config.yaml (the file too, its
+data.test, unless given). Prints both beside the run's report.json and exits 1 when the F1s differ
+by more than 0.02.
 
-  python scripts/check_qa_export.py runs/exp/squad_kd_s0 ../shared/data/squad/dev-half-v1.1.json 256 96
+  python scripts/check_qa_export.py runs/exp/squad_kd_s0 [../shared/data/squad/dev-half-v1.1.json]
 """
 import collections
 import json
@@ -14,9 +16,11 @@ import sys
 
 import numpy as np
 import torch
+import yaml
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-N_BEST, MAX_ANSWER = 20, 30
+N_BEST, MAX_ANSWER = 20, 30  # the squad preset's task.n_best and task.max_answer_len
+TOLERANCE = 0.02
 
 
 def normalize(text):  # the official evaluate-v1.1.py normalize_answer
@@ -33,7 +37,7 @@ def f1(prediction, gold):
     return 2 * precision * recall / (precision + recall)
 
 
-def best_answer(model, tok, question, context, max_len, stride):
+def best_answer(model, tok, question, context, max_len, stride, n_best=N_BEST, max_answer=MAX_ANSWER):
     enc = tok(question, context, truncation="only_second", max_length=max_len, stride=stride,
               return_overflowing_tokens=True, return_offsets_mapping=True, padding=True,
               return_tensors="pt")
@@ -45,16 +49,28 @@ def best_answer(model, tok, question, context, max_len, stride):
     for w in range(len(offsets)):
         seq = enc.sequence_ids(w)
         start, end = out.start_logits[w].numpy(), out.end_logits[w].numpy()
-        for i in np.argsort(start)[::-1][:N_BEST]:
-            for j in np.argsort(end)[::-1][:N_BEST]:
-                if seq[i] != 1 or seq[j] != 1 or j < i or j - i + 1 > MAX_ANSWER:
+        for i in np.argsort(start)[::-1][:n_best]:
+            for j in np.argsort(end)[::-1][:n_best]:
+                if seq[i] != 1 or seq[j] != 1 or j < i or j - i + 1 > max_answer:
                     continue
                 if start[i] + end[j] > best:
                     best, text = start[i] + end[j], context[offsets[w][i][0]:offsets[w][j][1]]
     return text
 
 
-def main(run, data, max_len, stride):
+def run_settings(run):
+    """(max_len, stride, n_best, max_answer, test file) as the run's config.yaml sets them."""
+    with open(f"{run}/config.yaml", encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    data, task = cfg["data"], cfg["task"]
+    stride = data.get("doc_stride") or max(1, data["max_seq_len"] // 4)  # data.window_stride
+    return (data["max_seq_len"], stride, task.get("n_best") or N_BEST,
+            task.get("max_answer_len") or MAX_ANSWER, data.get("test"))
+
+
+def main(run, data=None):
+    max_len, stride, n_best, max_answer, test = run_settings(run)
+    data = data or test
     model = AutoModelForQuestionAnswering.from_pretrained(f"{run}/student").eval()
     tok = AutoTokenizer.from_pretrained(f"{run}/student")
     torch.set_num_threads(1)
@@ -62,14 +78,17 @@ def main(run, data, max_len, stride):
     for article in json.load(open(data, encoding="utf-8"))["data"]:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
-                answer = best_answer(model, tok, qa["question"], paragraph["context"], max_len, stride)
+                answer = best_answer(model, tok, qa["question"], paragraph["context"], max_len, stride,
+                                     n_best, max_answer)
                 golds = [a["text"] for a in qa["answers"]]
                 em.append(max(float(normalize(answer) == normalize(g)) for g in golds))
                 f1s.append(max(f1(answer, g) for g in golds))
     report = json.load(open(f"{run}/report.json"))["student"]["metrics"]
-    print(f"{len(f1s)} questions: outside jaxkd EM {np.mean(em):.4f} F1 {np.mean(f1s):.4f}; "
+    print(f"{len(f1s)} questions (windows {max_len}, stride {stride}, n-best {n_best}, answers up to "
+          f"{max_answer} tokens): outside jaxkd EM {np.mean(em):.4f} F1 {np.mean(f1s):.4f}; "
           f"report.json EM {report['exact_match']:.4f} F1 {report['f1']:.4f}")
+    return 0 if abs(np.mean(f1s) - report["f1"]) <= TOLERANCE else 1
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    sys.exit(main(*sys.argv[1:3]))

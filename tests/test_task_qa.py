@@ -1,6 +1,7 @@
 """Extractive QA: the official SQuAD v1.1 metric on hand-worked cases, reading SQuAD JSON and
 rows, windows with a stride, answer positions, span decoding, and the span loss."""
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +89,41 @@ def test_bad_questions_are_named_by_id(tmp_path, row, message):
         SQUAD.load(DataConfig(), _write_rows(tmp_path / "bad.jsonl", [row]))
 
 
+_GOOD = {"id": "q1", "question": "Who?", "context": "Ann met Bob."}
+
+
+@pytest.mark.parametrize("answers, message", [
+    ({"text": ["Bob"]}, r"question q1: answers must be"),                       # no answer_start
+    ({"text": ["Bob", "Ann"], "answer_start": [8]}, r"question q1: answers needs lists .* same length"),
+    ({"text": [None], "answer_start": [8]}, r"question q1: an answer's text must be a non-empty string"),
+    ({"text": ["Bob"], "answer_start": [-4]}, r"question q1: answer_start must be a character index >= 0"),
+    ({"text": ["Ann"], "answer_start": [False]}, r"question q1: answer_start must be .* got False"),
+    ([{"text": "Bob"}], r"question q1: answers must be"),
+])
+def test_malformed_answers_are_named_by_id(tmp_path, answers, message):
+    # Each of these once crashed without a question id or (a negative start, which slices from
+    # the end of the context) was taken as valid.
+    with pytest.raises(DataError, match=message):
+        SQUAD.load(DataConfig(), _write_rows(tmp_path / "bad.jsonl", [{**_GOOD, "answers": answers}]))
+
+
+def test_answers_as_a_list_of_dicts_read_like_the_hub_layout(tmp_path):
+    hub = {**_GOOD, "answers": {"text": ["Bob", "Bob."], "answer_start": [8, 8]}}
+    listed = {**_GOOD, "answers": [{"text": "Bob", "answer_start": 8}, {"text": "Bob.", "answer_start": 8}]}
+    a = SQUAD.load(DataConfig(), _write_rows(tmp_path / "a.jsonl", [hub]))
+    b = SQUAD.load(DataConfig(), _write_rows(tmp_path / "b.jsonl", [listed]))
+    assert a.answers == b.answers == [[("Bob", 8), ("Bob.", 8)]]
+
+
+def test_squad_json_answer_without_text_is_named(tmp_path):
+    path = _squad_file(tmp_path / "s.json", [("Ann met Bob.", [("q5", "Who?", ["Bob"])])])
+    data = json.loads(pathlib.Path(path).read_text())
+    del data["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["text"]
+    pathlib.Path(path).write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"s\.json .*question q5: answers must be"):
+        SQUAD.load(DataConfig(), path)
+
+
 def test_skip_invalid_counts_bad_questions(tmp_path):
     good = {"id": "ok", "question": "Who?", "context": "Ann met Bob.",
             "answers": {"text": ["Bob"], "answer_start": [8]}}
@@ -114,6 +150,30 @@ def _long_context_task(tmp_path, stride=16, max_len=48):
     task = tasks.resolve(TaskConfig(name="squad", type="question_answering"),
                          DataConfig(doc_stride=stride))
     return task, task.load(DataConfig(), path), max_len
+
+
+def test_a_question_too_long_for_the_window_is_named_before_tokenizing(tmp_path, tokenizer):
+    # max_seq_len 48, stride 16, [CLS] q [SEP] c [SEP]: a question may have 48 - 3 - 16 - 1 = 28
+    # tokens. Past that the tokenizer's own overflow fails with no question id.
+    context = " ".join(f"word{i}" for i in range(80)) + " Zanzibar."
+    fits = " ".join(["where"] * 28)
+    path = _squad_file(tmp_path / "q.json", [(context, [("fits", fits, ["Zanzibar"]),
+                                                        ("long", fits + "?", ["Zanzibar"])])])
+    assert len(tokenizer(fits + "?", add_special_tokens=False)["input_ids"]) == 29
+    task = tasks.resolve(TaskConfig(name="squad", type="question_answering"), DataConfig(doc_stride=16))
+    examples = task.load(DataConfig(), path)
+    with pytest.raises(DataError, match=r"1 question\(s\) .* question long, has 29 tokens.* at most 28"):
+        task.encode(examples, tokenizer, 48)
+    first = examples.subset(np.array([0]), "first")
+    assert len(task.encode(first, tokenizer, 48)) > 1  # 28 tokens: windows, no error
+
+
+def test_doc_stride_defaults_to_a_quarter_of_the_window():
+    assert DataConfig(max_seq_len=384).window_stride == 96
+    assert DataConfig(max_seq_len=384, doc_stride=128).window_stride == 128
+    # The default fits any window length, so a QA config may leave it out.
+    task = tasks.resolve(TaskConfig(name="squad", type="question_answering"), DataConfig(max_seq_len=64))
+    assert task.doc_stride == 16
 
 
 def test_windows_overlap_by_the_stride_and_label_the_answer(tmp_path, tokenizer):

@@ -77,19 +77,24 @@ def load_check_qa_export():
     return check
 
 
-def _decode_with_transformers(model_dir, squad_path, max_len, stride):
-    """Mean F1 of the exported model as scripts/check_qa_export.py scores it outside jaxkd:
-    transformers' model and overflowing-token windows, n-best span search, and the official
-    SQuAD v1.1 definitions written out again there (independent of jaxkd.tasks.qa)."""
+def _decode_with_transformers(workdir, squad_path):
+    """Answers and F1s of the exported student as scripts/check_qa_export.py finds them outside
+    jaxkd: transformers' model and overflowing-token windows with the run's settings (its
+    config.yaml), n-best span search, and the official SQuAD v1.1 definitions written out again
+    there (independent of jaxkd.tasks.qa)."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
     check = load_check_qa_export()
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    max_len, stride, n_best, max_answer, _ = check.run_settings(workdir)
+    model = AutoModelForQuestionAnswering.from_pretrained(workdir / "student").eval()
+    tok = AutoTokenizer.from_pretrained(workdir / "student")
     data = json.loads(squad_path.read_text(encoding="utf-8"))["data"]
-    f1s = [max(check.f1(check.best_answer(model, tok, qa["question"], paragraph["context"], max_len, stride),
-                        a["text"]) for a in qa["answers"])
-           for paragraph in (p for article in data for p in article["paragraphs"]) for qa in paragraph["qas"]]
-    return float(np.mean(f1s))
+    answers, f1s = [], []
+    for paragraph in (p for article in data for p in article["paragraphs"]):
+        for qa in paragraph["qas"]:
+            answers.append(check.best_answer(model, tok, qa["question"], paragraph["context"],
+                                             max_len, stride, n_best, max_answer))
+            f1s.append(max(check.f1(answers[-1], a["text"]) for a in qa["answers"]))
+    return answers, f1s
 
 
 @pytest.mark.slow
@@ -104,8 +109,11 @@ def test_qa_pipeline_end_to_end_and_scored_outside_jaxkd(tmp_path, tiny_teacher,
     assert report["teacher"]["metrics"]["f1"] > 0.05  # above chance: the answers are not all empty
     assert report["examples"] and {"question", "gold", "teacher", "student"} == set(report["examples"][0])
     assert "## Examples (test)" in (workdir / "report.md").read_text()
-    external = _decode_with_transformers(workdir / "student", qa_data / "dev.json", 48, 16)
-    assert external == pytest.approx(report["student"]["metrics"]["f1"], abs=0.02)
+    answers, f1s = _decode_with_transformers(workdir, qa_data / "dev.json")
+    assert np.mean(f1s) == pytest.approx(report["student"]["metrics"]["f1"], abs=0.02)
+    # Answer by answer too, so equal F1s cannot hide different answers: report.md's examples are
+    # the student's answers to the first test questions.
+    assert [e["student"] for e in report["examples"]] == answers[:len(report["examples"])]
 
 
 @pytest.mark.slow

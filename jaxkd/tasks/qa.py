@@ -161,7 +161,7 @@ class QATask(Task):
     hub_dataset: str | None
     eval_splits: tuple[str, ...]
     test_splits: tuple[str, ...]
-    doc_stride: int = 128  # data.doc_stride: tokens shared by neighbouring windows
+    doc_stride: int = 32  # data.window_stride: tokens shared by neighbouring windows
     label_names: tuple[str, ...] = ("start", "end")
 
     def head(self) -> HeadConfig:
@@ -183,27 +183,25 @@ class QATask(Task):
         data_lib.check_columns(table, wanted)
         ids = table.columns.get("id") or [str(i) for i in range(len(table))]
         answers = table.columns.get(self.answers) or [None] * len(table)
-        rows = []
-        for i in range(len(table)):
-            found = answers[i] or {}
-            texts, starts = found.get("text", []), found.get("answer_start", [])
-            rows.append((f"{table.where(i)} (question {ids[i]})", str(ids[i]),
-                         table.columns[self.question][i], table.columns[self.context][i],
-                         list(zip(texts, starts))))
+        rows = [(f"{table.where(i)} (question {ids[i]})", str(ids[i]), table.columns[self.question][i],
+                 table.columns[self.context][i], answers[i]) for i in range(len(table))]
         return rows, Problems(table.source, table.malformed)
 
     def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True) -> Examples:
         """Reads and validates one split: SQuAD JSON (data -> paragraphs -> qas), or rows with
         question, context and answers ({"text": [...], "answer_start": [...]}).
 
-        An empty question or context, a question without answers (where labels are required) or
-        an answer_start that does not point at its text raise a `DataError` naming the file and
-        the question id, unless `data.skip_invalid`, which skips and counts them.
+        An empty question or context, a question without answers (where labels are required),
+        answers in neither layout, or an answer_start that does not point at its text raise a
+        `DataError` naming the file and the question id, unless `data.skip_invalid`, which skips
+        and counts them. Answers are `{"text": [...], "answer_start": [...]}` (the Hub's layout)
+        or a list of `{"text", "answer_start"}` (SQuAD JSON's).
         """
         rows, problems = self._rows(data_cfg, source, require_labels)
         kept = collections.defaultdict(list)
-        for where, qid, question, context, answers in rows:
+        for where, qid, question, context, found in rows:
             try:
+                answers = _answer_pairs(qid, found)
                 _check(qid, question, context, answers, require_labels)
             except BadRow as bad:
                 problems.add(where, bad)
@@ -302,6 +300,7 @@ def _best_span(start_L: np.ndarray, end_L: np.ndarray, in_context_L: np.ndarray,
 
 
 def _windows(examples: Examples, tokenizer, max_seq_len: int, doc_stride: int) -> dict[str, np.ndarray]:
+    _check_question_room(examples, tokenizer, max_seq_len, doc_stride)
     ids, types, lengths, labels, example_index, char = [], [], [], [], [], []
     with_types = data_lib.gives_token_types(tokenizer)
     for start in range(0, len(examples), _TOKENIZE_CHUNK):
@@ -353,6 +352,24 @@ def _check_stride(doc_stride: int, max_seq_len: int) -> None:
                         f"({max_seq_len})")
 
 
+def _check_question_room(examples: Examples, tokenizer, max_seq_len: int, doc_stride: int) -> None:
+    """Every question must leave a window more context tokens than the stride: the context part
+    moves on by (room - stride) tokens per window, and the tokenizer fails outright (no question
+    id) when that is not positive. The question itself is never cut."""
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    longest = max_seq_len - specials - doc_stride - 1
+    lengths = [len(ids) for ids in tokenizer(examples.questions, add_special_tokens=False)["input_ids"]]
+    too_long = [(qid, n) for qid, n in zip(examples.ids, lengths) if n > longest]
+    if too_long:
+        qid, n = max(too_long, key=lambda found: found[1])
+        raise DataError(
+            f"{examples.source}: {len(too_long)} question(s) leave a window no room for its context "
+            f"(the longest, question {qid}, has {n} tokens): with data.max_seq_len {max_seq_len}, "
+            f"data.doc_stride {doc_stride} and {specials} special tokens a question may have at "
+            f"most {longest} tokens. Raise data.max_seq_len, lower data.doc_stride, or remove "
+            f"the question")
+
+
 def _check(qid: str, question: Any, context: Any, answers: list, require_labels: bool) -> None:
     if not isinstance(question, str) or not question.strip():
         raise BadRow("empty question", f"question {qid}: the question is empty")
@@ -361,10 +378,35 @@ def _check(qid: str, question: Any, context: Any, answers: list, require_labels:
     if require_labels and not answers:
         raise BadRow("no answer", f"question {qid}: a question to learn from needs an answer")
     for text, start in answers:
-        if not isinstance(start, int) or context[start:start + len(text)] != text:
-            found = context[start:start + len(text)] if isinstance(start, int) else None
+        if not isinstance(text, str) or not text:
+            raise BadRow("bad answer", f"question {qid}: an answer's text must be a non-empty "
+                         f"string, got {text!r}")
+        # bool is an int; a negative start would slice from the end of the context.
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise BadRow("bad answer", f"question {qid}: answer_start must be a character index "
+                         f">= 0, got {start!r}")
+        if context[start:start + len(text)] != text:
             raise BadRow("answer mismatch", f"question {qid}: answer_start {start!r} does not point "
-                         f"at {text!r} in its context (it finds {found!r})")
+                         f"at {text!r} in its context (it finds {context[start:start + len(text)]!r})")
+
+
+def _answer_pairs(qid: str, found: Any) -> list[tuple[Any, Any]]:
+    """(text, answer_start) pairs from the Hub's `{"text": [...], "answer_start": [...]}` or
+    SQuAD JSON's `[{"text": ..., "answer_start": ...}, ...]`; no answers (None, {}, []) is []."""
+    if not found:
+        return []
+    if isinstance(found, dict) and set(found) >= {"text", "answer_start"}:
+        texts, starts = found["text"], found["answer_start"]
+        if isinstance(texts, (list, tuple)) and isinstance(starts, (list, tuple)) \
+                and len(texts) == len(starts):
+            return list(zip(texts, starts))
+        raise BadRow("bad answer", f"question {qid}: answers needs lists 'text' and "
+                     f"'answer_start' of the same length, got {found!r}")
+    if isinstance(found, (list, tuple)) and all(
+            isinstance(a, dict) and set(a) >= {"text", "answer_start"} for a in found):
+        return [(a["text"], a["answer_start"]) for a in found]
+    raise BadRow("bad answer", f"question {qid}: answers must be {{'text': [...], 'answer_start': "
+                 f"[...]}} or a list of {{'text': ..., 'answer_start': ...}}, got {found!r}")
 
 
 def _is_squad_json(path: str, data_cfg: DataConfig) -> bool:
@@ -387,9 +429,8 @@ def _read_squad_json(path: str):
         for paragraph in article.get("paragraphs", []):
             context = paragraph.get("context")
             for qa in paragraph.get("qas", []):
-                answers = [(a.get("text"), a.get("answer_start")) for a in qa.get("answers", [])]
                 rows.append((f"{path} (question {qa.get('id')})", str(qa.get("id")),
-                             qa.get("question"), context, answers))
+                             qa.get("question"), context, qa.get("answers")))
     if not rows:
         raise DataError(f"{pathlib.Path(path)}: the file holds no questions")
     return rows, Problems(str(path))
@@ -401,7 +442,7 @@ def _read_squad_json(path: str):
 def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None) -> QATask:
     preset = PRESETS.get(cfg.name) or Preset()
     if data_cfg is not None:
-        _check_stride(data_cfg.doc_stride, data_cfg.max_seq_len)
+        _check_stride(data_cfg.window_stride, data_cfg.max_seq_len)
     primary = cfg.metric or METRICS[0]
     return QATask(name=cfg.name, metrics=(primary,) + tuple(m for m in METRICS if m != primary),
                   question=cfg.question or preset.question, context=cfg.context or preset.context,
@@ -409,4 +450,4 @@ def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None) -> QATask:
                   max_answer_len=cfg.max_answer_len or preset.max_answer_len,
                   hub_dataset=preset.hub_dataset, eval_splits=preset.eval_splits,
                   test_splits=preset.test_splits,
-                  doc_stride=DataConfig().doc_stride if data_cfg is None else data_cfg.doc_stride)
+                  doc_stride=(data_cfg or DataConfig()).window_stride)
