@@ -845,6 +845,46 @@ def gemm_rate(dtype: str, n: int, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
+def layer_matmuls(dtype: str, cfg: BertConfig, batch: int, seq: int):
+    """One encoder layer's matmuls alone, forward and backward, at the step's shapes:
+    Q, K, V, output and the two FFN projections on batch x seq tokens, scores and the weighted sum
+    of values per head, chained with nothing between them (no bias, softmax, norm, activation or
+    dropout), and their gradients with respect to the input and every weight: (jitted function,
+    its arguments, its FLOPs). Its rate is the ceiling for the step's mix of matmul shapes on
+    this device, beside `gemm_rate`'s one large square GEMM.
+    """
+    operand = DTYPES[dtype]
+    H, I, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
+    d = H // heads
+
+    def mm(x, w):  # as the model's dense layers: operands in `operand`, fp32 accumulation
+        return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(operand)
+
+    def layer(x, wq, wk, wv, wo, w1, w2, cotangent):
+        q, k, v = (mm(x, w).reshape(batch, seq, heads, d) for w in (wq, wk, wv))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", scores.astype(operand), v,
+                           preferred_element_type=jnp.float32).astype(operand)
+        out = mm(mixed.reshape(batch, seq, H), wo)
+        # A dense cotangent: with a plain sum XLA turns the last backward matmuls into reductions.
+        return jnp.sum(mm(mm(out, w1), w2).astype(jnp.float32) * cotangent)
+
+    keys = jax.random.split(jax.random.key(0), 8)
+    shapes = [(batch, seq, H), (H, H), (H, H), (H, H), (H, H), (H, I), (I, H), (batch, seq, H)]
+    args = [(jax.random.normal(key, shape, jnp.float32) / np.sqrt(shape[-2] if 0 < i < 7 else 1)).astype(operand)
+            for i, (key, shape) in enumerate(zip(keys, shapes))]
+    # The value too: without it XLA drops the last forward matmul, which only the value needs.
+    grads = jax.jit(jax.value_and_grad(layer, argnums=tuple(range(7))))
+    forward = batch * seq * (2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq * H)
+    return grads, args, 3.0 * forward  # backward: two matmuls per forward matmul
+
+
+def layer_matmul_rate(dtype: str, cfg: BertConfig, batch: int, seq: int, repeats: int = 5) -> float:
+    """FLOP/s of `layer_matmuls`, the best of `repeats`."""
+    grads, args, flops = layer_matmuls(dtype, cfg, batch, seq)
+    return flops / min(seconds(lambda _: grads(*args), repeats, warmup=1))
+
+
 def run_mfu(setup: StepSetup, peak_override: float | None, gemm_size: int | None) -> float:
     """Prints the step's FLOP rate beside the device's measured matmul rates; returns (and
     prints last) the step's fraction of the measured rate for its dtype."""
@@ -866,6 +906,13 @@ def run_mfu(setup: StepSetup, peak_override: float | None, gemm_size: int | None
     print(f"measured matmul rate ({n}^3 GEMM, best of 5, x{jax.device_count()} devices): "
           f"fp32 {rates['float32'] / 1e12:.3f} TFLOP/s, bf16 x bf16 -> fp32 {rates['bfloat16'] / 1e12:.3f} "
           f"TFLOP/s; the step reaches {100 * fraction:.1f}% of the {setup.dtype} rate")
+    # The same device on the step's own (smaller, thinner) matmuls: what a step made of nothing
+    # but its matmuls would reach. Each device runs batch / devices rows.
+    layer_rate = layer_matmul_rate(setup.dtype, p.student_cfg.encoder,
+                                   max(1, setup.batch // jax.device_count()), setup.seq) * jax.device_count()
+    print(f"one layer's matmuls alone at the step's shapes (forward and backward, best of 5): "
+          f"{layer_rate / 1e12:.3f} TFLOP/s in {setup.dtype}, {100 * layer_rate / rates[setup.dtype]:.1f}% of "
+          f"the GEMM rate; the step reaches {100 * achieved / layer_rate:.1f}% of it")
     print(memory_line())
     per_chip = peak_override if peak_override is not None else peak_tflops(device.device_kind)
     if per_chip is None:

@@ -307,3 +307,16 @@ def test_epoch_squad_cli_same_windows_on_both_sides(tiny_teacher, tiny_squad, ca
         assert 0 < float(out.strip().splitlines()[-1]) < math.inf
     # 8 questions in windows of 24 tokens: more windows than questions, the same on both sides.
     assert counts["jaxkd"] == counts["torch"] >= 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_matmuls_flop_count_matches_xla(dtype):
+    """bench mfu's per-layer matmul ceiling counts the FLOPs XLA's cost analysis finds in it."""
+    from jaxkd.model import BertConfig
+    cfg = BertConfig(hidden_size=64, num_heads=4, intermediate_size=256, num_layers=1, vocab_size=100)
+    grads, args, flops = bench.layer_matmuls(dtype, cfg, batch=4, seq=32)
+    cost = grads.lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # XLA also counts the few elementwise ops (the sum, casts): within 2%.
+    assert cost["flops"] == pytest.approx(flops, rel=0.02)
+    assert all(g.shape == a.shape for g, a in zip(grads(*args)[1], args[:7]))
