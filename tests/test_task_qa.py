@@ -71,6 +71,23 @@ def test_squad_json_and_hub_rows_read_the_same(tmp_path):
     assert again.contexts == examples.contexts and again.questions == examples.questions
 
 
+def test_parquet_in_the_hub_layout_reads_like_jsonl(tmp_path):
+    # The Hub's squad parquet files store answers as a struct of lists with int32 starts.
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = [{"id": "q1", "question": "Who?", "context": "Ann met Bob.",
+             "answers": {"text": ["Bob", "Bob."], "answer_start": [8, 8]}},
+            {"id": "q2", "question": "Who met?", "context": "Ann met Bob.",
+             "answers": {"text": ["Ann"], "answer_start": [0]}}]
+    answers = pa.struct([("text", pa.list_(pa.string())), ("answer_start", pa.list_(pa.int32()))])
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("context", pa.string()),
+                        ("answers", answers)])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "s.parquet")
+    from_parquet = SQUAD.load(DataConfig(), str(tmp_path / "s.parquet"))
+    from_jsonl = SQUAD.load(DataConfig(), _write_rows(tmp_path / "s.jsonl", rows))
+    assert from_parquet.answers == from_jsonl.answers == [[("Bob", 8), ("Bob.", 8)], [("Ann", 0)]]
+    assert from_parquet.ids == ["q1", "q2"] and from_parquet.contexts == from_jsonl.contexts
+
+
 def _write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
