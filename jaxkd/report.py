@@ -5,6 +5,7 @@ import json
 import math
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -144,6 +145,30 @@ def measure_speed(logits_fn: Callable, params, batch_size: int, seq_len: int,
             "speed_seq_len": seq_len, "device": jax.devices()[0].device_kind}
 
 
+def code_version(root: str | pathlib.Path | None = None) -> dict:
+    """What code wrote a report: the package version, and the git commit of the checkout it was
+    imported from with whether tracked files differed from it (both None when it is not a git
+    checkout, e.g. an installed wheel, or git is missing)."""
+    import jaxkd  # pylint: disable=import-outside-toplevel
+    root = pathlib.Path(root) if root is not None else pathlib.Path(jaxkd.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # Only a checkout whose top is this package's parent counts: an installed copy inside some
+    # other repository must not report that repository's commit.
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and pathlib.Path(top).resolve() == root.resolve() else None
+    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"version": jaxkd.__version__, "commit": commit,
+            "modified": None if changes is None else bool(changes)}
+
+
 def build_report(cfg, task, models: dict, agreement: dict) -> dict:
     """teacher/student entries with metrics, retention, agreement (per split) and speed-up."""
     from jaxkd.config import to_dict
@@ -166,6 +191,7 @@ def build_report(cfg, task, models: dict, agreement: dict) -> dict:
         "student_config": to_dict(cfg.student),
         "seed": cfg.seed,
         "precision": cfg.precision.compute,
+        "code": code_version(),
     }
 
 

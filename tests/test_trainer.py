@@ -16,6 +16,7 @@ import yaml
 
 from jaxkd import config as config_lib
 from jaxkd import hf, trainer
+from jaxkd import report as report_lib
 from jaxkd.config import ConfigError
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
 
@@ -98,6 +99,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_teacher, sst2_small):
         assert set(on_disk[who]["metrics"]) == {"accuracy"}
         assert 0.0 <= on_disk[who]["metrics"]["accuracy"] <= 1.0
     assert on_disk["student"]["params"] < on_disk["teacher"]["params"]
+    assert on_disk["code"] == report_lib.code_version()  # which code wrote it
     assert on_disk["data"]["train"] == {"source": str(sst2_small / "train.tsv"), "examples": 160,
                                         "rows": 160, "skipped": {}}
     assert report["retention"]["accuracy"] == pytest.approx(
