@@ -102,8 +102,8 @@ def table(reports: dict[str, dict]) -> str:
         if not _is_teacher_run(report):
             groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((name, report))
     lines = ["| run | task | student | metric (split) | student | teacher | retention % | params (M) "
-             "| latency b1 (ms) | distill wall (s) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| latency b1 (ms) | distill steps | distill wall (s) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, members in groups.items():
         first = members[0][1]
         for metric in first["metric_names"]:
@@ -112,11 +112,13 @@ def table(reports: dict[str, dict]) -> str:
             retention = [r["retention"][metric] for _, r in members]
             wall = [r["stages"].get("distill", {}).get("seconds", 0.0) for _, r in members]
             latency = [r["student"]["latency_ms"] for _, r in members]
+            # Epoch-based runs differ by a step between seeds (their held-out part differs).
+            steps = [r["stages"].get("distill", {}).get("steps", 0) for _, r in members]
             lines.append(
                 f"| {group} | {first['task']} | {_describe(first)} | {metric} ({first['report_split']}) "
                 f"| {_stat(student)} | {_stat(teacher)} | {_stat(retention)} "
                 f"| {first['student']['params'] / 1e6:.1f} | {statistics.median(latency):.1f} "
-                f"| {statistics.median(wall):.0f} | {len(members)} |")
+                f"| {statistics.median(steps):.0f} | {statistics.median(wall):.0f} | {len(members)} |")
     return "\n".join(lines)
 
 
