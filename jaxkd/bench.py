@@ -40,7 +40,7 @@ from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
 from jaxkd import hf, inference, sharding, steps, tasks
 from jaxkd.losses import LossConfig
-from jaxkd.model import DTYPES, BertConfig, HeadConfig, ModelConfig, init_params
+from jaxkd.model import DTYPES, BertConfig, HeadConfig, ModelConfig, einsum, init_params
 from jaxkd.optim import OptimConfig, make_optimizer
 from jaxkd.student import student_from_teacher
 
@@ -850,28 +850,32 @@ def layer_matmuls(dtype: str, cfg: BertConfig, batch: int, seq: int):
     Q, K, V, output and the two FFN projections on batch x seq tokens, scores and the weighted sum
     of values per head, chained with nothing between them (no bias, softmax, norm, activation or
     dropout), and their gradients with respect to the input and every weight: (jitted function,
-    its arguments, its FLOPs). Its rate is the ceiling for the step's mix of matmul shapes on
-    this device, beside `gemm_rate`'s one large square GEMM.
+    its arguments, its FLOPs). Its rate says what the student's matmul shapes reach on this
+    device with nothing else in the way, beside `gemm_rate`'s one large square GEMM. It bounds
+    the student's update, not the whole step: the teacher's forward-only matmuls can run faster
+    than a forward-and-backward mix (they do in bf16 on an AMX CPU, docs/performance.md row 30).
     """
     operand = DTYPES[dtype]
     H, I, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
     d = H // heads
 
-    def mm(x, w):  # as the model's dense layers: operands in `operand`, fp32 accumulation
-        return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(operand)
+    # The model's own einsum: operands cast to `operand` inside, fp32 accumulation, and its
+    # written-out backward, so the gradient GEMMs take the same form as the step's.
+    def mm(x, w):
+        return einsum("abk,kn->abn", x, w, operand)
 
     def layer(x, wq, wk, wv, wo, w1, w2, cotangent):
         q, k, v = (mm(x, w).reshape(batch, seq, heads, d) for w in (wq, wk, wv))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        mixed = jnp.einsum("bhqk,bkhd->bqhd", scores.astype(operand), v,
-                           preferred_element_type=jnp.float32).astype(operand)
+        scores = einsum("bqhd,bkhd->bhqk", q, k, operand)
+        mixed = einsum("bhqk,bkhd->bqhd", scores, v, operand)
         out = mm(mixed.reshape(batch, seq, H), wo)
         # A dense cotangent: with a plain sum XLA turns the last backward matmuls into reductions.
-        return jnp.sum(mm(mm(out, w1), w2).astype(jnp.float32) * cotangent)
+        return jnp.sum(mm(mm(out, w1), w2) * cotangent)
 
     keys = jax.random.split(jax.random.key(0), 8)
     shapes = [(batch, seq, H), (H, H), (H, H), (H, H), (H, H), (H, I), (I, H), (batch, seq, H)]
-    args = [(jax.random.normal(key, shape, jnp.float32) / np.sqrt(shape[-2] if 0 < i < 7 else 1)).astype(operand)
+    # fp32 inputs and weights, as the step's activations and params.
+    args = [jax.random.normal(key, shape, jnp.float32) / np.sqrt(shape[-2] if 0 < i < 7 else 1)
             for i, (key, shape) in enumerate(zip(keys, shapes))]
     # The value too: without it XLA drops the last forward matmul, which only the value needs.
     grads = jax.jit(jax.value_and_grad(layer, argnums=tuple(range(7))))

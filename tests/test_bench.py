@@ -311,7 +311,7 @@ def test_epoch_squad_cli_same_windows_on_both_sides(tiny_teacher, tiny_squad, ca
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_matmuls_flop_count_matches_xla(dtype):
-    """bench mfu's per-layer matmul ceiling counts the FLOPs XLA's cost analysis finds in it."""
+    """bench mfu's per-layer matmul rate counts the FLOPs XLA's cost analysis finds in it."""
     from jaxkd.model import BertConfig
     cfg = BertConfig(hidden_size=64, num_heads=4, intermediate_size=256, num_layers=1, vocab_size=100)
     grads, args, flops = bench.layer_matmuls(dtype, cfg, batch=4, seq=32)
@@ -320,3 +320,18 @@ def test_layer_matmuls_flop_count_matches_xla(dtype):
     # XLA also counts the few elementwise ops (the sum, casts): within 2%.
     assert cost["flops"] == pytest.approx(flops, rel=0.02)
     assert all(g.shape == a.shape for g, a in zip(grads(*args)[1], args[:7]))
+
+
+def test_layer_matmuls_take_the_models_gemm_form_backward_too():
+    """In bf16 every GEMM of the layer, forward and backward, is bf16 x bf16 -> fp32, as the
+    model's (a plain matmul's transpose would multiply an fp32 cotangent by a bf16 operand)."""
+    from jaxkd.model import BertConfig
+    cfg = BertConfig(hidden_size=64, num_heads=4, intermediate_size=256, num_layers=1, vocab_size=100)
+    grads, args, _ = bench.layer_matmuls("bfloat16", cfg, batch=4, seq=32)
+    dots = [line for line in grads.lower(*args).as_text().splitlines() if "dot_general" in line]
+    forms = [re.search(r":\s*\((tensor<[^>]*>), (tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)", line).groups()
+             for line in dots]
+    # 8 forward GEMMs (Q, K, V, scores, values, output, two FFN) and two per GEMM backward.
+    assert len(forms) == 24
+    assert all(a.endswith("xbf16>") and b.endswith("xbf16>") and out.endswith("xf32>")
+               for a, b, out in forms), forms
