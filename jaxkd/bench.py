@@ -865,10 +865,12 @@ def layer_matmuls(dtype: str, cfg: BertConfig, batch: int, seq: int):
         return einsum("abk,kn->abn", x, w, operand)
 
     def layer(x, wq, wk, wv, wo, w1, w2, cotangent):
-        q, k, v = (mm(x, w).reshape(batch, seq, heads, d) for w in (wq, wk, wv))
-        scores = einsum("bqhd,bkhd->bhqk", q, k, operand)
-        mixed = einsum("bhqk,bkhd->bqhd", scores, v, operand)
-        out = mm(mixed.reshape(batch, seq, H), wo)
+        # The model's attention layout: heads first ([B, N, L, D]), operands cast where it casts.
+        q, k, v = (mm(x, w).astype(operand).reshape(batch, seq, heads, d).transpose(0, 2, 1, 3)
+                   for w in (wq, wk, wv))
+        scores = einsum("bnqd,bnkd->bnqk", q, k, operand)
+        mixed = einsum("bnqk,bnkd->bnqd", scores.astype(operand), v, operand).astype(operand)
+        out = mm(mixed.transpose(0, 2, 1, 3).reshape(batch, seq, H), wo)
         # A dense cotangent: with a plain sum XLA turns the last backward matmuls into reductions.
         return jnp.sum(mm(mm(out, w1), w2) * cotangent)
 

@@ -335,3 +335,13 @@ def test_layer_matmuls_take_the_models_gemm_form_backward_too():
     assert len(forms) == 24
     assert all(a.endswith("xbf16>") and b.endswith("xbf16>") and out.endswith("xf32>")
                for a, b, out in forms), forms
+
+
+@pytest.mark.slow
+def test_layer_matmul_rate_runs_at_the_steps_shapes():
+    # At these shapes XLA's CPU backend once refused a bf16 x bf16 -> fp32 batched dot whose
+    # batch dimensions were not leading (the tiny shapes above did not show it).
+    from jaxkd.model import BertConfig
+    cfg = BertConfig(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=3)
+    for dtype in ("bfloat16", "float32"):
+        assert 0 < bench.layer_matmul_rate(dtype, cfg, batch=32, seq=128, repeats=1) < math.inf
