@@ -851,9 +851,8 @@ def layer_matmuls(dtype: str, cfg: BertConfig, batch: int, seq: int):
     of values per head, chained with nothing between them (no bias, softmax, norm, activation or
     dropout), and their gradients with respect to the input and every weight: (jitted function,
     its arguments, its FLOPs). Its rate says what the student's matmul shapes reach on this
-    device with nothing else in the way, beside `gemm_rate`'s one large square GEMM: the rate
-    the step's matmuls could reach if nothing else took time (the teacher's forward-only
-    matmuls have the same shapes).
+    device with nothing else in the way, beside `gemm_rate`'s one large square GEMM (the
+    teacher's forward-only matmuls share these shapes but not the forward/backward mix).
     """
     operand = DTYPES[dtype]
     H, I, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
