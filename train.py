@@ -7,4 +7,4 @@ import sys
 from jaxkd.launch import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(reexec=True))

@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import hf, inference, sharding, steps, tasks
+from jaxkd import hf, hostenv, inference, sharding, steps, tasks
 from jaxkd.losses import LossConfig
 from jaxkd.model import DTYPES, BertConfig, HeadConfig, ModelConfig, einsum, init_params
 from jaxkd.optim import OptimConfig, make_optimizer
@@ -1006,8 +1006,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def runs_jaxkd_steps(a: argparse.Namespace) -> bool:
+    """Whether this command times jaxkd in this process (a --vs-torch parent only starts children)."""
+    return ((a.command == "step" and not a.vs_torch) or a.command == "mfu"
+            or (a.command == "epoch" and a.impl == "jaxkd"))
+
+
+def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
+    """`reexec`: this is the process's entry point, free to re-execute itself with huge pages
+    for XLA's CPU buffers (jaxkd.hostenv) when it times jaxkd, as train.py does. PyTorch runs
+    keep the environment they were given."""
     a = parser().parse_args(argv)
+    if reexec and runs_jaxkd_steps(a):
+        hostenv.reexec_with_huge_pages()
     if getattr(a, "profile", None) is not None and "xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
         # XLA's CPU backend names its ops in traces only with this flag; it is read when the
         # backend starts, so it has no effect if this process has already used JAX.
@@ -1032,4 +1043,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(reexec=True))

@@ -17,27 +17,29 @@ from collections.abc import Callable, Sequence
 EXIT_USAGE = 2
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], reexec: bool) -> int:
     from jaxkd import launch
-    return launch.main(argv)
+    return launch.main(argv, reexec=reexec)
 
 
-def _predict(argv: list[str]) -> int:
+def _predict(argv: list[str], reexec: bool) -> int:
     from jaxkd import predict
     return predict.main(argv, prog="jaxkd predict")
 
 
-def _evaluate(argv: list[str]) -> int:
+def _evaluate(argv: list[str], reexec: bool) -> int:
     from jaxkd import evaluate
     return evaluate.main(argv, prog="jaxkd evaluate")
 
 
-def _bench(argv: list[str]) -> int:
+def _bench(argv: list[str], reexec: bool) -> int:
     from jaxkd import bench
-    return bench.main(argv)
+    return bench.main(argv, reexec=reexec)
 
 
-COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+# Each command gets its arguments, and whether it may re-execute the process (jaxkd.hostenv):
+# only when `jaxkd` itself is the program, never when main() is called with an argv.
+COMMANDS: dict[str, tuple[Callable[[list[str], bool], int], str]] = {
     "train": (_train, "distil a teacher into a student (train.py)"),
     "predict": (_predict, "predictions of an exported classifier, one JSON line per row"),
     "evaluate": (_evaluate, "task metrics of an exported classifier on labelled data"),
@@ -55,6 +57,7 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    reexec = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print(usage(), file=sys.stderr)
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxkd: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        code = COMMANDS[command][0](rest)
+        code = COMMANDS[command][0](rest, reexec)
     except SystemExit as stop:  # argparse inside a command: --help (0) or a usage error (2)
         if stop.code is not None and not isinstance(stop.code, int):
             print(stop.code, file=sys.stderr)

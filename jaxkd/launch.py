@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from jaxkd import hostenv
+
 
 def _quiet_libraries() -> None:
     """A run prints its own lines only: no notices from libraries at import or load time."""
@@ -35,7 +37,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, reexec: bool = False) -> int:
+    """`reexec`: this is the process's entry point, free to re-execute itself first with huge
+    pages for XLA's CPU buffers (jaxkd.hostenv)."""
+    if reexec:
+        hostenv.reexec_with_huge_pages()
     _quiet_libraries()
     from jaxkd import config as config_lib
     from jaxkd.data import DataError
@@ -43,6 +49,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _quiet_libraries()
+    if reexec:
+        logging.getLogger("jaxkd").info("host memory: %s", hostenv.describe())
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
         if cfg.distributed.cpu_devices:
