@@ -74,7 +74,8 @@ def reexec_with_huge_pages() -> None:
     Call it first thing in a program's entry point, before JAX starts a backend: nothing done
     before it survives the exec.
     """
-    if sys.platform != "linux":
+    # A program read from stdin ("-") or typed at the prompt ("") cannot be run again.
+    if sys.platform != "linux" or sys.argv[0] in ("", "-"):
         return
     env = huge_page_environ(os.environ, thp_mode(), platform.libc_ver(), has_accelerator_plugin())
     if env is None:

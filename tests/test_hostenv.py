@@ -113,3 +113,13 @@ def test_the_opt_out_runs_once_without_huge_pages():
     lines = _run_child({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert len([line for line in lines if line.startswith("pid ")]) == 1, lines
     assert "huge_kb 0" in lines, lines
+
+
+@needs_madvise_thp
+def test_a_program_read_from_stdin_is_not_run_twice():
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-"], input=_CHILD, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split("\n")
+    assert len([line for line in out if line.startswith("pid ")]) == 1, out
+    assert "tunables " in out, out
