@@ -19,6 +19,7 @@ import collections
 import csv
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 import pathlib
@@ -263,6 +264,16 @@ def profile_step(p: Prepared, setup: StepSetup, directory: pathlib.Path, steps_t
         print(f"  {secs:8.4f}  {name}")
 
 
+def params_digest(params: Any) -> str:
+    """12 hex digits of a SHA-1 over every parameter's bytes. Two runs of the same flags that
+    print the same digest computed the same numbers: how an XLA flag or an environment change
+    (jaxkd.hostenv) is shown to leave the step's results alone."""
+    digest = hashlib.sha1()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()[:12]
+
+
 def run_step(setup: StepSetup, breakdown: bool, profile: pathlib.Path | None = None) -> float:
     t0 = time.perf_counter()
     p = prepare_step(setup)
@@ -272,6 +283,7 @@ def run_step(setup: StepSetup, breakdown: bool, profile: pathlib.Path | None = N
           f"batch={setup.batch} seq={setup.seq} student_layers={setup.student_layers} "
           f"dtype={setup.dtype} rng={setup.rng_impl} min={min(times):.4f}s "
           f"(setup+compile+timing {time.perf_counter() - t0:.1f}s)")
+    print(f"params after {setup.warmup + setup.steps} steps: sha1 {params_digest(p.state.params)}")
     if breakdown:
         parts = time_parts(p, setup)
         print("breakdown (median s): " + " ".join(f"{k}={v:.4f}" for k, v in parts.items()))

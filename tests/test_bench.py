@@ -137,6 +137,26 @@ def test_step_and_breakdown_cli(tiny_teacher, capsys):
     assert float(out.strip().splitlines()[-1]) > 0
 
 
+def test_params_digest_changes_with_one_bit():
+    params = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.ones(4, np.float32)}}
+    same = jax.tree.map(np.copy, params)
+    assert bench.params_digest(params) == bench.params_digest(same)
+    flipped = jax.tree.map(np.copy, params)
+    flipped["b"]["c"].view(np.uint32)[2] ^= 1  # the lowest mantissa bit of one element
+    assert bench.params_digest(flipped) != bench.params_digest(params)
+
+
+def test_step_prints_the_same_digest_for_the_same_flags(tiny_teacher, capsys):
+    """The digest that shows a flag or environment leaves the results alone is reproducible."""
+    digests = []
+    for steps in ("2", "2", "3"):
+        bench.main(["step", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",
+                    "--seq", "8", "--steps", steps, "--warmup", "1"])
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("params after"))
+        digests.append(line.split()[-1])
+    assert digests[0] == digests[1] != digests[2]
+
+
 def test_mfu_cli_with_peak_override(tiny_teacher, capsys):
     bench.main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",
                 "--seq", "8", "--steps", "2", "--warmup", "1", "--dtype", "float32",
