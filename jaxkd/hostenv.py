@@ -6,9 +6,9 @@ fresh mmap and unmaps them on free, so each step faults those pages in again, 4 
 and the kernel zeroes each one. glibc >= 2.35 can advise transparent huge pages for such blocks
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`); with the kernel's THP mode "madvise", the usual one,
 only advised memory gets them. The distillation step on SST-2's short batches then ran about a
-quarter faster on a 2-core CPU (docs/performance.md). glibc reads tunables only at start-up, so
-the entry points (`train.py`, `python -m jaxkd.bench`) re-execute themselves with it before
-they use JAX; the process keeps its PID, arguments and other environment.
+quarter faster on a 2-core CPU (docs/performance.md). glibc reads tunables only at start-up,
+so the entry points (`train.py`, `jaxkd train`, `python -m jaxkd.bench`) re-execute themselves
+with it before they use JAX; the process keeps its PID, arguments and other environment.
 
 Left alone: a GLIBC_TUNABLES that already sets glibc.malloc.hugetlb (`...=0` turns this off), a
 THP mode other than "madvise" ("always" needs no advice, "never" takes none), libcs other than
@@ -47,13 +47,22 @@ def glibc_supports_hugetlb(libc: tuple[str, str]) -> bool:
         return False
 
 
+def tunable_value(environ: Mapping[str, str]) -> str | None:
+    """glibc.malloc.hugetlb's value in GLIBC_TUNABLES (name=value pairs joined by ":"), or None."""
+    for tunable in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = tunable.partition("=")
+        if name == TUNABLE:
+            return value
+    return None
+
+
 def huge_page_environ(environ: Mapping[str, str], mode: str | None, libc: tuple[str, str],
                       accelerator: bool) -> dict[str, str] | None:
     """The environment to re-execute with, or None when the tunable would change nothing."""
-    tunables = environ.get("GLIBC_TUNABLES", "")
     if (mode != "madvise" or accelerator or not glibc_supports_hugetlb(libc)
-            or any(t.split("=")[0] == TUNABLE for t in tunables.split(":"))):
+            or tunable_value(environ) is not None):
         return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))}
 
 
@@ -63,8 +72,8 @@ def has_accelerator_plugin() -> bool:
 
 def describe(environ: Mapping[str, str] = os.environ) -> str:
     """One line for a run's log: the tunable as this process has it, and the kernel's THP mode."""
-    value = next((t.split("=", 1)[-1] for t in environ.get("GLIBC_TUNABLES", "").split(":")
-                  if t.split("=")[0] == TUNABLE), "unset")
+    value = tunable_value(environ)
+    value = "unset" if value is None else value
     return f"{TUNABLE}={value}, transparent huge pages {thp_mode() or 'unknown'}"
 
 

@@ -84,18 +84,24 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _run_child(environ_extra: dict[str, str]) -> list[str]:
+def _child_env(environ_extra: dict[str, str]) -> dict[str, str]:
+    """This environment without the tunable (unless given), with the checkout importable."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env.update(environ_extra, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    return env
+
+
+def _run_child(environ_extra: dict[str, str]) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", _CHILD], env=_child_env(environ_extra),
+                         capture_output=True, text=True, timeout=120, check=True).stdout
     return out.split("\n")
 
 
 needs_madvise_thp = pytest.mark.skipif(
     sys.platform != "linux" or hostenv.thp_mode() != "madvise"
     or not hostenv.glibc_supports_hugetlb(platform.libc_ver()) or hostenv.has_accelerator_plugin(),
-    reason="needs Linux, glibc >= 2.35, transparent huge pages in madvise mode and no accelerator plugin")
+    reason="needs Linux, glibc >= 2.35, transparent huge pages in madvise mode and no "
+           "accelerator plugin")
 
 
 @needs_madvise_thp
@@ -117,9 +123,7 @@ def test_the_opt_out_runs_once_without_huge_pages():
 
 @needs_madvise_thp
 def test_a_program_read_from_stdin_is_not_run_twice():
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-"], input=_CHILD, env=env, capture_output=True,
-                         text=True, timeout=120, check=True).stdout.split("\n")
+    out = subprocess.run([sys.executable, "-"], input=_CHILD, env=_child_env({}),
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
     assert len([line for line in out if line.startswith("pid ")]) == 1, out
     assert "tunables " in out, out
