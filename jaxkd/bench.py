@@ -41,7 +41,8 @@ from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
 from jaxkd import hf, hostenv, inference, sharding, steps, tasks
 from jaxkd.losses import LossConfig
-from jaxkd.model import DTYPES, BertConfig, HeadConfig, ModelConfig, einsum, init_params
+from jaxkd.model import (DTYPES, BertConfig, HeadConfig, ModelConfig, default_head_kind, einsum,
+                         init_params)
 from jaxkd.optim import OptimConfig, make_optimizer
 from jaxkd.student import student_from_teacher
 
@@ -98,8 +99,10 @@ def spread_layers(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
     return tuple(i * teacher_layers // student_layers for i in range(student_layers))
 
 
-def load_teacher(spec: str, dtype: str, head: HeadConfig = HeadConfig()) -> tuple[ModelConfig, dict]:
-    """A checkpoint (fresh classifier head: a speed benchmark needs no fine-tuned teacher)."""
+def load_teacher(spec: str, dtype: str, head: HeadConfig | None = None) -> tuple[ModelConfig, dict]:
+    """A checkpoint (fresh classifier head: a speed benchmark needs no fine-tuned teacher); the
+    default head is `model.default_head_kind()`'s with 2 labels."""
+    head = head or HeadConfig(default_head_kind())
     if spec == RANDOM_BASE:
         cfg = ModelConfig(BertConfig(dtype=dtype), head)
         return cfg, init_params(cfg, jax.random.key(0))

@@ -25,8 +25,7 @@ import numpy as np
 
 from jaxkd import families
 from jaxkd.families import CheckpointError
-from jaxkd.families.base import HEAD_SUFFIXES
-from jaxkd.model import DTYPES, BertConfig, HeadConfig, Model, ModelConfig
+from jaxkd.model import DTYPES, HEADS, BertConfig, HeadConfig, Model, ModelConfig, default_head_kind, head_spec
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def architecture(config: ModelConfig | Mapping, kind: str | None = None) -> str:
 def checkpoint_head_kind(hf_config_or_dict: Any) -> str | None:
     """The head kind of a checkpoint by its architecture; None for a bare or pretraining model."""
     archs = _as_dict(hf_config_or_dict).get("architectures") or []
-    kinds = [kind for kind, suffix in HEAD_SUFFIXES.items() if any(a.endswith(suffix) for a in archs)]
+    kinds = [kind for kind, spec in HEADS.items() if any(a.endswith(spec.hf_suffix) for a in archs)]
     return kinds[0] if kinds else None
 
 
@@ -85,12 +84,13 @@ def checkpoint_num_labels(hf_config_or_dict: Any) -> int:
 
 def head_from_hf(hf_config_or_dict: Any, kind: str | None = None,
                  num_labels: int | None = None) -> HeadConfig:
-    """The checkpoint's head (its architecture's kind, else `sequence`), or the one asked for,
-    as its family computes it."""
+    """The checkpoint's head (its architecture's kind, else `model.default_head_kind()`), or the
+    one asked for, as its family computes it."""
     d = _as_dict(hf_config_or_dict)
-    kind = kind or checkpoint_head_kind(d) or "sequence"
-    if kind == "span":  # start and end, whatever the config's label bookkeeping says
-        num_labels = 2
+    kind = kind or checkpoint_head_kind(d) or default_head_kind()
+    fixed = head_spec(kind).num_labels
+    if fixed is not None:  # e.g. start and end, whatever the config's label bookkeeping says
+        num_labels = fixed
     return families.of_hf(d).head_from_hf(
         d, kind, checkpoint_num_labels(d) if num_labels is None else num_labels)
 
@@ -113,8 +113,8 @@ def config_to_hf(config: ModelConfig, id2label: Mapping[int, str] | Sequence[str
     family.check(config.encoder)
     head = config.head
     labels = _id2label(head.num_labels, id2label)
-    if head.kind == "sequence":
-        problem = "regression" if head.num_labels == 1 else "single_label_classification"
+    if head.spec.single_output_regression:
+        problem = "regression" if head.regression else "single_label_classification"
     else:
         problem = None
     return {
@@ -260,8 +260,9 @@ def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
     """(ModelConfig, params) from a Hugging Face checkpoint directory or Hub id of a supported
     family (`jaxkd.families`: bert, roberta, xlm-roberta, distilbert, electra).
 
-    head: None keeps the checkpoint's head kind (its architecture; `sequence` for a bare or
-    pretraining model); a kind (`sequence`, `token`) or a HeadConfig asks for that head, which
+    head: None keeps the checkpoint's head kind (its architecture; `model.default_head_kind()`,
+    the sentence classifier's, for a bare or pretraining model); a kind (a key of
+    `jaxkd.model.HEADS`) or a HeadConfig asks for that head, which
     is fresh when the checkpoint's architecture has another. num_labels: None keeps the
     checkpoint's label count; a different explicit value replaces the classifier with a fresh
     one. rng seeds fresh heads (default key 0). dtype sets the compute dtype; params stay fp32.
@@ -312,7 +313,7 @@ def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_he
         raise CheckpointError(f"checkpoint has keys that are not part of a {family.name} model: "
                               f"{unexpected}")
 
-    modules = [m for m, _ in family.head_modules[cfg.head.kind]]
+    modules = [m for m, _ in cfg.head.spec.modules(family.base)]
     fresh = [m for m in modules if f"{_module_prefix(names, m)}.weight" not in tensors]
     if "classifier" in modules and "classifier" not in fresh:
         classifier = names[("head", "classifier", "kernel")][0]

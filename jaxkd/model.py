@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -124,31 +125,83 @@ class BertConfig:
 
 
 
-# Head kinds: what a head computes from the encoder's last hidden states.
-#   sequence  pooler (dense + activation on the first token) and a classifier: [B, C]; C = 1 is a
-#             regression. Each family's head is this one: BERT's pooler + classifier (tanh),
-#             RoBERTa's dense + out_proj (tanh), ELECTRA's (gelu), DistilBERT's pre_classifier (relu).
-#   token     a classifier on every token: [B, L, C]
-#   span      start and end scores of every token (extractive QA): [B, L, 2]
-HEAD_KINDS = ("sequence", "token", "span")
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """What a head kind is: one descriptor per kind, written by the task kind that owns it
+    (`jaxkd.tasks.<kind>.HEAD`) and registered in `HEADS`; the model, the family adapters and
+    the Hugging Face names read it from there.
+
+    module        the Flax module: `module(encoder: BertConfig, head: HeadConfig)` maps the
+                  encoder's last hidden states [B, L, H] to logits
+    hf_suffix     the transformers class is the family's prefix and this ("ForTokenClassification")
+    hf_modules    family base ("bert", "roberta", ...; "*" for every other) -> ((Flax module under
+                  "head", checkpoint module), ...): where the head's dense layers live
+    reads_cls_only   the head reads the first position alone (the last layer may skip the rest)
+    num_labels    a fixed output count (start and end: 2), or None for any
+    single_output_regression   one output means a regression (MSE, problem_type "regression")
+    dropout_keys  family base -> the config.json key of the head's dropout (None: the encoder's
+                  hidden dropout); "classifier_dropout" where the base is not named
+    """
+
+    kind: str
+    module: Any
+    hf_suffix: str
+    hf_modules: Mapping[str, tuple[tuple[str, str], ...]]
+    reads_cls_only: bool = False
+    num_labels: int | None = None
+    single_output_regression: bool = False
+    dropout_keys: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+
+    def modules(self, base: str) -> tuple[tuple[str, str], ...]:
+        """The head's (Flax module, checkpoint module) pairs in the family whose base is `base`."""
+        return self.hf_modules.get(base, self.hf_modules.get("*", ()))
+
+    def dropout_key(self, base: str) -> str | None:
+        return self.dropout_keys.get(base, "classifier_dropout")
+
+
+# Head kind -> its descriptor, filled by the task kinds when `jaxkd.tasks` is imported (which
+# importing any part of jaxkd does). The first one registered with default=True is the head of
+# a checkpoint that has none (a bare encoder).
+HEADS: dict[str, HeadSpec] = {}
+_DEFAULT_HEAD: list[str] = []
+
+
+def register_head(spec: HeadSpec, default: bool = False) -> HeadSpec:
+    HEADS[spec.kind] = spec
+    if default and not _DEFAULT_HEAD:
+        _DEFAULT_HEAD.append(spec.kind)
+    return spec
+
+
+def head_spec(kind: str) -> HeadSpec:
+    """The descriptor of a head kind, or a ValueError naming the known ones."""
+    if kind not in HEADS:
+        raise ValueError(f"head kind {kind!r} is not one of {sorted(HEADS)}")
+    return HEADS[kind]
+
+
+def default_head_kind() -> str:
+    """The head kind given to a checkpoint that has no head of its own."""
+    return _DEFAULT_HEAD[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-    """The task head on top of the encoder."""
+    """The task head on top of the encoder; `kind` is a key of `HEADS`."""
 
-    kind: str = "sequence"
+    kind: str
     num_labels: int = 2
     dropout: float | None = None  # None: the encoder's hidden_dropout, as in transformers
-    pooler_activation: str = "tanh"  # sequence heads: after the pooler's dense layer
+    pooler_activation: str = "tanh"  # heads with a pooler: after its dense layer
 
     def __post_init__(self):
-        if self.kind not in HEAD_KINDS:
-            raise ValueError(f"HeadConfig.kind {self.kind!r} is not one of {list(HEAD_KINDS)}")
+        spec = head_spec(self.kind)
         if not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"HeadConfig.num_labels must be a positive integer, got {self.num_labels!r}")
-        if self.kind == "span" and self.num_labels != 2:
-            raise ValueError(f"a span head scores start and end: num_labels must be 2, got {self.num_labels}")
+        if spec.num_labels is not None and self.num_labels != spec.num_labels:
+            raise ValueError(f"a {self.kind} head has {spec.num_labels} outputs: num_labels must be "
+                             f"{spec.num_labels}, got {self.num_labels}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"HeadConfig.dropout must be in [0, 1) or None, got {self.dropout}")
         if self.pooler_activation not in POOLER_ACTIVATIONS:
@@ -156,9 +209,18 @@ class HeadConfig:
                              f"use one of {sorted(POOLER_ACTIVATIONS)}")
 
     @property
+    def spec(self) -> HeadSpec:
+        return HEADS[self.kind]
+
+    @property
     def reads_cls_only(self) -> bool:
         """Whether the head reads the [CLS] position alone (then the last layer may skip the rest)."""
-        return self.kind == "sequence"
+        return self.spec.reads_cls_only
+
+    @property
+    def regression(self) -> bool:
+        """The one place regression is decided: a head kind that allows it, with one output."""
+        return self.spec.single_output_regression and self.num_labels == 1
 
 
 _ENCODER_FIELDS = frozenset(f.name for f in dataclasses.fields(BertConfig))
@@ -169,8 +231,8 @@ _HEAD_FIELDS = frozenset(f.name for f in dataclasses.fields(HeadConfig))
 class ModelConfig:
     """An encoder and its head: what teacher and student each are."""
 
-    encoder: BertConfig = BertConfig()
-    head: HeadConfig = HeadConfig()
+    encoder: BertConfig
+    head: HeadConfig
 
     def replace(self, **changes) -> "ModelConfig":
         """Change encoder or head fields by name (the two sets of names do not overlap)."""
@@ -289,7 +351,7 @@ class Dense(nn.Module):
         return einsum(_dense_spec(x.ndim), x, kernel, dtype) + bias.astype(jnp.float32)
 
 
-def _dense(cfg: BertConfig, features: int, name: str, dtype=None) -> Dense:
+def dense(cfg: BertConfig, features: int, name: str, dtype=None) -> Dense:
     return Dense(features, cfg, dtype, name=name)
 
 
@@ -365,7 +427,7 @@ class Embeddings(nn.Module):
         if cfg.embedding_width == cfg.hidden_size:
             return x_BxLxE
         # fp32 like the LayerNorm outputs: this is the residual stream's start.
-        return _dense(cfg, cfg.hidden_size, "embeddings_project", dtype=jnp.float32)(x_BxLxE)
+        return dense(cfg, cfg.hidden_size, "embeddings_project", dtype=jnp.float32)(x_BxLxE)
 
 
 class Attention(nn.Module):
@@ -379,7 +441,7 @@ class Attention(nn.Module):
 
         def heads(name, x_BxTxH):
             # The projections' fp32 results are only multiplied next: cast them once, here.
-            y = _dense(cfg, cfg.hidden_size, name)(x_BxTxH).astype(cd)
+            y = dense(cfg, cfg.hidden_size, name)(x_BxTxH).astype(cd)
             return y.reshape(*x_BxTxH.shape[:2], N, D).transpose(0, 2, 1, 3)
 
         # One cast of the (fp32) residual stream serves all three projections.
@@ -407,11 +469,11 @@ class Layer(nn.Module):
         xq_BxQxH = x_BxLxH if queries is None else x_BxLxH[:, :queries]
         ctx_BxQxH, extras = Attention(cfg, name="attention")(xq_BxQxH, x_BxLxH, bias_Bx1x1xL,
                                                              deterministic)
-        y = drop(_dense(cfg, cfg.hidden_size, "attention_output")(ctx_BxQxH), deterministic=deterministic)
+        y = drop(dense(cfg, cfg.hidden_size, "attention_output")(ctx_BxQxH), deterministic=deterministic)
         xq_BxQxH = _layer_norm(cfg, "attention_LayerNorm")(xq_BxQxH + y)
-        h_BxQxF = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(xq_BxQxH))
+        h_BxQxF = ACTIVATIONS[cfg.hidden_act](dense(cfg, cfg.intermediate_size, "intermediate")(xq_BxQxH))
         h_BxQxF = h_BxQxF.astype(cfg.compute_dtype)  # the activation in fp32, its product in bf16
-        y = drop(_dense(cfg, cfg.hidden_size, "output")(h_BxQxF), deterministic=deterministic)
+        y = drop(dense(cfg, cfg.hidden_size, "output")(h_BxQxF), deterministic=deterministic)
         return _layer_norm(cfg, "output_LayerNorm")(xq_BxQxH + y), extras
 
 
@@ -453,54 +515,12 @@ class Encoder(nn.Module):
         )
 
 
-class SequenceHead(nn.Module):
-    """BertForSequenceClassification's head: act(dense([CLS])) -> dropout -> classifier, act the
-    head's pooler_activation (tanh for BERT and RoBERTa, gelu for ELECTRA, relu for DistilBERT)."""
-
-    encoder: BertConfig
-    head: HeadConfig
-
-    @nn.compact
-    def __call__(self, x_BxQxH, deterministic: bool):
-        cfg = self.encoder
-        act = POOLER_ACTIVATIONS[self.head.pooler_activation]
-        pooled_BxH = act(_dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxQxH[:, 0]))
-        pooled_BxH = Dropout(_head_dropout(cfg, self.head))(pooled_BxH, deterministic=deterministic)
-        return _dense(cfg, self.head.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
-
-
-class TokenHead(nn.Module):
-    """BertForTokenClassification's head: dropout -> classifier on every token."""
-
-    encoder: BertConfig
-    head: HeadConfig
-
-    @nn.compact
-    def __call__(self, x_BxLxH, deterministic: bool):
-        x_BxLxH = Dropout(_head_dropout(self.encoder, self.head))(x_BxLxH, deterministic=deterministic)
-        return _dense(self.encoder, self.head.num_labels, "classifier", dtype=jnp.float32)(x_BxLxH)
-
-
-class SpanHead(nn.Module):
-    """BertForQuestionAnswering's head: `qa_outputs` gives start and end scores per token."""
-
-    encoder: BertConfig
-    head: HeadConfig
-
-    @nn.compact
-    def __call__(self, x_BxLxH, deterministic: bool):
-        return _dense(self.encoder, 2, "qa_outputs", dtype=jnp.float32)(x_BxLxH)
-
-
-HEADS = {"sequence": SequenceHead, "token": TokenHead, "span": SpanHead}
-
-
-def _head_dropout(cfg: BertConfig, head: HeadConfig) -> float:
+def head_dropout(cfg: BertConfig, head: HeadConfig) -> float:
     return cfg.hidden_dropout if head.dropout is None else head.dropout
 
 
 class Model(nn.Module):
-    """Encoder + task head; `config.head.kind` picks the head."""
+    """Encoder + task head; `config.head.kind` picks the head (its `HeadSpec.module`)."""
 
     config: ModelConfig
 
@@ -518,8 +538,8 @@ class Model(nn.Module):
             input_ids, attention_mask, token_type_ids, deterministic=deterministic,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             output_values=output_values, last_layer_queries=1 if cls_only else None)
-        logits = HEADS[cfg.head.kind](cfg.encoder, cfg.head, name="head")(enc.last_hidden_state,
-                                                                            deterministic)
+        logits = cfg.head.spec.module(cfg.encoder, cfg.head, name="head")(enc.last_hidden_state,
+                                                                           deterministic)
         return ModelOutput(logits=logits.astype(jnp.float32), hidden_states=enc.hidden_states,
                            attention_scores=enc.attention_scores,
                            attention_probs=enc.attention_probs, values=enc.values)

@@ -70,7 +70,7 @@ def test_spread_layers_like_distilbert():
 
 def test_flops_match_an_enumeration_of_every_matmul():
     cfg = ModelConfig(BertConfig(hidden_size=24, num_layers=3, num_heads=4, intermediate_size=40),
-                      HeadConfig(num_labels=3))
+                      HeadConfig("sequence", num_labels=3))
     B, L, H, N, I = 5, 7, 24, 4, 40
     D, tokens = H // N, B * L
     per_layer = (4 * 2 * tokens * H * H  # q, k, v, attention output

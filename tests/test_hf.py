@@ -235,7 +235,7 @@ def test_head_size_mismatch(tmp_path):
 def test_config_round_trip_and_activation_names():
     cfg = ModelConfig(BertConfig(vocab_size=60, hidden_size=16, num_layers=2, num_heads=4,
                                  intermediate_size=24, hidden_act="gelu_tanh"),
-                      HeadConfig(num_labels=1, dropout=0.2))
+                      HeadConfig("sequence", num_labels=1, dropout=0.2))
     d = hf.config_to_hf(cfg)
     assert d["hidden_act"] == "gelu_new" and d["problem_type"] == "regression"
     assert d["architectures"] == ["BertForSequenceClassification"] and d["id2label"] == {"0": "LABEL_0"}

@@ -431,7 +431,7 @@ def test_intermediate_loss_missing_output_and_projection():
 def test_total_loss_on_model_outputs():
     model = pytest.importorskip("jaxkd.model")
     small = dict(vocab_size=50, intermediate_size=16, max_position_embeddings=L)
-    head = model.HeadConfig(num_labels=C)
+    head = model.HeadConfig("sequence", num_labels=C)
     s_cfg = model.ModelConfig(model.BertConfig(num_layers=2, hidden_size=8, num_heads=2, **small), head)
     t_cfg = model.ModelConfig(model.BertConfig(num_layers=4, hidden_size=16, num_heads=2, **small), head)
     s_params = model.init_params(s_cfg, jax.random.key(0))

@@ -8,7 +8,7 @@ from jaxkd.hf import save_hf
 from jaxkd.model import Bert, BertConfig, HeadConfig, ModelConfig, apply_model, init_params
 
 TINY = ModelConfig(BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4,
-                              intermediate_size=32, max_position_embeddings=24), HeadConfig(num_labels=3))
+                              intermediate_size=32, max_position_embeddings=24), HeadConfig("sequence", num_labels=3))
 
 
 def _noisy(params, seed=1, scale=0.2):

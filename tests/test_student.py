@@ -9,7 +9,7 @@ from jaxkd.student import student_from_pretrained, student_from_shape, student_f
 
 TEACHER = ModelConfig(BertConfig(vocab_size=40, hidden_size=16, num_layers=6, num_heads=4,
                                  intermediate_size=32, max_position_embeddings=16,
-                                 hidden_act="gelu_tanh"), HeadConfig(num_labels=3))
+                                 hidden_act="gelu_tanh"), HeadConfig("sequence", num_labels=3))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ModelConfig(BertConfig(vocab_size=30522, hidden_size=32, num_layers=4, num_heads=4,
                               intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.0,
-                              attention_dropout=0.0), HeadConfig(num_labels=2))
+                              attention_dropout=0.0), HeadConfig("sequence", num_labels=2))
 
 
 @pytest.fixture(scope="module")

@@ -244,7 +244,7 @@ def _log_softmax(x):
 @pytest.mark.parametrize("regression", [False, True])
 def test_transfer_rows_weigh_zero_in_the_hard_loss_and_fully_in_kd(regression):
     num_labels = 1 if regression else 3
-    cfg = ModelConfig(SMALL, HeadConfig(num_labels=num_labels))
+    cfg = ModelConfig(SMALL, HeadConfig("sequence", num_labels=num_labels))
     labelled = mp_data.synthetic_encoded(29)
     if regression:
         labelled = data.Encoded(labelled.input_ids, labelled.token_type_ids, labelled.offsets,

@@ -12,7 +12,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from jaxkd.model import BertConfig, HeadConfig, ModelConfig
+from jaxkd.model import HEADS, BertConfig, HeadConfig, ModelConfig, head_spec
 
 # Flax path -> (Hugging Face tensor name, transpose?); PyTorch Linear.weight is [out, in].
 Names = dict[tuple[str, ...], tuple[str, bool]]
@@ -22,9 +22,6 @@ ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
                "gelu_tanh": "gelu_tanh", "relu": "relu"}
 ACT_TO_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_tanh": "gelu_new",
              "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
-# transformers class names are the family's prefix and these.
-HEAD_SUFFIXES = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification",
-                 "span": "ForQuestionAnswering"}
 
 
 class CheckpointError(ValueError):
@@ -92,10 +89,6 @@ class Family:
     name: ClassVar[str]  # for messages: "BERT", "RoBERTa"
     base: ClassVar[str]  # the base model's attribute in the *For* classes: "bert", "roberta"
     pooler_activation: ClassVar[str]  # the sequence head's activation after its dense layer
-    # Per head kind: (Flax module under "head", checkpoint module).
-    head_modules: ClassVar[Mapping[str, tuple[tuple[str, str], ...]]]
-    # Checkpoint modules of task heads: dropped when the checkpoint's head is of another kind.
-    task_heads: ClassVar[tuple[str, ...]]
     # Checkpoint modules that may be left unread (pretraining heads, an unused pooler).
     other_modules: ClassVar[tuple[str, ...]]
 
@@ -118,7 +111,8 @@ class Family:
 
     def head_dropout(self, d: Mapping, kind: str) -> float | None:
         """The head's dropout from config.json (None: the encoder's hidden dropout)."""
-        return d.get("classifier_dropout")
+        key = head_spec(kind).dropout_key(self.base)
+        return None if key is None else d.get(key)
 
     def load_tokenizer(self, directory: pathlib.Path, words: bool = False):
         """The checkpoint's tokenizer; `words`: it will be given pre-split words."""
@@ -129,7 +123,7 @@ class Family:
     # ------------------------------------------------------------------ shared
 
     def architecture(self, kind: str) -> str:
-        return f"{self.class_prefix}{HEAD_SUFFIXES[kind]}"
+        return f"{self.class_prefix}{head_spec(kind).hf_suffix}"
 
     def check(self, cfg: BertConfig) -> None:
         reasons = self.unsupported(cfg)
@@ -144,7 +138,7 @@ class Family:
     def param_names(self, config: ModelConfig) -> Names:
         """Flax path -> (name in the head's transformers class, transpose?)."""
         names = self.encoder_names(config.encoder)
-        for flax_module, hf in self.head_modules[config.head.kind]:
+        for flax_module, hf in config.head.spec.modules(self.base):
             names.update(dense(("head", flax_module), hf))
         return names
 
@@ -158,6 +152,14 @@ class Family:
         if key.startswith((f"{self.base}.", *self.task_heads, *self.other_modules)):
             return key
         return f"{self.base}.{key}"
+
+    @property
+    def task_heads(self) -> tuple[str, ...]:
+        """Checkpoint modules of task heads (from every head kind's names in this family):
+        dropped when the checkpoint's head is of another kind."""
+        prefixes = {hf.split(".")[0] + "." for spec in HEADS.values()
+                    for _, hf in spec.modules(self.base) if not hf.startswith(f"{self.base}.")}
+        return tuple(sorted(prefixes))
 
     @property
     def ignorable(self) -> tuple[str, ...]:

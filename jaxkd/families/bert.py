@@ -19,10 +19,6 @@ LAYER = {("attention", "query"): "attention.self.query", ("attention", "key"): "
          ("attention_LayerNorm",): "attention.output.LayerNorm",
          ("intermediate",): "intermediate.dense", ("output",): "output.dense",
          ("output_LayerNorm",): "output.LayerNorm"}
-# The classification head of RoBERTa, XLM-R and ELECTRA: dense + activation + out_proj.
-CLASSIFICATION_HEAD = {"sequence": (("pooler", "classifier.dense"), ("classifier", "classifier.out_proj")),
-                       "token": (("classifier", "classifier"),),
-                       "span": (("qa_outputs", "qa_outputs"),)}
 
 
 def encoder_from_hf(d: Mapping, family: str, **fields: Any) -> BertConfig:
@@ -100,10 +96,6 @@ class BertFamily(Family):
     name = "BERT"
     base = "bert"
     pooler_activation = "tanh"
-    head_modules = {"sequence": (("pooler", "bert.pooler.dense"), ("classifier", "classifier")),
-                    "token": (("classifier", "classifier"),),
-                    "span": (("qa_outputs", "qa_outputs"),)}
-    task_heads = ("classifier.", "qa_outputs.")
     other_modules = ("cls.", "bert.pooler.")
 
     def encoder_from_hf(self, d: Mapping) -> BertConfig:

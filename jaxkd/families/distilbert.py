@@ -23,10 +23,6 @@ class DistilBertFamily(Family):
     name = "DistilBERT"
     base = "distilbert"
     pooler_activation = "relu"
-    head_modules = {"sequence": (("pooler", "pre_classifier"), ("classifier", "classifier")),
-                    "token": (("classifier", "classifier"),),
-                    "span": (("qa_outputs", "qa_outputs"),)}
-    task_heads = ("pre_classifier.", "classifier.", "qa_outputs.")
     other_modules = ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.")
 
     def encoder_from_hf(self, d: Mapping) -> BertConfig:
@@ -69,9 +65,6 @@ class DistilBertFamily(Family):
             "initializer_range": cfg.initializer_range,
             "pad_token_id": cfg.pad_token_id,
         }
-
-    def head_dropout(self, d: Mapping, kind: str) -> float | None:
-        return d.get("seq_classif_dropout") if kind == "sequence" else None
 
     def unsupported(self, cfg: BertConfig) -> list[str]:
         reasons = []

@@ -19,8 +19,6 @@ class ElectraFamily(Family):
     name = "ELECTRA"
     base = "electra"
     pooler_activation = "gelu"  # ElectraClassificationHead: exact GELU where BERT has tanh
-    head_modules = bert.CLASSIFICATION_HEAD
-    task_heads = ("classifier.", "qa_outputs.")
     other_modules = ("discriminator_predictions.", "generator_predictions.", "generator_lm_head.")
 
     def encoder_from_hf(self, d: Mapping) -> BertConfig:

@@ -17,8 +17,6 @@ class RobertaFamily(Family):
     name = "RoBERTa"
     base = "roberta"
     pooler_activation = "tanh"
-    head_modules = bert.CLASSIFICATION_HEAD
-    task_heads = ("classifier.", "qa_outputs.")
     # The pooler of a bare RobertaModel was never trained (no next-sentence task) and no head reads it.
     other_modules = ("lm_head.", "roberta.pooler.")
 

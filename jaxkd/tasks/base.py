@@ -84,7 +84,7 @@ class Task:
     """
 
     type: ClassVar[str]
-    head_kind: ClassVar[str]  # jaxkd.model.HEAD_KINDS
+    head_kind: ClassVar[str]  # a key of jaxkd.model.HEADS (the kind module's HEAD)
     outputs_per_token: ClassVar[bool]  # model outputs [B, L, C] (stored flat [T, C]) vs [B, C]
     name: str
     label_names: tuple[str, ...]

@@ -19,13 +19,15 @@ import string
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd.data import DataConfig, DataError, Encoded
-from jaxkd.model import HeadConfig
+from jaxkd import model as model_lib
+from jaxkd.model import BertConfig, HeadConfig
 from jaxkd.tasks.base import BadRow, Objective, Problems, Task, TaskConfig
 
 TYPE = "question_answering"
@@ -81,6 +83,23 @@ class SpanObjective(Objective):
 
     def weights(self, batch) -> jax.Array:
         return jnp.broadcast_to(batch["weights"].astype(jnp.float32)[:, None], batch["labels"].shape)
+
+
+class SpanHead(nn.Module):
+    """BertForQuestionAnswering's head: `qa_outputs` gives start and end scores per token."""
+
+    encoder: BertConfig
+    head: HeadConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxH, deterministic: bool):
+        return model_lib.dense(self.encoder, 2, "qa_outputs", dtype=jnp.float32)(x_BxLxH)
+
+
+HEAD = model_lib.register_head(model_lib.HeadSpec(
+    kind="span", module=SpanHead, hf_suffix="ForQuestionAnswering",
+    hf_modules={"*": (("qa_outputs", "qa_outputs"),)}, num_labels=2,
+    dropout_keys={"distilbert": None}))
 
 
 def objective(head: HeadConfig) -> Objective:
@@ -148,7 +167,7 @@ class Examples:
 @dataclasses.dataclass(frozen=True)
 class QATask(Task):
     type: ClassVar[str] = TYPE
-    head_kind: ClassVar[str] = "span"
+    head_kind: ClassVar[str] = HEAD.kind
     outputs_per_token: ClassVar[bool] = True
 
     name: str

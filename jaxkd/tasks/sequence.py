@@ -10,12 +10,15 @@ import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd import metrics as metrics_lib
 from jaxkd.data import DataConfig, DataError, Encoded, Table
-from jaxkd.model import HeadConfig
+from jaxkd import model as model_lib
+from jaxkd.model import BertConfig, HeadConfig
 from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, infer_label_names,
                               label_id, label_key)
 
@@ -54,9 +57,36 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+class SequenceHead(nn.Module):
+    """BertForSequenceClassification's head: act(dense([CLS])) -> dropout -> classifier, act the
+    head's pooler_activation (tanh for BERT and RoBERTa, gelu for ELECTRA, relu for DistilBERT)."""
+
+    encoder: BertConfig
+    head: HeadConfig
+
+    @nn.compact
+    def __call__(self, x_BxQxH, deterministic: bool):
+        cfg = self.encoder
+        act = model_lib.POOLER_ACTIVATIONS[self.head.pooler_activation]
+        pooled_BxH = act(model_lib.dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxQxH[:, 0]))
+        pooled_BxH = model_lib.Dropout(model_lib.head_dropout(cfg, self.head))(
+            pooled_BxH, deterministic=deterministic)
+        return model_lib.dense(cfg, self.head.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
+
+
+# The classification head of RoBERTa, XLM-R and ELECTRA: dense + activation + out_proj.
+_CLASSIFICATION_HEAD = (("pooler", "classifier.dense"), ("classifier", "classifier.out_proj"))
+HEAD = model_lib.register_head(model_lib.HeadSpec(
+    kind="sequence", module=SequenceHead, hf_suffix="ForSequenceClassification",
+    hf_modules={"bert": (("pooler", "bert.pooler.dense"), ("classifier", "classifier")),
+                "distilbert": (("pooler", "pre_classifier"), ("classifier", "classifier")),
+                "*": _CLASSIFICATION_HEAD},
+    reads_cls_only=True, single_output_regression=True,
+    dropout_keys={"distilbert": "seq_classif_dropout"}), default=True)
+
+
 def objective(head: HeadConfig) -> Objective:
-    # The one place "regression" is decided: a sequence head with a single output.
-    return Objective(regression=head.num_labels == 1)
+    return Objective(regression=head.regression)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +115,7 @@ class SequenceTask(Task):
     """A resolved sentence(-pair) task: columns, labels and metrics."""
 
     type: ClassVar[str] = TYPE
-    head_kind: ClassVar[str] = "sequence"
+    head_kind: ClassVar[str] = HEAD.kind
     outputs_per_token: ClassVar[bool] = False
 
     name: str

@@ -11,11 +11,14 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd.data import DataConfig, DataError, Encoded
-from jaxkd.model import HeadConfig
+from jaxkd import model as model_lib
+from jaxkd.model import BertConfig, HeadConfig
 from jaxkd.tasks import entities as entities_lib
 from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, infer_label_names,
                               is_int, label_id, label_key)
@@ -50,6 +53,26 @@ PRESETS: dict[str, Preset] = {
     "conll2003": Preset(("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC",
                          "I-MISC"), tags="ner_tags", hub_dataset="conll2003"),
 }
+
+
+class TokenHead(nn.Module):
+    """BertForTokenClassification's head: dropout -> classifier on every token."""
+
+    encoder: BertConfig
+    head: HeadConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxH, deterministic: bool):
+        x_BxLxH = model_lib.Dropout(model_lib.head_dropout(self.encoder, self.head))(
+            x_BxLxH, deterministic=deterministic)
+        return model_lib.dense(self.encoder, self.head.num_labels, "classifier",
+                               dtype=jnp.float32)(x_BxLxH)
+
+
+HEAD = model_lib.register_head(model_lib.HeadSpec(
+    kind="token", module=TokenHead, hf_suffix="ForTokenClassification",
+    hf_modules={"*": (("classifier", "classifier"),)},
+    dropout_keys={"distilbert": None}))  # DistilBERT's token head uses its `dropout`
 
 
 def objective(head: HeadConfig) -> Objective:
@@ -102,7 +125,7 @@ class Examples:
 @dataclasses.dataclass(frozen=True)
 class TokenTask(Task):
     type: ClassVar[str] = TYPE
-    head_kind: ClassVar[str] = "token"
+    head_kind: ClassVar[str] = HEAD.kind
     outputs_per_token: ClassVar[bool] = True
 
     name: str
