@@ -3,7 +3,8 @@
 The public API, for use inside your own JAX code:
   models     BertConfig (the encoder), HeadConfig, ModelConfig, Model, ModelOutput, apply_model,
              init_params (Bert / BertOutput are the older names of Model / ModelOutput)
-  tasks      TaskConfig, resolve_task (sequence_classification, token_classification)
+  tasks      TaskConfig (the `task` section, typed per kind), task_config, resolve_task
+             (the kinds: jaxkd.tasks.KINDS)
   weights    load_hf, save_hf, student_from_teacher, student_from_shape, student_from_pretrained
   losses     LossConfig, kd_loss, ce_loss, mse_loss, logit_loss, intermediate_loss, total_loss, layer_map
   steps      TrainState, make_distill_step, make_finetune_step, make_logits_fn
@@ -20,7 +21,7 @@ from jaxkd.sharding import (global_batch, jit_distill_step, jit_finetune_step, m
                             shard_state)
 from jaxkd.steps import TrainState, make_distill_step, make_finetune_step, make_logits_fn
 from jaxkd.student import student_from_pretrained, student_from_shape, student_from_teacher
-from jaxkd.tasks import TaskConfig
+from jaxkd.tasks import TaskConfig, task_config
 from jaxkd.tasks import resolve as resolve_task
 
 __version__ = "0.1.0"

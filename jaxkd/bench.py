@@ -382,15 +382,15 @@ class EpochTask:
 
 
 EPOCH_TASKS = {
-    "sst2": EpochTask(tasks.TaskConfig(name="sst2"), SST2_TRAIN,
+    "sst2": EpochTask(tasks.task_config(name="sst2"), SST2_TRAIN,
                       "a TSV with columns sentence and label"),
     "conll2003": EpochTask(
-        tasks.TaskConfig(name="conll2003", type="token_classification"), CONLL_TRAIN,
+        tasks.task_config(name="conll2003", type="token_classification"), CONLL_TRAIN,
         "CoNLL columns (token ... tag, a blank line between sentences)"),
     # Windows of 384 tokens sharing 128 (a third, see EpochSetup), as transformers' SQuAD
     # example trains them.
     "squad": EpochTask(
-        tasks.TaskConfig(name="squad", type="question_answering"), SQUAD_TRAIN,
+        tasks.task_config(name="squad", type="question_answering"), SQUAD_TRAIN,
         "SQuAD v1.1 JSON (data -> paragraphs -> qas)", max_seq_len=384),
 }
 

@@ -19,7 +19,7 @@ from jaxkd.data import DataConfig, nearest
 from jaxkd.losses import LossConfig
 from jaxkd.optim import OptimConfig
 from jaxkd.student import EXPORT_AS
-from jaxkd.tasks import TaskConfig, check_transfer
+from jaxkd.tasks import KINDS, TaskConfig, check_transfer, task_config
 from jaxkd.transfer import AugmentConfig
 
 
@@ -160,7 +160,8 @@ class Config:
     # shapes loads the compiled steps instead of compiling them again. None: JAX's own setting
     # (off unless JAX_COMPILATION_CACHE_DIR is set). Trusted: share it only with trusted users.
     compilation_cache: str | None = None
-    task: TaskConfig = TaskConfig()
+    # Typed per kind: the class is chosen by task.type, else by the preset task.name.
+    task: TaskConfig = dataclasses.field(default_factory=task_config)
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
@@ -222,6 +223,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} is a section; give it as a mapping of keys, got {value!r}")
+        if hasattr(tp, "choose"):  # a section typed per kind: the mapping says which class
+            try:
+                tp = tp.choose(value)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from e
         return _build(tp, value, key)
     if tp is Any:
         return value
@@ -252,6 +258,8 @@ def _build(cls, mapping: dict, prefix: str = ""):
     for key, value in mapping.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            if hasattr(cls, "unknown_key"):
+                raise ConfigError(cls.unknown_key(str(key)))
             raise ConfigError(f"unknown config key {dotted!r}{_suggest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
@@ -354,7 +362,11 @@ def section_help() -> str:
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         tp = hints[f.name]
-        if _is_dataclass_type(tp):
+        if f.name == "task":
+            for type_, module in KINDS.items():
+                keys = [g.name for g in dataclasses.fields(module.CONFIG)]
+                lines.append(f"  task (type {type_}): {', '.join(keys)}")
+        elif _is_dataclass_type(tp):
             keys = [g.name for g in dataclasses.fields(tp)]
             lines.append(f"  {f.name}: {', '.join(keys)}")
         else:

@@ -35,34 +35,16 @@ __all__ = ["EXIT_USAGE", "evaluate_model", "label_order", "main"]
 def label_order(task, info, by_position: bool = False) -> np.ndarray | None:
     """Columns of the model's outputs in the task's label order (None: already in it); a
     `UsageError` when model and task do not predict the same thing."""
+    from jaxkd.data import DataError
+
     if task.head_kind != info.head_kind:
         raise UsageError(f"{info.directory} is a {info.architecture} but task {task.name!r} is "
                          f"{task.type}")
-    if info.head_kind == "sequence":
-        if task.is_regression != info.regression:
-            what = "a regression (one output)" if info.regression else \
-                f"a classifier over {len(info.label_names)} labels"
-            task_what = "a regression" if task.is_regression else "a classification"
-            raise UsageError(f"{info.directory} is {what} but task {task.name!r} is {task_what}")
-        if task.is_regression:
-            return None
-    if info.head_kind == "span":  # start and end scores: nothing to match by name
-        return None
-    model, wanted = list(info.label_names), list(task.label_names)
-    if by_position:
-        if len(model) != len(wanted):
-            raise UsageError(f"--by-position: the model has {len(model)} labels {model} but the "
-                             f"task has {len(wanted)} {wanted}")
-        return None
-    if model == wanted:
-        return None
-    if sorted(model) != sorted(wanted) or len(set(model)) != len(model):
-        raise UsageError(
-            f"the model's labels (id2label of {info.directory / 'config.json'}) are {model} but "
-            f"task {task.name!r} has {wanted}: they must be the same set of names (in any order). "
-            "Give the task's labels (--labels or task.labels), or pass --by-position if output i "
-            "means the task's label i")
-    return np.asarray([model.index(name) for name in wanted])
+    try:
+        return task.label_order(info.label_names, info.regression, str(info.directory),
+                                by_position)
+    except DataError as err:
+        raise UsageError(str(err)) from err
 
 
 def evaluate_model(model_dir, task, data_cfg, source: str, *, by_position: bool = False,
@@ -71,7 +53,7 @@ def evaluate_model(model_dir, task, data_cfg, source: str, *, by_position: bool 
     info = inspect_model(model_dir)
     order = label_order(task, info, by_position)
     examples = load_input(task, data_cfg, source, require_labels=True)
-    tokenizer = load_tokenizer(info, data_cfg.max_seq_len)
+    tokenizer = load_tokenizer(info, data_cfg.max_seq_len, words=task.pretokenized)
     model = load_model(info, tokenizer, dtype)
     encoded = task.encode(examples, tokenizer, data_cfg.max_seq_len)
     outputs = model_outputs(model, encoded, per_token=task.outputs_per_token,
@@ -90,16 +72,11 @@ def evaluate_model(model_dir, task, data_cfg, source: str, *, by_position: bool 
 
 
 def _with_model_labels(task_cfg, info):
-    """A custom task without label names takes the model's; a custom task on a regression
-    model without a metric is scored by Pearson's r."""
-    if task_cfg.name != "custom" or task_cfg.labels is not None or info.head_kind == "span":
-        return task_cfg
-    sequence = (task_cfg.type or "sequence_classification") == "sequence_classification"
-    if sequence and info.regression:
-        return task_cfg if task_cfg.metric else dataclasses.replace(task_cfg, metric="pearson")
-    if sequence and task_cfg.metric in ("pearson", "spearman"):
-        return task_cfg  # a regression task: the head check reports the mismatch
-    return dataclasses.replace(task_cfg, labels=info.label_names)
+    """A custom task without label names takes the model's (`with_model_labels` of its kind)."""
+    from jaxkd import tasks
+
+    return tasks.kind(task_cfg.type, task_cfg.name).with_model_labels(
+        task_cfg, info.label_names, info.regression)
 
 
 def _from_config(args, info):
@@ -124,16 +101,18 @@ def _from_config(args, info):
 
 
 def _from_flags(args, info):
+    from jaxkd import tasks
     from jaxkd.data import DataConfig
-    from jaxkd.tasks import TaskConfig
 
     if args.data is None:
         raise UsageError("--task needs --data FILE (the labelled examples)")
     keys = {k: getattr(args, k) for k in ("type", "text", "text_pair", "label", "tokens", "tags",
                                           "metric", "tag_scheme") if getattr(args, k) is not None}
+    if args.task == "custom" and "type" not in keys:  # a custom task is of the model's kind
+        keys["type"] = tasks.kind_of_head(info.head_kind).TYPE
     if args.labels is not None:
         keys["labels"] = tuple(x.strip() for x in args.labels.split(","))
-    task_cfg = TaskConfig(name=args.task, **keys)
+    task_cfg = tasks.task_config(name=args.task, **keys)
     data_cfg = DataConfig(max_seq_len=args.max_seq_len or 128, batch_size=args.batch_size or 32,
                           bucket_multiple=args.bucket_multiple or 8, format=args.format,
                           doc_stride=args.doc_stride)

@@ -48,14 +48,18 @@ class ModelInfo:
 
     directory: pathlib.Path
     hf_config: dict
-    head_kind: str  # sequence | token | span
+    head: Any  # jaxkd.model.HeadConfig, from the architecture and label count
     label_names: tuple[str, ...]  # id -> name, from id2label
     max_length: int  # the longest input its position table holds
     vocab_size: int
 
     @property
+    def head_kind(self) -> str:
+        return self.head.kind
+
+    @property
     def regression(self) -> bool:
-        return self.head_kind == "sequence" and len(self.label_names) == 1
+        return self.head.regression
 
     @property
     def architecture(self) -> str:
@@ -67,7 +71,7 @@ def inspect_model(model_dir: str | os.PathLike) -> ModelInfo:
     """The model directory's head and labels; a `UsageError` if it is not a classifier of a
     supported family."""
     from jaxkd import hf
-    from jaxkd.model import HEAD_KINDS
+    from jaxkd.model import HEADS
 
     text = str(model_dir)
     if text.startswith("pkg:"):
@@ -95,12 +99,12 @@ def inspect_model(model_dir: str | os.PathLike) -> ModelInfo:
     kind = hf.checkpoint_head_kind(raw)
     if kind is None:
         archs = raw.get("architectures") or []
-        known = [hf.architecture(raw, k) for k in HEAD_KINDS]
+        known = [hf.architecture(raw, k) for k in HEADS]
         raise UsageError(
-            f"{directory} is not a sequence or token classifier: config.json names architectures "
+            f"{directory} is not a model of a task jaxkd knows: config.json names architectures "
             f"{archs}, not {' or '.join(known)}. Pass a fine-tuned model, "
             "e.g. the student/ or teacher/ directory of a jaxkd run")
-    return ModelInfo(directory=directory, hf_config=raw, head_kind=kind,
+    return ModelInfo(directory=directory, hf_config=raw, head=hf.head_from_hf(raw, kind),
                      label_names=_label_names(raw, directory), max_length=encoder.max_length,
                      vocab_size=encoder.vocab_size)
 
@@ -124,34 +128,22 @@ def _label_names(raw: dict, directory: pathlib.Path) -> tuple[str, ...]:
 
 def model_task(info: ModelInfo, *, text: str | None = None, text_pair: str | None = None,
                tokens: str | None = None, tag_scheme: str | None = None, data_cfg=None):
-    """The task a model directory solves: its head kind over its own label names."""
+    """The task a model directory solves: its head's task kind over its own label names."""
     from jaxkd import tasks
     from jaxkd.data import DataError
 
-    if info.head_kind == "sequence":
-        if tokens is not None or tag_scheme is not None:
-            raise UsageError(f"--tokens and --tag-scheme are for token classifiers; {info.directory} is "
-                             f"a {info.architecture} (use --text / --text-pair)")
-        keys: dict[str, Any] = {"type": "sequence_classification", "text": text or "sentence",
-                                "text_pair": text_pair}
-        if info.regression:
-            keys["metric"] = "pearson"
-        else:
-            keys["labels"] = info.label_names
-    elif info.head_kind == "span":
-        if any(x is not None for x in (text, text_pair, tokens, tag_scheme)):
-            raise UsageError(f"--text, --text-pair, --tokens and --tag-scheme are for classifiers; "
-                             f"{info.directory} is a {info.architecture} (it reads SQuAD files or "
-                             "rows with question and context)")
-        keys = {"type": "question_answering"}
-    else:
-        if text is not None or text_pair is not None:
-            raise UsageError(f"--text and --text-pair are for sentence classifiers; {info.directory} "
-                             f"is a {info.architecture} (use --tokens for rows of words)")
-        keys = {"type": "token_classification", "labels": info.label_names, "tokens": tokens,
-                "tag_scheme": tag_scheme}
+    kind = tasks.kind_of_head(info.head_kind)
+    given = {k: v for k, v in (("text", text), ("text_pair", text_pair), ("tokens", tokens),
+                               ("tag_scheme", tag_scheme)) if v is not None}
+    foreign = [k for k in given if k not in kind.INPUT_FLAGS]
+    if foreign:
+        owners = [m.MODELS for m in tasks.KINDS.values() if set(foreign) & set(m.INPUT_FLAGS)]
+        flags = [f"--{k.replace('_', '-')}" for k in foreign]
+        listed = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+        raise UsageError(f"{listed} {'is' if len(flags) == 1 else 'are'} for {' and '.join(owners)}; "
+                         f"{info.directory} is a {info.architecture} ({kind.INPUT_HINT})")
     try:
-        return tasks.resolve(tasks.TaskConfig(name="custom", **keys), data_cfg)
+        return tasks.resolve(kind.exported_config(info.label_names, info.regression, given), data_cfg)
     except DataError as err:
         raise UsageError(f"{info.directory}: {err}") from err
 
@@ -164,15 +156,16 @@ class LoadedModel:
     tokenizer: Any
 
 
-def load_tokenizer(info: ModelInfo, max_seq_len: int):
-    """The directory's tokenizer, checked against the model's vocabulary and positions."""
+def load_tokenizer(info: ModelInfo, max_seq_len: int, words: bool = False):
+    """The directory's tokenizer, checked against the model's vocabulary and positions; `words`:
+    it will be given words split beforehand (`Task.pretokenized`)."""
     from jaxkd import hf
 
     if max_seq_len > info.max_length:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds the {info.max_length} positions of "
                          f"the model's max_position_embeddings")
     try:
-        tokenizer = hf.load_tokenizer(info.directory, words=info.head_kind == "token")
+        tokenizer = hf.load_tokenizer(info.directory, words=words)
     except FileNotFoundError as err:
         raise UsageError(f"{info.directory} has no usable tokenizer files: {err}") from err
     if len(tokenizer) > info.vocab_size:
@@ -231,25 +224,18 @@ def model_outputs(model: LoadedModel, encoded, *, per_token: bool, batch_size: i
 
 def _stdin_records(task, lines: Sequence[str]) -> list[dict | None]:
     """One record per stdin line (None for a blank one): the task's own column names."""
+    from jaxkd.data import DataError
+
     records: list[dict | None] = []
     for number, line in enumerate(lines, start=1):
         line = line.rstrip("\r\n")
         if not line.strip():
             records.append(None)
-        elif task.head_kind == "token":
-            records.append({task.tokens: line.split()})
-        elif task.head_kind == "span":
-            if "\t" not in line:
-                raise UsageError(f"<stdin> line {number}: expected question<TAB>context")
-            question, context = line.split("\t", 1)
-            records.append({"id": str(number), task.question: question, task.context: context})
-        elif task.text_pair is not None:
-            if "\t" not in line:
-                raise UsageError(f"<stdin> line {number}: expected text<TAB>pair (--text-pair is set)")
-            first, second = line.split("\t", 1)
-            records.append({task.text: first, task.text_pair: second})
-        else:
-            records.append({task.text: line})
+            continue
+        try:
+            records.append(task.stdin_record(line, number))
+        except DataError as err:
+            raise UsageError(str(err)) from err
     return records
 
 
@@ -354,7 +340,7 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         out_dir = pathlib.Path(args.output).parent
         if not out_dir.is_dir():
             raise UsageError(f"--output {args.output}: directory {out_dir} does not exist")
-    tokenizer = load_tokenizer(info, args.max_seq_len)
+    tokenizer = load_tokenizer(info, args.max_seq_len, words=task.pretokenized)
     model = load_model(info, tokenizer, args.dtype)
     encoded = task.encode(examples, tokenizer, args.max_seq_len)
     outputs = model_outputs(model, encoded, per_token=task.outputs_per_token,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from jaxkd import cache as cache_lib  # noqa: E402
 from jaxkd import data, hf, transfer  # noqa: E402
-from jaxkd.tasks import TaskConfig, sequence  # noqa: E402
+from jaxkd.tasks import task_config, sequence  # noqa: E402
 
 
 def peak_gib() -> float:
@@ -43,7 +43,7 @@ def main() -> None:
     words = np.asarray(vocab, dtype=object)
     texts = [" ".join(words[rng.integers(len(words), size=rng.integers(4, 21))])
              for _ in range(args.examples)]
-    task = sequence.resolve(TaskConfig("sst2"))
+    task = sequence.resolve(task_config("sst2"))
     labelled = sequence.Examples("synthetic", texts, None,
                                  rng.integers(0, 2, args.examples).astype(np.int32), True, {})
     embeddings = rng.normal(size=(len(tokenizer), 384)).astype(np.float32)

@@ -12,7 +12,7 @@ import pytest
 
 import _multiprocess_data as mp_data
 from jaxkd import data
-from jaxkd.tasks import TaskConfig, sequence
+from jaxkd.tasks import task_config, sequence
 
 BATCH_KEYS = {"input_ids", "attention_mask", "token_type_ids", "labels", "weights", "hard_weights", "index"}
 
@@ -35,7 +35,7 @@ def _encode(examples, tokenizer, max_seq_len, cache_dir):
 
 
 def _sst2_task():
-    return sequence.resolve(TaskConfig("sst2"))
+    return sequence.resolve(task_config("sst2"))
 
 
 def _raw_tsv(path: pathlib.Path) -> list[list[str]]:
@@ -54,22 +54,22 @@ def _rows_of(batch, row_i):
 
 
 def test_presets_resolve_columns_labels_and_metrics():
-    mrpc = sequence.resolve(TaskConfig("mrpc"))
+    mrpc = sequence.resolve(task_config("mrpc"))
     assert (mrpc.text, mrpc.text_pair, mrpc.label) == ("sentence1", "sentence2", "label")
     assert mrpc.metrics == ("accuracy", "f1") and mrpc.num_labels == 2
-    stsb = sequence.resolve(TaskConfig("stsb"))
+    stsb = sequence.resolve(task_config("stsb"))
     assert stsb.is_regression and stsb.num_labels == 1 and stsb.metrics == ("pearson", "spearman")
-    assert sequence.resolve(TaskConfig("cola")).metrics == ("matthews",)
-    mnli = sequence.resolve(TaskConfig("mnli"))
+    assert sequence.resolve(task_config("cola")).metrics == ("matthews",)
+    mnli = sequence.resolve(task_config("mnli"))
     assert mnli.eval_splits == ("validation_matched", "validation_mismatched") and mnli.num_labels == 3
-    assert sequence.resolve(TaskConfig("mrpc", metric="f1")).metrics == ("f1", "accuracy")
+    assert sequence.resolve(task_config("mrpc", metric="f1")).metrics == ("f1", "accuracy")
 
 
 def test_custom_task_infers_sorted_labels_and_regression():
-    cfg = TaskConfig("custom", text="t", labels=None)
+    cfg = task_config("custom", text="t", labels=None)
     assert sequence.resolve(cfg, None, ["b", "a", "c", "a"]).label_names == ("a", "b", "c")
     assert sequence.resolve(cfg, None, ["10", "2", 1]).label_names == ("1", "2", "10")
-    reg = sequence.resolve(TaskConfig("custom", text="t", metric="spearman"))
+    reg = sequence.resolve(task_config("custom", text="t", metric="spearman"))
     assert reg.is_regression and reg.metrics == ("spearman",)
     with pytest.raises(data.DataError, match="task.labels"):
         sequence.resolve(cfg)
@@ -77,14 +77,14 @@ def test_custom_task_infers_sorted_labels_and_regression():
 
 def test_unknown_task_suggests_nearest_preset():
     with pytest.raises(data.DataError, match=r"unknown task.name 'sst-2'.*did you mean 'sst2'"):
-        TaskConfig("sst-2")
+        task_config("sst-2")
 
 
 def test_metric_that_does_not_fit_the_task_is_refused():
     with pytest.raises(data.DataError, match="'accuracy' does not fit the regression task 'stsb'"):
-        sequence.resolve(TaskConfig("stsb", metric="accuracy"))
+        sequence.resolve(task_config("stsb", metric="accuracy"))
     with pytest.raises(data.DataError, match="needs 2 labels"):
-        sequence.resolve(TaskConfig("mnli", metric="f1"))
+        sequence.resolve(task_config("mnli", metric="f1"))
 
 
 # ----------------------------------------------------------------------------- reading and errors
@@ -119,7 +119,7 @@ def test_sst2_local_file_keeps_text_unchanged(data_dir):
 def test_mrpc_local_file_with_bom_and_overridden_columns(data_dir):
     path = data_dir / "mrpc" / "msr_paraphrase_test.txt"
     assert path.read_bytes().startswith(b"\xef\xbb\xbf")
-    task = sequence.resolve(TaskConfig("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
+    task = sequence.resolve(task_config("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
     examples = task.load(data.DataConfig(), str(path))
     raw = [line.split("\t") for line in path.read_text(encoding="utf-8-sig").splitlines()[1:]]
     assert len(examples) == 1725
@@ -173,7 +173,7 @@ def test_unlabeled_split_gets_placeholder_labels(tmp_path):
     path = _write(tmp_path / "test.tsv", "sentence\nhello\n")
     examples = _sst2_task().load(data.DataConfig(), path, require_labels=False)
     assert not examples.has_labels and examples.labels.tolist() == [-1]
-    stsb = sequence.resolve(TaskConfig("stsb", text="s", text_pair="p"))
+    stsb = sequence.resolve(task_config("stsb", text="s", text_pair="p"))
     path = _write(tmp_path / "s.tsv", "s\tp\nhello\tthere\n")
     assert np.isnan(stsb.load(data.DataConfig(), path, require_labels=False).labels).all()
     with pytest.raises(data.DataError, match="no column 'label'"):
@@ -256,7 +256,7 @@ def test_glue_dev_every_row_evaluated_once_with_tokenizer_ids(data_dir, minilm_d
 @pytest.mark.slow
 def test_mrpc_pairs_match_tokenizer_with_truncation(data_dir, minilm_dir):
     tok = _tokenizer(minilm_dir)
-    task = sequence.resolve(TaskConfig("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
+    task = sequence.resolve(task_config("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
     examples = task.load(data.DataConfig(), str(data_dir / "mrpc" / "msr_paraphrase_test.txt"))
     encoded = _encode(examples, tok, 32, None)
     for i in range(0, len(examples), 25):

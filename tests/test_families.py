@@ -334,7 +334,7 @@ def test_pipeline_with_a_family_teacher_exports_what_transformers_loads(
 def test_roberta_token_windows_use_its_specials_and_a_space_before_each_word(tmp_path, pair_data):
     teacher = _teacher_dir(tmp_path / "teacher", "roberta", pair_data)
     tokenizer = hf.load_tokenizer(teacher, words=True)
-    task = tasks.resolve(tasks.TaskConfig(name="custom", type="token_classification", labels=["O", "X"]))
+    task = tasks.resolve(tasks.task_config(name="custom", type="token_classification", labels=["O", "X"]))
     (tmp_path / "t.conll").write_text("the O\ncat X\nsat O\n\nred X\ndog O\n")
     examples = task.load(DataConfig(), str(tmp_path / "t.conll"))
     enc = task.encode(examples, tokenizer, 16)

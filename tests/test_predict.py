@@ -266,11 +266,11 @@ def test_usage_errors_exit_2_before_loading_weights(models, labelled, tmp_path, 
         ([tmp_path / "nope", data], "model directory not found"),
         ([data, data], "is a file"),
         ([tmp_path, data], "no config.json"),
-        ([bare, data], "not a sequence or token classifier"),
+        ([bare, data], "not a model of a task jaxkd knows"),
         ([models["seq"], data, "--text", "review"], "no column 'review'"),
         ([models["seq"], tmp_path / "missing.tsv"], "input file not found"),
         ([models["seq"], data, "--max-seq-len", 512], "max_position_embeddings"),
-        ([models["ner"], data, "--text", "sentence"], "--text and --text-pair are for sentence"),
+        ([models["ner"], data, "--text", "sentence"], "--text is for sentence classifiers"),
     ]
     for argv, message in cases:
         code, out, err = _run(capsys, predict, [*argv, "-q"])

@@ -9,9 +9,9 @@ import pytest
 
 from jaxkd import tasks
 from jaxkd.data import DataConfig, DataError
-from jaxkd.tasks import TaskConfig, qa
+from jaxkd.tasks import task_config, qa
 
-SQUAD = tasks.resolve(TaskConfig(name="squad", type="question_answering"))
+SQUAD = tasks.resolve(task_config(name="squad", type="question_answering"))
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def _long_context_task(tmp_path, stride=16, max_len=48):
     words = [f"word{i}" for i in range(60)]
     context = " ".join(words[:40]) + " The answer is Zanzibar today. " + " ".join(words[40:])
     path = _squad_file(tmp_path / "long.json", [(context, [("q", "Where is it?", ["Zanzibar"])])])
-    task = tasks.resolve(TaskConfig(name="squad", type="question_answering"),
+    task = tasks.resolve(task_config(name="squad", type="question_answering"),
                          DataConfig(doc_stride=stride))
     return task, task.load(DataConfig(), path), max_len
 
@@ -177,7 +177,7 @@ def test_a_question_too_long_for_the_window_is_named_before_tokenizing(tmp_path,
     path = _squad_file(tmp_path / "q.json", [(context, [("fits", fits, ["Zanzibar"]),
                                                         ("long", fits + "?", ["Zanzibar"])])])
     assert len(tokenizer(fits + "?", add_special_tokens=False)["input_ids"]) == 29
-    task = tasks.resolve(TaskConfig(name="squad", type="question_answering"), DataConfig(doc_stride=16))
+    task = tasks.resolve(task_config(name="squad", type="question_answering"), DataConfig(doc_stride=16))
     examples = task.load(DataConfig(), path)
     with pytest.raises(DataError, match=r"1 question\(s\) .* question long, has 29 tokens.* at most 28"):
         task.encode(examples, tokenizer, 48)
@@ -189,7 +189,7 @@ def test_doc_stride_defaults_to_a_quarter_of_the_window():
     assert DataConfig(max_seq_len=384).window_stride == 96
     assert DataConfig(max_seq_len=384, doc_stride=128).window_stride == 128
     # The default fits any window length, so a QA config may leave it out.
-    task = tasks.resolve(TaskConfig(name="squad", type="question_answering"), DataConfig(max_seq_len=64))
+    task = tasks.resolve(task_config(name="squad", type="question_answering"), DataConfig(max_seq_len=64))
     assert task.doc_stride == 16
 
 
@@ -231,7 +231,7 @@ def test_decoding_finds_the_best_valid_span_over_windows(tmp_path, tokenizer):
     assert texts == ["Zanzibar"] and scores[0] == pytest.approx(10.0)
     assert task.scores(outputs, enc, examples) == {"f1": 1.0, "exact_match": 1.0}
     # Longer than max_answer_len tokens: not an answer, whatever its score.
-    short = tasks.resolve(TaskConfig(name="squad", max_answer_len=1), DataConfig(doc_stride=16))
+    short = tasks.resolve(task_config(name="squad", max_answer_len=1), DataConfig(doc_stride=16))
     far = np.zeros_like(outputs)
     far[a + start, 0], far[a + end, 1] = 5.0, 5.0
     far[a + start, 1] = 0.1

@@ -9,9 +9,9 @@ import pytest
 from jaxkd import cache as cache_lib
 from jaxkd import data, tasks
 from jaxkd.data import DataConfig, DataError
-from jaxkd.tasks import TaskConfig
+from jaxkd.tasks import task_config
 
-CONLL = tasks.resolve(TaskConfig(name="conll2003", type="token_classification"))
+CONLL = tasks.resolve(task_config(name="conll2003", type="token_classification"))
 
 
 def _write(path, text):
@@ -32,8 +32,8 @@ def test_preset_and_type_resolve():
     assert CONLL.type == "token_classification" and CONLL.head().kind == "token"
     assert CONLL.label_names[0] == "O" and CONLL.num_labels == 9 and CONLL.metrics[0] == "f1"
     # The preset names its type: task.type may be left out.
-    assert tasks.resolve(TaskConfig(name="conll2003")).type == "token_classification"
-    assert tasks.resolve(TaskConfig()).type == "sequence_classification"
+    assert tasks.resolve(task_config(name="conll2003")).type == "token_classification"
+    assert tasks.resolve(task_config()).type == "sequence_classification"
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -45,7 +45,7 @@ def test_preset_and_type_resolve():
 ])
 def test_bad_task_sections_are_named(kwargs, message):
     with pytest.raises(DataError, match=message):
-        TaskConfig(**kwargs)
+        task_config(**kwargs)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -99,7 +99,7 @@ def test_skip_invalid_skips_and_counts_sentences(tmp_path, caplog):
 def test_custom_task_infers_tags_with_o_first(tmp_path):
     path = _write(tmp_path / "t.jsonl", '{"tokens": ["a", "b"], "tags": ["I-X", "O"]}\n'
                   '{"tokens": ["c"], "tags": ["B-Y"]}\n')
-    task = tasks.resolve(TaskConfig(name="custom", type="token_classification"), DataConfig(train=path))
+    task = tasks.resolve(task_config(name="custom", type="token_classification"), DataConfig(train=path))
     assert task.label_names == ("O", "B-Y", "I-X")
 
 
@@ -127,7 +127,7 @@ def _reference_alignment(tokenizer, words, tags, label_all):
 
 @pytest.mark.parametrize("label_all", [False, True])
 def test_labels_on_first_sub_tokens_match_a_word_by_word_reference(tmp_path, tokenizer, label_all):
-    task = tasks.resolve(TaskConfig(name="conll2003", label_all_subtokens=label_all))
+    task = tasks.resolve(task_config(name="conll2003", label_all_subtokens=label_all))
     path = _write(tmp_path / "t.txt", "Schwarzenegger B-PER\nvisited O\nKaiserslautern B-LOC\n.\tO\n\n"
                   "EU B-ORG\n")
     examples = task.load(DataConfig(), path)

@@ -18,7 +18,7 @@ from jaxkd import data, hf, steps, trainer, transfer
 from jaxkd.config import ConfigError
 from jaxkd.losses import LossConfig
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, apply_model, init_params, word_embeddings
-from jaxkd.tasks import TaskConfig, sequence
+from jaxkd.tasks import task_config, sequence
 # tiny_teacher, sst2_small: test_trainer's random checkpoint and SST-2 sample.
 from test_trainer import (assert_kill_resume_matches, run_in_process, sst2_small,  # noqa: F401
                           tiny_config, tiny_teacher)
@@ -159,7 +159,7 @@ def test_augmented_set_is_cached_on_disk(small_tokenizer, embeddings, tmp_path):
 def test_unlabeled_file_ignores_its_label_column(tmp_path):
     path = tmp_path / "more.tsv"
     path.write_text("sentence\tlabel\ngood fun\tnot-a-label\nsome text\t\n", encoding="utf-8")
-    task = sequence.resolve(TaskConfig("sst2"))
+    task = sequence.resolve(task_config("sst2"))
     examples = task.load_unlabeled(data.DataConfig(), str(path))
     assert examples.texts == ["good fun", "some text"] and not examples.has_labels
     assert examples.labels.tolist() == [-1, -1]
@@ -373,7 +373,7 @@ def test_cached_teacher_logits_of_augmented_rows_are_the_teachers(transfer_run, 
     assert table.shape == (520, 2)
     teacher_cfg, teacher_params = hf.load_hf(workdir / "teacher")
     tokenizer = hf.load_tokenizer(workdir / "teacher")
-    train = sequence.resolve(TaskConfig("sst2")).load(data.DataConfig(), str(sst2_small / "train.tsv"))
+    train = sequence.resolve(task_config("sst2")).load(data.DataConfig(), str(sst2_small / "train.tsv"))
     augment = config_lib.from_dict(cfg).distill.augment
     texts, _ = transfer.augmented_set(workdir / "cache", train.texts, None, augment, tokenizer,
                                       lambda: word_embeddings(teacher_params))

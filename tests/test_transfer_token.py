@@ -12,14 +12,14 @@ from jaxkd import config as config_lib
 from jaxkd import data, hf, transfer
 from jaxkd.config import ConfigError
 from jaxkd.model import apply_model, word_embeddings
-from jaxkd.tasks import TaskConfig, objective, token
+from jaxkd.tasks import task_config, objective, token
 # The small WordPiece vocabulary, its tokenizer and embeddings, and neighbours from scratch.
 from test_transfer import K, expected_neighbours, embeddings, small_tokenizer  # noqa: F401
 # The tiny random teacher and generated CoNLL files of the token pipeline tests.
 from test_trainer import run_in_process, tiny_teacher  # noqa: F401
 from test_trainer_token import _write_conll, ner_config, ner_data  # noqa: F401
 
-TASK = token.resolve(TaskConfig("conll2003", type="token_classification"))
+TASK = token.resolve(task_config("conll2003", type="token_classification"))
 # Words of the small vocabulary; "actor" and "cast" stand for entities here.
 SENTENCES = [(["the", "actor", "was", "very", "good", "."], ["O", "B-PER", "O", "O", "O", "O"]),
              (["a", "dull", "plot", ",", "not", "fun", "!"], ["O"] * 7),

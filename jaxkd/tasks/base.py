@@ -36,44 +36,40 @@ _EPS = 1e-9
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """What to learn (YAML section `task`). Which keys apply depends on `type`."""
+    """What to learn (YAML section `task`): the keys every kind has. Each kind's module
+    subclasses it with its own keys (`<kind>.Config`); `task.type`, else the preset `name`,
+    chooses the class (`jaxkd.tasks.config_class`), so a key of another kind is an error."""
 
-    # A preset (sequence_classification: cola sst2 mrpc qqp stsb mnli qnli rte wnli;
-    # token_classification: conll2003; question_answering: squad) or "custom".
+    # A preset of the kind (see jaxkd.tasks.KINDS[type].PRESETS) or "custom".
     name: str = "sst2"
-    # sequence_classification (one label or score per sentence or pair) | token_classification
-    # (a tag per word) | question_answering (a span of the context). None: the preset's type,
-    # else sequence_classification.
+    # A key of jaxkd.tasks.KINDS. None: the kind whose preset `name` is, else the default kind.
     type: str | None = None
-    # Label names; a string label becomes its position here. None = the preset's, or (custom)
-    # the sorted distinct values of the training labels.
-    labels: tuple[str, ...] | None = None
-    metric: str | None = None  # primary metric; None = the preset's. pearson/spearman = regression
-    # sequence_classification: columns
-    text: str | None = None  # text column; None = the preset's
-    text_pair: str | None = None  # second text column of a pair task; None = the preset's
-    label: str | None = None  # label column; None = the preset's ("label")
-    # token_classification: columns of JSONL/parquet/Hub rows (CoNLL files need none)
-    tokens: str | None = None  # list of words; None = the preset's ("tokens")
-    tags: str | None = None  # list of tags (names, or ids into task.labels); None = "tags"/the preset's
-    label_all_subtokens: bool = False  # label every sub-token of a word, not only the first
-    tag_scheme: str | None = None  # iob1 | iob2 | bioes; None = the preset's (iob2)
-    # question_answering: columns of JSONL/parquet/Hub rows (SQuAD JSON files need none)
-    question: str | None = None  # None = "question"
-    context: str | None = None  # None = "context"
-    answers: str | None = None  # {"text": [...], "answer_start": [...]}; None = "answers"
-    n_best: int | None = None  # best starts and ends searched per window; None = 20
-    max_answer_len: int | None = None  # tokens; None = 30
+    metric: str | None = None  # primary metric; None = the preset's
 
     def __post_init__(self):
         from jaxkd import tasks  # the registry imports this module
 
-        if self.labels is not None:
-            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        labels = getattr(self, "labels", None)
+        if labels is not None:
+            object.__setattr__(self, "labels", tuple(str(x) for x in labels))
             if not self.labels or len(set(self.labels)) != len(self.labels):
                 raise DataError(f"task.labels must be a non-empty list of distinct names, "
                                 f"got {list(self.labels)}")
         tasks.check_config(self)
+
+    @classmethod
+    def choose(cls, mapping: dict) -> type[TaskConfig]:
+        """The class of a `task` mapping: its kind's (used when reading a config)."""
+        from jaxkd import tasks
+
+        return tasks.config_class(mapping.get("type"), mapping.get("name", cls.name))
+
+    @classmethod
+    def unknown_key(cls, key: str) -> str:
+        """Why `key` is not a key of this kind: the kinds that have it, and this kind's keys."""
+        from jaxkd import tasks
+
+        return tasks.unknown_key_message(cls, key)
 
 
 class Task:
@@ -86,6 +82,7 @@ class Task:
     type: ClassVar[str]
     head_kind: ClassVar[str]  # a key of jaxkd.model.HEADS (the kind module's HEAD)
     outputs_per_token: ClassVar[bool]  # model outputs [B, L, C] (stored flat [T, C]) vs [B, C]
+    pretokenized: ClassVar[bool] = False  # the tokenizer is given words split beforehand
     name: str
     label_names: tuple[str, ...]
     metrics: tuple[str, ...]
@@ -139,6 +136,35 @@ class Task:
                  count: int = 5) -> list[dict[str, str]]:
         """A few examples with the gold answer and both models' predictions, for report.md."""
         raise NotImplementedError
+
+    def stdin_record(self, line: str, number: int) -> dict:
+        """One input row from a line typed on stdin (`number` counts from 1), in the task's own
+        column names; a `DataError` naming the line when it does not fit."""
+        raise NotImplementedError
+
+    def label_order(self, model_labels: Sequence[str], model_regression: bool, where: str,
+                    by_position: bool = False) -> np.ndarray | None:
+        """Columns of a model's outputs in this task's label order (None: already in it), matched
+        by name; `model_labels` is the model's id2label (of the directory `where`). A `DataError` when
+        the two do not predict the same thing. `by_position`: output i means label i."""
+        if model_regression:
+            raise DataError(f"{where} is a regression (one output) but task {self.name!r} is a "
+                            "classification")
+        model, wanted = list(model_labels), list(self.label_names)
+        if by_position:
+            if len(model) != len(wanted):
+                raise DataError(f"--by-position: the model has {len(model)} labels {model} but the "
+                                f"task has {len(wanted)} {wanted}")
+            return None
+        if model == wanted:
+            return None
+        if sorted(model) != sorted(wanted) or len(set(model)) != len(model):
+            raise DataError(
+                f"the model's labels (id2label of {where}/config.json) are {model} but task {self.name!r} has "
+                f"{wanted}: they must be the same set of names (in any order). Give the task's "
+                "labels (--labels or task.labels), or pass --by-position if output i means the "
+                "task's label i")
+        return np.asarray([model.index(name) for name in wanted])
 
 
 # ----------------------------------------------------------------------------- on device

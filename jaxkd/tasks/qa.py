@@ -34,7 +34,6 @@ TYPE = "question_answering"
 _NO_TRANSFER = ("masking, replacing or cutting words would move the answer spans, and a question "
                 "without its answer span gives no start and end targets")
 TRANSFER = {"data.unlabeled": _NO_TRANSFER, "distill.augment": _NO_TRANSFER}
-KEYS = ("name", "metric", "question", "context", "answers", "n_best", "max_answer_len")
 METRICS = ("f1", "exact_match")
 _MASKED = -1e9  # finite: a window whose positions are all padding still has a defined softmax
 _TOKENIZE_CHUNK = 1_000
@@ -55,7 +54,22 @@ class Preset:
 PRESETS: dict[str, Preset] = {"squad": Preset(hub_dataset="squad")}
 
 
-def check(cfg: TaskConfig) -> None:
+@dataclasses.dataclass(frozen=True)
+class QAConfig(TaskConfig):
+    """The `task` section of this kind: the common keys and these."""
+
+    # Columns of JSONL/parquet/Hub rows (SQuAD JSON files need none)
+    question: str | None = None  # None = "question"
+    context: str | None = None  # None = "context"
+    answers: str | None = None  # {"text": [...], "answer_start": [...]}; None = "answers"
+    n_best: int | None = None  # best starts and ends searched per window; None = 20
+    max_answer_len: int | None = None  # tokens; None = 30
+
+
+CONFIG = QAConfig
+
+
+def check(cfg: QAConfig) -> None:
     if cfg.metric is not None and cfg.metric not in METRICS:
         raise DataError(f"unknown task.metric {cfg.metric!r} for {TYPE}"
                         f"{data_lib.nearest(cfg.metric, METRICS)}; known: {', '.join(METRICS)}")
@@ -104,6 +118,22 @@ HEAD = model_lib.register_head(model_lib.HeadSpec(
 
 def objective(head: HeadConfig) -> Objective:
     return SpanObjective()
+
+
+# ----------------------------------------------------------------------------- exported models
+
+INPUT_FLAGS: tuple[str, ...] = ()
+MODELS = "question answering models"
+INPUT_HINT = "it reads SQuAD files or rows with question and context"
+
+
+def exported_config(label_names: tuple[str, ...], regression: bool, flags: dict) -> QAConfig:
+    """The task an exported span model solves: extractive QA over the default columns."""
+    return QAConfig(name="custom", type=TYPE)
+
+
+def with_model_labels(cfg: QAConfig, label_names: tuple[str, ...], regression: bool) -> QAConfig:
+    return cfg  # start and end scores: no labels to take
 
 
 # ----------------------------------------------------------------------------- the official metric
@@ -180,8 +210,18 @@ class QATask(Task):
     hub_dataset: str | None
     eval_splits: tuple[str, ...]
     test_splits: tuple[str, ...]
-    doc_stride: int = 32  # data.window_stride: tokens shared by neighbouring windows
+    doc_stride: int = 32  # data.doc_stride: tokens shared by neighbouring windows
     label_names: tuple[str, ...] = ("start", "end")
+
+    def stdin_record(self, line: str, number: int) -> dict:
+        if "\t" not in line:
+            raise DataError(f"<stdin> line {number}: expected question<TAB>context")
+        question, context = line.split("\t", 1)
+        return {"id": str(number), self.question: question, self.context: context}
+
+    def label_order(self, model_labels, model_regression: bool, where: str,
+                    by_position: bool = False):
+        return None  # start and end scores: nothing to match by name
 
     def head(self) -> HeadConfig:
         return HeadConfig(kind="span", num_labels=2)
@@ -458,7 +498,7 @@ def _read_squad_json(path: str):
 # ----------------------------------------------------------------------------- resolving
 
 
-def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None) -> QATask:
+def resolve(cfg: QAConfig, data_cfg: DataConfig | None = None) -> QATask:
     preset = PRESETS.get(cfg.name) or Preset()
     if data_cfg is not None:
         _check_stride(data_cfg.window_stride, data_cfg.max_seq_len)

@@ -23,7 +23,6 @@ from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, inf
                               label_id, label_key)
 
 TYPE = "sequence_classification"
-KEYS = ("name", "labels", "metric", "text", "text_pair", "label")
 # Unlabeled and augmented text: the text columns are all a row needs.
 TRANSFER = {"data.unlabeled": None, "distill.augment": None}
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
@@ -57,6 +56,21 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceConfig(TaskConfig):
+    """The `task` section of this kind: the common keys and these."""
+
+    # Label names; a string label becomes its position here. None = the preset's, or (custom)
+    # the sorted distinct values of the training labels. A regression has none.
+    labels: tuple[str, ...] | None = None
+    text: str | None = None  # text column; None = the preset's
+    text_pair: str | None = None  # second text column of a pair task; None = the preset's
+    label: str | None = None  # label column; None = the preset's ("label")
+
+
+CONFIG = SequenceConfig
+
+
 class SequenceHead(nn.Module):
     """BertForSequenceClassification's head: act(dense([CLS])) -> dropout -> classifier, act the
     head's pooler_activation (tanh for BERT and RoBERTa, gelu for ELECTRA, relu for DistilBERT)."""
@@ -87,6 +101,39 @@ HEAD = model_lib.register_head(model_lib.HeadSpec(
 
 def objective(head: HeadConfig) -> Objective:
     return Objective(regression=head.regression)
+
+
+# ----------------------------------------------------------------------------- exported models
+
+# The predict/evaluate flags (TaskConfig keys) this kind reads, who they are for, and which to use.
+INPUT_FLAGS = ("text", "text_pair")
+MODELS = "sentence classifiers"
+INPUT_HINT = "use --text / --text-pair"
+
+
+def exported_config(label_names: tuple[str, ...], regression: bool, flags: dict) -> SequenceConfig:
+    """The task an exported model of this kind solves: its own labels (a regression: Pearson's
+    r), the text columns `flags` name (default `sentence`)."""
+    keys: dict[str, Any] = {"text": flags.get("text") or "sentence",
+                            "text_pair": flags.get("text_pair")}
+    if regression:
+        keys["metric"] = "pearson"
+    else:
+        keys["labels"] = label_names
+    return SequenceConfig(name="custom", type=TYPE, **keys)
+
+
+def with_model_labels(cfg: SequenceConfig, label_names: tuple[str, ...],
+                      regression: bool) -> SequenceConfig:
+    """A custom task without label names takes the model's; on a regression model, without a
+    metric, it is scored by Pearson's r."""
+    if cfg.name != "custom" or cfg.labels is not None:
+        return cfg
+    if regression:
+        return cfg if cfg.metric else dataclasses.replace(cfg, metric="pearson")
+    if cfg.metric in REGRESSION_METRICS:
+        return cfg  # a regression task: the head check reports the mismatch
+    return dataclasses.replace(cfg, labels=label_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +178,25 @@ class SequenceTask(Task):
     @property
     def is_regression(self) -> bool:
         return not self.label_names
+
+    def stdin_record(self, line: str, number: int) -> dict:
+        if self.text_pair is None:
+            return {self.text: line}
+        if "\t" not in line:
+            raise DataError(f"<stdin> line {number}: expected text<TAB>pair (--text-pair is set)")
+        first, second = line.split("\t", 1)
+        return {self.text: first, self.text_pair: second}
+
+    def label_order(self, model_labels, model_regression: bool, where: str,
+                    by_position: bool = False):
+        if self.is_regression != model_regression:
+            what = "a regression (one output)" if model_regression else \
+                f"a classifier over {len(model_labels)} labels"
+            task_what = "a regression" if self.is_regression else "a classification"
+            raise DataError(f"{where} is {what} but task {self.name!r} is {task_what}")
+        if self.is_regression:
+            return None
+        return super().label_order(model_labels, model_regression, where, by_position)
 
     @property
     def num_labels(self) -> int:
@@ -325,7 +391,7 @@ def _unlabeled(label_column: list | None) -> bool:
 # ----------------------------------------------------------------------------- resolving
 
 
-def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None,
+def resolve(cfg: SequenceConfig, data_cfg: DataConfig | None = None,
             label_values: Iterable[Any] | None = None) -> SequenceTask:
     """Fills `cfg` from its preset. A custom classification task without `labels` infers them
     from the training labels: `label_values`, or read from `data_cfg.train`."""
@@ -358,7 +424,7 @@ def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None,
                         test_splits=preset.test_splits)
 
 
-def _training_labels(cfg: TaskConfig, data_cfg: DataConfig | None) -> list:
+def _training_labels(cfg: SequenceConfig, data_cfg: DataConfig | None) -> list:
     if data_cfg is None or data_cfg.train is None:
         raise DataError("task.name 'custom' needs task.labels (the label names), "
                         "or data.train to infer them from")
@@ -370,13 +436,13 @@ def _training_labels(cfg: TaskConfig, data_cfg: DataConfig | None) -> list:
     return table.columns[draft.label]
 
 
-def check(cfg: TaskConfig) -> None:
+def check(cfg: SequenceConfig) -> None:
     if cfg.metric is not None and cfg.metric not in METRICS:
         raise DataError(f"unknown task.metric {cfg.metric!r}{data_lib.nearest(cfg.metric, METRICS)}; "
                         f"known: {', '.join(METRICS)}")
 
 
-def _metrics(cfg: TaskConfig, preset: Preset, regression: bool, num_labels: int) -> tuple[str, ...]:
+def _metrics(cfg: SequenceConfig, preset: Preset, regression: bool, num_labels: int) -> tuple[str, ...]:
     primary = cfg.metric or preset.metrics[0]
     metrics = (primary,) + tuple(m for m in preset.metrics if m != primary)
     for metric in metrics:

@@ -24,7 +24,6 @@ from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, inf
                               is_int, label_id, label_key)
 
 TYPE = "token_classification"
-KEYS = ("name", "labels", "metric", "tokens", "tags", "label_all_subtokens", "tag_scheme")
 METRICS = ("f1", "precision", "recall", "accuracy")  # entity-level micro P/R/F1, token accuracy
 # The KD term of a token task is read on the first sub-token of each word, found from the tags.
 # Augmented sentences keep their words' positions and tags (only O words change), so they carry
@@ -55,6 +54,23 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenConfig(TaskConfig):
+    """The `task` section of this kind: the common keys and these."""
+
+    # Tag names; a tag given as an integer is an id into them. None = the preset's, or (custom)
+    # the sorted distinct tags of the training rows.
+    labels: tuple[str, ...] | None = None
+    # Columns of JSONL/parquet/Hub rows (CoNLL files need none)
+    tokens: str | None = None  # list of words; None = the preset's ("tokens")
+    tags: str | None = None  # list of tags (names, or ids into task.labels); None = "tags"/the preset's
+    label_all_subtokens: bool = False  # label every sub-token of a word, not only the first
+    tag_scheme: str | None = None  # iob1 | iob2 | bioes; None = the preset's (iob2)
+
+
+CONFIG = TokenConfig
+
+
 class TokenHead(nn.Module):
     """BertForTokenClassification's head: dropout -> classifier on every token."""
 
@@ -79,7 +95,28 @@ def objective(head: HeadConfig) -> Objective:
     return Objective(per_token=True)
 
 
-def check(cfg: TaskConfig) -> None:
+# ----------------------------------------------------------------------------- exported models
+
+INPUT_FLAGS = ("tokens", "tag_scheme")
+MODELS = "token classifiers"
+INPUT_HINT = "use --tokens for rows of words"
+
+
+def exported_config(label_names: tuple[str, ...], regression: bool, flags: dict) -> TokenConfig:
+    """The task an exported token classifier solves: its own tags, the word column and tag
+    scheme `flags` name."""
+    return TokenConfig(name="custom", type=TYPE, labels=label_names, tokens=flags.get("tokens"),
+                       tag_scheme=flags.get("tag_scheme"))
+
+
+def with_model_labels(cfg: TokenConfig, label_names: tuple[str, ...], regression: bool) -> TokenConfig:
+    """A custom task without tag names takes the model's."""
+    if cfg.name != "custom" or cfg.labels is not None:
+        return cfg
+    return dataclasses.replace(cfg, labels=label_names)
+
+
+def check(cfg: TokenConfig) -> None:
     if cfg.metric is not None and cfg.metric not in METRICS:
         raise DataError(f"unknown task.metric {cfg.metric!r} for {TYPE}"
                         f"{data_lib.nearest(cfg.metric, METRICS)}; known: {', '.join(METRICS)}")
@@ -127,6 +164,7 @@ class TokenTask(Task):
     type: ClassVar[str] = TYPE
     head_kind: ClassVar[str] = HEAD.kind
     outputs_per_token: ClassVar[bool] = True
+    pretokenized: ClassVar[bool] = True
 
     name: str
     label_names: tuple[str, ...]
@@ -140,6 +178,9 @@ class TokenTask(Task):
     test_splits: tuple[str, ...]
 
     # ------------------------------------------------------------------ reading
+
+    def stdin_record(self, line: str, number: int) -> dict:
+        return {self.tokens: line.split()}
 
     def _is_conll(self, data_cfg: DataConfig, source: str) -> bool:
         if not data_lib.is_local_path(source):
@@ -448,7 +489,7 @@ def _emit(window, word_base, tags, prefix, suffix, label_all_subtokens, ids, lab
 # ----------------------------------------------------------------------------- resolving
 
 
-def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None,
+def resolve(cfg: TokenConfig, data_cfg: DataConfig | None = None,
             tag_values: Iterable[Any] | None = None) -> TokenTask:
     preset = PRESETS.get(cfg.name) or Preset(labels=())
     if cfg.labels is not None:
