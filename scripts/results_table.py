@@ -1,7 +1,7 @@
-"""Build the README's results table from results/*/report.json (the table is never typed by hand).
+"""Build the results tables of docs/results.md from results/*/report.json (never typed by hand).
 
-  python scripts/results_table.py           # rewrite the table in README.md
-  python scripts/results_table.py --check   # exit 1 if README.md and the reports disagree
+  python scripts/results_table.py           # rewrite the tables in docs/results.md
+  python scripts/results_table.py --check   # exit 1 if docs/results.md and the reports disagree
 
 Runs named <name>_s<seed> are grouped: one row with mean +- standard deviation over seeds.
 Experiments kept in their own folder (results/<experiment>/<student>_<variant>_s<seed>/, with the
@@ -18,6 +18,7 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "results.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 TRANSFER_START, TRANSFER_END = "<!-- transfer:start -->", "<!-- transfer:end -->"
 
@@ -168,10 +169,10 @@ def transfer_table(experiments: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def render(readme: str, body: str, start: str = START, end: str = END) -> str:
-    if start not in readme or end not in readme:
-        raise SystemExit(f"README.md lacks the {start} ... {end} markers")
-    head, rest = readme.split(start, 1)
+def render(page: str, body: str, start: str = START, end: str = END, name: str = "the page") -> str:
+    if start not in page or end not in page:
+        raise SystemExit(f"{name} lacks the {start} ... {end} markers")
+    head, rest = page.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{body}\n{end}{tail}"
 
@@ -179,22 +180,24 @@ def render(readme: str, body: str, start: str = START, end: str = END) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
-    parser.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
+    parser.add_argument("--page", "--readme", type=pathlib.Path, default=PAGE,
+                        help="the Markdown page holding the table markers (default docs/results.md)")
     parser.add_argument("--results", type=pathlib.Path, default=ROOT / "results")
     args = parser.parse_args(argv)
-    readme = args.readme.read_text(encoding="utf-8")
+    page = args.page.read_text(encoding="utf-8")
+    name = str(args.page.relative_to(ROOT)) if args.page.is_relative_to(ROOT) else str(args.page)
     reports = load_reports(args.results)
-    wanted = render(readme, teacher_table(reports, args.results) + "\n\n" + table(reports))
+    wanted = render(page, teacher_table(reports, args.results) + "\n\n" + table(reports), name=name)
     experiments = load_experiments(args.results)
     if experiments:
-        wanted = render(wanted, transfer_table(experiments), TRANSFER_START, TRANSFER_END)
+        wanted = render(wanted, transfer_table(experiments), TRANSFER_START, TRANSFER_END, name)
     if args.check:
-        if wanted != readme:
-            print("README.md results table is out of date: run python scripts/results_table.py",
+        if wanted != page:
+            print(f"{name}: the results tables are out of date: run python scripts/results_table.py",
                   file=sys.stderr)
             return 1
         return 0
-    args.readme.write_text(wanted, encoding="utf-8")
+    args.page.write_text(wanted, encoding="utf-8")
     return 0
 
 

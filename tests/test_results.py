@@ -1,4 +1,4 @@
-"""The README's results table is generated from the committed report.json files."""
+"""The results tables of docs/results.md are generated from the committed report.json files."""
 import pathlib
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_readme_results_table_matches_reports():
+def test_results_tables_match_reports():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
