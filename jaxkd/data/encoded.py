@@ -91,6 +91,7 @@ def flatten(lists: Sequence[Sequence[int]], dtype) -> tuple[np.ndarray, np.ndarr
 
 
 def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """Row starts and the end, int64 [N + 1], of rows of `lengths` [N] back to back."""
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
