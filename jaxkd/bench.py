@@ -19,7 +19,6 @@ import collections
 import csv
 import dataclasses
 import gzip
-import hashlib
 import json
 import os
 import pathlib
@@ -40,6 +39,7 @@ import numpy as np
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
 from jaxkd import hf, hostenv, inference, sharding, steps, tasks
+from jaxkd import util
 from jaxkd.losses import LossConfig
 from jaxkd.model import (DTYPES, BertConfig, HeadConfig, ModelConfig, default_head_kind, einsum,
                          init_params)
@@ -271,10 +271,8 @@ def params_digest(params: Any) -> str:
     """12 hex digits of a SHA-1 over every parameter's bytes. Two runs of the same flags that
     print the same digest computed the same numbers: how an XLA flag or an environment change
     (jaxkd.hostenv) is shown to leave the step's results alone."""
-    digest = hashlib.sha1()
-    for leaf in jax.tree.leaves(params):
-        digest.update(np.asarray(leaf).tobytes())
-    return digest.hexdigest()[:12]
+    return util.content_hash(jax.tree.leaves(params), algorithm="sha1", length=12,
+                             array_layout=False)
 
 
 def run_step(setup: StepSetup, breakdown: bool, profile: pathlib.Path | None = None) -> float:

@@ -7,30 +7,27 @@ reads a stale cache. Rows are stored as the prediction path gives them (`jaxkd.i
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pathlib
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from jaxkd import util
 from jaxkd.data import Encoded, TokenGather
 
 
 def fingerprint(*parts: Any) -> str:
-    """A short hash over arrays, pytrees of arrays and JSON-able values."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        for leaf in jax.tree.leaves(part):
-            if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype"):
-                arr = np.ascontiguousarray(np.asarray(leaf))
-                h.update(f"{arr.dtype}{arr.shape}".encode())
-                h.update(arr.tobytes())
-            else:
-                h.update(json.dumps(leaf, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+    """A short hash over arrays, pytrees of arrays and JSON-able values: a 16-byte BLAKE2b over
+    each leaf in order, an array as its dtype, shape and bytes (a 0-d one as shape (1,)), any
+    other leaf as its JSON."""
+    return util.content_hash(
+        (np.ascontiguousarray(np.asarray(leaf))  # at least 1-d, as the keys were first written
+         if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype")
+         else json.dumps(leaf, sort_keys=True, default=str).encode()
+         for part in parts for leaf in jax.tree.leaves(part)),
+        algorithm="blake2b", digest_size=16)
 
 
 def cache_path(cache_dir: str | pathlib.Path, key: str) -> pathlib.Path:
@@ -50,10 +47,7 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
     if logits.shape[0] != num_rows:
         raise ValueError(f"teacher cache: computed {logits.shape[0]} rows for {num_rows}")
     if write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, logits)
-        os.replace(tmp, path)
+        util.write_atomic(path, lambda tmp: np.save(tmp, logits))
     return logits, False
 
 

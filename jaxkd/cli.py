@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -74,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxkd {__version__}")
         return 0
     if command not in COMMANDS:
-        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        from jaxkd import util
+        hint = util.did_you_mean(command, COMMANDS)
         print(f"jaxkd: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -7,7 +7,6 @@ key (and the nearest valid key) before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import pathlib
 import types
 import typing
@@ -15,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from jaxkd import util
 from jaxkd.data import DataConfig, nearest
 from jaxkd.losses import LossConfig
 from jaxkd.optim import OptimConfig
@@ -187,8 +187,8 @@ class Config:
 
 
 def _suggest(key: str, choices) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
+    return util.did_you_mean(key, choices, cutoff=0.5, hint="; did you mean {!r}?",
+                             otherwise=f"; valid keys: {', '.join(sorted(choices))}")
 
 
 def _is_dataclass_type(tp) -> bool:

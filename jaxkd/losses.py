@@ -8,13 +8,14 @@ token in the batch counts the same. Teacher tensors are fixed targets: gradients
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxkd import util
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -83,8 +84,7 @@ class LossConfig:
 def _normalise_layer_map(spec: Any) -> str | LayerPairs:
     if isinstance(spec, str):
         if spec not in _LAYER_MAPS:
-            near = difflib.get_close_matches(spec, _LAYER_MAPS, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            hint = util.did_you_mean(spec, _LAYER_MAPS, hint="; did you mean {!r}?")
             raise ValueError(f"distill.layer_map {spec!r} is unknown: use 'uniform' or a list of "
                              f"[student_layer, teacher_layer] pairs{hint}")
         return spec

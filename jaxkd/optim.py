@@ -6,13 +6,14 @@ micro-batches the schedule advances once per k calls.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from typing import Any
 
 import jax
 import optax
+
+from jaxkd import util
 
 SCHEDULES = ("linear", "cosine", "constant")
 # Leaves named like this are never decayed: biases and LayerNorm scale/shift (old names gamma/beta).
@@ -46,8 +47,7 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be an integer >= 0 or null, "
                              f"got {self.warmup_steps!r}")
         if self.schedule not in SCHEDULES:
-            near = difflib.get_close_matches(self.schedule, SCHEDULES, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            hint = util.did_you_mean(self.schedule, SCHEDULES, hint="; did you mean {!r}?")
             raise ValueError(f"optim.schedule {self.schedule!r} is unknown: use one of "
                              f"{', '.join(SCHEDULES)}{hint}")
         if self.weight_decay < 0:

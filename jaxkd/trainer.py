@@ -26,6 +26,7 @@ from jaxkd import data as data_lib
 from jaxkd import hf, inference, losses, report as report_lib, sharding, steps, tasks
 from jaxkd import student as student_lib
 from jaxkd import transfer as transfer_lib
+from jaxkd import util
 from jaxkd.checkpoint import Checkpointer
 from jaxkd.config import (Config, ConfigError, DistillConfig, StudentConfig, TeacherConfig,
                           dump_config)
@@ -403,9 +404,8 @@ def _mark_stage(rt: Runtime, name: str, info: dict) -> None:
     seconds = time.perf_counter() - rt.stage_started
     stages[name] = {"done": True, "seconds": round(seconds, 1), **info}
     rt.stage_started = time.perf_counter()
-    tmp = rt.workdir / "stages.json.tmp"
-    tmp.write_text(json.dumps(stages, indent=2))
-    tmp.replace(rt.workdir / "stages.json")
+    util.write_atomic(rt.workdir / "stages.json",
+                      lambda tmp: tmp.write_text(json.dumps(stages, indent=2)))
 
 
 def _total_steps(configured: int | None, epochs: float, epoch_steps: int) -> int:

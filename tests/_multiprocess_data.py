@@ -1,6 +1,6 @@
 """Global batches of jaxkd.data as one process of a multi-process run sees them.
 
-Run as a script (one per process) by tests/test_data.py:
+Run as a script (one per process) by tests/data/test_batches.py:
   python _multiprocess_data.py PROCESS_ID NUM_PROCESSES DEVICES_PER_PROCESS PORT OUT.npz
 Process 0 writes the gathered global arrays to OUT.npz. `collect` is also called in-process.
 """

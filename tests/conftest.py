@@ -44,3 +44,45 @@ def data_dir() -> pathlib.Path:
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}")
     return DATA
+
+
+# Helpers of the data-layer and sequence-task tests (tests/data, tests/tasks), here so that no
+# test module imports another.
+
+
+@pytest.fixture
+def sst2_task():
+    """The resolved SST-2 preset: a sequence-classification task that reads files of
+    `sentence` / `label` columns."""
+    from jaxkd.tasks import sequence, task_config  # pylint: disable=import-outside-toplevel
+
+    return sequence.resolve(task_config("sst2"))
+
+
+@pytest.fixture
+def bert_tokenizer(minilm_dir):
+    """The real MiniLM's BERT tokenizer, loaded afresh for each test."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.BertTokenizer.from_pretrained(str(minilm_dir))
+
+
+@pytest.fixture
+def write_file():
+    """write_file(path, text or bytes) -> str(path), the file written (text as UTF-8)."""
+    def write(path: pathlib.Path, content: str | bytes) -> str:
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        return str(path)
+    return write
+
+
+@pytest.fixture
+def raw_tsv():
+    """raw_tsv(path) -> the data rows as lists of fields: a reference reader that splits lines
+    on tabs, nothing else."""
+    def read(path: pathlib.Path) -> list[list[str]]:
+        lines = path.read_text(encoding="utf-8").lstrip("\ufeff").splitlines()
+        return [line.split("\t") for line in lines[1:]]
+    return read

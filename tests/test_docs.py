@@ -74,16 +74,9 @@ def section_keys(cls, instance, prefix: str = "") -> dict[str, object]:
 
 
 def task_keys_by_kind() -> dict[str, dict[str, object]]:
-    """{task.type: {task key: default}}: the `task.*` keys each task kind reads.
-
-    The one place that says which task keys belong to which kind. Today the `task` section is
-    one flat `TaskConfig`; each kind module names the keys it reads in `KEYS`, and a field no
-    kind claims (`type`) is read by every kind.
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(jaxkd.tasks.TaskConfig)}
-    claimed = {key for module in jaxkd.tasks.KINDS.values() for key in module.KEYS}
-    return {kind: {f"task.{key}": value for key, value in defaults.items()
-                   if key in module.KEYS or key not in claimed}
+    """{task.type: {task key: default}}: the `task.*` keys each task kind reads, from the kind's
+    own section class (`jaxkd.tasks.KINDS[type].CONFIG`, a `TaskConfig` subclass)."""
+    return {kind: {f"task.{f.name}": f.default for f in dataclasses.fields(module.CONFIG)}
             for kind, module in jaxkd.tasks.KINDS.items()}
 
 

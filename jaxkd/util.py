@@ -1,0 +1,80 @@
+"""Three small jobs that several modules share, each done in one place.
+
+- `did_you_mean`: the hint after an unknown name ("did you mean 'sst2'?"), from `difflib`.
+- `write_atomic`: a file replaced whole or not at all (caches written by several processes).
+- `content_hash`: a hex digest of byte strings and arrays (cache keys, parameter digests).
+
+Callers keep their own wording, cutoffs, algorithms and lengths: these helpers only do the
+mechanics, so a message or a cache key built through them is byte for byte what it was.
+This module imports nothing from jaxkd.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import pathlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+
+def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6,
+                 hint: str = " (did you mean {!r}?)", otherwise: str = "") -> str:
+    """`hint` formatted with the choice closest to `name`, or `otherwise` when none is close.
+
+    Closest as `difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)` finds it
+    (0.6 is difflib's own default). The hint is meant to follow a message directly, so it
+    carries its own leading punctuation: " (did you mean 'x'?)" by default, or e.g.
+    "; did you mean {!r}?".
+    """
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return hint.format(close[0]) if close else otherwise
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], Any]) -> None:
+    """Creates or replaces `path` with what `write(tmp)` writes to a temporary file beside it.
+
+    Readers, and other processes writing the same path at once, see the old file or a whole
+    new one, never a part: the temporary file (`<stem>.<pid>.tmp<suffix>`, in the same
+    directory, so the same file system) is renamed over `path` only after `write` returns.
+    If `write` raises, the temporary file is removed, `path` is left as it was, and the error
+    propagates. Parent directories are created. `write` must write to exactly the path it is
+    given (the suffix is kept, so `np.save` / `np.savez` add no second one).
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def content_hash(chunks: Iterable[bytes | Any], *, algorithm: str = "sha256",
+                 digest_size: int | None = None, length: int | None = None,
+                 array_layout: bool = True) -> str:
+    """Hex digest of `chunks` fed in order to `hashlib.new(algorithm)`.
+
+    A `bytes` chunk is fed as it is. Anything else is an array (NumPy, JAX, or a NumPy
+    scalar): `np.asarray(chunk)` is fed as f"{dtype}{shape}" (unless `array_layout` is
+    False) followed by its bytes in C order. `digest_size` is passed to variable-size
+    algorithms (blake2b); `length` keeps the first that many hex digits. The caller frames
+    its parts (separators, a version prefix): the digest depends on exactly these bytes, so
+    keys built through it stay the same as long as the chunks do.
+    """
+    digest = (hashlib.new(algorithm) if digest_size is None
+              else hashlib.new(algorithm, digest_size=digest_size))
+    for chunk in chunks:
+        if isinstance(chunk, bytes):
+            digest.update(chunk)
+            continue
+        arr = np.asarray(chunk)
+        if array_layout:
+            digest.update(f"{arr.dtype}{arr.shape}".encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    hexdigest = digest.hexdigest()
+    return hexdigest if length is None else hexdigest[:length]

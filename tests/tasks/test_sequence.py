@@ -1,0 +1,101 @@
+"""Tests for jaxkd.tasks.sequence: presets, custom tasks, row validation, tokenisation of pairs."""
+import logging
+
+import numpy as np
+import pytest
+
+from jaxkd import data
+from jaxkd.tasks import sequence, task_config
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def test_presets_resolve_columns_labels_and_metrics():
+    mrpc = sequence.resolve(task_config("mrpc"))
+    assert (mrpc.text, mrpc.text_pair, mrpc.label) == ("sentence1", "sentence2", "label")
+    assert mrpc.metrics == ("accuracy", "f1") and mrpc.num_labels == 2
+    stsb = sequence.resolve(task_config("stsb"))
+    assert stsb.is_regression and stsb.num_labels == 1 and stsb.metrics == ("pearson", "spearman")
+    assert sequence.resolve(task_config("cola")).metrics == ("matthews",)
+    mnli = sequence.resolve(task_config("mnli"))
+    assert mnli.eval_splits == ("validation_matched", "validation_mismatched") and mnli.num_labels == 3
+    assert sequence.resolve(task_config("mrpc", metric="f1")).metrics == ("f1", "accuracy")
+
+
+def test_custom_task_infers_sorted_labels_and_regression():
+    cfg = task_config("custom", text="t", labels=None)
+    assert sequence.resolve(cfg, None, ["b", "a", "c", "a"]).label_names == ("a", "b", "c")
+    assert sequence.resolve(cfg, None, ["10", "2", 1]).label_names == ("1", "2", "10")
+    reg = sequence.resolve(task_config("custom", text="t", metric="spearman"))
+    assert reg.is_regression and reg.metrics == ("spearman",)
+    with pytest.raises(data.DataError, match="task.labels"):
+        sequence.resolve(cfg)
+
+
+def test_unknown_task_suggests_nearest_preset():
+    with pytest.raises(data.DataError, match=r"unknown task.name 'sst-2'.*did you mean 'sst2'"):
+        task_config("sst-2")
+
+
+def test_metric_that_does_not_fit_the_task_is_refused():
+    with pytest.raises(data.DataError, match="'accuracy' does not fit the regression task 'stsb'"):
+        sequence.resolve(task_config("stsb", metric="accuracy"))
+    with pytest.raises(data.DataError, match="needs 2 labels"):
+        sequence.resolve(task_config("mnli", metric="f1"))
+
+
+# ----------------------------------------------------------------------------- row validation
+
+
+# Rows the task refuses; tests/data/test_read.py has the files the readers refuse.
+@pytest.mark.parametrize("name, content, message", [
+    ("h.tsv", "sentence\tlabel\n", r"h.tsv: the split is empty"),
+    ("t.tsv", "sentence\tlabel\ngood\t1\nmeh\t7\n",
+     r"t.tsv line 3: label '7' in column 'label' is not one of \['negative', 'positive'\]"),
+    ("t.tsv", "sentence\tlabel\ngood\t1\n  \t0\n", r"t.tsv line 3: empty text in column 'sentence'"),
+    ("t.jsonl", '{"sentence": "ok", "label": 1}\n\n{"sentence": null, "label": 0}\n',
+     r"t.jsonl line 3: null text in column 'sentence'"),
+])
+def test_bad_split_names_file_and_line(tmp_path, name, content, message, sst2_task, write_file):
+    with pytest.raises(data.DataError, match=message):
+        sst2_task.load(data.DataConfig(), write_file(tmp_path / name, content))
+
+
+def test_skip_invalid_counts_and_reports(tmp_path, caplog, sst2_task, write_file):
+    path = write_file(tmp_path / "t.tsv", "sentence\tlabel\ngood\t1\n\t0\nx\t9\ny\t\nz\t0\tq\nfine\t0\n")
+    with caplog.at_level(logging.WARNING, logger="jaxkd.tasks.base"):
+        examples = sst2_task.load(data.DataConfig(skip_invalid=True), path)
+    assert examples.texts == ["good", "fine"] and examples.labels.tolist() == [1, 0]
+    assert examples.skipped == {"empty text": 1, "bad label": 1, "missing label": 1, "wrong field count": 1}
+    assert "skipped 4 invalid rows" in caplog.text
+    with pytest.raises(data.DataError, match="no valid rows left"):
+        sst2_task.load(data.DataConfig(skip_invalid=True), write_file(tmp_path / "b.tsv", "sentence\tlabel\n\t1\n"))
+
+
+def test_unlabeled_split_gets_placeholder_labels(tmp_path, sst2_task, write_file):
+    path = write_file(tmp_path / "test.tsv", "sentence\nhello\n")
+    examples = sst2_task.load(data.DataConfig(), path, require_labels=False)
+    assert not examples.has_labels and examples.labels.tolist() == [-1]
+    stsb = sequence.resolve(task_config("stsb", text="s", text_pair="p"))
+    path = write_file(tmp_path / "s.tsv", "s\tp\nhello\tthere\n")
+    assert np.isnan(stsb.load(data.DataConfig(), path, require_labels=False).labels).all()
+    with pytest.raises(data.DataError, match="no column 'label'"):
+        sst2_task.load(data.DataConfig(), write_file(tmp_path / "t2.tsv", "sentence\nhello\n"))
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+@pytest.mark.slow
+def test_mrpc_pairs_match_tokenizer_with_truncation(data_dir, sst2_task, bert_tokenizer):
+    tok = bert_tokenizer
+    task = sequence.resolve(task_config("mrpc", text="#1 String", text_pair="#2 String", label="Quality"))
+    examples = task.load(data.DataConfig(), str(data_dir / "mrpc" / "msr_paraphrase_test.txt"))
+    encoded = sst2_task.encode(examples, tok, 32, None)
+    for i in range(0, len(examples), 25):
+        want = tok(examples.texts[i], examples.pairs[i], truncation="longest_first", max_length=32)
+        start, stop = encoded.offsets[i], encoded.offsets[i + 1]
+        assert encoded.input_ids[start:stop].tolist() == want["input_ids"]
+        assert encoded.token_type_ids[start:stop].tolist() == want["token_type_ids"]
+    assert encoded.lengths.max() == 32 and set(np.unique(encoded.token_type_ids)) == {0, 1}
