@@ -12,7 +12,8 @@ import dataclasses
 
 from jaxkd.data import DataConfig, DataError, nearest
 from jaxkd.model import HeadConfig
-from jaxkd.tasks import qa, sequence, token
+# Importing a kind registers its head: in this order, the order of KINDS (and of model.HEADS).
+from jaxkd.tasks import sequence, token, qa  # isort: skip
 from jaxkd.tasks.base import Objective, Task, TaskConfig
 
 KINDS = {module.TYPE: module for module in (sequence, token, qa)}
