@@ -13,6 +13,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxkd.data import make_batch
+
 
 
 class MetricsSink:
@@ -135,8 +137,8 @@ def measure_speed(logits_fn: Callable, params, batch_size: int, seq_len: int,
 
     def batch(b):
         ids = np.full((b, seq_len), 1000, np.int32)
-        return jax.device_put({"input_ids": ids, "attention_mask": np.ones_like(ids),
-                               "token_type_ids": np.zeros_like(ids)}, jax.devices()[0])
+        return jax.device_put(make_batch(ids, np.ones_like(ids), np.zeros_like(ids),
+                                         np.zeros(b, np.int32), np.ones(b)), jax.devices()[0])
 
     one, full = batch(1), batch(batch_size)
     latency = _time(lambda: fn(params, one), repeats)

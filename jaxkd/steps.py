@@ -46,7 +46,7 @@ Schedule = Callable[[jax.Array], jax.Array]
 
 _EPS = 1e-9
 _MODEL_KEYS = ("input_ids", "attention_mask")
-_TRAIN_KEYS = _MODEL_KEYS + ("labels", "weights")
+_TRAIN_KEYS = _MODEL_KEYS + ("labels", "weights", "hard_weights")
 TEACHER_SOURCES = ("live", "cached", "none")
 
 

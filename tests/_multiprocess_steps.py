@@ -51,14 +51,10 @@ def make_batch(rng: np.random.Generator, rows: int = BATCH, length: int = LENGTH
         labels = np.stack([rng.integers(0, ends + 1), ends], axis=1)
     else:
         labels = rng.integers(0, 3, rows)
-    return {
-        "input_ids": (rng.integers(1, 100, (rows, length)) * mask).astype(np.int32),
-        "attention_mask": mask,
-        "token_type_ids": np.zeros((rows, length), np.int32),
-        "labels": labels.astype(np.int32),
-        "weights": weights,
-        "index": np.arange(rows, dtype=np.int32),
-    }
+    from jaxkd.data import make_batch
+
+    return make_batch((rng.integers(1, 100, (rows, length)) * mask), mask,
+                      np.zeros((rows, length), np.int32), labels.astype(np.int32), weights)
 
 
 def build(kind: str = "sequence"):

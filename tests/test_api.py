@@ -30,9 +30,8 @@ def test_readme_embedding_example(tmp_path):
         mesh, state_sh, teacher_sh)
 
     rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(5, 100, (8, 16)).astype(np.int32),
-             "attention_mask": np.ones((8, 16), np.int32), "token_type_ids": np.zeros((8, 16), np.int32),
-             "labels": rng.integers(0, 2, 8).astype(np.int32), "weights": np.ones(8, np.float32)}
+    batch = jaxkd.data.make_batch(rng.integers(5, 100, (8, 16)), np.ones((8, 16)), np.zeros((8, 16)),
+                                  rng.integers(0, 2, 8).astype(np.int32), np.ones(8))
     losses = []
     key = jax.random.key(0)
     for i in range(4):

@@ -246,7 +246,8 @@ def test_span_objective_matches_numpy():
     mask = np.ones((B, L), np.int32)
     mask[1, 4:] = 0
     batch = {"attention_mask": mask, "labels": np.array([[1, 2], [0, 0], [3, 5]], np.int32),
-             "weights": np.array([1.0, 0.5, 1.0], np.float32)}
+             "weights": np.array([1.0, 0.5, 1.0], np.float32),
+             "hard_weights": np.ones(3, np.float32)}  # every row labelled
     objective = tasks.objective(SQUAD.head())
     loss = float(objective.hard_loss(jnp.asarray(logits), batch))
 

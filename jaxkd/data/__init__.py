@@ -22,7 +22,7 @@ from jaxkd.data.encoded import (Encoded, cached_arrays, content_key, flatten, gi
                                 offsets_of, special_tokens_around, tokenizer_fingerprint,
                                 with_transfer)
 from jaxkd.data.batches import (Batch, EvalBatches, MixedBatches, PaddingStats, TokenGather,
-                                TrainBatches, batch_rows, bucket_lengths, epoch_order,
+                                TrainBatches, batch_rows, bucket_lengths, epoch_order, make_batch,
                                 padding_stats, transfer_batch_size)
 
 __all__ = [
@@ -32,5 +32,6 @@ __all__ = [
     "Encoded", "cached_arrays", "content_key", "flatten", "gives_token_types", "offsets_of",
     "special_tokens_around", "tokenizer_fingerprint", "with_transfer",
     "Batch", "EvalBatches", "MixedBatches", "PaddingStats", "TokenGather", "TrainBatches",
-    "batch_rows", "bucket_lengths", "epoch_order", "padding_stats", "transfer_batch_size",
+    "batch_rows", "bucket_lengths", "epoch_order", "make_batch", "padding_stats",
+    "transfer_batch_size",
 ]

@@ -1,6 +1,7 @@
 """Fixed-shape, length-bucketed, resumable batches of an `Encoded` split.
 
-A batch is a dict of host NumPy arrays, built here and nowhere else (`batch_rows`):
+A batch (`Batch`) is a dict of host NumPy arrays, built by `make_batch` here and nowhere else
+(the teacher cache adds `teacher_logits` to one, `jaxkd.cache.TeacherLogits.attach`):
   input_ids, attention_mask (1 = token), token_type_ids   int32 [B, L]
   labels    per row [B] (int32, or float32 for regression; -1 / NaN where the split has no
             labels), or per token [B, L] int32 (-1 on tokens without a label), as the task lays
@@ -23,14 +24,41 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
 from jaxkd.data.config import DataError
 from jaxkd.data.encoded import Encoded
 
-Batch = dict[str, np.ndarray]
+class Batch(TypedDict):
+    """One batch; the keys as the module docstring lays them out. Every key but
+    `teacher_logits` is always there."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+    hard_weights: np.ndarray
+    index: np.ndarray
+    teacher_logits: NotRequired[np.ndarray]
+
+
+def make_batch(input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray,
+               labels: np.ndarray, weights: np.ndarray, hard_weights: np.ndarray | None = None,
+               index: np.ndarray | None = None) -> Batch:
+    """The one constructor of a batch: dtypes fixed, `hard_weights` = `weights` (every row
+    labelled) and `index` = 0..B-1 unless given."""
+    weights = np.asarray(weights, np.float32)
+    return Batch(input_ids=np.asarray(input_ids, np.int32),
+                 attention_mask=np.asarray(attention_mask, np.int32),
+                 token_type_ids=np.asarray(token_type_ids, np.int32),
+                 labels=np.asarray(labels),
+                 weights=weights,
+                 hard_weights=weights if hard_weights is None else np.asarray(hard_weights, np.float32),
+                 index=np.arange(len(weights), dtype=np.int32) if index is None
+                 else np.asarray(index, np.int32))
 
 
 def bucket_lengths(max_seq_len: int, multiple: int) -> tuple[int, ...]:
@@ -131,15 +159,8 @@ def batch_rows(encoded: Encoded, rows_b: np.ndarray, real_b: np.ndarray, length:
         labels = encoded.labels[rows_b]
     weights_b = real_b.astype(np.float32)
     hard_b = weights_b if encoded.hard_weights is None else weights_b * encoded.hard_weights[rows_b]
-    return {
-        "input_ids": gather(encoded.input_ids, 0).astype(np.int32),
-        "attention_mask": gather.mask_bxL.astype(np.int32),
-        "token_type_ids": gather(encoded.token_type_ids, 0).astype(np.int32),
-        "labels": labels,
-        "weights": weights_b,
-        "hard_weights": hard_b.astype(np.float32),
-        "index": np.where(real_b, rows_b, -1).astype(np.int32),
-    }
+    return make_batch(gather(encoded.input_ids, 0), gather.mask_bxL, gather(encoded.token_type_ids, 0),
+                      labels, weights_b, hard_b, np.where(real_b, rows_b, -1))
 
 
 def _position(position: Mapping[str, Any] | None, expected: Mapping[str, int],

@@ -195,11 +195,8 @@ class Objective:
 
     def hard_weights(self, batch) -> Array:
         """Weight of each hard-label loss term, shaped as `weights`: 0 on transfer rows (their
-        `hard_weights` is 0: only the teacher labels them). A batch without `hard_weights`
-        counts every row's labels."""
+        `hard_weights` is 0: only the teacher labels them)."""
         weights = self.weights(batch)
-        if "hard_weights" not in batch:
-            return weights
         hard_B = batch["hard_weights"].astype(jnp.float32)
         return weights * hard_B.reshape(hard_B.shape + (1,) * (weights.ndim - 1))
 
