@@ -16,7 +16,6 @@ import numpy as np
 from jaxkd.data import make_batch
 
 
-
 class MetricsSink:
     """metrics.jsonl (one JSON object per row) plus TensorBoard events; process 0 only."""
 
