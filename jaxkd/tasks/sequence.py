@@ -17,6 +17,7 @@ import numpy as np
 from jaxkd import data as data_lib
 from jaxkd import metrics as metrics_lib
 from jaxkd.data import DataConfig, DataError, Encoded, Table
+from jaxkd import layers
 from jaxkd import model as model_lib
 from jaxkd.model import BertConfig, HeadConfig
 from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, infer_label_names,
@@ -83,7 +84,7 @@ class SequenceHead(nn.Module):
         cfg = self.encoder
         act = model_lib.POOLER_ACTIVATIONS[self.head.pooler_activation]
         pooled_BxH = act(model_lib.dense(cfg, cfg.hidden_size, "pooler", dtype=jnp.float32)(x_BxQxH[:, 0]))
-        pooled_BxH = model_lib.Dropout(model_lib.head_dropout(cfg, self.head))(
+        pooled_BxH = layers.Dropout(model_lib.head_dropout(cfg, self.head))(
             pooled_BxH, deterministic=deterministic)
         return model_lib.dense(cfg, self.head.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
 

@@ -17,8 +17,10 @@ import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd.data import DataConfig, DataError, Encoded
+from jaxkd import layers
 from jaxkd import model as model_lib
 from jaxkd.model import BertConfig, HeadConfig
+from jaxkd.tasks import conll
 from jaxkd.tasks import entities as entities_lib
 from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, infer_label_names,
                               is_int, label_id, label_key)
@@ -31,7 +33,6 @@ METRICS = ("f1", "precision", "recall", "accuracy")  # entity-level micro P/R/F1
 TRANSFER = {"data.unlabeled": "untagged text gives no word positions for the word-level KD term "
                               "(use distill.augment, which keeps the labelled words' positions)",
             "distill.augment": None}
-_DOCSTART = "-DOCSTART-"
 _WORD_SEP = "\x1f"  # joins a sentence's words for jaxkd.transfer (a word may hold spaces)
 _TOKENIZE_CHUNK = 2_000  # sentences per tokenizer call
 
@@ -79,7 +80,7 @@ class TokenHead(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxH, deterministic: bool):
-        x_BxLxH = model_lib.Dropout(model_lib.head_dropout(self.encoder, self.head))(
+        x_BxLxH = layers.Dropout(model_lib.head_dropout(self.encoder, self.head))(
             x_BxLxH, deterministic=deterministic)
         return model_lib.dense(self.encoder, self.head.num_labels, "classifier",
                                dtype=jnp.float32)(x_BxLxH)
@@ -198,7 +199,7 @@ class TokenTask(Task):
         `data.skip_invalid`, which skips the sentence and counts it.
         """
         if self._is_conll(data_cfg, source):
-            sentences, problems = _read_conll(source, require_labels)
+            sentences, problems = conll.read(source, require_labels)
         else:
             sentences, problems = self._read_rows(data_cfg, source, require_labels)
         words, tags = [], []
@@ -370,54 +371,6 @@ def _entity_text(words: list[str], tags: list[str], scheme: str) -> str:
                      for kind, a, b in entities_lib.entities(tags, scheme)) or "-"
 
 
-def _read_conll(path: str, require_labels: bool = True) -> tuple[list, Problems]:
-    """(where, words, tags) per sentence of a CoNLL column file: token first, tag last, a blank
-    line between sentences, -DOCSTART- lines skipped. A line with one column has no tag: an
-    error where labels are required, else a sentence of words alone (tags None)."""
-    problems = Problems(str(path))
-    sentences: list = []
-    words: list[str] = []
-    tags: list[str] = []
-    start, bad = 0, None
-
-    def close():
-        nonlocal words, tags, bad
-        where = f"{path} line {start}"
-        if bad is not None:
-            problems.add(*bad)
-        elif words:
-            sentences.append((where, words, None if None in tags else tags))
-        words, tags, bad = [], [], None
-
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for line_num, line in enumerate(f, start=1):
-                fields = line.split()
-                if not fields:
-                    close()
-                    continue
-                if fields[0] == _DOCSTART:
-                    close()
-                    continue
-                if not words and bad is None:
-                    start = line_num
-                if len(fields) < 2 and require_labels:
-                    if bad is None:
-                        bad = (f"{path} line {line_num}",
-                               BadRow("missing tag", f"token {fields[0]!r} has no tag column"))
-                    continue
-                words.append(fields[0])
-                tags.append(fields[-1] if len(fields) > 1 else None)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"data file not found: {path}") from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
-    close()
-    if not sentences and not problems.found:
-        raise DataError(f"{path}: the file holds no sentences (expected CoNLL columns: token ... tag)")
-    return sentences, problems
-
-
 def _windows(examples: Examples, tokenizer, max_seq_len: int,
              label_all_subtokens: bool) -> dict[str, np.ndarray]:
     # The family's own specials around each window ([CLS] ... [SEP], <s> ... </s>).
@@ -519,7 +472,7 @@ def _infer_tags(cfg: TaskConfig, data_cfg: DataConfig | None, preset: Preset,
                           scheme="iob2", label_all_subtokens=False, hub_dataset=None,
                           eval_splits=(), test_splits=())
         if draft._is_conll(data_cfg, data_cfg.train):
-            sentences, _ = _read_conll(data_cfg.train)
+            sentences, _ = conll.read(data_cfg.train)
         else:
             sentences, _ = draft._read_rows(data_cfg, data_cfg.train, require_labels=True)
         tag_values = [t for _, _, tags in sentences for t in (tags or [])]
