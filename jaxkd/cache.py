@@ -55,7 +55,7 @@ class TeacherLogits:
     """Cached teacher outputs of one encoded split, attached to its batches."""
 
     def __init__(self, table: np.ndarray, encoded: Encoded, per_token: bool):
-        rows = int(encoded.offsets[-1]) if per_token else len(encoded)
+        rows = encoded.output_rows(per_token)
         if table.shape[0] != rows:
             raise ValueError(f"teacher cache holds {table.shape[0]} rows, the split has {rows}")
         self.table, self.offsets, self.per_token = table, encoded.offsets, per_token

@@ -53,7 +53,7 @@ def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: i
     for logits, index in pending:
         logits, index = to_host(logits), to_host(index)
         if out is None:
-            rows = int(encoded.offsets[-1]) if per_token else len(encoded)
+            rows = encoded.output_rows(per_token)
             out = np.zeros((rows, logits.shape[-1]), np.float32)
         real = index >= 0
         if per_token:

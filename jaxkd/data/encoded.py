@@ -47,6 +47,11 @@ class Encoded:
     # come from the teacher alone. None: every row is labelled.
     hard_weights: np.ndarray | None = None
 
+    def output_rows(self, per_token: bool) -> int:
+        """Rows of a model-output table of this split (the prediction path's, the teacher
+        cache's): one per example, or (per_token) one per token, back to back."""
+        return int(self.offsets[-1]) if per_token else len(self)
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
