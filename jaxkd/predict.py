@@ -17,8 +17,9 @@ list of words (--tokens, default `tokens`) for token classifiers; for question a
 v1.1 JSON files, or jsonl/json/parquet rows with `question` and `context` (and `id`), cut into
 windows of --max-seq-len tokens overlapping by --doc-stride. A label, tag or answer column may
 be missing; one that is there must hold the model's label names (or ids). `-` reads stdin: one
-text per line (`text<TAB>pair` with --text-pair), one whitespace-tokenised sentence per line,
-or `question<TAB>context`; a blank line gives no output line but is counted in `line`.
+text per line (`text<TAB>pair` with --text-pair, or a pair model that records its pair column),
+one whitespace-tokenised sentence per line, or `question<TAB>context`; a blank line gives no
+output line but is counted in `line`.
 
 Output, one line per row, led by `line`: the input's 1-based line on stdin, or the row's
 1-based number in a file (a data row of tsv/csv, header not counted; a record of
