@@ -1,13 +1,23 @@
-"""Score an exported classifier on labelled data: the task metrics, one `name=value` a line,
-primary first.
+"""Score an exported model on labelled data: the task metrics, one `name=value` a line, primary
+first.
 
     python -m jaxkd.evaluate MODEL_DIR --config X.yaml [--split test|eval] [key=value ...]
     python -m jaxkd.evaluate MODEL_DIR --task NAME [--type TYPE] --data FILE [options]
 
 With --config the task section and the split's file come from a training config (default the
-test split if data.test is set, else data.eval); key=value overrides apply as in train.py.
-With --task the task is a preset (sst2, mrpc, conll2003, ...) or `custom` (then --text,
+test split if data.test is set, else data.eval); key=value overrides apply as in train.py, and
+the config's data section (max_seq_len, doc_stride, ...) is used, flags winning.
+With --task the task is a preset (sst2, mrpc, conll2003, squad, ...) or `custom` (then --text,
 --label, --tokens, --tags, --metric describe it, and the label names default to the model's).
+
+Question answering: `--task squad --data dev-v1.1.json` (SQuAD v1.1 JSON, or rows with
+question, context and answers) scores F1 and exact match as the official v1.1 script does;
+contexts are cut into windows of --max-seq-len tokens overlapping by --doc-stride.
+
+With --task, a directory jaxkd exported gives the defaults it records (config.json key
+`jaxkd`): the run's max_seq_len and doc_stride, and for `custom` its columns and tag scheme;
+flags given win, and stderr says which were used (unless --quiet). Without them: 128 tokens, a
+quarter of that as the stride.
 
 The model's id2label must name the same labels as the task. In another order, the model's
 outputs are reordered to the task's; other names are refused, unless --by-position maps output
@@ -16,56 +26,17 @@ i to the task's label i (for models exported with generic LABEL_i names).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-
-from jaxkd.predict import (EXIT_USAGE, UsageError, add_run_flags, check_run_flags, fail,
-                           inspect_model, load_input, load_model, load_tokenizer, model_outputs,
-                           parse, progress_bar)
+from jaxkd import exported
+from jaxkd.cli_flags import EXIT_USAGE, UsageError, add_run_flags, check_run_flags, fail, parse
+from jaxkd.exported import evaluate_model, label_order
 
 SPLITS = ("test", "eval")
 __all__ = ["EXIT_USAGE", "evaluate_model", "label_order", "main"]
-
-
-def label_order(task, info, by_position: bool = False) -> np.ndarray | None:
-    """Columns of the model's outputs in the task's label order (None: already in it); a
-    `UsageError` when model and task do not predict the same thing."""
-    from jaxkd.data import DataError
-
-    if task.head_kind != info.head_kind:
-        raise UsageError(f"{info.directory} is a {info.architecture} but task {task.name!r} is "
-                         f"{task.type}")
-    try:
-        return task.label_order(info.label_names, info.regression, str(info.directory),
-                                by_position)
-    except DataError as err:
-        raise UsageError(str(err)) from err
-
-
-def evaluate_model(model_dir, task, data_cfg, source: str, *, by_position: bool = False,
-                   dtype: str | None = None, quiet: bool = True) -> dict[str, float]:
-    """Task metrics (primary first) of the model in `model_dir` on the labelled `source`."""
-    info = inspect_model(model_dir)
-    order = label_order(task, info, by_position)
-    examples = load_input(task, data_cfg, source, require_labels=True)
-    tokenizer = load_tokenizer(info, data_cfg.max_seq_len, words=task.pretokenized)
-    model = load_model(info, tokenizer, dtype)
-    encoded = task.encode(examples, tokenizer, data_cfg.max_seq_len)
-    outputs = model_outputs(model, encoded, per_token=task.outputs_per_token,
-                            batch_size=data_cfg.eval_batch_size or data_cfg.batch_size,
-                            max_seq_len=data_cfg.max_seq_len,
-                            bucket_multiple=data_cfg.bucket_multiple,
-                            progress=progress_bar("evaluate", not quiet))
-    if order is not None:
-        outputs = outputs[:, order]
-    if not quiet:
-        print(f"evaluate: {len(examples)} examples of {source}", file=sys.stderr)
-    return task.scores(outputs, encoded, examples)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -93,30 +64,32 @@ def _from_config(args, info):
         raise UsageError(f"{args.config}: data.{split} is not set" +
                          (f"; it sets {', '.join(f'data.{s}' for s in given)} (--split)" if given
                           else "; set data.test or data.eval, or pass --task and --data"))
-    changes = {k: getattr(args, k) for k in ("max_seq_len", "bucket_multiple", "format", "doc_stride")
-               if getattr(args, k) is not None}
-    if args.batch_size is not None:
-        changes.update(batch_size=args.batch_size, eval_batch_size=args.batch_size)
-    return _with_model_labels(cfg.task, info), dataclasses.replace(cfg.data, **changes), source
+    config = {k: getattr(cfg.data, k) for k in exported.DATA_KEYS}
+    settings = exported.run_settings(info, vars(args), config=config)
+    extra = {"format": args.format} if args.format is not None else {}
+    data_cfg = settings.data_config(cfg.data, **extra)
+    return _with_model_labels(cfg.task, info), data_cfg, source, settings
 
 
 def _from_flags(args, info):
     from jaxkd import tasks
-    from jaxkd.data import DataConfig
 
     if args.data is None:
         raise UsageError("--task needs --data FILE (the labelled examples)")
     keys = {k: getattr(args, k) for k in ("type", "text", "text_pair", "label", "tokens", "tags",
                                           "metric", "tag_scheme") if getattr(args, k) is not None}
+    kind = tasks.kind_of_head(info.head_kind)
     if args.task == "custom" and "type" not in keys:  # a custom task is of the model's kind
-        keys["type"] = tasks.kind_of_head(info.head_kind).TYPE
+        keys["type"] = kind.TYPE
+    settings = exported.run_settings(info, vars(args), columns=args.task == "custom")
+    if args.task == "custom" and keys["type"] == kind.TYPE:  # the model's columns as defaults
+        keys.update({k: v for k, v in settings.values.items()
+                     if k in kind.INPUT_FLAGS and settings.origins[k] == "model"})
     if args.labels is not None:
         keys["labels"] = tuple(x.strip() for x in args.labels.split(","))
     task_cfg = tasks.task_config(name=args.task, **keys)
-    data_cfg = DataConfig(max_seq_len=args.max_seq_len or 128, batch_size=args.batch_size or 32,
-                          bucket_multiple=args.bucket_multiple or 8, format=args.format,
-                          doc_stride=args.doc_stride)
-    return _with_model_labels(task_cfg, info), data_cfg, args.data
+    data_cfg = settings.data_config(format=args.format)
+    return _with_model_labels(task_cfg, info), data_cfg, args.data, settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,14 +109,21 @@ def run(args: argparse.Namespace) -> int:
     elif args.split is not None or args.overrides:
         raise UsageError("--split and key=value overrides go with --config")
     started = time.perf_counter()
-    info = inspect_model(args.model_dir)
+    info = exported.inspect_model(args.model_dir)
     try:
-        task_cfg, data_cfg, source = (_from_config if args.config else _from_flags)(args, info)
+        task_cfg, data_cfg, source, settings = (_from_config if args.config else _from_flags)(args, info)
         task = tasks.resolve(task_cfg, data_cfg)
     except DataError as err:
         raise UsageError(str(err)) from err
+    if not args.quiet:
+        print(f"evaluate: {settings.describe(task, data_cfg)}", file=sys.stderr)
+        trained = info.settings.get("max_seq_len")
+        if trained is not None and trained != data_cfg.max_seq_len:
+            print(f"evaluate: note: the model was exported with max_seq_len {trained}",
+                  file=sys.stderr)
     scores = evaluate_model(info.directory, task, data_cfg, source, by_position=args.by_position,
-                            dtype=args.dtype, quiet=args.quiet)
+                            dtype=args.dtype, quiet=args.quiet,
+                            format_flag="data.format" if args.config else "--format")
     for name, value in scores.items():
         print(f"{name}={value:.6f}")
     if not args.quiet:
@@ -156,14 +136,15 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=prog or "python -m jaxkd.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported classifier directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="exported model directory (classifier, token classifier or question answering)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
     p.add_argument("--config", help="training config: its task section and data split")
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="with --config: which split (default test if set, else eval)")
-    p.add_argument("--task", help="task preset (sst2, mrpc, conll2003, ...) or custom")
+    p.add_argument("--task", help="task preset (sst2, mrpc, conll2003, squad, ...) or custom")
     p.add_argument("--type", choices=tuple(tasks.KINDS),
-                   default=None, help="task type (default: the preset's, else sequence)")
+                   default=None, help="task type (default: the preset's; custom: the model's)")
     p.add_argument("--data", metavar="FILE", help="with --task: the labelled examples")
     p.add_argument("--text", help="text column")
     p.add_argument("--text-pair", help="second text column")
@@ -175,7 +156,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tag-scheme", choices=("iob1", "iob2", "bioes"), default=None)
     p.add_argument("--by-position", action="store_true",
                    help="map model output i to the task's label i, whatever id2label says")
-    add_run_flags(p, defaults=False)
+    add_run_flags(p)
     return p
 
 

@@ -401,16 +401,30 @@ def hf_state_dict(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]
     return out
 
 
+# The config.json key under which `save_hf(settings=...)` keeps what scoring the model needs
+# (`jaxkd.exported.export_settings`); transformers keeps unknown keys as config attributes.
+SETTINGS_KEY = "jaxkd"
+
+
 def save_hf(config: ModelConfig, params: Mapping, out_dir: str | os.PathLike, tokenizer: Any = None,
-            id2label: Mapping[int, str] | Sequence[str] | None = None) -> pathlib.Path:
+            id2label: Mapping[int, str] | Sequence[str] | None = None,
+            settings: Mapping[str, Any] | None = None) -> pathlib.Path:
     """Writes a directory that the family's head class (`BertFor*`, `RobertaFor*`, ... or
     `AutoModelFor*`.from_pretrained) loads as is.
 
     tokenizer: an object with `save_pretrained`, or a directory to copy tokenizer files from.
+    settings: JSON-able values written into config.json under `SETTINGS_KEY` (the run's
+    `jaxkd.exported.export_settings`: window length, stride, columns, ...), read back by
+    `jaxkd.predict` and `jaxkd.evaluate` as their defaults.
     """
     from safetensors.numpy import save_file
 
     hf_config = config_to_hf(config, id2label)  # validates id2label before writing anything
+    if settings is not None:
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"settings must be a mapping, got {type(settings).__name__}")
+        # Round-tripped through JSON here, so nothing unwritable is found after the weights.
+        hf_config[SETTINGS_KEY] = json.loads(json.dumps(dict(settings)))
     tensors = hf_state_dict(config, params)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

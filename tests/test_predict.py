@@ -1,7 +1,10 @@
 """`python -m jaxkd.predict`, `python -m jaxkd.evaluate` and the `jaxkd` command on tiny random
-exported models, against PyTorch transformers running the same directories."""
+exported models, against PyTorch transformers running the same directories (the library under
+them, `jaxkd.exported`: tests/test_exported.py)."""
+import importlib.util
 import io
 import json
+import pathlib
 import sys
 
 import jax
@@ -11,11 +14,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxkd import cli, evaluate, predict  # noqa: E402
+from jaxkd import cli, evaluate, exported, predict, tasks  # noqa: E402
+from jaxkd.data import DataConfig  # noqa: E402
 from jaxkd.hf import save_hf  # noqa: E402
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params  # noqa: E402
 
 MAX_LEN = 32
+QA_LEN, QA_STRIDE = 64, 16  # the windows of the QA model exported with a run's settings
 ENCODER = BertConfig(vocab_size=30522, hidden_size=16, num_layers=2, num_heads=4,
                      intermediate_size=32, max_position_embeddings=64)
 SEQ_LABELS = ["neg", "neu", "pos"]
@@ -55,10 +60,21 @@ def models(tmp_path_factory, minilm_dir):
                {"qa_outputs": {"kernel": classifier["kernel"][:, :2], "bias": classifier["bias"][:2]}},
                None),
     }
-    out = {}
+    out, saved = {}, {}
     for seed, (name, (cfg, head, labels)) in enumerate(heads.items(), start=6):
         params = _noisy({"encoder": base["encoder"], "head": head}, seed)
+        saved[name] = (cfg, params, labels)
         out[name] = save_hf(cfg, params, root / name, tokenizer=minilm_dir, id2label=labels)
+    # The same weights exported with the settings of a run (as the trainer writes them).
+    runs = {"seq_run": ("seq", tasks.task_config(name="custom", text="review", labels=SEQ_LABELS),
+                        DataConfig(max_seq_len=MAX_LEN)),
+            "qa_run": ("qa", tasks.task_config(name="squad"),
+                       DataConfig(max_seq_len=QA_LEN, doc_stride=QA_STRIDE))}
+    for name, (like, task_cfg, data_cfg) in runs.items():
+        cfg, params, labels = saved[like]
+        settings = exported.export_settings(tasks.resolve(task_cfg, data_cfg), data_cfg)
+        out[name] = save_hf(cfg, params, root / name, tokenizer=minilm_dir, id2label=labels,
+                            settings=settings)
     return out
 
 
@@ -303,10 +319,50 @@ def test_cli_dispatch(models, labelled, capsys):
     assert code == 0 and all(c in out for c in cli.COMMANDS)
 
 
+NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
+CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
+JOBS = ["teacher", "doctor", "pilot", "farmer", "lawyer", "baker"]
+FILLER = "the weather was mild and the streets were quiet on that long day".split()
+
+
+def _paragraph(rng, k):
+    people = rng.choice(NAMES, 3, replace=False)
+    facts = [(p, rng.choice(CITIES), rng.choice(JOBS)) for p in people]
+    parts = []
+    for p, city, job in facts:
+        parts.append(" ".join(rng.choice(FILLER, rng.integers(3, 12))))
+        parts.append(f"{p} lives in {city} and works as a {job}.")
+    context = " ".join(parts)
+    qas = []
+    for n, (p, city, job) in enumerate(facts):
+        for question, answer in ((f"where does {p} live?", city), (f"what does {p} work as?", job)):
+            start = context.index(f"{p} lives in {city}") + (len(f"{p} lives in ") if answer == city else
+                                                              len(f"{p} lives in {city} and works as a "))
+            qas.append({"id": f"p{k}q{n}{answer}", "question": question,
+                        "answers": [{"text": answer, "answer_start": start}]})
+    return {"context": context, "qas": qas}
+
+
+def _write_squad(path, rng, paragraphs):
+    """A SQuAD v1.1 file of generated paragraphs (as tests/test_trainer_qa.py writes them)."""
+    data = {"version": "1.1", "data": [{"title": "x", "paragraphs": [_paragraph(rng, k)
+                                                                     for k in range(paragraphs)]}]}
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _official_f1():
+    """The official SQuAD v1.1 F1, as scripts/check_qa_export.py writes it out (not jaxkd's)."""
+    spec = importlib.util.spec_from_file_location(
+        "check_qa_export", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "check_qa_export.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    return check.f1
+
+
 def test_qa_predictions_and_evaluate_agree_with_the_official_metric(models, tmp_path, capsys):
     """predict's answers, scored here by the official v1.1 definitions, give evaluate's F1."""
-    from test_trainer_qa import _write_squad, load_check_qa_export
-    _f1 = load_check_qa_export().f1
+    _f1 = _official_f1()
     path = _write_squad(tmp_path / "dev.json", np.random.default_rng(1), 3)
     code, out, err = _run(capsys, predict, [models["qa"], path, "--max-seq-len", 64, "--quiet"])
     assert code == 0, err
@@ -321,3 +377,135 @@ def test_qa_predictions_and_evaluate_agree_with_the_official_metric(models, tmp_
                                              "--max-seq-len", 64, "--quiet"])
     assert code == 0, err
     assert _scores(out)["f1"] == pytest.approx(f1, abs=1e-6)  # printed with 6 decimals
+
+
+# ----------------------------------------------------------------------------- line numbers
+
+
+def test_stdin_lines_count_blank_lines(models, monkeypatch, capsys):
+    """`line` is the physical stdin line; a blank one gives no output but is counted."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"\n{TEXTS[0]}\n\n  \n{TEXTS[1]}\n{TEXTS[2]}\n\n"))
+    code, out, err = _run(capsys, predict, [models["seq"], "-", "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    rows = _lines(out)
+    assert [r["line"] for r in rows] == [2, 5, 6]
+    assert list(rows[0]) == ["line", "label", "probs"]  # `line` leads, the rest as before
+    np.testing.assert_allclose([r["probs"] for r in rows],
+                               _softmax(_torch_sequence(models["seq"], TEXTS[:3])), atol=1e-4)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("who?\n\nwhere does anna live?\tanna lives in rome .\n"))
+    code, out, err = _run(capsys, predict, [models["qa"], "-", "--max-seq-len", 64, "-q"])
+    assert code == 2 and "<stdin> line 1: expected question<TAB>context" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\nwhere does anna live?\tanna lives in rome .\n"))
+    code, out, err = _run(capsys, predict, [models["qa"], "-", "--max-seq-len", 64, "-q"])
+    assert code == 0, err
+    assert [(r["line"], r["id"]) for r in _lines(out)] == [(2, "2")]
+
+
+def test_file_lines_number_the_rows(models, tmp_path, capsys):
+    """In a file `line` is the row's number: a tsv data row (header not counted), a CoNLL
+    sentence, a SQuAD question."""
+    data = _write_tsv(tmp_path / "in.tsv", ["sentence"], [[t] for t in TEXTS])
+    code, out, err = _run(capsys, predict, [models["seq"], data, "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    assert [r["line"] for r in _lines(out)] == list(range(1, len(TEXTS) + 1))
+
+    conll = tmp_path / "words.conll"
+    conll.write_text("-DOCSTART- O\n\n" + "\n\n".join("\n".join(w) for w in SENTENCES) + "\n\n\n")
+    code, out, err = _run(capsys, predict, [models["ner"], conll, "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    rows = _lines(out)
+    assert [r["line"] for r in rows] == list(range(1, len(SENTENCES) + 1))
+    assert [r["tokens"] for r in rows] == SENTENCES
+
+    squad = _write_squad(tmp_path / "dev.json", np.random.default_rng(2), 2)
+    code, out, err = _run(capsys, predict, [models["qa"], squad, "--max-seq-len", 64, "-q"])
+    assert code == 0, err
+    ids = [qa["id"] for p in json.loads(squad.read_text())["data"][0]["paragraphs"] for qa in p["qas"]]
+    assert [(r["line"], r["id"]) for r in _lines(out)] == list(enumerate(ids, start=1))
+
+
+# ----------------------------------------------------------------------------- settings of the run
+
+
+def test_predict_defaults_from_the_exported_run(models, tmp_path, capsys):
+    """A model exported with its run's settings needs no --text or --max-seq-len; flags win."""
+    data = _write_tsv(tmp_path / "in.tsv", ["id", "review"], [[str(i), t] for i, t in enumerate(TEXTS)])
+    code, out, err = _run(capsys, predict, [models["seq_run"], data])
+    assert code == 0, err
+    probs = _softmax(_torch_sequence(models["seq"], TEXTS))  # truncated at the run's MAX_LEN
+    np.testing.assert_allclose([r["probs"] for r in _lines(out)], probs, atol=1e-4)
+    assert f"max_seq_len {MAX_LEN} (the model's max_seq_len), text review (the model's)" in err
+
+    code, out, err = _run(capsys, predict, [models["seq_run"], data, "--text", "id",
+                                            "--max-seq-len", 16])
+    assert code == 0, err
+    assert "max_seq_len 16 (--max-seq-len)" in err and "text review" not in err
+    code, out, err = _run(capsys, predict, [models["seq_run"], data, "-q"])
+    assert code == 0 and err == ""
+
+
+def test_qa_windows_default_to_the_exported_run(models, tmp_path, capsys):
+    """Without --max-seq-len a QA model scores with its run's windows, and stderr says which;
+    the same as giving them, not the 128-token default."""
+    path = _write_squad(tmp_path / "dev.json", np.random.default_rng(3), 4)
+    base = [models["qa_run"], "--task", "squad", "--data", path]
+    code, out, err = _run(capsys, evaluate, base)
+    assert code == 0, err
+    assert (f"windows of {QA_LEN} tokens (the model's max_seq_len), "
+            f"stride {QA_STRIDE} (the model's doc_stride)") in err
+    from_model = _scores(out)
+    code, out, err = _run(capsys, evaluate, [*base, "--max-seq-len", QA_LEN, "--doc-stride",
+                                             QA_STRIDE, "-q"])
+    assert code == 0, err
+    assert _scores(out) == from_model
+    # The same weights without settings: the built-in 128-token windows (more than the tiny
+    # model's 64 positions hold).
+    code, out, err = _run(capsys, evaluate, [models["qa"], "--task", "squad", "--data", path])
+    assert code == 2, err
+    assert "windows of 128 tokens (default max_seq_len), stride 32 (default doc_stride)" in err
+    assert "128 exceeds the 64 positions" in err
+    # Another length: the model's stride belongs to its length, so the default for 48.
+    code, out, err = _run(capsys, evaluate, [*base, "--max-seq-len", 48])
+    assert code == 0, err
+    assert "windows of 48 tokens (--max-seq-len), stride 12 (default doc_stride)" in err
+    assert f"the model was exported with max_seq_len {QA_LEN}" in err
+
+    code, out, err = _run(capsys, predict, [models["qa_run"], path])
+    assert code == 0, err
+    assert f"windows of {QA_LEN} tokens (the model's max_seq_len)" in err
+    code, out2, err = _run(capsys, predict, [models["qa_run"], path, "--max-seq-len", QA_LEN,
+                                             "--doc-stride", QA_STRIDE, "-q"])
+    assert out2 == out
+
+
+# ----------------------------------------------------------------------------- help and messages
+
+
+def test_help_documents_question_answering(capsys):
+    for module in (predict, evaluate):
+        code, out, _ = _run(capsys, module, ["--help"])
+        assert code == 0
+        text = " ".join(out.split())
+        assert "question answering" in text and "--doc-stride" in text, module.__name__
+        assert "SQuAD" in text and "the model's" in text
+
+
+def test_unknown_suffix_names_the_flag(models, labelled, tmp_path, capsys):
+    data, _ = labelled
+    odd = tmp_path / "dev.data"
+    odd.write_text(data.read_text())
+    for module, argv in ((predict, [models["seq"], odd]),
+                         (evaluate, [models["seq"], "--task", "custom", "--text", "sentence",
+                                     "--data", odd])):
+        code, out, err = _run(capsys, module, [*argv, "-q"])
+        assert code == 2 and out == "", err
+        assert "unknown file type '.data'" in err and "pass --format" in err, err
+        assert "data.format" not in err
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task:\n  name: custom\n  text: sentence\ndata:\n  test: {odd}\n")
+    code, out, err = _run(capsys, evaluate, [models["seq"], "--config", config, "-q"])
+    assert code == 2 and "set data.format" in err, err
+    code, out, err = _run(capsys, predict, [models["seq"], odd, "--format", "tsv",
+                                            "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0 and len(_lines(out)) == len(TEXTS), err
