@@ -8,6 +8,7 @@ reads a stale cache. Rows are stored as the prediction path gives them (`jaxkd.i
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Any, Callable
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from jaxkd import util
 from jaxkd.data import Encoded, TokenGather
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -36,19 +39,52 @@ def cache_path(cache_dir: str | pathlib.Path, key: str) -> pathlib.Path:
 
 def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
                     compute: Callable[[], np.ndarray], write: bool = True) -> tuple[np.ndarray, bool]:
-    """Return (logits, hit): [num_rows, C], memory-mapped when read from disk. On a miss,
-    compute and store atomically (when `write`)."""
+    """Return (logits, hit): [num_rows, C], memory-mapped when read from disk.
+
+    A file on disk is used only when it is whole: its shape, dtype and checksum match the
+    record written after it (`util.write_check`); otherwise a warning names it and the logits
+    are computed again. Computed logits that are not all finite are an error naming the cache,
+    never written; on a miss they are stored atomically (when `write`), then their record.
+    """
     path = cache_path(cache_dir, key)
     if path.is_file():
-        logits = np.load(path, mmap_mode="r")
-        if logits.shape[0] == num_rows:
+        try:
+            logits = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as err:
+            problem = f"it is unreadable ({err})"
+        else:
+            problem = util.check_problem(path, {"logits": logits})
+            if problem is None and logits.shape[0] != num_rows:
+                problem = f"it holds {logits.shape[0]} rows, the split has {num_rows}"
+            if problem is None and not np.isfinite(logits).all():
+                problem = "it holds NaN or infinite values"
+        if problem is None:
             return logits, True
+        log.warning("teacher cache %s is not used: %s; computing the teacher's outputs again",
+                    path, problem)
     logits = np.asarray(compute(), np.float32)
     if logits.shape[0] != num_rows:
         raise ValueError(f"teacher cache: computed {logits.shape[0]} rows for {num_rows}")
+    check_finite(logits, path)
     if write:
         util.write_atomic(path, lambda tmp: np.save(tmp, logits))
+        util.write_check(path, {"logits": logits})
     return logits, False
+
+
+class NonFiniteTeacher(ValueError):
+    """The teacher's outputs hold NaN or infinite values: nothing can be distilled from them."""
+
+
+def check_finite(logits: np.ndarray, path: pathlib.Path) -> None:
+    bad = ~np.isfinite(logits)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=tuple(range(1, logits.ndim))))
+        raise NonFiniteTeacher(
+            f"the teacher's outputs for {path} are NaN or infinite in {len(rows)} of "
+            f"{len(logits)} rows (first: row {rows[0]}); the teacher has diverged or its weights "
+            "are broken: check teacher.model, or fine-tune it with a lower "
+            "teacher.finetune.learning_rate. Nothing was written to the cache.")
 
 
 class TeacherLogits:

@@ -78,3 +78,46 @@ def content_hash(chunks: Iterable[bytes | Any], *, algorithm: str = "sha256",
         digest.update(np.ascontiguousarray(arr).tobytes())
     hexdigest = digest.hexdigest()
     return hexdigest if length is None else hexdigest[:length]
+
+
+# ----------------------------------------------------------------------------- checked files
+
+CHECK_SUFFIX = ".check.json"
+
+
+def _array_record(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
+    return {name: {"shape": list(np.shape(arr)), "dtype": str(np.asarray(arr).dtype),
+                   "blake2b": content_hash([np.asarray(arr)], algorithm="blake2b", digest_size=16)}
+            for name, arr in sorted(arrays.items())}
+
+
+def check_path(path: str | os.PathLike) -> pathlib.Path:
+    """The record beside a checked data file: `<name>.check.json`."""
+    path = pathlib.Path(path)
+    return path.with_name(path.name + CHECK_SUFFIX)
+
+
+def write_check(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Records the shape, dtype and checksum of each array of the data file `path`, after the
+    data itself is in place (a file without its record is never trusted)."""
+    import json
+
+    record = _array_record(arrays)
+    write_atomic(check_path(path), lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+
+
+def check_problem(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> str | None:
+    """Why the arrays read from `path` are not what was written there (no record, another
+    shape, dtype or checksum), or None when they are."""
+    import json
+
+    record_path = check_path(path)
+    try:
+        record = json.loads(record_path.read_text())
+    except FileNotFoundError:
+        return f"it has no {record_path.name} (written after the data: the write did not finish)"
+    except (OSError, ValueError) as err:
+        return f"its record {record_path.name} is unreadable ({err})"
+    if record != _array_record(arrays):
+        return f"its contents differ from what was written (record {record_path.name})"
+    return None

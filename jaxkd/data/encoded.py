@@ -13,8 +13,10 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import os
 import pathlib
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +24,8 @@ import numpy as np
 
 from jaxkd import util
 from jaxkd.data.config import DataError
+
+log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 2  # bump when the cached arrays change meaning
 
@@ -158,12 +162,23 @@ def cached_arrays(cache_dir: str | os.PathLike | None, key: str,
                   compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """`compute()`'s arrays, kept in `cache_dir/tokens-<key>.npz`, so a second run (or another
     process) does not tokenise again; no caching without a directory. Several processes may
-    write the same key at once: each writes the whole file atomically (`util.write_atomic`)."""
+    write the same key at once: each writes the whole file atomically (`util.write_atomic`),
+    then its record (`util.write_check`); a file whose record is missing or does not match is
+    tokenised again, with a warning naming it."""
     path = None if cache_dir is None else pathlib.Path(cache_dir) / f"tokens-{key}.npz"
     if path is not None and path.is_file():
-        with np.load(path) as cached:
-            return {name: cached[name] for name in cached.files}
+        try:
+            with np.load(path) as cached:
+                arrays = {name: cached[name] for name in cached.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            problem = f"it is unreadable ({err})"
+        else:
+            problem = util.check_problem(path, arrays)
+        if problem is None:
+            return arrays
+        log.warning("token cache %s is not used: %s; tokenising again", path, problem)
     arrays = dict(compute())
     if path is not None:
         util.write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
+        util.write_check(path, arrays)
     return arrays

@@ -1,0 +1,84 @@
+"""The teacher-output cache and the token cache: hits, and files that are not what was written
+(truncated, overwritten, without their record) recomputed with a warning naming them."""
+import logging
+
+import numpy as np
+import pytest
+
+from jaxkd import cache, util
+from jaxkd.data import cached_arrays
+
+
+def _logits(rows=6, classes=3, seed=0):
+    return np.random.default_rng(seed).normal(size=(rows, classes)).astype(np.float32)
+
+
+class Calls:
+    def __init__(self, value):
+        self.value, self.count = value, 0
+
+    def __call__(self):
+        self.count += 1
+        return self.value
+
+
+def test_second_read_is_a_hit_with_the_same_values(tmp_path):
+    compute = Calls(_logits())
+    first, hit1 = cache.load_or_compute(tmp_path, "k", 6, compute)
+    second, hit2 = cache.load_or_compute(tmp_path, "k", 6, compute)
+    assert (hit1, hit2, compute.count) == (False, True, 1)
+    np.testing.assert_array_equal(second, compute.value)
+    assert util.check_path(cache.cache_path(tmp_path, "k")).is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "nan", "no_record", "rows"])
+def test_a_damaged_teacher_cache_is_recomputed_and_named(tmp_path, caplog, damage):
+    compute = Calls(_logits())
+    cache.load_or_compute(tmp_path, "k", 6, compute)
+    path = cache.cache_path(tmp_path, "k")
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-20])
+    elif damage in ("garbage", "nan"):  # a valid .npy of the right shape and dtype
+        fill = np.full((6, 3), np.nan, np.float32) if damage == "nan" else _logits(seed=1)
+        np.save(path, fill)
+    elif damage == "no_record":
+        util.check_path(path).unlink()
+    else:
+        np.save(path, _logits(rows=5))
+        util.write_check(path, {"logits": _logits(rows=5)})
+    with caplog.at_level(logging.WARNING, logger="jaxkd.cache"):
+        logits, hit = cache.load_or_compute(tmp_path, "k", 6, compute)
+    assert not hit and compute.count == 2
+    np.testing.assert_array_equal(logits, compute.value)
+    assert str(path) in caplog.text and "not used" in caplog.text
+    again, hit = cache.load_or_compute(tmp_path, "k", 6, compute)  # rewritten whole
+    assert hit and compute.count == 2
+
+
+def test_non_finite_teacher_outputs_are_an_error_and_never_written(tmp_path):
+    bad = _logits()
+    bad[4, 1] = np.inf
+    with pytest.raises(cache.NonFiniteTeacher, match=r"1 of 6 rows \(first: row 4\)"):
+        cache.load_or_compute(tmp_path, "k", 6, Calls(bad))
+    assert not cache.cache_path(tmp_path, "k").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "no_record"])
+def test_a_damaged_token_cache_is_tokenised_again(tmp_path, caplog, damage):
+    arrays = {"ids": np.arange(10, dtype=np.int32), "offsets": np.array([0, 4, 10], np.int64)}
+    compute = Calls(arrays)
+    cached_arrays(tmp_path, "k", compute)
+    path = tmp_path / "tokens-k.npz"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:50])
+    elif damage == "overwrite":
+        np.savez(path, ids=np.zeros(10, np.int32), offsets=arrays["offsets"])
+    else:
+        util.check_path(path).unlink()
+    with caplog.at_level(logging.WARNING, logger="jaxkd.data.encoded"):
+        out = cached_arrays(tmp_path, "k", compute)
+    assert compute.count == 2 and str(path) in caplog.text
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(out[name], value)
+    cached_arrays(tmp_path, "k", compute)
+    assert compute.count == 2
