@@ -14,7 +14,7 @@ import pytest
 import _multiprocess_data as mp_data
 from jaxkd import cache as cache_lib
 from jaxkd import config as config_lib
-from jaxkd import data, hf, steps, trainer, transfer
+from jaxkd import data, hf, plan, steps, transfer
 from jaxkd.config import ConfigError
 from jaxkd.losses import LossConfig
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, apply_model, init_params, word_embeddings
@@ -342,8 +342,8 @@ def transfer_run(tmp_path_factory, tiny_teacher, sst2_small):
         "distill.augment": {"factor": 2, "mask_prob": 0.2, "replace_prob": 0.2, "ngram_prob": 0.3,
                             "seed": 7},
         "distill.steps": 8, "distill.eval_every": 8})
-    described = trainer.describe(config_lib.from_dict(cfg),
-                                 trainer.prepare(config_lib.from_dict(cfg), write_cache=False))
+    described = plan.describe(config_lib.from_dict(cfg),
+                              plan.prepare(config_lib.from_dict(cfg), write_cache=False))
     return dict(cfg=cfg, report=run_in_process(cfg), workdir=workdir, described=described)
 
 

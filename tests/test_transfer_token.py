@@ -152,7 +152,7 @@ def test_ner_pipeline_with_augmented_rows(tmp_path, tiny_teacher, ner_data):
 
 def test_data_augment_cannot_vary_is_refused_before_any_work(tmp_path, tiny_teacher):
     """A tag set without O leaves augmentation nothing to vary; the check on the training words
-    runs in trainer.prepare, before the teacher is fine-tuned: nothing is written."""
+    runs in plan.prepare, before the teacher is fine-tuned: nothing is written."""
     sentences = [(["the", "actor"], ["X", "Y"]), (["a", "plot"], ["Y", "X"])]
     files = {name: _write_conll(tmp_path / f"{name}.txt", sentences) for name in ("train", "test")}
     workdir = tmp_path / "run"
