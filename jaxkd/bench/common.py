@@ -163,8 +163,3 @@ def run_child(cmd: Sequence[str], what: str) -> str:
     if proc.returncode:
         raise RuntimeError(f"{what} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     return proc.stdout
-
-
-def check_finite(loss: float) -> None:
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"the distillation loss became {loss}")

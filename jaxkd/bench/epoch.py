@@ -1,13 +1,12 @@
 """`bench epoch`: one distillation epoch over a task's training file end to end, jaxkd against
 the PyTorch loop of `jaxkd.bench.torch_ref`, each in a fresh process (`--impl both`).
 
-The jaxkd side compiles every bucket shape ahead of time (`compile_buckets`), then runs the
-epoch's steps on the teacher's logits from an on-disk cache.
+The jaxkd side runs what `train.py`'s distill stage runs: the batches of `jaxkd.loop.train_batches`
+through `jaxkd.loop.run_steps`, the teacher's logits from an on-disk cache.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
 import pathlib
@@ -15,7 +14,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,10 +21,10 @@ import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import hf, inference, sharding, steps, tasks
+from jaxkd import hf, inference, loop, sharding, steps, tasks
 from jaxkd.bench.common import (CONLL_TRAIN, DEFAULT_RNG_IMPL, RANDOM_BASE, REPO, RESULT, SQUAD_TRAIN,
-                                SST2_TRAIN, adamw, check_finite, load_teacher, memory_line,
-                                run_child, spread_layers, step_keys, threads)
+                                SST2_TRAIN, adamw, load_teacher, memory_line,
+                                run_child, spread_layers, threads)
 from jaxkd.bench.torch_ref import torch_epoch
 from jaxkd.losses import LossConfig
 from jaxkd.model import ModelConfig
@@ -139,8 +137,10 @@ def teacher_cache(teacher_cfg: ModelConfig, teacher_params: Any, encoded: data_l
 def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
     """Seconds of data (read + tokenise), teacher-cache fill and read, and the epoch's steps.
 
-    Model loading is outside every timer (as on the PyTorch side); compilation of each bucket
-    shape is inside the epoch, as a fresh training run pays it.
+    The epoch is the distill stage's loop (`jaxkd.loop.run_steps` on `jaxkd.loop.train_batches`,
+    the teacher's logits attached from the cache). Model loading is outside every timer (as on
+    the PyTorch side); each bucket shape compiles inside the epoch when its first batch comes,
+    as a fresh training run pays it.
     """
     task = setup.resolved_task
     teacher_cfg, teacher_params = load_teacher(setup.teacher, setup.dtype, head=task.head())
@@ -160,34 +160,18 @@ def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
     encoded = task.encode(read_examples(setup), tokenizer, setup.max_seq_len)
     out["data_s"] = time.perf_counter() - t0
     cached = teacher_cache(teacher_cfg, teacher_params, encoded, setup, mesh, out)
-
-    def epoch_batches():
-        return data_lib.TrainBatches(encoded, setup.batch, seed=setup.seed,
-                                      bucket_multiple=setup.bucket_multiple,
-                                      max_seq_len=setup.max_seq_len)
-
-    batches = epoch_batches()
-    keys = step_keys(setup.rng_impl, batches.epoch_steps, setup.seed)
+    geometry = data_lib.DataConfig(batch_size=setup.batch, bucket_multiple=setup.bucket_multiple,
+                                   max_seq_len=setup.max_seq_len)
+    batches = loop.train_batches(encoded, geometry, setup.seed)(None)
     t0 = time.perf_counter()
-    # The example batch comes from a fresh iterator so that the timed epoch starts at batch 0.
-    example = cached.attach(next(epoch_batches()))
-    compiled = compile_buckets(step, (state, None), example,
-                               _epoch_lengths(encoded, setup), keys[0], mesh)
-    out["compile_s"] = time.perf_counter() - t0
-    t0, pending = time.perf_counter(), None
-    for i in range(batches.epoch_steps):
-        batch = cached.attach(next(batches))
-        run = compiled[batch["input_ids"].shape[1]]
-        state, metrics = run(state, None, sharding.global_batch(batch, mesh), keys[i])
-        if pending is not None:  # read step i-1's loss while step i runs, as the trainer does
-            check_finite(float(pending["loss/total"]))
-        pending = metrics
-    check_finite(float(pending["loss/total"]))
+    loop.run_steps(lambda state, batch, rng: step(state, None, batch, rng), state, batches,
+                   rng=jax.random.key(setup.seed, impl=setup.rng_impl), mesh=mesh,
+                   stop=batches.epoch_steps, prepare_batch=cached.attach)
     out["epoch_s"] = time.perf_counter() - t0
     out.update(examples=batches.epoch_steps * setup.batch, steps=batches.epoch_steps,
-               shapes=len(compiled))
-    out["warm_s"] = out["data_s"] + out["cache_read_s"] + out["compile_s"] + out["epoch_s"]
-    out["cold_s"] = out["data_s"] + out["cache_fill_s"] + out["compile_s"] + out["epoch_s"]
+               shapes=len(_epoch_lengths(encoded, setup)))
+    out["warm_s"] = out["data_s"] + out["cache_read_s"] + out["epoch_s"]
+    out["cold_s"] = out["data_s"] + out["cache_fill_s"] + out["epoch_s"]
     return out
 
 
@@ -196,30 +180,6 @@ def _epoch_lengths(encoded: data_lib.Encoded, setup: EpochSetup) -> tuple[int, .
     stats = data_lib.padding_stats(encoded, setup.batch, bucket_multiple=setup.bucket_multiple,
                                    max_seq_len=setup.max_seq_len, seed=setup.seed, epoch=0)
     return tuple(length for _, length in stats.shapes)
-
-
-def compile_buckets(step: Callable, leading: tuple, example: dict, lengths: Sequence[int],
-                    key: jax.Array, mesh) -> dict[int, Callable]:
-    """The step compiled ahead of time for every bucket length, several compiles at once.
-
-    XLA compiles outside the GIL, so a thread per shape overlaps them; the step then never
-    stops to compile mid-epoch.
-    """
-    tokens = example["input_ids"].shape[1]
-
-    def at_length(value: np.ndarray, length: int) -> np.ndarray:
-        # Axis 1 is the token axis of the [B, L] inputs, of per-token labels and of per-token
-        # teacher logits [B, L, C]; per-row logits [B, C], labels [B] and start/end labels
-        # [B, 2] keep their shape (bucket lengths are multiples of 8, never 2).
-        per_token = value.ndim >= 2 and value.shape[1] == tokens
-        return np.zeros((value.shape[0], length, *value.shape[2:]), value.dtype) if per_token else value
-
-    def one(length: int) -> Callable:
-        batch = {k: at_length(v, length) for k, v in example.items()}
-        return step.lower(*leading, sharding.global_batch(batch, mesh), key).compile()
-
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads())) as pool:
-        return dict(zip(lengths, pool.map(one, lengths)))
 
 
 def _describe_epoch(name: str, r: dict[str, float]) -> str:

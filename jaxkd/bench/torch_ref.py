@@ -14,8 +14,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from jaxkd import hf
-from jaxkd.bench.common import check_finite, spread_layers, threads
+from jaxkd.bench.common import spread_layers, threads
 
 if TYPE_CHECKING:
     from jaxkd.bench.epoch import EpochSetup
@@ -174,6 +176,11 @@ def torch_span_kd_loss(student: Any, teacher: Any, labels: Any, mask: Any, tempe
     return alpha * ce + (1 - alpha) * kl
 
 
+def _check_finite(loss: float) -> None:
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"the distillation loss became {loss}")
+
+
 def torch_epoch(setup: EpochSetup) -> dict[str, float]:
     """The PyTorch + transformers loop a user would write: dynamic padding over shuffled
     batches, the teacher recomputed under no_grad each step, AdamW; same student and batch."""
@@ -215,7 +222,7 @@ def torch_epoch(setup: EpochSetup) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        check_finite(loss.item())
+        _check_finite(loss.item())
     out["epoch_s"] = time.perf_counter() - t0
     out.update(examples=len(loader) * setup.batch, steps=len(loader))
     out["warm_s"] = out["cold_s"] = out["data_s"] + out["epoch_s"]

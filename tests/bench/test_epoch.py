@@ -1,6 +1,7 @@
 """bench epoch on tiny SST-2, CoNLL-2003 and SQuAD files: both sides' CLI, the same rows and
-windows on both sides, bad input."""
+windows on both sides, bad input, and the jaxkd side running jaxkd.loop's step loop."""
 import dataclasses
+import json
 import math
 import re
 
@@ -80,3 +81,27 @@ def test_epoch_squad_cli_same_windows_on_both_sides(tiny_teacher, tiny_squad, ca
     # 8 questions in windows of 24 tokens: more windows than questions, the same on both sides.
     assert counts["jaxkd"] == counts["torch"] >= 3
 
+
+def test_jaxkd_epoch_runs_the_trainers_step_loop(tiny_teacher, tiny_tsv, capsys, monkeypatch):
+    """The jaxkd side times jaxkd.loop.run_steps over one epoch of jaxkd.loop.train_batches, as
+    the distill stage runs them; compilation falls inside the epoch, so warm and cold are data,
+    the teacher cache (read or filled) and the epoch's steps."""
+    from jaxkd import loop
+
+    calls = []
+
+    def spy(step_fn, state, batches, **kw):
+        calls.append((type(batches), kw["stop"], kw["start"] if "start" in kw else 0))
+        return run_steps(step_fn, state, batches, **kw)
+
+    run_steps = loop.run_steps
+    monkeypatch.setattr(loop, "run_steps", spy)
+    main(["epoch", "--impl", "jaxkd", "--teacher", str(tiny_teacher), "--train", str(tiny_tsv),
+          "--limit", "20", "--batch", "4", "--student-layers", "1", "--max-seq-len", "16"])
+    out = capsys.readouterr().out
+    assert [(kind.__name__, stop, start) for kind, stop, start in calls] == [("TrainBatches", 5, 0)]
+    result = json.loads(next(line for line in out.splitlines()
+                             if line.startswith(common.RESULT))[len(common.RESULT):])
+    assert "compile_s" not in result and result["steps"] == 5 and result["shapes"] >= 1
+    assert result["warm_s"] == pytest.approx(result["data_s"] + result["cache_read_s"] + result["epoch_s"])
+    assert result["cold_s"] == pytest.approx(result["data_s"] + result["cache_fill_s"] + result["epoch_s"])
