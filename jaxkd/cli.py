@@ -32,8 +32,8 @@ def _evaluate(argv: list[str], reexec: bool) -> int:
 
 
 def _bench(argv: list[str], reexec: bool) -> int:
-    from jaxkd import bench
-    return bench.main(argv, reexec=reexec)
+    from jaxkd.bench.__main__ import main
+    return main(argv, reexec=reexec)
 
 
 # Each command gets its arguments, and whether it may re-execute the process (jaxkd.hostenv):

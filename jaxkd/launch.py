@@ -56,9 +56,9 @@ def main(argv=None, *, reexec: bool = False) -> int:
         if cfg.distributed.cpu_devices:
             import jax
             jax.config.update("jax_num_cpu_devices", cfg.distributed.cpu_devices)
-        from jaxkd import trainer
+        from jaxkd import loop, plan, trainer
         if args.check:
-            print(trainer.describe(cfg, trainer.prepare(cfg, write_cache=False)))
+            print(plan.describe(cfg, plan.prepare(cfg, write_cache=False)))
             return 0
         report = trainer.run(cfg)
     except (config_lib.ConfigError, DataError) as e:
@@ -68,7 +68,7 @@ def main(argv=None, *, reexec: bool = False) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except trainer.Preempted as e:
+    except loop.Preempted as e:
         print(str(e), file=sys.stderr)
         return 0
     print(f"report: {os.path.join(cfg.workdir, 'report.json')}")

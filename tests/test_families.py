@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxkd import config as config_lib  # noqa: E402
-from jaxkd import hf, tasks, trainer  # noqa: E402
+from jaxkd import hf, tasks  # noqa: E402
+from jaxkd import plan as plan_lib  # noqa: E402
 from jaxkd.config import ConfigError, StudentConfig  # noqa: E402
 from jaxkd.data import DataConfig  # noqa: E402
 from jaxkd.student import distilbert_from_teacher, student_from_shape, student_from_teacher  # noqa: E402
@@ -229,7 +230,7 @@ def test_distilbert_student_needs_a_bert_teacher(tmp_path):
     with pytest.raises(ValueError, match="built from a BERT teacher; this teacher's model_type is 'roberta'"):
         distilbert_from_teacher(cfg, params)
     with pytest.raises(ConfigError, match="student.export_as: .*BERT teacher"):
-        trainer.student_config(StudentConfig(layers=(0,), export_as="distilbert"), cfg)
+        plan_lib.student_config(StudentConfig(layers=(0,), export_as="distilbert"), cfg)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -306,8 +307,8 @@ def test_pipeline_with_a_family_teacher_exports_what_transformers_loads(
     cfg = tiny_config(tmp_path / "run", teacher, pair_data, **{
         "task.name": "mrpc", "student.layers": [1], "student.export_as": export_as,
         "teacher.finetune.steps": 2, "distill.steps": 4, "distill.eval_every": 4})
-    plan = trainer.prepare(config_lib.from_dict(cfg), write_cache=False)
-    described = trainer.describe(config_lib.from_dict(cfg), plan)
+    plan = plan_lib.prepare(config_lib.from_dict(cfg), write_cache=False)
+    described = plan_lib.describe(config_lib.from_dict(cfg), plan)
     assert f"student: {architecture}, 1 layers" in described
     assert ("no token types (the teacher's type 0 folded into positions)" in described) == bool(export_as)
     report = run_in_process(cfg)

@@ -98,7 +98,7 @@ def test_bf16_compute_keeps_fp32_params_and_logits(params):
 def test_bf16_einsum_forward_and_backward_match_numpy(spec, shape_a, shape_b):
     """bf16 operands, fp32 accumulation: the products (and the gradients' products, from a bf16
     cotangent) of the bf16-rounded values, in float64; gradients in each operand's dtype."""
-    from jaxkd.model import einsum
+    from jaxkd.layers import einsum
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=shape_a).astype(np.float32)

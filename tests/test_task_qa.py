@@ -9,7 +9,7 @@ import pytest
 
 from jaxkd import tasks
 from jaxkd.data import DataConfig, DataError
-from jaxkd.tasks import task_config, qa
+from jaxkd.tasks import qa, task_config
 
 SQUAD = tasks.resolve(task_config(name="squad", type="question_answering"))
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from jaxkd import config as config_lib
-from jaxkd import hf, trainer
+from jaxkd import hf, loop, trainer
 from jaxkd import report as report_lib
 from jaxkd.config import ConfigError
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
@@ -326,7 +326,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_teacher, sst2_small):
                       **{"teacher.finetune.steps": 0, "distill.steps": 8, "data.eval": None,
                          "optim.learning_rate": 1e30, "optim.clip_norm": None,
                          "distill.teacher_cache": False})
-    with pytest.raises(trainer.NonFiniteLoss, match="loss became"):
+    with pytest.raises(loop.NonFiniteLoss, match="loss became"):
         run_in_process(cfg)
 
 

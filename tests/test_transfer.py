@@ -14,11 +14,11 @@ import pytest
 import _multiprocess_data as mp_data
 from jaxkd import cache as cache_lib
 from jaxkd import config as config_lib
-from jaxkd import data, hf, steps, trainer, transfer
+from jaxkd import data, hf, plan, steps, transfer, util
 from jaxkd.config import ConfigError
 from jaxkd.losses import LossConfig
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, apply_model, init_params, word_embeddings
-from jaxkd.tasks import task_config, sequence
+from jaxkd.tasks import sequence, task_config
 # tiny_teacher, sst2_small: test_trainer's random checkpoint and SST-2 sample.
 from test_trainer import (assert_kill_resume_matches, run_in_process, sst2_small,  # noqa: F401
                           tiny_config, tiny_teacher)
@@ -137,20 +137,25 @@ def _runs(text: str) -> set[str]:
     return {" ".join(words[s:s + n]) for n in range(1, 6) for s in range(len(words) - n + 1)}
 
 
+def _cached_files(directory):
+    """The cache's data files (each has its check record beside it)."""
+    return [p for p in directory.iterdir() if not p.name.endswith(util.CHECK_SUFFIX)]
+
+
 def test_augmented_set_is_cached_on_disk(small_tokenizer, embeddings, tmp_path):
     cfg = transfer.AugmentConfig(factor=3, neighbours=K, seed=5)
     built = transfer.augmented_set(tmp_path, SENTENCES, None, cfg, small_tokenizer, lambda: embeddings)
-    assert len(list(tmp_path.iterdir())) == 1
+    assert len(_cached_files(tmp_path)) == 1
     reread = transfer.augmented_set(tmp_path, SENTENCES, None, cfg, small_tokenizer, lambda: embeddings)
     assert reread == built and len(built[0]) == 15
     other = transfer.augmented_set(tmp_path, SENTENCES, None, transfer.AugmentConfig(
         factor=3, neighbours=K, seed=6), small_tokenizer, lambda: embeddings)
-    assert other != built and len(list(tmp_path.iterdir())) == 2
+    assert other != built and len(_cached_files(tmp_path)) == 2
     pairs = transfer.augmented_set(tmp_path, SENTENCES, SENTENCES[::-1], cfg, small_tokenizer,
                                    lambda: embeddings)
     assert len(pairs[1]) == 15 and pairs == transfer.augmented_set(
         tmp_path, SENTENCES, SENTENCES[::-1], cfg, small_tokenizer, lambda: embeddings)
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len(_cached_files(tmp_path)) == 3
 
 
 # ----------------------------------------------------------------------------- loading
@@ -342,8 +347,8 @@ def transfer_run(tmp_path_factory, tiny_teacher, sst2_small):
         "distill.augment": {"factor": 2, "mask_prob": 0.2, "replace_prob": 0.2, "ngram_prob": 0.3,
                             "seed": 7},
         "distill.steps": 8, "distill.eval_every": 8})
-    described = trainer.describe(config_lib.from_dict(cfg),
-                                 trainer.prepare(config_lib.from_dict(cfg), write_cache=False))
+    described = plan.describe(config_lib.from_dict(cfg),
+                              plan.prepare(config_lib.from_dict(cfg), write_cache=False))
     return dict(cfg=cfg, report=run_in_process(cfg), workdir=workdir, described=described)
 
 

@@ -12,7 +12,7 @@ from jaxkd import config as config_lib
 from jaxkd import data, hf, transfer
 from jaxkd.config import ConfigError
 from jaxkd.model import apply_model, word_embeddings
-from jaxkd.tasks import task_config, objective, token
+from jaxkd.tasks import objective, token, task_config
 # The small WordPiece vocabulary, its tokenizer and embeddings, and neighbours from scratch.
 from test_transfer import K, expected_neighbours, embeddings, small_tokenizer  # noqa: F401
 # The tiny random teacher and generated CoNLL files of the token pipeline tests.
@@ -152,7 +152,7 @@ def test_ner_pipeline_with_augmented_rows(tmp_path, tiny_teacher, ner_data):
 
 def test_data_augment_cannot_vary_is_refused_before_any_work(tmp_path, tiny_teacher):
     """A tag set without O leaves augmentation nothing to vary; the check on the training words
-    runs in trainer.prepare, before the teacher is fine-tuned: nothing is written."""
+    runs in plan.prepare, before the teacher is fine-tuned: nothing is written."""
     sentences = [(["the", "actor"], ["X", "Y"]), (["a", "plot"], ["Y", "X"])]
     files = {name: _write_conll(tmp_path / f"{name}.txt", sentences) for name in ("train", "test")}
     workdir = tmp_path / "run"

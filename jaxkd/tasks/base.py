@@ -83,6 +83,10 @@ class Task:
     head_kind: ClassVar[str]  # a key of jaxkd.model.HEADS (the kind module's HEAD)
     outputs_per_token: ClassVar[bool]  # model outputs [B, L, C] (stored flat [T, C]) vs [B, C]
     pretokenized: ClassVar[bool] = False  # the tokenizer is given words split beforehand
+    # The PyTorch reference of `jaxkd.bench epoch`: its transformers padding collator, and
+    # whether the model gives start and end scores (DistilBERT's SQuAD loss) or logits.
+    torch_collator: ClassVar[str] = "DataCollatorWithPadding"
+    start_end_outputs: ClassVar[bool] = False
     name: str
     label_names: tuple[str, ...]
     metrics: tuple[str, ...]
@@ -185,6 +189,10 @@ class Objective:
     def view(self, logits: Array, batch) -> Array:
         """The logits as the losses read them: classes on the last axis, labels on the others."""
         return logits
+
+    def label_shape(self, batch_size: int, seq_len: int) -> tuple[int, ...]:
+        """The shape of a batch's `labels`: [B], or [B, L] per token."""
+        return (batch_size, seq_len) if self.per_token else (batch_size,)
 
     def weights(self, batch) -> Array:
         """Weight of each loss term: [B] rows, or [B, L] labelled tokens."""

@@ -90,6 +90,9 @@ class SpanObjective(Objective):
     KD term the mean of the two temperature KLs, as in DistilBERT's SQuAD distillation.
     """
 
+    def label_shape(self, batch_size: int, seq_len: int) -> tuple[int, ...]:
+        return (batch_size, 2)
+
     def view(self, logits, batch):
         logits_Bx2xL = jnp.swapaxes(logits, 1, 2)
         mask_Bx1xL = batch["attention_mask"][:, None, :] > 0
@@ -199,6 +202,7 @@ class QATask(Task):
     type: ClassVar[str] = TYPE
     head_kind: ClassVar[str] = HEAD.kind
     outputs_per_token: ClassVar[bool] = True
+    start_end_outputs: ClassVar[bool] = True
 
     name: str
     metrics: tuple[str, ...]

@@ -166,6 +166,7 @@ class TokenTask(Task):
     head_kind: ClassVar[str] = HEAD.kind
     outputs_per_token: ClassVar[bool] = True
     pretokenized: ClassVar[bool] = True
+    torch_collator: ClassVar[str] = "DataCollatorForTokenClassification"  # pads labels with -100
 
     name: str
     label_names: tuple[str, ...]

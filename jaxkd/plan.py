@@ -1,0 +1,293 @@
+"""What a run will do, decided before anything is written: the plan and its description.
+
+Owns `prepare` (the task, every split, the tokenizer and the teacher's and student's configs,
+resolved and validated once), the `Plan` it returns, `describe` (the plan in words, what
+`train.py --check` prints), the transfer set's summary, where the teacher's logits come from
+(`teacher_source`), where caches live (`cache_dir`), and the student: its config from the
+`student` section (`student_config`) and, once the teacher's params exist, its config and
+initial params together (`build_student`). Nothing here trains or writes, except the
+tokenisation cache that `prepare(write_cache=True)` fills.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+
+from jaxkd import data as data_lib
+from jaxkd import hf, steps, tasks
+from jaxkd import student as student_lib
+from jaxkd.config import Config, ConfigError, DistillConfig, StudentConfig, TeacherConfig
+from jaxkd.loop import total_steps
+from jaxkd.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split, validated and encoded."""
+
+    source: str
+    examples: Any  # the task's Examples
+    encoded: data_lib.Encoded
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything validated up front: task, data, tokenizer, teacher and student configs."""
+
+    task: tasks.Task
+    tokenizer: Any
+    splits: dict[str, Split]  # train / eval / test, those given
+    teacher_config: ModelConfig  # with the task's head, the run's dtype and dropout
+    student_config: ModelConfig
+    finetune_steps: int | None  # 0: the teacher already is a model of this task; None: from epochs
+    unlabeled: list[Split] = dataclasses.field(default_factory=list)  # data.unlabeled, in order
+
+    @property
+    def data_stats(self) -> dict[str, dict]:
+        """Per split: source, examples, rows the model sees, rows skipped by reason."""
+        return {name: {"source": s.source, "examples": len(s.examples), "rows": len(s.encoded),
+                       "skipped": dict(s.examples.skipped)} for name, s in self.splits.items()}
+
+
+def _teacher_dir(teacher: TeacherConfig) -> pathlib.Path:
+    try:
+        return hf.resolve_dir(teacher.model)
+    except FileNotFoundError as e:
+        raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
+
+
+def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks.Task,
+                    dtype: str) -> tuple[ModelConfig, bool]:
+    """The teacher's config with the task's head, and whether its checkpoint already is a model
+    of this task (the head's architecture and label count)."""
+    try:
+        raw = hf.read_hf_config(directory)
+        encoder = hf.config_from_hf(raw)
+    except (FileNotFoundError, hf.CheckpointError) as e:
+        raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
+    is_task_model = (hf.checkpoint_head_kind(raw) == task.head_kind
+                     and hf.checkpoint_num_labels(raw) == task.num_labels)
+    encoder = encoder.replace(dtype=dtype)
+    if teacher.hidden_dropout is not None:
+        encoder = encoder.replace(hidden_dropout=teacher.hidden_dropout)
+    # The task's head as the teacher's family computes it (its dropout and pooler activation).
+    head = hf.head_from_hf(raw, kind=task.head_kind, num_labels=task.num_labels)
+    return ModelConfig(encoder, head), is_task_model
+
+
+def prepare(cfg: Config, write_cache: bool = True) -> Plan:
+    """Resolve and validate everything; raises before any output is written. Without
+    `write_cache` nothing at all is written (the tokenised splits are not cached)."""
+    if cfg.data.train is None:
+        raise ConfigError("data.train is not set: give a split name or a training file")
+    task = tasks.resolve(cfg.task, cfg.data)
+    teacher_dir = _teacher_dir(cfg.teacher)
+    teacher_cfg, is_task_model = _teacher_config(cfg.teacher, teacher_dir, task, cfg.precision.compute)
+    tokenizer = hf.load_tokenizer(teacher_dir, words=task.pretokenized)
+    steps_ = cfg.teacher.finetune.steps
+    if steps_ == 0 and not is_task_model:
+        raise ConfigError(
+            f"teacher.model {cfg.teacher.model!r} is not a {hf.architecture(teacher_cfg)} with "
+            f"{task.num_labels} labels, so it cannot teach this task untrained: set "
+            "teacher.finetune.steps > 0 (or leave it unset to fine-tune for teacher.finetune.epochs)")
+    finetune = steps_ if steps_ is not None else (0 if is_task_model else None)
+    encoder = teacher_cfg.encoder
+    if len(tokenizer) > encoder.vocab_size:
+        raise ConfigError(f"teacher.model: tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocabulary holds {encoder.vocab_size}")
+    if cfg.data.max_seq_len > encoder.max_length:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the {encoder.max_length} "
+                          f"positions of the teacher's max_position_embeddings="
+                          f"{encoder.max_position_embeddings}")
+    student_cfg = student_config(cfg.student, teacher_cfg)
+    # Every split is read and validated before anything (even a tokenisation cache) is written.
+    loaded = {name: (getattr(cfg.data, name), task.load(cfg.data, getattr(cfg.data, name)))
+              for name in ("train", "eval", "test") if getattr(cfg.data, name) is not None}
+    unlabeled = [(source, task.load_unlabeled(cfg.data, source)) for source in cfg.data.unlabeled or ()]
+    if cfg.distill.augment is not None:
+        task.check_augmentable(loaded["train"][1])
+    if cfg.data.eval_fraction is not None:
+        source, train = loaded["train"]
+        kept, held = data_lib.holdout(len(train), cfg.data.eval_fraction, cfg.seed)
+        where = f"{source} ({len(held)} of {len(train)} held out, seed {cfg.seed})"
+        loaded = {"train": (source, train.subset(kept, train.source)),
+                  "eval": (where, train.subset(held, where)),
+                  **{name: split for name, split in loaded.items() if name == "test"}}
+    token_cache = cache_dir(cfg) if write_cache else None
+    splits = {name: Split(source, examples,
+                          task.encode(examples, tokenizer, cfg.data.max_seq_len, token_cache))
+              for name, (source, examples) in loaded.items()}
+    transfer = [Split(source, examples, task.encode(examples, tokenizer, cfg.data.max_seq_len,
+                                                    token_cache))
+                for source, examples in unlabeled]
+    return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune, transfer)
+
+
+def transfer_summary(cfg: Config, plan: Plan) -> dict | None:
+    """The transfer set (rows only the teacher labels) in numbers, for describe and report.json;
+    None without one. An augmented set has exactly `factor` rows per labelled example."""
+    augment = cfg.distill.augment
+    if not plan.unlabeled and augment is None:
+        return None
+    unlabeled = [{"source": s.source, "rows": len(s.encoded), "skipped": dict(s.examples.skipped)}
+                 for s in plan.unlabeled]
+    rows = sum(u["rows"] for u in unlabeled)
+    summary = {"unlabeled": unlabeled, "augment": None}
+    if augment is not None:
+        examples = len(plan.splits["train"].examples)
+        summary["augment"] = {**dataclasses.asdict(augment), "examples": examples,
+                              "rows": augment.factor * examples}
+        rows += augment.factor * examples
+    batch = cfg.data.batch_size
+    per_batch = data_lib.transfer_batch_size(batch, cfg.data.unlabeled_ratio, jax.process_count())
+    return {**summary, "rows": rows, "ratio": cfg.data.unlabeled_ratio,
+            "rows_per_batch": per_batch, "labelled_rows_per_batch": batch - per_batch}
+
+
+def describe(cfg: Config, plan: Plan) -> str:
+    """The plan in words: task, splits, models, stages with their steps, batch shapes."""
+    data = cfg.data
+    train = plan.splits["train"].encoded
+    epoch_steps = len(train) // data.batch_size
+    transfer = transfer_summary(cfg, plan)
+    # With transfer rows a distillation epoch is still one pass over the labelled rows, which
+    # then fill only part of each batch.
+    distill_epoch_steps = epoch_steps if transfer is None else \
+        len(train) // transfer["labelled_rows_per_batch"]
+    pad = data_lib.padding_stats(train, data.batch_size, bucket_multiple=data.bucket_multiple,
+                                 max_seq_len=data.max_seq_len, seed=cfg.seed)
+    t, s = plan.teacher_config, plan.student_config
+    ft = cfg.teacher.finetune
+    if plan.finetune_steps == 0:
+        teacher_stage = "skipped (the checkpoint already is a model of this task)"
+    else:
+        teacher_stage = f"{total_steps(plan.finetune_steps, ft.epochs, epoch_steps)} steps"
+    distill = cfg.distill
+    total = 0 if distill.steps == 0 else total_steps(distill.steps, distill.epochs,
+                                                      distill_epoch_steps)
+    source = teacher_source(distill)
+    source = "cached (logits on disk)" if source == "cached" else source
+    lines = [f"task: {plan.task.name} ({plan.task.type}), {plan.task.num_labels} labels, "
+             f"metrics {', '.join(plan.task.metrics)}"]
+    for name, split in plan.splits.items():
+        lines.append(f"data.{name}: {split.source}: {len(split.examples)} examples, "
+                     f"{len(split.encoded)} rows, skipped {dict(split.examples.skipped) or 'none'}")
+    for who, mc in (("teacher", t), ("student", s)):
+        enc = mc.encoder
+        lines.append(f"{who}: {hf.architecture(mc)}, {enc.num_layers} layers x {enc.hidden_size} "
+                     f"hidden, {enc.num_heads} heads, {enc.dtype}"
+                     + ("" if enc.type_vocab_size or not t.encoder.type_vocab_size else
+                        ", no token types (the teacher's type 0 folded into positions)"))
+    lines += [f"stage teacher: {teacher_stage} (batch {data.batch_size}, {epoch_steps} steps per epoch)",
+              f"stage distill: {total} steps, teacher {source}, T={distill.temperature:g}, "
+              f"alpha={distill.alpha:g}"
+              + ("" if transfer is None else f", {distill_epoch_steps} steps per epoch (one pass "
+                 f"over the labelled rows)"),
+              *_describe_transfer(transfer),
+              "stage export, report",
+              f"batches: {len(pad.shapes)} shapes {[length for _, length in pad.shapes]} "
+              f"(lengths up to {data.max_seq_len}), padding {100 * pad.pad_fraction:.1f}% of tokens",
+              f"workdir: {cfg.workdir}"]
+    return "\n".join(lines)
+
+
+def _describe_transfer(transfer: dict | None) -> list[str]:
+    if transfer is None:
+        return []
+    batch = transfer["rows_per_batch"] + transfer["labelled_rows_per_batch"]
+    lines = [f"transfer: {transfer['rows']} rows labelled by the teacher only (KD term, hard-label "
+             f"weight 0), {transfer['rows_per_batch']} of every {batch} rows per batch "
+             f"(data.unlabeled_ratio {transfer['ratio']:g})"]
+    for u in transfer["unlabeled"]:
+        lines.append(f"  data.unlabeled: {u['source']}: {u['rows']} rows, skipped {u['skipped'] or 'none'}")
+    a = transfer["augment"]
+    if a is not None:
+        lines.append(f"  distill.augment: {a['factor']} x {a['examples']} labelled examples = "
+                     f"{a['rows']} rows (mask_prob {a['mask_prob']:g}, replace_prob "
+                     f"{a['replace_prob']:g} of {a['neighbours']} neighbours, ngram_prob "
+                     f"{a['ngram_prob']:g}, seed {a['seed']})")
+    return lines
+
+
+def teacher_source(distill: DistillConfig) -> str:
+    """Where the distillation step gets the teacher's logits: the one place that decides.
+
+    "cached" (computed once, on disk) when only logit terms are on and the cache is enabled;
+    "live" when intermediate terms need the teacher's layers or the cache is off; "none" for
+    labels only.
+    """
+    source = steps.default_teacher_source(distill)
+    if source == "live" and distill.teacher_cache and not distill.any_intermediate:
+        return "cached"
+    return source
+
+
+def cache_dir(cfg: Config) -> pathlib.Path:
+    """Where the tokenisation, teacher-logit and augmentation caches live."""
+    return pathlib.Path(cfg.data.cache_dir or pathlib.Path(cfg.workdir) / "cache")
+
+
+def student_config(s: StudentConfig, teacher_cfg: ModelConfig) -> ModelConfig:
+    """The student's config from the `student` section and the teacher's (validated)."""
+    teacher = teacher_cfg.encoder
+    try:
+        if s.init == "teacher_layers":
+            bad = [i for i in s.layers if not 0 <= i < teacher.num_layers]
+            if bad:
+                raise ConfigError(f"student.layers {list(s.layers)}: {bad} out of range; the teacher "
+                                  f"has layers 0..{teacher.num_layers - 1}")
+            student_cfg = teacher_cfg.replace(num_layers=len(s.layers))
+        elif s.init == "shape":
+            student_cfg = teacher_cfg.replace(num_layers=s.num_layers, hidden_size=s.hidden_size,
+                                              num_heads=s.num_heads,
+                                              intermediate_size=s.intermediate_size)
+        else:
+            pre_raw = hf.read_hf_config(hf.resolve_dir(s.pretrained))
+            pre = hf.config_from_hf(pre_raw)
+            if pre.vocab_size != teacher.vocab_size:
+                raise ConfigError(
+                    f"student.pretrained {s.pretrained!r} has a vocabulary of {pre.vocab_size} tokens "
+                    f"but the teacher's has {teacher.vocab_size}: student and teacher must share "
+                    "one tokenizer")
+            # The teacher's head in the student's family (its pooler activation).
+            head = dataclasses.replace(teacher_cfg.head, pooler_activation=hf.head_from_hf(
+                pre_raw, teacher_cfg.head.kind).pooler_activation)
+            student_cfg = ModelConfig(pre.replace(dtype=teacher.dtype), head)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"student: {e}") from e
+    if s.export_as == "distilbert":
+        try:
+            student_cfg = student_lib.distilbert_config(student_cfg)
+        except ValueError as e:
+            raise ConfigError(f"student.export_as: {e}") from e
+    changes = {}
+    if s.hidden_dropout is not None:
+        changes["hidden_dropout"] = s.hidden_dropout
+    if s.attention_dropout is not None:
+        changes["attention_dropout"] = s.attention_dropout
+    return student_cfg.replace(**changes)
+
+
+def build_student(s: StudentConfig, teacher_cfg: ModelConfig, teacher_params,
+                  rng: jax.Array) -> tuple[ModelConfig, Any]:
+    """The student's config (`student_config`, as the plan holds it) and its initial params, of
+    the shape that config describes: the teacher's layers, a fresh shape, or a pretrained
+    checkpoint, as the `student` section says."""
+    config = student_config(s, teacher_cfg)
+    distilbert = s.export_as == "distilbert"
+    if s.init == "teacher_layers":
+        build = student_lib.distilbert_from_teacher if distilbert else student_lib.student_from_teacher
+        _, params = build(teacher_cfg, teacher_params, layers=s.layers)
+    elif s.init == "shape":
+        _, params = student_lib.student_from_shape(
+            student_lib.distilbert_config(teacher_cfg) if distilbert else teacher_cfg, rng,
+            num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+            intermediate_size=s.intermediate_size)
+    else:
+        _, params = student_lib.student_from_pretrained(s.pretrained, teacher_cfg, rng=rng)
+    return config, params

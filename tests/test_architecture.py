@@ -1,0 +1,101 @@
+"""The package's seams, checked on its source: task kinds stay inside `jaxkd/tasks/`, modules stay
+small, and nothing imports in a cycle."""
+import ast
+import pathlib
+
+import jaxkd
+from jaxkd import model, tasks
+
+PACKAGE = pathlib.Path(jaxkd.__file__).resolve().parent
+MAX_LINES = 520  # "about 500": a module past this mixes concerns and should be split
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    return {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts): path
+            for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string nodes that are docstrings (of the module, classes and functions)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                found.add(id(body[0].value))
+    return found
+
+
+def test_no_module_outside_tasks_names_a_head_kind_or_task_type():
+    names = set(model.HEADS) | set(tasks.KINDS)
+    assert {"sequence", "token", "span", "sequence_classification"} <= names  # the check bites
+    found = []
+    for module, path in _modules().items():
+        if module.startswith("jaxkd.tasks."):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and node.value in names and id(node) not in docs:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.value!r}")
+    assert not found, "kind-specific code outside jaxkd/tasks/ (ask the task kind instead):\n" + \
+        "\n".join(found)
+
+
+def test_no_module_is_larger_than_about_500_lines():
+    sizes = {module: len(path.read_text(encoding="utf-8").splitlines())
+             for module, path in _modules().items()}
+    assert not {m: n for m, n in sizes.items() if n > MAX_LINES}
+
+
+def _imports(module: str, path: pathlib.Path) -> set[str]:
+    """The jaxkd modules `module` imports when it is imported (module level and class bodies;
+    imports inside functions run later and cannot form an import-time cycle)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    out = set()
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, ast.Import):
+                out.update(a.name for a in node.names if a.name.startswith("jaxkd"))
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                    + ([node.module] if node.module else []))
+                if base.startswith("jaxkd"):
+                    out.add(base)
+                    out.update(f"{base}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+                continue  # for type checkers only: never imported at run time
+            elif isinstance(node, (ast.ClassDef, ast.If, ast.Try)):
+                visit(getattr(node, "body", []))
+    visit(tree.body)
+    return out
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {m: {i for i in _imports(m, p) if i in modules and i != m} for m, p in modules.items()}
+    # A package's __init__ importing its own submodules is how a package is built, not a cycle.
+    for m in graph:
+        graph[m] = {i for i in graph[m] if not (i.startswith(m + ".") and modules[m].name == "__init__.py")}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def walk(node, stack):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                walk(nxt, stack + [nxt])
+        state[node] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            walk(m, [m])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
