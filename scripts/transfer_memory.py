@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from jaxkd import cache as cache_lib  # noqa: E402
 from jaxkd import data, hf, transfer  # noqa: E402
-from jaxkd.tasks import sequence  # noqa: E402, task_config
+from jaxkd.tasks import sequence, task_config  # noqa: E402
 
 
 def peak_gib() -> float:

@@ -12,7 +12,7 @@ from jaxkd import config as config_lib
 from jaxkd import data, hf, transfer
 from jaxkd.config import ConfigError
 from jaxkd.model import apply_model, word_embeddings
-from jaxkd.tasks import objective, token, task_config
+from jaxkd.tasks import objective, task_config, token
 # The small WordPiece vocabulary, its tokenizer and embeddings, and neighbours from scratch.
 from test_transfer import K, expected_neighbours, embeddings, small_tokenizer  # noqa: F401
 # The tiny random teacher and generated CoNLL files of the token pipeline tests.
