@@ -360,7 +360,13 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_teacher, ss
     b = json.loads((tmp_path / "multi" / "report.json").read_text())
     for who in ("teacher", "student"):
         assert b[who]["splits"]["eval"] == pytest.approx(a[who]["splits"]["eval"])
-    assert_trees_close(student_params(tmp_path / "multi"), student_params(tmp_path / "single"), 1e-5)
+    # Why 1e-4: across processes the gradients of the four shards are summed by gloo, within one
+    # process by XLA, in another order, so they differ in their last bits. Adam divides each
+    # update by sqrt(v), so a last-bit difference in a gradient near zero shows in its update:
+    # 1.14e-5 in one of 2,048 values on an AMD EPYC, none on an Intel Xeon. A real fault (a
+    # wrong shard, a lost row, a wrong mean) moves parameters by whole updates of lr = 1e-3;
+    # 1e-4 is a tenth of one.
+    assert_trees_close(student_params(tmp_path / "multi"), student_params(tmp_path / "single"), 1e-4)
 
 
 def test_compilation_cache_stores_compiled_programs(tmp_path):
