@@ -334,10 +334,25 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> C
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
         with open(path, encoding="utf-8") as f:
-            mapping = yaml.safe_load(f) or {}
+            try:
+                mapping = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(_yaml_error(path, err)) from None
         if not isinstance(mapping, dict):
             raise ConfigError(f"{path} must hold a mapping of sections at the top level")
     return from_dict(_merge(mapping, parse_overrides(list(overrides))))
+
+
+def _yaml_error(path: pathlib.Path, err: yaml.YAMLError) -> str:
+    """One line for a file YAML cannot read: where, and what is wrong there."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = getattr(err, "problem", None) or str(err)
+    if isinstance(err, yaml.constructor.ConstructorError):
+        return (f"{where}: {problem.strip()}: a config holds plain data only (mappings, lists, "
+                "strings, numbers, booleans, null); remove the tag")
+    context = getattr(err, "context", None)
+    return f"{where}: {problem.strip()}" + (f" ({context.strip()})" if context else "")
 
 
 def to_dict(cfg) -> dict:

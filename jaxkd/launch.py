@@ -44,6 +44,7 @@ def main(argv=None, *, reexec: bool = False) -> int:
         hostenv.reexec_with_huge_pages()
     _quiet_libraries()
     from jaxkd import config as config_lib
+    from jaxkd import loop, plan, trainer
     from jaxkd.data import DataError
 
     args = parser().parse_args(argv)
@@ -56,7 +57,6 @@ def main(argv=None, *, reexec: bool = False) -> int:
         if cfg.distributed.cpu_devices:
             import jax
             jax.config.update("jax_num_cpu_devices", cfg.distributed.cpu_devices)
-        from jaxkd import loop, plan, trainer
         if args.check:
             print(plan.describe(cfg, plan.prepare(cfg, write_cache=False)))
             return 0

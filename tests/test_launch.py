@@ -1,0 +1,27 @@
+"""train.py's command line: bad config files are one clear line and exit 2, before any work."""
+import pytest
+
+from jaxkd import launch
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("task:\n  name: sst2\ndata: [1, 2\n", "line 4, column 1: expected ',' or ']'"),
+    ("task: {name: sst2\n", "line 2, column 1"),
+    ('task: !!python/object/apply:os.system ["echo hi"]\n',
+     "line 1, column 7: could not determine a constructor for the tag"),
+])
+def test_unreadable_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert launch.main(["--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"config error: {path}, ") and expected in err[0], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_a_tag_is_refused_as_not_plain_data(tmp_path, capsys):
+    path = tmp_path / "tag.yaml"
+    path.write_text("seed: !!python/name:os.getcwd ''\n")
+    assert launch.main(["--config", str(path)]) == 2
+    assert "a config holds plain data only" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
