@@ -88,6 +88,15 @@ class StudentConfig:
                "must name a checkpoint when student.init is pretrained")
         _check(len(self.layers) > 0, "student.layers", "must list at least one teacher layer")
 
+    def summary(self) -> dict:
+        """The keys that shape this student: `init`, the keys that init reads (not the other
+        inits' defaults), the dropouts and `export_as`; for report.json."""
+        used = {"teacher_layers": ("layers",),
+                "shape": ("num_layers", "hidden_size", "num_heads", "intermediate_size"),
+                "pretrained": ("pretrained",)}[self.init]
+        keys = ("init", *used, "hidden_dropout", "attention_dropout", "export_as")
+        return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in keys}
+
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig(LossConfig):

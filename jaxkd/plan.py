@@ -44,6 +44,7 @@ class Plan:
     student_config: ModelConfig
     finetune_steps: int | None  # 0: the teacher already is a model of this task; None: from epochs
     unlabeled: list[Split] = dataclasses.field(default_factory=list)  # data.unlabeled, in order
+    teacher_dir: pathlib.Path | None = None  # teacher.model resolved once: the directory read
 
     @property
     def data_stats(self) -> dict[str, dict]:
@@ -123,7 +124,8 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
     transfer = [Split(source, examples, task.encode(examples, tokenizer, cfg.data.max_seq_len,
                                                     token_cache))
                 for source, examples in unlabeled]
-    return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune, transfer)
+    return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune, transfer,
+                teacher_dir=teacher_dir)
 
 
 def transfer_summary(cfg: Config, plan: Plan) -> dict | None:

@@ -170,9 +170,20 @@ def code_version(root: str | pathlib.Path | None = None) -> dict:
             "modified": None if changes is None else bool(changes)}
 
 
-def build_report(cfg, task, models: dict, agreement: dict) -> dict:
-    """teacher/student entries with metrics, retention, agreement (per split) and speed-up."""
+def _distill_summary(distill, steps_run: int | None) -> dict:
+    """The distill section as it was run: `epochs` left out where `steps` set the length,
+    `steps_run` the steps the stage ran."""
     from jaxkd.config import to_dict
+    out = to_dict(distill)
+    if distill.steps is not None:
+        out.pop("epochs")
+    out["steps_run"] = steps_run
+    return out
+
+
+def build_report(cfg, task, models: dict, agreement: dict, distill_steps: int | None = None) -> dict:
+    """teacher/student entries with metrics, retention, agreement (per split) and speed-up;
+    `distill_steps`: the steps the distill stage ran."""
     teacher, student = models["teacher"], models["student"]
     retention = {k: (student["metrics"][k] / teacher["metrics"][k] if teacher["metrics"].get(k) else None)
                  for k in student["metrics"]}
@@ -188,8 +199,8 @@ def build_report(cfg, task, models: dict, agreement: dict) -> dict:
         "speedup": teacher["latency_ms"] / student["latency_ms"],
         "throughput_ratio": student["throughput"] / teacher["throughput"],
         "compression": teacher["params"] / student["params"],
-        "distill": to_dict(cfg.distill),
-        "student_config": to_dict(cfg.student),
+        "distill": _distill_summary(cfg.distill, distill_steps),
+        "student_config": cfg.student.summary(),
         "seed": cfg.seed,
         "precision": cfg.precision.compute,
         "code": code_version(),

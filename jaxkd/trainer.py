@@ -63,7 +63,7 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
     config = plan.teacher_config
     if read_stages(rt.workdir).get("teacher", {}).get("done") and plan.finetune_steps != 0:
         return hf.load_hf(out_dir, head=config.head)[1]
-    _, params = hf.load_hf(teacher.model, head=config.head, rng=jax.random.key(seed))
+    _, params = hf.load_hf(plan.teacher_dir, head=config.head, rng=jax.random.key(seed))
     if plan.finetune_steps == 0:
         return params
     train = plan.splits["train"].encoded
@@ -186,13 +186,15 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
     agreement = {split: task.agreement(outputs[("student", split)], outputs[("teacher", split)],
                                        plan.splits[split].encoded, plan.splits[split].examples)
                  for split in ("eval", "test") if ("teacher", split) in outputs}
-    report = report_lib.build_report(cfg, task, models, agreement)
+    stages = read_stages(rt.workdir)
+    report = report_lib.build_report(cfg, task, models, agreement,
+                                     distill_steps=stages.get("distill", {}).get("steps"))
     shown = "test" if "test" in plan.splits else "eval"
     if ("teacher", shown) in outputs:
         split = plan.splits[shown]
         report["examples"] = task.showcase(outputs[("student", shown)], outputs[("teacher", shown)],
                                            split.encoded, split.examples)
-    report["stages"] = read_stages(rt.workdir)
+    report["stages"] = stages
     report["data"] = plan.data_stats
     report["transfer"] = transfer_summary(cfg, plan)
     if rt.is_main:

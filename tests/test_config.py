@@ -94,3 +94,24 @@ def test_shipped_configs_never_select_on_the_reported_split():
     for path in sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "experiments").rglob("*.yaml")):
         data = config_lib.load_config(path).data
         assert data.eval is None or data.eval != data.test, path
+
+
+def test_student_summary_holds_the_keys_of_its_init_only():
+    from jaxkd.config import StudentConfig
+
+    layers = StudentConfig(layers=(0, 3)).summary()
+    assert layers == {"init": "teacher_layers", "layers": [0, 3], "hidden_dropout": None,
+                      "attention_dropout": None, "export_as": None}
+    shape = StudentConfig(init="shape", num_layers=4, hidden_size=256).summary()
+    assert {k: shape[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")} == \
+        {"num_layers": 4, "hidden_size": 256, "num_heads": 12, "intermediate_size": 1200}
+    assert "layers" not in shape and "pretrained" not in shape
+
+
+def test_report_distill_leaves_out_epochs_when_steps_set_the_length():
+    from jaxkd.config import DistillConfig
+    from jaxkd.report import _distill_summary
+
+    assert "epochs" not in _distill_summary(DistillConfig(steps=318, epochs=3.0), 318)
+    by_epochs = _distill_summary(DistillConfig(epochs=2.0), 400)
+    assert by_epochs["epochs"] == 2.0 and by_epochs["steps_run"] == 400
