@@ -54,9 +54,6 @@ def main(argv=None, *, reexec: bool = False) -> int:
         logging.getLogger("jaxkd").info("host memory: %s", hostenv.describe())
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
-        if cfg.distributed.cpu_devices:
-            import jax
-            jax.config.update("jax_num_cpu_devices", cfg.distributed.cpu_devices)
         if args.check:
             print(plan.describe(cfg, plan.prepare(cfg, write_cache=False)))
             return 0

@@ -139,6 +139,21 @@ def jit_finetune_step(step_fn: Callable, mesh: Mesh, state_shardings: Any) -> Ca
                         (state_shardings, rep))
 
 
+def apply_distributed(dist) -> None:
+    """The run config's `distributed` section, applied in this one place, before any JAX work:
+    the simulated CPU device count (`cpu_devices`), then jax.distributed (`initialize`, or the
+    coordinator, process count and id). Applying it twice is harmless."""
+    if dist.cpu_devices and jax.config.jax_num_cpu_devices != dist.cpu_devices:
+        try:
+            jax.config.update("jax_num_cpu_devices", dist.cpu_devices)
+        except RuntimeError as err:
+            raise ValueError(f"distributed.cpu_devices={dist.cpu_devices}: this process already "
+                             f"runs JAX on {jax.device_count()} devices; set it before any JAX "
+                             "work, or leave it unset") from err
+    if (dist.initialize or dist.coordinator_address is not None) and not jax.distributed.is_initialized():
+        init_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
+
+
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
     """Start jax.distributed for multi-process runs; call before any other JAX work.

@@ -219,8 +219,7 @@ def run(cfg: Config) -> dict:
     if cfg.compilation_cache:
         use_compilation_cache(cfg.compilation_cache)
     dist = cfg.distributed
-    if dist.initialize or dist.coordinator_address is not None:
-        sharding.init_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
+    sharding.apply_distributed(dist)
     plan = prepare(cfg)
     workdir = pathlib.Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
