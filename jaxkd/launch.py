@@ -44,11 +44,12 @@ def main(argv=None, *, reexec: bool = False) -> int:
         hostenv.reexec_with_huge_pages()
     _quiet_libraries()
     from jaxkd import config as config_lib
-    from jaxkd import loop, plan, trainer
     from jaxkd.data import DataError
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # After basicConfig: importing orbax installs a root handler, which would make it a no-op.
+    from jaxkd import loop, plan, trainer
     _quiet_libraries()
     if reexec:
         logging.getLogger("jaxkd").info("host memory: %s", hostenv.describe())

@@ -25,3 +25,21 @@ def test_a_tag_is_refused_as_not_plain_data(tmp_path, capsys):
     assert launch.main(["--config", str(path)]) == 2
     assert "a config holds plain data only" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_run_logs_its_progress_lines(tmp_path):
+    """train.py's INFO lines reach stderr: logging is configured before a library (orbax) can
+    install a root handler that would turn basicConfig into a no-op."""
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    probe = ("import logging, sys\nfrom jaxkd import launch\n"
+             "code = launch.main(['--config', 'configs/tiny.yaml', '--check'])\n"
+             "logging.getLogger('jaxkd').info('probe line')\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "jaxkd: probe line" in done.stderr
