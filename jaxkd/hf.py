@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -240,7 +241,13 @@ def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
     except ImportError as err:
         raise ImportError(f"{path} is a PyTorch pickle and reading it needs torch: pip install "
                           "torch==2.13.0, or convert the checkpoint to model.safetensors") from err
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} is a pickle that holds more than tensors (Python objects or code) and was not "
+            "loaded: jaxkd never runs code from a model directory. Convert the checkpoint to "
+            "model.safetensors with a tool you trust") from None
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
 
 
@@ -432,9 +439,31 @@ def save_hf(config: ModelConfig, params: Mapping, out_dir: str | os.PathLike, to
         json.dump(hf_config, f, indent=2)
     # transformers refuses safetensors files without a format tag.
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _honour_umask(out / "model.safetensors")  # safetensors creates it 0600
     if tokenizer is not None:
         _save_tokenizer(tokenizer, out)
+        _drop_remote_code(out / "tokenizer_config.json")
     return out
+
+
+# Keys that make transformers import code from a model directory or the Hub: never exported.
+_REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def _drop_remote_code(path: pathlib.Path) -> None:
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and any(k in data for k in _REMOTE_CODE_KEYS):
+        for key in _REMOTE_CODE_KEYS:
+            data.pop(key, None)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _honour_umask(path: pathlib.Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _save_tokenizer(tokenizer: Any, out: pathlib.Path) -> None:

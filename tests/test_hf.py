@@ -329,3 +329,40 @@ def test_minilm_token_head_matches_pytorch(minilm_dir, minilm_batch, tmp_path):
     ours = np.asarray(apply_model(cfg, params, ids, mask, types).logits)
     valid = mask.astype(bool)
     np.testing.assert_allclose(ours[valid], reference[valid], atol=1e-4)
+
+
+class _NotATensor:
+    """A pickled object that is not a tensor: weights_only loading must refuse it."""
+
+
+def test_a_pickle_with_objects_is_refused_unloaded(tmp_path):
+    model = _torch_model()
+    model.config.save_pretrained(tmp_path)
+    torch.save({**model.state_dict(), "extra": _NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(hf.CheckpointError, match="holds more than tensors .* was not loaded"):
+        hf.load_hf(tmp_path)
+
+
+def test_export_honours_the_umask_and_drops_remote_code_keys(tmp_path):
+    import os
+    import stat
+
+    model = _torch_model()
+    model.config.save_pretrained(tmp_path / "src")
+    _write_safetensors(tmp_path / "src", model, _state_dict_np(model))
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a"]))
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    cfg, params = hf.load_hf(tmp_path / "src")
+    old = os.umask(0o022)
+    try:
+        out = hf.save_hf(cfg, params, tmp_path / "out", tokenizer=tokenizer_dir)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json", "vocab.txt"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    kept = json.loads((out / "tokenizer_config.json").read_text())
+    assert kept == {"do_lower_case": True}
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
