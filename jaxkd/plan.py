@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from jaxkd import data as data_lib
-from jaxkd import hf, steps, tasks
+from jaxkd import hf, losses, steps, tasks
 from jaxkd import student as student_lib
 from jaxkd.config import Config, ConfigError, DistillConfig, StudentConfig, TeacherConfig
 from jaxkd.loop import total_steps
@@ -104,6 +104,12 @@ def prepare(cfg: Config, write_cache: bool = True) -> Plan:
                           f"positions of the teacher's max_position_embeddings="
                           f"{encoder.max_position_embeddings}")
     student_cfg = student_config(cfg.student, teacher_cfg)
+    if cfg.distill.any_intermediate:  # the layer map the distill stage will build, checked now
+        try:
+            losses.layer_map(cfg.distill.layer_map, student_cfg.encoder.num_layers,
+                             teacher_cfg.encoder.num_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     # Every split is read and validated before anything (even a tokenisation cache) is written.
     loaded = {name: (getattr(cfg.data, name), task.load(cfg.data, getattr(cfg.data, name)))
               for name in ("train", "eval", "test") if getattr(cfg.data, name) is not None}

@@ -43,3 +43,14 @@ def test_a_run_logs_its_progress_lines(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "jaxkd: probe line" in done.stderr
+
+
+def test_check_refuses_a_layer_map_the_distill_stage_could_not_build(tmp_path, capsys, minilm_dir):
+    """An 8-layer student with a hidden-state term and the uniform map of a 6-layer teacher is
+    refused by --check itself, not after the teacher stage."""
+    code = launch.main(["--config", "configs/tiny.yaml", "--check", f"workdir={tmp_path / 'run'}",
+                        "student.init=shape", "student.num_layers=8", "distill.hidden_weight=1"])
+    assert code == 2
+    assert "distill.layer_map 'uniform' needs a student with at most as many layers" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
