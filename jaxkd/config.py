@@ -36,8 +36,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 class FinetuneConfig:
     """Teacher fine-tuning on the task; skipped when steps is 0."""
 
-    # None: fine-tune for `epochs`, unless the checkpoint already is a classifier for the task
-    # (a BertForSequenceClassification with as many labels); 0: never fine-tune.
+    # None: fine-tune for `epochs`, unless the checkpoint already is a model of the task (its
+    # architecture has the task's head, in its family, with as many labels); 0: never fine-tune.
     steps: int | None = None
     epochs: float = 1.0
     learning_rate: float = 5e-5
@@ -112,7 +112,8 @@ class DistillConfig(LossConfig):
     teacher_cache: bool = True  # record teacher logits once, on disk, and stream them
     eval_every: int | None = None  # None: once per epoch and at the end
     # Variants of the labelled examples (masked, replaced, n-gram-cut words: jaxkd.transfer),
-    # labelled by the teacher and trained with the KD term only; None: no augmentation.
+    # labelled by the teacher and trained with the KD term only, for the task kinds that take
+    # them (sentence(-pair) and token classification; see each kind's TRANSFER); None: none.
     augment: AugmentConfig | None = None
 
     def __post_init__(self):

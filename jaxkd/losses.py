@@ -297,7 +297,7 @@ def _split_relation_heads(values_BxNxLxD: Array, heads: int) -> Array:
     B, N, L, D = values_BxNxLxD.shape
     if (N * D) % heads:
         raise ValueError(f"value_relation_kl: width {N * D} ({N} heads x {D}) is not divisible by "
-                         f"{heads} relation heads; set loss.relation_heads to a divisor of it")
+                         f"{heads} relation heads; set distill.relation_heads to a divisor of it")
     x_BxLxH = values_BxNxLxD.transpose(0, 2, 1, 3).reshape(B, L, N * D)
     return x_BxLxH.reshape(B, L, heads, N * D // heads).transpose(0, 2, 1, 3)
 

@@ -221,8 +221,8 @@ def _describe_transfer(transfer: dict | None) -> list[str]:
 
 
 def teacher_source(distill: DistillConfig) -> str:
-    """Where the distillation step gets the teacher's logits: the one place that decides.
-
+    """Where the distillation step gets the teacher's logits, for a run: the step's own default
+    (`steps.default_teacher_source`: "none" for labels only, else "live"), turned into
     "cached" (computed once, on disk) when only logit terms are on and the cache is enabled;
     "live" when intermediate terms need the teacher's layers or the cache is off; "none" for
     labels only.

@@ -63,7 +63,7 @@ def run_settings(run):
     with open(f"{run}/config.yaml", encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
     data, task = cfg["data"], cfg["task"]
-    stride = data.get("doc_stride") or max(1, data["max_seq_len"] // 4)  # data.window_stride
+    stride = data.get("doc_stride") or max(1, data["max_seq_len"] // 4)  # DataConfig.window_stride: the stride used
     return (data["max_seq_len"], stride, task.get("n_best") or N_BEST,
             task.get("max_answer_len") or MAX_ANSWER, data.get("test"))
 
