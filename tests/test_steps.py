@@ -3,7 +3,6 @@ teacher, one compile per shape, teacher-logit cache, bf16, and a PyTorch referen
 import dataclasses
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-import _multiprocess_steps as setup
+import helpers
 from jaxkd import sharding, steps
 from jaxkd.losses import LossConfig
 from jaxkd.model import init_params
@@ -28,19 +27,19 @@ def world(request):
     """The same tests for a label per row (sequence head), a label per token (token head) and
     start/end positions per row (span head)."""
     kind = request.param
-    student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches = setup.build(kind)
+    student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches = helpers.build_world(kind)
     step_fn = steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg)
     mesh = sharding.make_mesh()
     return dict(kind=kind, student=student_cfg, teacher=teacher_cfg, loss=loss_cfg, optim=optim_cfg,
                 state=state, teacher_params=teacher_params, batches=batches, step_fn=step_fn,
                 jit_step=jax.jit(step_fn), mesh=mesh,
-                mesh_step=setup.compile_mesh_step(step_fn, mesh, state, teacher_params))
+                mesh_step=helpers.compile_mesh_step(step_fn, mesh, state, teacher_params))
 
 
 @pytest.fixture(scope="module")
 def four_device_run(world):
     """Reference: STEPS jitted steps on a 4-device mesh, batch sharded over the rows."""
-    return setup.run_mesh_steps(world["mesh_step"], world["mesh"], world["state"],
+    return helpers.run_mesh_steps(world["mesh_step"], world["mesh"], world["state"],
                                 world["teacher_params"], world["batches"])
 
 
@@ -70,15 +69,15 @@ def test_jit_equals_eager(world):
 
 def test_one_device_equals_four(world, four_device_run):
     mesh = sharding.make_mesh(jax.devices()[:1])
-    step = setup.compile_mesh_step(world["step_fn"], mesh, world["state"], world["teacher_params"])
-    one_state, one_history = setup.run_mesh_steps(step, mesh, world["state"],
+    step = helpers.compile_mesh_step(world["step_fn"], mesh, world["state"], world["teacher_params"])
+    one_state, one_history = helpers.run_mesh_steps(step, mesh, world["state"],
                                                   world["teacher_params"], world["batches"])
     four_state, four_history = four_device_run
     assert len(four_state.params["encoder"]["embeddings"]["word_embeddings"]["embedding"].devices()) == 4
     assert_close([m["loss/total"] for m in one_history], [m["loss/total"] for m in four_history])
     assert_close(one_state.params, four_state.params)
     assert_close(one_state.proj_params, four_state.proj_params)
-    assert int(four_state.step) == setup.STEPS
+    assert int(four_state.step) == helpers.STEPS
 
 
 def _with_transfer_rows(batch: dict, rng: np.random.Generator) -> dict:
@@ -101,10 +100,10 @@ def test_pmap_equals_mesh_jit(world, transfer):
     # the padding rows (weight 0) still fall unevenly on the devices, and so do transfer rows
     # (hard-label weight 0), whose hard term and accuracy are means over the labelled rows.
     rng = np.random.default_rng(1)
-    batches = [setup.make_batch(rng, full_mask=True, kind=world["kind"]) for _ in range(setup.STEPS)]
+    batches = [helpers.random_batch(rng, full_mask=True, kind=world["kind"]) for _ in range(helpers.STEPS)]
     if transfer:
         batches = [_with_transfer_rows(b, rng) for b in batches]
-    mesh_state, mesh_history = setup.run_mesh_steps(
+    mesh_state, mesh_history = helpers.run_mesh_steps(
         world["mesh_step"], world["mesh"], world["state"], world["teacher_params"], batches)
 
     pstep = jax.pmap(steps.make_distill_step(world["student"], world["teacher"], world["loss"],
@@ -121,15 +120,9 @@ def test_pmap_equals_mesh_jit(world, transfer):
     assert_close(jax.tree.map(lambda x: x[0], state.params), mesh_state.params)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(world, four_device_run, tmp_path):
-    out, port = tmp_path / "result.npz", _free_port()
+    out, port = tmp_path / "result.npz", helpers.free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
     script = pathlib.Path(__file__).with_name("_multiprocess_steps.py")
     procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out),
@@ -151,7 +144,7 @@ def test_accumulation_equals_union_batch(world):
     rng = np.random.default_rng(2)
     # MultiSteps averages micro-batch means: equal to the union's mean for equal weight (and,
     # for the token-averaged terms, token) counts per micro-batch.
-    micro = [setup.make_batch(rng, rows=4, full_mask=True, kind=world["kind"])
+    micro = [helpers.random_batch(rng, rows=4, full_mask=True, kind=world["kind"])
              for _ in range(k * updates)]
     for b in micro:
         b["weights"][:] = 1.0
@@ -221,7 +214,7 @@ def test_compiles_once_per_batch_shape(world):
     state, rng = sharding.shard_state(world["state"], mesh), np.random.default_rng(3)
     lengths = [8, 16, 8, 8, 16, 8]
     for length in lengths:
-        batch = sharding.global_batch(setup.make_batch(rng, length=length, kind=world["kind"]), mesh)
+        batch = sharding.global_batch(helpers.random_batch(rng, length=length, kind=world["kind"]), mesh)
         state, _ = step(state, batch, jax.random.key(0))
     assert step._cache_size() == len(set(lengths))
     # Donation freed the placed copies, never the caller's arrays.
@@ -320,8 +313,8 @@ def test_finetune_step_matches_torch_sgd(world):
 def test_logits_fn_shapes(world):
     batch = world["batches"][0]
     logits = steps.make_logits_fn(world["student"])(world["state"].params, batch)
-    shape = {"sequence": (setup.BATCH, 3), "token": (setup.BATCH, setup.LENGTH, 3),
-             "span": (setup.BATCH, setup.LENGTH, 2)}[world["kind"]]
+    shape = {"sequence": (helpers.BATCH, 3), "token": (helpers.BATCH, helpers.LENGTH, 3),
+             "span": (helpers.BATCH, helpers.LENGTH, 2)}[world["kind"]]
     assert logits.dtype == jnp.float32 and logits.shape == shape
 
 
@@ -329,7 +322,7 @@ def test_regression_head_trains_on_squared_error(world):
     if world["kind"] != "sequence":
         pytest.skip("regression is a sequence head with one output")
     cfg = world["student"].replace(num_labels=1)
-    batch = {**world["batches"][0], "labels": np.linspace(-1, 1, setup.BATCH).astype(np.float32)}
+    batch = {**world["batches"][0], "labels": np.linspace(-1, 1, helpers.BATCH).astype(np.float32)}
     state = steps.TrainState.create(init_params(cfg, jax.random.key(0)), optax.sgd(0.0))
     _, metrics = jax.jit(steps.make_finetune_step(cfg))(state, batch, jax.random.key(0))
     pred = np.asarray(steps.make_logits_fn(cfg)(state.params, batch))[:, 0]
