@@ -320,6 +320,7 @@ def test_head_of_another_task_is_replaced_not_reused(tmp_path):
     _assert_same_encoder(cfg, params, _torch_outputs(model, *_inputs()), *_inputs())
 
 
+@pytest.mark.slow  # the real MiniLM (test_token_classification_checkpoint_matches_pytorch: fast)
 def test_minilm_token_head_matches_pytorch(minilm_dir, minilm_batch, tmp_path):
     cfg, params = hf.load_hf(minilm_dir, head=HeadConfig("token", 9), rng=jax.random.key(1))
     out = hf.save_hf(cfg, params, tmp_path / "ner", tokenizer=minilm_dir, id2label=[str(i) for i in range(9)])

@@ -22,10 +22,20 @@ TOL = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=["sequence", "token", "span"])
+# The tests take `world` for a label per row (sequence head), a label per token (token head) and
+# start/end positions per row (span head). Per-head maths (losses, the PyTorch update, shapes,
+# errors) runs for every head in the fast tier; the placement and equivalence checks compile the
+# same step again on each label shape, so their token and span cases are slow (still run in CI).
+KINDS = ["sequence", "token", "span"]
+each_head = pytest.mark.parametrize("world", KINDS, indirect=True)
+sequence_fast = pytest.mark.parametrize(
+    "world", ["sequence", *(pytest.param(kind, marks=pytest.mark.slow) for kind in KINDS[1:])],
+    indirect=True)
+
+
+@pytest.fixture(scope="module")
 def world(request):
-    """The same tests for a label per row (sequence head), a label per token (token head) and
-    start/end positions per row (span head)."""
+    """The distillation world (helpers.build_world) of the head kind `request.param`."""
     kind = request.param
     student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches = helpers.build_world(kind)
     step_fn = steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg)
@@ -57,6 +67,7 @@ def run_steps(step, state, teacher_params, batches):
 
 
 @pytest.mark.slow  # the eager step dispatches thousands of small ops
+@sequence_fast
 def test_jit_equals_eager(world):
     batch = world["batches"][0]
     args = (world["state"], world["teacher_params"], batch, jax.random.key(0))
@@ -67,6 +78,7 @@ def test_jit_equals_eager(world):
     assert_close(jit_state.params, eager_state.params)
 
 
+@sequence_fast
 def test_one_device_equals_four(world, four_device_run):
     mesh = sharding.make_mesh(jax.devices()[:1])
     step = helpers.compile_mesh_step(world["step_fn"], mesh, world["state"], world["teacher_params"])
@@ -95,6 +107,7 @@ _NOT_PER_STEP = ("grad_norm", "learning_rate")
 
 
 @pytest.mark.parametrize("transfer", [False, True], ids=["labelled", "transfer_rows"])
+@sequence_fast
 def test_pmap_equals_mesh_jit(world, transfer):
     # Full attention masks: token-averaged terms are then exact under per-device weighting too;
     # the padding rows (weight 0) still fall unevenly on the devices, and so do transfer rows
@@ -121,6 +134,7 @@ def test_pmap_equals_mesh_jit(world, transfer):
 
 
 @pytest.mark.slow
+@each_head
 def test_two_processes_equal_one(world, four_device_run, tmp_path):
     out, port = tmp_path / "result.npz", helpers.free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
@@ -139,6 +153,7 @@ def test_two_processes_equal_one(world, four_device_run, tmp_path):
         np.testing.assert_allclose(result[jax.tree_util.keystr(path)], leaf, rtol=TOL, atol=TOL)
 
 
+@sequence_fast
 def test_accumulation_equals_union_batch(world):
     k, updates = 2, 3
     rng = np.random.default_rng(2)
@@ -167,6 +182,7 @@ def test_accumulation_equals_union_batch(world):
     assert_close(acc_state.proj_params, full_state.proj_params)
 
 
+@sequence_fast
 def test_teacher_is_frozen(world, four_device_run):
     teacher_params = world["teacher_params"]
     copy = jax.tree.map(np.array, teacher_params)
@@ -190,6 +206,7 @@ def _with_cache(world, batch):
     return {**batch, "teacher_logits": np.asarray(logits)}
 
 
+@sequence_fast
 def test_teacher_logit_cache_equals_in_step_teacher(world):
     loss_cfg = LossConfig(temperature=3.0, alpha=0.7)
     live = jax.jit(steps.make_distill_step(world["student"], world["teacher"], loss_cfg,
@@ -206,6 +223,7 @@ def test_teacher_logit_cache_equals_in_step_teacher(world):
     assert_close(cached_state.params, in_step_state.params)
 
 
+@sequence_fast
 def test_compiles_once_per_batch_shape(world):
     mesh = sharding.make_mesh()
     state_shardings = sharding.tree_shardings(mesh, world["state"])
@@ -221,6 +239,7 @@ def test_compiles_once_per_batch_shape(world):
     assert not any(x.is_deleted() for x in jax.tree.leaves(world["state"].params))
 
 
+@sequence_fast
 def test_bf16_compute_keeps_fp32_params_and_losses(world):
     student, teacher = world["student"].replace(dtype="bfloat16"), world["teacher"].replace(dtype="bfloat16")
     step = jax.jit(steps.make_distill_step(student, teacher, world["loss"]))
@@ -233,6 +252,7 @@ def test_bf16_compute_keeps_fp32_params_and_losses(world):
     assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.float32)}
 
 
+@each_head
 def test_distill_metrics_match_numpy(world):
     batch = world["batches"][0]
     _, metrics = world["jit_step"](world["state"], world["teacher_params"], batch, jax.random.key(0))
@@ -265,6 +285,7 @@ def test_distill_metrics_match_numpy(world):
                                rtol=1e-6)
 
 
+@each_head
 def test_finetune_step_matches_torch_sgd(world):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -310,6 +331,7 @@ def test_finetune_step_matches_torch_sgd(world):
         np.testing.assert_allclose(updated[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@each_head
 def test_logits_fn_shapes(world):
     batch = world["batches"][0]
     logits = steps.make_logits_fn(world["student"])(world["state"].params, batch)
@@ -318,6 +340,7 @@ def test_logits_fn_shapes(world):
     assert logits.dtype == jnp.float32 and logits.shape == shape
 
 
+@each_head
 def test_regression_head_trains_on_squared_error(world):
     if world["kind"] != "sequence":
         pytest.skip("regression is a sequence head with one output")
@@ -331,6 +354,7 @@ def test_regression_head_trains_on_squared_error(world):
                                rtol=1e-5)
 
 
+@each_head
 def test_bad_inputs_are_named(world):
     batch = {k: v for k, v in world["batches"][0].items() if k != "weights"}
     with pytest.raises(KeyError, match="weights"):
@@ -363,6 +387,7 @@ def _eqns(jaxpr):
                     yield from _eqns(sub)
 
 
+@sequence_fast
 def test_bf16_step_casts_each_kernel_once_and_accumulates_in_fp32(world):
     """Under bf16 the encoders' matmuls take bf16 operands into fp32 results, forward and
     backward; each fp32 kernel is cast once per step and no weight gradient is rounded to bf16."""

@@ -169,6 +169,28 @@ def test_unreadable_test_split_stops_before_anything_is_written(tmp_path, tiny_t
     assert not workdir.exists()
 
 
+def test_check_prints_the_plan_and_bad_values_exit_2_in_process(tmp_path, tiny_teacher, sst2_small,
+                                                                capsys):
+    """What the train.py test below checks, through jaxkd.launch.main in this process."""
+    from jaxkd import launch
+
+    cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert launch.main(["--config", str(path), "--check"]) == 0
+    out, err = capsys.readouterr()
+    assert "stage teacher: 6 steps" in out and "stage distill: 24 steps" in out
+    assert "data.eval:" in out and "padding" in out
+    assert "PyTorch was not found" not in out + err
+    for override, message in (("distill.temperature=-1", "distill.temperature"),
+                              ("distill.alpha=1.5", "distill.alpha"),
+                              ("data.max_seq_len=0", "data.max_seq_len")):
+        assert launch.main(["--config", str(path), override]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # --check and refused runs write nothing
+
+
+@pytest.mark.slow  # four train.py processes
 def test_cli_check_prints_the_plan_and_bad_values_exit_2(tmp_path, tiny_teacher, sst2_small):
     cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small)
     path = tmp_path / "cfg.yaml"
@@ -211,6 +233,7 @@ def test_untrained_teacher_without_finetuning_is_refused(tmp_path, minilm_dir, s
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a real run (test_loop.py checks NonFiniteLoss on its own, fast)
 def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_teacher, sst2_small):
     cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small,
                       **{"teacher.finetune.steps": 0, "distill.steps": 8, "data.eval": None,

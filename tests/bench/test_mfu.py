@@ -38,6 +38,7 @@ def test_peak_table(kind, peak):
     assert mfu.peak_tflops(kind) == peak
 
 
+@pytest.mark.slow  # the CLI end to end, timing real steps
 def test_mfu_cli_with_peak_override(tiny_teacher, capsys):
     main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",
                 "--seq", "8", "--steps", "2", "--warmup", "1", "--dtype", "float32",
@@ -48,6 +49,7 @@ def test_mfu_cli_with_peak_override(tiny_teacher, capsys):
     assert 0 < float(out.strip().splitlines()[-1]) < 1
 
 
+@pytest.mark.slow  # the CLI end to end, timing real steps
 def test_mfu_without_peak_on_cpu_prints_fraction_of_measured_rate(tiny_teacher, capsys):
     main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "2", "--batch", "4",
                 "--seq", "8", "--steps", "1", "--warmup", "1", "--dtype", "bfloat16", "--gemm-size", "256"])
