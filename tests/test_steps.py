@@ -23,9 +23,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # The tests take `world` for a label per row (sequence head), a label per token (token head) and
-# start/end positions per row (span head). Per-head maths (losses, the PyTorch update, shapes,
-# errors) runs for every head in the fast tier; the placement and equivalence checks compile the
-# same step again on each label shape, so their token and span cases are slow (still run in CI).
+# start/end positions per row (span head). The sequence case of each is fast; the token and span
+# cases build and compile everything again on other label shapes, so they are slow (still run in
+# CI). The token and span objectives themselves are checked fast against NumPy in
+# tests/tasks/test_qa.py and test_losses.py, their heads' PyTorch parity in tests/families.
 KINDS = ["sequence", "token", "span"]
 each_head = pytest.mark.parametrize("world", KINDS, indirect=True)
 sequence_fast = pytest.mark.parametrize(
@@ -252,7 +253,7 @@ def test_bf16_compute_keeps_fp32_params_and_losses(world):
     assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.float32)}
 
 
-@each_head
+@sequence_fast
 def test_distill_metrics_match_numpy(world):
     batch = world["batches"][0]
     _, metrics = world["jit_step"](world["state"], world["teacher_params"], batch, jax.random.key(0))
@@ -285,7 +286,7 @@ def test_distill_metrics_match_numpy(world):
                                rtol=1e-6)
 
 
-@each_head
+@sequence_fast
 def test_finetune_step_matches_torch_sgd(world):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -331,7 +332,7 @@ def test_finetune_step_matches_torch_sgd(world):
         np.testing.assert_allclose(updated[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@each_head
+@sequence_fast
 def test_logits_fn_shapes(world):
     batch = world["batches"][0]
     logits = steps.make_logits_fn(world["student"])(world["state"].params, batch)
@@ -340,7 +341,7 @@ def test_logits_fn_shapes(world):
     assert logits.dtype == jnp.float32 and logits.shape == shape
 
 
-@each_head
+@sequence_fast
 def test_regression_head_trains_on_squared_error(world):
     if world["kind"] != "sequence":
         pytest.skip("regression is a sequence head with one output")
@@ -354,7 +355,7 @@ def test_regression_head_trains_on_squared_error(world):
                                rtol=1e-5)
 
 
-@each_head
+@sequence_fast
 def test_bad_inputs_are_named(world):
     batch = {k: v for k, v in world["batches"][0].items() if k != "weights"}
     with pytest.raises(KeyError, match="weights"):
