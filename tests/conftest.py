@@ -26,7 +26,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 
 import pathlib  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+import helpers  # noqa: E402  (tests/helpers.py: pytest puts tests/ on sys.path)
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
@@ -86,3 +89,58 @@ def raw_tsv():
         lines = path.read_text(encoding="utf-8").lstrip("\ufeff").splitlines()
         return [line.split("\t") for line in lines[1:]]
     return read
+
+
+# The pipeline tests' inputs (test_trainer*, test_transfer*, tests/families), built once per
+# session (per worker under xdist) rather than once per module that uses them.
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, minilm_dir):
+    """A 4-layer, 32-wide random BERT (helpers.TINY_TEACHER) with the MiniLM's real tokenizer, as
+    a Hugging Face dir; a sequence classifier, so token and span heads on it are fresh.
+    (tests/bench has its own `tiny_teacher`, with a vocabulary of a few words.)"""
+    from jaxkd import hf, model  # pylint: disable=import-outside-toplevel
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = helpers.TINY_TEACHER
+    hf.save_hf(cfg, model.init_params(cfg, jax.random.key(0)), out, tokenizer=minilm_dir,
+               id2label=["negative", "positive"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def sst2_small(tmp_path_factory):
+    """The first 160 rows of SST-2 glue_dev (shipped in data/) for training, the next 64 for
+    evaluation."""
+    out = tmp_path_factory.mktemp("sst2")
+    lines = (helpers.ROOT / "data" / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
+    (out / "train.tsv").write_text("\n".join([lines[0]] + lines[1:161]) + "\n", encoding="utf-8")
+    (out / "eval.tsv").write_text("\n".join([lines[0]] + lines[161:225]) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ner_data(tmp_path_factory):
+    """Generated CoNLL files (helpers.ner_sentences): train.txt (192), dev.txt (40), test.txt (48)."""
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("ner")
+    for name, n in (("train", 192), ("dev", 40), ("test", 48)):
+        helpers.write_conll(out / f"{name}.txt", helpers.ner_sentences(rng, n))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """The BERT tokenizer of helpers.TRANSFER_VOCAB."""
+    from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+    directory = tmp_path_factory.mktemp("vocab")
+    (directory / "vocab.txt").write_text("\n".join(helpers.TRANSFER_VOCAB) + "\n", encoding="utf-8")
+    return hf.load_tokenizer(directory)
+
+
+@pytest.fixture(scope="session")
+def embeddings():
+    """Random [V, 6] word embeddings of helpers.TRANSFER_VOCAB."""
+    return np.random.default_rng(0).normal(size=(len(helpers.TRANSFER_VOCAB), 6)).astype(np.float32)

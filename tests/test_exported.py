@@ -6,14 +6,14 @@ import json
 import jax
 import pytest
 
+from helpers import tiny_model_config
 from jaxkd import exported, tasks
 from jaxkd.data import DataConfig
 from jaxkd.hf import SETTINGS_KEY, save_hf
-from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
+from jaxkd.model import HeadConfig, init_params
 from jaxkd.tasks import qa, sequence, token
 
-ENCODER = BertConfig(vocab_size=128, hidden_size=16, num_layers=1, num_heads=2,
-                     intermediate_size=32, max_position_embeddings=512)
+QA_MODEL = tiny_model_config(qa.HEAD.kind, 2, vocab_size=128, num_layers=1, max_position_embeddings=512)
 
 
 def _settings(name, **data):
@@ -41,7 +41,7 @@ def test_export_settings_of_each_kind():
 @pytest.fixture(scope="module")
 def qa_export(tmp_path_factory):
     """A tiny BertForQuestionAnswering exported with a SQuAD run's settings."""
-    cfg = ModelConfig(ENCODER, HeadConfig(kind=qa.HEAD.kind, num_labels=2))
+    cfg = QA_MODEL
     params = init_params(cfg, jax.random.key(0))
     settings = _settings("squad", max_seq_len=384, doc_stride=128)
     return save_hf(cfg, params, tmp_path_factory.mktemp("qa") / "student", settings=settings), settings
@@ -63,7 +63,7 @@ def test_settings_round_trip_and_transformers_still_loads(qa_export):
 
 
 def test_save_hf_refuses_settings_it_cannot_write(tmp_path):
-    cfg = ModelConfig(ENCODER, HeadConfig(kind=qa.HEAD.kind, num_labels=2))
+    cfg = QA_MODEL
     for bad, error in (([("max_seq_len", 8)], TypeError), ({"when": object()}, TypeError)):
         with pytest.raises(error):
             save_hf(cfg, {}, tmp_path / "out", settings=bad)

@@ -10,8 +10,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import save_file  # noqa: E402
 
+from helpers import tiny_model_config  # noqa: E402
 from jaxkd import hf  # noqa: E402
-from jaxkd.model import Bert, BertConfig, HeadConfig, ModelConfig, apply_model  # noqa: E402
+from jaxkd.model import Bert, HeadConfig, apply_model  # noqa: E402
 
 HF_TINY = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=24, max_position_embeddings=20, hidden_act="gelu_new")
@@ -233,9 +234,8 @@ def test_head_size_mismatch(tmp_path):
 
 
 def test_config_round_trip_and_activation_names():
-    cfg = ModelConfig(BertConfig(vocab_size=60, hidden_size=16, num_layers=2, num_heads=4,
-                                 intermediate_size=24, hidden_act="gelu_tanh"),
-                      HeadConfig("sequence", num_labels=1, dropout=0.2))
+    cfg = tiny_model_config("sequence", 1, vocab_size=60, num_heads=4, intermediate_size=24,
+                            max_position_embeddings=512, hidden_act="gelu_tanh", dropout=0.2)
     d = hf.config_to_hf(cfg)
     assert d["hidden_act"] == "gelu_new" and d["problem_type"] == "regression"
     assert d["architectures"] == ["BertForSequenceClassification"] and d["id2label"] == {"0": "LABEL_0"}
@@ -320,6 +320,7 @@ def test_head_of_another_task_is_replaced_not_reused(tmp_path):
     _assert_same_encoder(cfg, params, _torch_outputs(model, *_inputs()), *_inputs())
 
 
+@pytest.mark.slow  # the real MiniLM (test_token_classification_checkpoint_matches_pytorch: fast)
 def test_minilm_token_head_matches_pytorch(minilm_dir, minilm_batch, tmp_path):
     cfg, params = hf.load_hf(minilm_dir, head=HeadConfig("token", 9), rng=jax.random.key(1))
     out = hf.save_hf(cfg, params, tmp_path / "ner", tokenizer=minilm_dir, id2label=[str(i) for i in range(9)])

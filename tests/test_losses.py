@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import tiny_model_config
 from jaxkd import losses
 from jaxkd.losses import LossConfig
 
@@ -431,9 +432,8 @@ def test_intermediate_loss_missing_output_and_projection():
 def test_total_loss_on_model_outputs():
     model = pytest.importorskip("jaxkd.model")
     small = dict(vocab_size=50, intermediate_size=16, max_position_embeddings=L)
-    head = model.HeadConfig("sequence", num_labels=C)
-    s_cfg = model.ModelConfig(model.BertConfig(num_layers=2, hidden_size=8, num_heads=2, **small), head)
-    t_cfg = model.ModelConfig(model.BertConfig(num_layers=4, hidden_size=16, num_heads=2, **small), head)
+    s_cfg = tiny_model_config("sequence", C, num_layers=2, hidden_size=8, num_heads=2, **small)
+    t_cfg = tiny_model_config("sequence", C, num_layers=4, hidden_size=16, num_heads=2, **small)
     s_params = model.init_params(s_cfg, jax.random.key(0))
     t_params = model.init_params(t_cfg, jax.random.key(1))
     proj = losses.init_projections(FULL, s_cfg.encoder, t_cfg.encoder, jax.random.key(2))

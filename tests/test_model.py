@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import tiny_model_config
 from jaxkd.hf import save_hf
-from jaxkd.model import Bert, BertConfig, HeadConfig, ModelConfig, apply_model, init_params
+from jaxkd.model import Bert, apply_model, init_params
 
-TINY = ModelConfig(BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4,
-                              intermediate_size=32, max_position_embeddings=24), HeadConfig("sequence", num_labels=3))
+TINY = tiny_model_config("sequence", 3, vocab_size=50, num_heads=4, max_position_embeddings=24)
 
 
 def _noisy(params, seed=1, scale=0.2):

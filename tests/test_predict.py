@@ -14,15 +14,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import tiny_model_config  # noqa: E402
 from jaxkd import cli, evaluate, exported, predict, tasks  # noqa: E402
 from jaxkd.data import DataConfig  # noqa: E402
 from jaxkd.hf import save_hf  # noqa: E402
-from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params  # noqa: E402
+from jaxkd.model import init_params  # noqa: E402
 
 MAX_LEN = 32
 QA_LEN, QA_STRIDE = 64, 16  # the windows of the QA model exported with a run's settings
-ENCODER = BertConfig(vocab_size=30522, hidden_size=16, num_layers=2, num_heads=4,
-                     intermediate_size=32, max_position_embeddings=64)
+ENCODER = dict(vocab_size=30522, num_heads=4)  # tiny_model_config's encoder, the MiniLM's vocabulary
 SEQ_LABELS = ["neg", "neu", "pos"]
 NER_LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]  # not the preset order
 TEXTS = ["a gripping , funny film .", "dull and far too long", "The cast is great but the plot?",
@@ -45,18 +45,19 @@ def _noisy(params, seed, scale=0.3):
 def models(tmp_path_factory, minilm_dir):
     """Exported classifier, regression and NER models (one init_params: it compiles slowly)."""
     root = tmp_path_factory.mktemp("models")
-    seq_cfg = ModelConfig(ENCODER, HeadConfig(kind="sequence", num_labels=len(SEQ_LABELS)))
+    seq_cfg = tiny_model_config("sequence", len(SEQ_LABELS), **ENCODER)
+    hidden = seq_cfg.encoder.hidden_size
     base = init_params(seq_cfg, jax.random.key(0))
     classifier = base["head"]["classifier"]
     heads = {
         "seq": (seq_cfg, base["head"], SEQ_LABELS),  # seed 6: all three labels predicted
-        "reg": (ModelConfig(ENCODER, HeadConfig(kind="sequence", num_labels=1)),
+        "reg": (seq_cfg.replace(num_labels=1),
                 {"pooler": base["head"]["pooler"], "classifier": {
                     "kernel": classifier["kernel"][:, :1], "bias": classifier["bias"][:1]}}, None),
-        "ner": (ModelConfig(ENCODER, HeadConfig(kind="token", num_labels=len(NER_LABELS))),
-                {"classifier": {"kernel": np.zeros((ENCODER.hidden_size, len(NER_LABELS)), np.float32),
+        "ner": (seq_cfg.replace(kind="token", num_labels=len(NER_LABELS)),
+                {"classifier": {"kernel": np.zeros((hidden, len(NER_LABELS)), np.float32),
                                 "bias": np.zeros(len(NER_LABELS), np.float32)}}, NER_LABELS),
-        "qa": (ModelConfig(ENCODER, HeadConfig(kind="span", num_labels=2)),
+        "qa": (seq_cfg.replace(kind="span", num_labels=2),
                {"qa_outputs": {"kernel": classifier["kernel"][:, :2], "bias": classifier["bias"][:2]}},
                None),
     }

@@ -1,11 +1,12 @@
-"""Mesh, shardings, placement, global batches, compiled steps and distributed start."""
+"""Mesh, shardings, placement, global batches, compiled steps and distributed start (the
+prediction path over a mesh: test_inference.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import _multiprocess_steps as setup
+import helpers
 from jaxkd import sharding, steps
 from jaxkd.model import init_params
 from jaxkd.optim import make_optimizer
@@ -47,23 +48,23 @@ def test_shard_state_copies_so_donation_keeps_callers_arrays(mesh):
 
 
 def test_global_batch_splits_rows_and_names_bad_keys(mesh):
-    batch = setup.make_batch(np.random.default_rng(0))
+    batch = helpers.random_batch(np.random.default_rng(0))
     out = sharding.global_batch(batch, mesh)
     for key, value in batch.items():
         assert out[key].sharding == sharding.batch_sharding(mesh)
         np.testing.assert_array_equal(out[key], value)
-    assert {s.data.shape[0] for s in out["input_ids"].addressable_shards} == {setup.BATCH // 4}
+    assert {s.data.shape[0] for s in out["input_ids"].addressable_shards} == {helpers.BATCH // 4}
     with pytest.raises(ValueError, match="labels"):
         sharding.global_batch({**batch, "labels": batch["labels"][:7]}, mesh)
 
 
 def test_fsdp_finetune_equals_replicated(mesh):
-    student_cfg, _, _, optim_cfg = setup.configs()
+    student_cfg, _, _, optim_cfg = helpers.distill_configs()
     state = steps.TrainState.create(init_params(student_cfg, jax.random.key(0)),
                                     make_optimizer(optim_cfg, total_steps=10))
     step_fn = steps.make_finetune_step(student_cfg)
     rng = np.random.default_rng(1)
-    batches = [sharding.global_batch(setup.make_batch(rng), mesh) for _ in range(3)]
+    batches = [sharding.global_batch(helpers.random_batch(rng), mesh) for _ in range(3)]
     results = []
     for fsdp in (False, True):
         shardings = sharding.tree_shardings(mesh, state, fsdp=fsdp, min_size=1024)
@@ -77,27 +78,6 @@ def test_fsdp_finetune_equals_replicated(mesh):
     assert embedding.sharding.spec == P("data")  # [100, 32]: the vocab dimension is split
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  replicated.params, fsdp.params)
-
-
-@pytest.mark.parametrize("kind", ["sequence", "token"])
-def test_prediction_path_equals_one_device_forward(mesh, kind):
-    """inference.predict over a 4-device mesh, bucketed batches with padding rows: every row's
-    outputs (flat per token for token heads) equal a plain forward of that row alone."""
-    from jaxkd import data as data_lib, inference
-    cfg = setup.configs(kind)[0]
-    params = init_params(cfg, jax.random.key(0))
-    rng = np.random.default_rng(2)
-    rows = [rng.integers(1, 100, n).tolist() for n in rng.integers(2, 20, 13)]
-    encoded = data_lib.Encoded.from_lists(rows, [[0] * len(r) for r in rows], np.zeros(13, np.int32))
-    fn = jax.jit(steps.make_logits_fn(cfg), in_shardings=(None, sharding.batch_sharding(mesh)))
-    out = inference.predict(fn, params, encoded, batch_size=8, mesh=mesh, bucket_multiple=8,
-                            max_seq_len=24, per_token=kind == "token")
-    assert out.shape == ((int(encoded.offsets[-1]), 3) if kind == "token" else (13, 3))
-    for i, row in enumerate(rows):
-        ref = np.asarray(steps.make_logits_fn(cfg)(params, {
-            "input_ids": np.asarray([row], np.int32), "attention_mask": np.ones((1, len(row)), np.int32)}))
-        got = out[encoded.offsets[i]:encoded.offsets[i + 1]] if kind == "token" else out[i:i + 1]
-        np.testing.assert_allclose(got, ref[0] if kind == "token" else ref, rtol=1e-5, atol=1e-5)
 
 
 def test_init_distributed_single_process_and_bad_arguments(monkeypatch):

@@ -3,7 +3,6 @@ teacher, one compile per shape, teacher-logit cache, bf16, and a PyTorch referen
 import dataclasses
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-import _multiprocess_steps as setup
+import helpers
 from jaxkd import sharding, steps
 from jaxkd.losses import LossConfig
 from jaxkd.model import init_params
@@ -23,24 +22,35 @@ TOL = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=["sequence", "token", "span"])
+# The tests take `world` for a label per row (sequence head), a label per token (token head) and
+# start/end positions per row (span head). The sequence case of each is fast; the token and span
+# cases build and compile everything again on other label shapes, so they are slow (still run in
+# CI). The token and span objectives themselves are checked fast against NumPy in
+# tests/tasks/test_qa.py and test_losses.py, their heads' PyTorch parity in tests/families.
+KINDS = ["sequence", "token", "span"]
+each_head = pytest.mark.parametrize("world", KINDS, indirect=True)
+sequence_fast = pytest.mark.parametrize(
+    "world", ["sequence", *(pytest.param(kind, marks=pytest.mark.slow) for kind in KINDS[1:])],
+    indirect=True)
+
+
+@pytest.fixture(scope="module")
 def world(request):
-    """The same tests for a label per row (sequence head), a label per token (token head) and
-    start/end positions per row (span head)."""
+    """The distillation world (helpers.build_world) of the head kind `request.param`."""
     kind = request.param
-    student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches = setup.build(kind)
+    student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches = helpers.build_world(kind)
     step_fn = steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg)
     mesh = sharding.make_mesh()
     return dict(kind=kind, student=student_cfg, teacher=teacher_cfg, loss=loss_cfg, optim=optim_cfg,
                 state=state, teacher_params=teacher_params, batches=batches, step_fn=step_fn,
                 jit_step=jax.jit(step_fn), mesh=mesh,
-                mesh_step=setup.compile_mesh_step(step_fn, mesh, state, teacher_params))
+                mesh_step=helpers.compile_mesh_step(step_fn, mesh, state, teacher_params))
 
 
 @pytest.fixture(scope="module")
 def four_device_run(world):
     """Reference: STEPS jitted steps on a 4-device mesh, batch sharded over the rows."""
-    return setup.run_mesh_steps(world["mesh_step"], world["mesh"], world["state"],
+    return helpers.run_mesh_steps(world["mesh_step"], world["mesh"], world["state"],
                                 world["teacher_params"], world["batches"])
 
 
@@ -58,6 +68,7 @@ def run_steps(step, state, teacher_params, batches):
 
 
 @pytest.mark.slow  # the eager step dispatches thousands of small ops
+@sequence_fast
 def test_jit_equals_eager(world):
     batch = world["batches"][0]
     args = (world["state"], world["teacher_params"], batch, jax.random.key(0))
@@ -68,17 +79,18 @@ def test_jit_equals_eager(world):
     assert_close(jit_state.params, eager_state.params)
 
 
+@sequence_fast
 def test_one_device_equals_four(world, four_device_run):
     mesh = sharding.make_mesh(jax.devices()[:1])
-    step = setup.compile_mesh_step(world["step_fn"], mesh, world["state"], world["teacher_params"])
-    one_state, one_history = setup.run_mesh_steps(step, mesh, world["state"],
+    step = helpers.compile_mesh_step(world["step_fn"], mesh, world["state"], world["teacher_params"])
+    one_state, one_history = helpers.run_mesh_steps(step, mesh, world["state"],
                                                   world["teacher_params"], world["batches"])
     four_state, four_history = four_device_run
     assert len(four_state.params["encoder"]["embeddings"]["word_embeddings"]["embedding"].devices()) == 4
     assert_close([m["loss/total"] for m in one_history], [m["loss/total"] for m in four_history])
     assert_close(one_state.params, four_state.params)
     assert_close(one_state.proj_params, four_state.proj_params)
-    assert int(four_state.step) == setup.STEPS
+    assert int(four_state.step) == helpers.STEPS
 
 
 def _with_transfer_rows(batch: dict, rng: np.random.Generator) -> dict:
@@ -96,15 +108,16 @@ _NOT_PER_STEP = ("grad_norm", "learning_rate")
 
 
 @pytest.mark.parametrize("transfer", [False, True], ids=["labelled", "transfer_rows"])
+@sequence_fast
 def test_pmap_equals_mesh_jit(world, transfer):
     # Full attention masks: token-averaged terms are then exact under per-device weighting too;
     # the padding rows (weight 0) still fall unevenly on the devices, and so do transfer rows
     # (hard-label weight 0), whose hard term and accuracy are means over the labelled rows.
     rng = np.random.default_rng(1)
-    batches = [setup.make_batch(rng, full_mask=True, kind=world["kind"]) for _ in range(setup.STEPS)]
+    batches = [helpers.random_batch(rng, full_mask=True, kind=world["kind"]) for _ in range(helpers.STEPS)]
     if transfer:
         batches = [_with_transfer_rows(b, rng) for b in batches]
-    mesh_state, mesh_history = setup.run_mesh_steps(
+    mesh_state, mesh_history = helpers.run_mesh_steps(
         world["mesh_step"], world["mesh"], world["state"], world["teacher_params"], batches)
 
     pstep = jax.pmap(steps.make_distill_step(world["student"], world["teacher"], world["loss"],
@@ -121,15 +134,10 @@ def test_pmap_equals_mesh_jit(world, transfer):
     assert_close(jax.tree.map(lambda x: x[0], state.params), mesh_state.params)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
+@each_head
 def test_two_processes_equal_one(world, four_device_run, tmp_path):
-    out, port = tmp_path / "result.npz", _free_port()
+    out, port = tmp_path / "result.npz", helpers.free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
     script = pathlib.Path(__file__).with_name("_multiprocess_steps.py")
     procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out),
@@ -146,12 +154,13 @@ def test_two_processes_equal_one(world, four_device_run, tmp_path):
         np.testing.assert_allclose(result[jax.tree_util.keystr(path)], leaf, rtol=TOL, atol=TOL)
 
 
+@sequence_fast
 def test_accumulation_equals_union_batch(world):
     k, updates = 2, 3
     rng = np.random.default_rng(2)
     # MultiSteps averages micro-batch means: equal to the union's mean for equal weight (and,
     # for the token-averaged terms, token) counts per micro-batch.
-    micro = [setup.make_batch(rng, rows=4, full_mask=True, kind=world["kind"])
+    micro = [helpers.random_batch(rng, rows=4, full_mask=True, kind=world["kind"])
              for _ in range(k * updates)]
     for b in micro:
         b["weights"][:] = 1.0
@@ -174,6 +183,7 @@ def test_accumulation_equals_union_batch(world):
     assert_close(acc_state.proj_params, full_state.proj_params)
 
 
+@sequence_fast
 def test_teacher_is_frozen(world, four_device_run):
     teacher_params = world["teacher_params"]
     copy = jax.tree.map(np.array, teacher_params)
@@ -197,6 +207,7 @@ def _with_cache(world, batch):
     return {**batch, "teacher_logits": np.asarray(logits)}
 
 
+@sequence_fast
 def test_teacher_logit_cache_equals_in_step_teacher(world):
     loss_cfg = LossConfig(temperature=3.0, alpha=0.7)
     live = jax.jit(steps.make_distill_step(world["student"], world["teacher"], loss_cfg,
@@ -213,6 +224,7 @@ def test_teacher_logit_cache_equals_in_step_teacher(world):
     assert_close(cached_state.params, in_step_state.params)
 
 
+@sequence_fast
 def test_compiles_once_per_batch_shape(world):
     mesh = sharding.make_mesh()
     state_shardings = sharding.tree_shardings(mesh, world["state"])
@@ -221,13 +233,14 @@ def test_compiles_once_per_batch_shape(world):
     state, rng = sharding.shard_state(world["state"], mesh), np.random.default_rng(3)
     lengths = [8, 16, 8, 8, 16, 8]
     for length in lengths:
-        batch = sharding.global_batch(setup.make_batch(rng, length=length, kind=world["kind"]), mesh)
+        batch = sharding.global_batch(helpers.random_batch(rng, length=length, kind=world["kind"]), mesh)
         state, _ = step(state, batch, jax.random.key(0))
     assert step._cache_size() == len(set(lengths))
     # Donation freed the placed copies, never the caller's arrays.
     assert not any(x.is_deleted() for x in jax.tree.leaves(world["state"].params))
 
 
+@sequence_fast
 def test_bf16_compute_keeps_fp32_params_and_losses(world):
     student, teacher = world["student"].replace(dtype="bfloat16"), world["teacher"].replace(dtype="bfloat16")
     step = jax.jit(steps.make_distill_step(student, teacher, world["loss"]))
@@ -240,6 +253,7 @@ def test_bf16_compute_keeps_fp32_params_and_losses(world):
     assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.float32)}
 
 
+@sequence_fast
 def test_distill_metrics_match_numpy(world):
     batch = world["batches"][0]
     _, metrics = world["jit_step"](world["state"], world["teacher_params"], batch, jax.random.key(0))
@@ -272,6 +286,7 @@ def test_distill_metrics_match_numpy(world):
                                rtol=1e-6)
 
 
+@sequence_fast
 def test_finetune_step_matches_torch_sgd(world):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -317,19 +332,21 @@ def test_finetune_step_matches_torch_sgd(world):
         np.testing.assert_allclose(updated[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@sequence_fast
 def test_logits_fn_shapes(world):
     batch = world["batches"][0]
     logits = steps.make_logits_fn(world["student"])(world["state"].params, batch)
-    shape = {"sequence": (setup.BATCH, 3), "token": (setup.BATCH, setup.LENGTH, 3),
-             "span": (setup.BATCH, setup.LENGTH, 2)}[world["kind"]]
+    shape = {"sequence": (helpers.BATCH, 3), "token": (helpers.BATCH, helpers.LENGTH, 3),
+             "span": (helpers.BATCH, helpers.LENGTH, 2)}[world["kind"]]
     assert logits.dtype == jnp.float32 and logits.shape == shape
 
 
+@sequence_fast
 def test_regression_head_trains_on_squared_error(world):
     if world["kind"] != "sequence":
         pytest.skip("regression is a sequence head with one output")
     cfg = world["student"].replace(num_labels=1)
-    batch = {**world["batches"][0], "labels": np.linspace(-1, 1, setup.BATCH).astype(np.float32)}
+    batch = {**world["batches"][0], "labels": np.linspace(-1, 1, helpers.BATCH).astype(np.float32)}
     state = steps.TrainState.create(init_params(cfg, jax.random.key(0)), optax.sgd(0.0))
     _, metrics = jax.jit(steps.make_finetune_step(cfg))(state, batch, jax.random.key(0))
     pred = np.asarray(steps.make_logits_fn(cfg)(state.params, batch))[:, 0]
@@ -338,6 +355,7 @@ def test_regression_head_trains_on_squared_error(world):
                                rtol=1e-5)
 
 
+@sequence_fast
 def test_bad_inputs_are_named(world):
     batch = {k: v for k, v in world["batches"][0].items() if k != "weights"}
     with pytest.raises(KeyError, match="weights"):
@@ -370,6 +388,7 @@ def _eqns(jaxpr):
                     yield from _eqns(sub)
 
 
+@sequence_fast
 def test_bf16_step_casts_each_kernel_once_and_accumulates_in_fp32(world):
     """Under bf16 the encoders' matmuls take bf16 operands into fp32 results, forward and
     backward; each fp32 kernel is cast once per step and no weight gradient is rounded to bf16."""

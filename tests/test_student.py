@@ -3,13 +3,13 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import tiny_model_config
 from jaxkd import hf
-from jaxkd.model import Bert, BertConfig, HeadConfig, ModelConfig, init_params
+from jaxkd.model import Bert, init_params
 from jaxkd.student import student_from_pretrained, student_from_shape, student_from_teacher
 
-TEACHER = ModelConfig(BertConfig(vocab_size=40, hidden_size=16, num_layers=6, num_heads=4,
-                                 intermediate_size=32, max_position_embeddings=16,
-                                 hidden_act="gelu_tanh"), HeadConfig("sequence", num_labels=3))
+TEACHER = tiny_model_config("sequence", 3, vocab_size=40, num_layers=6, num_heads=4,
+                            max_position_embeddings=16, hidden_act="gelu_tanh")
 
 
 @pytest.fixture(scope="module")

@@ -1,90 +1,23 @@
 """The pipeline end to end on a tiny random teacher: stages, resume after kill -9 and SIGTERM,
 bad input stopping before work, and the teacher cache."""
 import json
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
 import pytest
 import yaml
 
-from jaxkd import config as config_lib
+from helpers import (ROOT, TINY_TEACHER, assert_trees_close, free_port, launch, run_in_process,
+                     student_params, tiny_config, train_env, wait_for_distill_step)
 from jaxkd import hf, loop, trainer
 from jaxkd import report as report_lib
 from jaxkd.config import ConfigError
-from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ModelConfig(BertConfig(vocab_size=30522, hidden_size=32, num_layers=4, num_heads=4,
-                              intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.0,
-                              attention_dropout=0.0), HeadConfig("sequence", num_labels=2))
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory, minilm_dir):
-    """A 4-layer, 32-wide random BERT with the MiniLM's real tokenizer, as a Hugging Face dir."""
-    out = tmp_path_factory.mktemp("teacher")
-    hf.save_hf(TINY, init_params(TINY, jax.random.key(0)), out, tokenizer=minilm_dir,
-               id2label=["negative", "positive"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def sst2_small(tmp_path_factory):
-    """The first 160 rows of SST-2 glue_dev (shipped in data/) for training, the next 64 for
-    evaluation."""
-    out = tmp_path_factory.mktemp("sst2")
-    lines = (ROOT / "data" / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
-    (out / "train.tsv").write_text("\n".join([lines[0]] + lines[1:161]) + "\n", encoding="utf-8")
-    (out / "eval.tsv").write_text("\n".join([lines[0]] + lines[161:225]) + "\n", encoding="utf-8")
-    return out
-
-
-def tiny_config(workdir, teacher, data, **over) -> dict:
-    cfg = {
-        "workdir": str(workdir), "seed": 3,
-        "task": {"name": "sst2"},
-        "data": {"train": str(data / "train.tsv"), "eval": str(data / "eval.tsv"),
-                 "batch_size": 8, "max_seq_len": 32, "bucket_multiple": 16},
-        "teacher": {"model": str(teacher), "finetune": {"steps": 6}},
-        "student": {"layers": [1, 3]},
-        "distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
-        "optim": {"learning_rate": 1e-3},
-        "checkpoint": {"every_steps": 4, "keep": 2},
-        "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
-    }
-    return with_overrides(cfg, over)
-
-
-def with_overrides(cfg: dict, over: dict) -> dict:
-    """`cfg` with dotted keys set ({"distill.steps": 8} sets cfg["distill"]["steps"])."""
-    for dotted, value in over.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
-
-
-def run_in_process(cfg: dict) -> dict:
-    return trainer.run(config_lib.from_dict(cfg))
-
-
-def student_params(workdir):
-    return hf.load_hf(pathlib.Path(workdir) / "student")[1]
-
-
-def assert_trees_close(a, b, atol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
-
+from jaxkd.model import init_params
 
 @pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path, tiny_teacher, sst2_small):
@@ -154,30 +87,6 @@ def test_teacher_cache_gives_the_same_student(tmp_path, tiny_teacher, sst2_small
     assert_trees_close(student_params(tmp_path / "cached"), student_params(tmp_path / "live"), 1e-5)
 
 
-def _launch(cfg: dict, path: pathlib.Path) -> subprocess.Popen:
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(path)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def _wait_for_distill_step(workdir: pathlib.Path, proc: subprocess.Popen, step: int) -> None:
-    """Block until the run has logged distillation step >= `step`."""
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()}")
-        if metrics.is_file():
-            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            if any(r.get("stage") == "distill" and r.get("step", 0) >= step for r in rows):
-                return
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for the run")
-
-
 def _distill_checkpoints(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints" / "distill").iterdir()
                   if p.name.isdigit())
@@ -194,8 +103,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_teacher, sst2
 
     workdir = tmp_path / "run"
     cfg = tiny_config(workdir, tiny_teacher, sst2_small, **over)
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
-    _wait_for_distill_step(workdir, proc, 30)
+    proc = launch(cfg, tmp_path / "cfg.yaml")
+    wait_for_distill_step(workdir, proc, 30)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -205,36 +114,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_teacher, sst2
                       if json.loads(x).get("stage") == "distill")
     assert 30 <= last_logged <= stopped < 120  # the checkpoint is at the step it stopped on
 
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
-    _wait_for_distill_step(workdir, proc, stopped + 30)
+    proc = launch(cfg, tmp_path / "cfg.yaml")
+    wait_for_distill_step(workdir, proc, stopped + 30)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     assert stopped < _distill_checkpoints(workdir)[-1] < 120
 
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
+    proc = launch(cfg, tmp_path / "cfg.yaml")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     resumed = json.loads((workdir / "report.json").read_text())
     assert resumed["student"]["metrics"] == reference["student"]["metrics"]
-    assert resumed["student"]["splits"] == reference["student"]["splits"]
-    assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
-
-
-def assert_kill_resume_matches(make_config: Callable[..., dict], tmp_path: pathlib.Path, over: dict,
-                               kill_at: int) -> None:
-    """A run killed (-9) at distillation step `kill_at` and started again ends as one that was
-    never stopped: the same scores, the same student. `make_config(workdir, **over)`."""
-    reference = run_in_process(make_config(tmp_path / "ref", **over))
-    workdir = tmp_path / "run"
-    cfg = make_config(workdir, **over)
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
-    _wait_for_distill_step(workdir, proc, kill_at)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(60)
-    proc = _launch(cfg, tmp_path / "cfg.yaml")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    resumed = json.loads((workdir / "report.json").read_text())
     assert resumed["student"]["splits"] == reference["student"]["splits"]
     assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
 
@@ -279,11 +169,33 @@ def test_unreadable_test_split_stops_before_anything_is_written(tmp_path, tiny_t
     assert not workdir.exists()
 
 
+def test_check_prints_the_plan_and_bad_values_exit_2_in_process(tmp_path, tiny_teacher, sst2_small,
+                                                                capsys):
+    """What the train.py test below checks, through jaxkd.launch.main in this process."""
+    from jaxkd import launch
+
+    cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert launch.main(["--config", str(path), "--check"]) == 0
+    out, err = capsys.readouterr()
+    assert "stage teacher: 6 steps" in out and "stage distill: 24 steps" in out
+    assert "data.eval:" in out and "padding" in out
+    assert "PyTorch was not found" not in out + err
+    for override, message in (("distill.temperature=-1", "distill.temperature"),
+                              ("distill.alpha=1.5", "distill.alpha"),
+                              ("data.max_seq_len=0", "data.max_seq_len")):
+        assert launch.main(["--config", str(path), override]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # --check and refused runs write nothing
+
+
+@pytest.mark.slow  # four train.py processes
 def test_cli_check_prints_the_plan_and_bad_values_exit_2(tmp_path, tiny_teacher, sst2_small):
     cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env = train_env()
     run = lambda *extra: subprocess.run(  # noqa: E731
         [sys.executable, str(ROOT / "train.py"), "--config", str(path), *extra], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=300)
@@ -304,7 +216,7 @@ def test_cli_check_prints_the_plan_and_bad_values_exit_2(tmp_path, tiny_teacher,
 
 def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_teacher, sst2_small, minilm_dir):
     other = tmp_path / "other"
-    small_vocab = TINY.replace(vocab_size=1000)
+    small_vocab = TINY_TEACHER.replace(vocab_size=1000)
     hf.save_hf(small_vocab, init_params(small_vocab, jax.random.key(1)), other)
     workdir = tmp_path / "run"
     cfg = tiny_config(workdir, tiny_teacher, sst2_small,
@@ -321,6 +233,7 @@ def test_untrained_teacher_without_finetuning_is_refused(tmp_path, minilm_dir, s
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a real run (test_loop.py checks NonFiniteLoss on its own, fast)
 def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_teacher, sst2_small):
     cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small,
                       **{"teacher.finetune.steps": 0, "distill.steps": 8, "data.eval": None,
@@ -330,13 +243,6 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_teacher, sst2_small):
         run_in_process(cfg)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_result(tmp_path, tiny_teacher, sst2_small):
     """Two processes x two CPU devices run the whole pipeline like one process with four."""
@@ -344,7 +250,7 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_teacher, ss
             "distributed.cpu_devices": 4}
     run_in_process(tiny_config(tmp_path / "single", tiny_teacher, sst2_small, **over))
 
-    port = _free_port()
+    port = free_port()
     multi = tiny_config(tmp_path / "multi", tiny_teacher, sst2_small,
                         **{**over, "distributed.cpu_devices": 2,
                            "distributed.coordinator_address": f"127.0.0.1:{port}",
@@ -352,7 +258,7 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_teacher, ss
     procs = []
     for pid in range(2):
         cfg = {**multi, "distributed": {**multi["distributed"], "process_id": pid}}
-        procs.append(_launch(cfg, tmp_path / f"multi{pid}.yaml"))
+        procs.append(launch(cfg, tmp_path / f"multi{pid}.yaml"))
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out
@@ -389,7 +295,7 @@ def test_compilation_cache_stores_compiled_programs(tmp_path):
 @pytest.mark.slow
 def test_readme_first_command_runs_from_the_shipped_data(tmp_path):
     """configs/quickstart.yaml needs nothing outside the repository (step counts capped here)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env = train_env()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--config", "configs/quickstart.yaml",
          f"workdir={tmp_path / 'quickstart'}", "teacher.finetune.steps=2", "distill.steps=2",

@@ -1,13 +1,12 @@
 """The pipeline for extractive QA on a tiny random teacher and a generated SQuAD file: stages, the
 exported BertForQuestionAnswering decoded and scored outside jaxkd, kill -9 resume."""
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
-from test_trainer import (assert_kill_resume_matches, run_in_process,  # noqa: F401
-                          tiny_teacher, with_overrides)
+# tiny_teacher: conftest.py's random checkpoint.
+from helpers import ROOT, assert_kill_resume_matches, run_in_process, with_overrides
 
 NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
 CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
@@ -71,7 +70,7 @@ def load_check_qa_export():
     transformers span decoder written out independently of jaxkd.tasks.qa."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        "check_qa_export", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "check_qa_export.py")
+        "check_qa_export", ROOT / "scripts" / "check_qa_export.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
     return check

@@ -4,67 +4,11 @@ resume."""
 import json
 import pathlib
 
-import numpy as np
 import pytest
 
-# tiny_teacher: test_trainer's random checkpoint; a sequence classifier, so the token head is fresh.
-from test_trainer import (assert_kill_resume_matches, assert_trees_close, run_in_process,  # noqa: F401
-                          student_params, tiny_teacher, with_overrides)
-
-TYPES = {"PER": ["john", "mary", "smith", "anna", "peter"], "LOC": ["paris", "berlin", "london", "texas"],
-         "ORG": ["google", "reuters", "fifa", "nasa"]}
-FILLER = ["the", "said", "in", "on", "visited", "met", "with", "today", "and", "a", "report"]
-
-
-def _sentences(rng, n):
-    out = []
-    for _ in range(n):
-        words, tags = [], []
-        for _ in range(rng.integers(2, 7)):
-            if rng.random() < 0.4:
-                kind = rng.choice(list(TYPES))
-                span = rng.choice(TYPES[kind], rng.integers(1, 3))
-                words += list(span)
-                tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(span) - 1)
-            else:
-                words.append(rng.choice(FILLER))
-                tags.append("O")
-        out.append((words, tags))
-    return out
-
-
-def _write_conll(path, sentences):
-    # Token first, tag last, other columns between, as in the CoNLL-2003 files.
-    lines = ["-DOCSTART- -X- -X- O", ""]
-    for words, tags in sentences:
-        lines += [f"{w} NN I-NP {t}" for w, t in zip(words, tags)] + [""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def ner_data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    out = tmp_path_factory.mktemp("ner")
-    for name, n in (("train", 192), ("dev", 40), ("test", 48)):
-        _write_conll(out / f"{name}.txt", _sentences(rng, n))
-    return out
-
-
-def ner_config(workdir, teacher, data, **over) -> dict:
-    cfg = {
-        "workdir": str(workdir), "seed": 1,
-        "task": {"name": "conll2003", "type": "token_classification"},
-        "data": {"train": str(data / "train.txt"), "eval": str(data / "dev.txt"),
-                 "test": str(data / "test.txt"), "batch_size": 8, "max_seq_len": 32},
-        "teacher": {"model": str(teacher), "finetune": {"steps": 40, "learning_rate": 3e-3}},
-        "student": {"layers": [0, 2]},
-        "distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
-        "optim": {"learning_rate": 1e-3},
-        "checkpoint": {"every_steps": 4, "keep": 2},
-        "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
-    }
-    return with_overrides(cfg, over)
+# tiny_teacher and ner_data: conftest.py's random checkpoint and generated CoNLL files.
+from helpers import (assert_kill_resume_matches, assert_trees_close, ner_config, run_in_process,
+                     student_params)
 
 
 def _read_conll(path):

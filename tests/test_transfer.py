@@ -11,49 +11,23 @@ import numpy as np
 import optax
 import pytest
 
-import _multiprocess_data as mp_data
+from helpers import (NEIGHBOURS as K, ROOT, TRANSFER_VOCAB as VOCAB, assert_kill_resume_matches,
+                     expected_neighbours, run_in_process, synthetic_encoded, tiny_config,
+                     tiny_model_config)
 from jaxkd import cache as cache_lib
 from jaxkd import config as config_lib
 from jaxkd import data, hf, plan, steps, transfer, util
 from jaxkd.config import ConfigError
 from jaxkd.losses import LossConfig
-from jaxkd.model import BertConfig, HeadConfig, ModelConfig, apply_model, init_params, word_embeddings
+from jaxkd.model import apply_model, init_params, word_embeddings
 from jaxkd.tasks import sequence, task_config
-# tiny_teacher, sst2_small: test_trainer's random checkpoint and SST-2 sample.
-from test_trainer import (assert_kill_resume_matches, run_in_process, sst2_small,  # noqa: F401
-                          tiny_config, tiny_teacher)
 
-# A WordPiece vocabulary small enough to know every whole word by eye: bracketed entries are
-# special or reserved, ## entries are sub-word pieces; "unbelievable" splits into three pieces.
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", "the", "a", "movie", "film",
-         "good", "bad", "great", "awful", "is", "was", "not", "very", "fun", "dull", "plot",
-         "story", "actor", "cast", "un", "##believ", "##able", "##s", "##ing", ",", ".", "!"]
+# Fixtures of conftest.py: tiny_teacher, sst2_small (the pipeline's random checkpoint and SST-2
+# sample), small_tokenizer and embeddings (of helpers.TRANSFER_VOCAB: a WordPiece vocabulary small enough to know every whole word by
+# eye; "unbelievable" splits into three pieces).
+
 SENTENCES = ["the movie was very good .", "a dull plot , not fun !", "the cast is unbelievable",
              "great actor", "awful"]
-K = 3
-
-
-@pytest.fixture(scope="module")
-def small_tokenizer(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("vocab")
-    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    return hf.load_tokenizer(directory)
-
-
-@pytest.fixture(scope="module")
-def embeddings():
-    return np.random.default_rng(0).normal(size=(len(VOCAB), 6)).astype(np.float32)
-
-
-def expected_neighbours(word: str, embeddings_VxE: np.ndarray) -> set[str]:
-    """The K nearest whole words of `word` by cosine similarity, computed from scratch."""
-    whole = [i for i, t in enumerate(VOCAB) if not t.startswith("##")
-             and not (t.startswith("[") and t.endswith("]"))]
-    unit = embeddings_VxE / np.linalg.norm(embeddings_VxE, axis=1, keepdims=True)
-    me = VOCAB.index(word)
-    others = [i for i in whole if i != me]
-    sims = unit[others] @ unit[me]
-    return {VOCAB[others[j]] for j in np.argsort(-sims)[:K]}
 
 
 def augment(texts, pairs, tokenizer, embeddings_VxE, **settings):
@@ -177,8 +151,8 @@ def test_unlabeled_file_ignores_its_label_column(tmp_path):
 
 
 def _mixed(num_labelled=29, num_transfer=50):
-    labelled = mp_data.synthetic_encoded(num_labelled)
-    extra = mp_data.synthetic_encoded(num_transfer, seed=1)
+    labelled = synthetic_encoded(num_labelled)
+    extra = synthetic_encoded(num_transfer, seed=1)
     return data.with_transfer(labelled, [extra]), labelled, extra
 
 
@@ -237,8 +211,6 @@ def test_mixed_batches_resume_and_split_over_processes():
 
 # ----------------------------------------------------------------------------- the step
 
-SMALL = BertConfig(vocab_size=2000, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                   max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def _log_softmax(x):
@@ -249,12 +221,13 @@ def _log_softmax(x):
 @pytest.mark.parametrize("regression", [False, True])
 def test_transfer_rows_weigh_zero_in_the_hard_loss_and_fully_in_kd(regression):
     num_labels = 1 if regression else 3
-    cfg = ModelConfig(SMALL, HeadConfig("sequence", num_labels=num_labels))
-    labelled = mp_data.synthetic_encoded(29)
+    cfg = tiny_model_config("sequence", num_labels, vocab_size=2000, num_layers=1,
+                            hidden_dropout=0.0, attention_dropout=0.0)
+    labelled = synthetic_encoded(29)
     if regression:
         labelled = data.Encoded(labelled.input_ids, labelled.token_type_ids, labelled.offsets,
                                 labelled.labels.astype(np.float32) / 2, True)
-    extra = mp_data.synthetic_encoded(40, seed=1)
+    extra = synthetic_encoded(40, seed=1)
     # Transfer rows carry "no label": -1, or NaN for a regression.
     no_label = np.full(len(extra), np.nan if regression else -1, labelled.labels.dtype)
     extra = data.Encoded(extra.input_ids, extra.token_type_ids, extra.offsets, no_label, False)
@@ -329,8 +302,7 @@ def test_check_refuses_bad_transfer_config_before_work(tmp_path, capsys):
 
 def _unlabeled_file(directory: pathlib.Path) -> pathlib.Path:
     """40 rows of glue_dev.tsv (not in sst2_small), their label column kept (it is ignored)."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    lines = (root / "data" / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
+    lines = (ROOT / "data" / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
     path = directory / "more.tsv"
     path.write_text("\n".join([lines[0]] + lines[300:340]) + "\n", encoding="utf-8")
     return path

@@ -13,11 +13,9 @@ from jaxkd import data, hf, transfer
 from jaxkd.config import ConfigError
 from jaxkd.model import apply_model, word_embeddings
 from jaxkd.tasks import objective, task_config, token
-# The small WordPiece vocabulary, its tokenizer and embeddings, and neighbours from scratch.
-from test_transfer import K, expected_neighbours, embeddings, small_tokenizer  # noqa: F401
-# The tiny random teacher and generated CoNLL files of the token pipeline tests.
-from test_trainer import run_in_process, tiny_teacher  # noqa: F401
-from test_trainer_token import _write_conll, ner_config, ner_data  # noqa: F401
+# Fixtures of conftest.py: small_tokenizer and embeddings (of helpers.TRANSFER_VOCAB), and the
+# tiny random teacher and generated CoNLL files of the token pipeline tests.
+from helpers import NEIGHBOURS as K, expected_neighbours, ner_config, run_in_process, write_conll
 
 TASK = token.resolve(task_config("conll2003", type="token_classification"))
 # Words of the small vocabulary; "actor" and "cast" stand for entities here.
@@ -154,7 +152,7 @@ def test_data_augment_cannot_vary_is_refused_before_any_work(tmp_path, tiny_teac
     """A tag set without O leaves augmentation nothing to vary; the check on the training words
     runs in plan.prepare, before the teacher is fine-tuned: nothing is written."""
     sentences = [(["the", "actor"], ["X", "Y"]), (["a", "plot"], ["Y", "X"])]
-    files = {name: _write_conll(tmp_path / f"{name}.txt", sentences) for name in ("train", "test")}
+    files = {name: write_conll(tmp_path / f"{name}.txt", sentences) for name in ("train", "test")}
     workdir = tmp_path / "run"
     cfg = ner_config(workdir, tiny_teacher, tmp_path,
                      task={"name": "custom", "type": "token_classification"}, **{

@@ -6,17 +6,16 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import tiny_model_config
 from jaxkd.bench.epoch import EPOCH_TASKS
 from jaxkd.hf import save_hf
-from jaxkd.model import BertConfig, HeadConfig, ModelConfig, init_params
+from jaxkd.model import init_params
 
 WORDS = ["good", "bad", "film", "very", "not", "a", "fun", "dull", "plot", "great"]
 # Over 1000 ids: the PyTorch reference script draws token ids from 1000 up.
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = [f"[unused{i}]" for i in range(1100 - len(SPECIAL) - len(WORDS))]
-TINY = ModelConfig(BertConfig(vocab_size=1100, hidden_size=16, num_layers=2, num_heads=2,
-                              intermediate_size=32, max_position_embeddings=64),
-                   HeadConfig("sequence", 2))
+TINY = tiny_model_config(vocab_size=1100)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from jaxkd.bench import common, epoch, torch_ref
 from jaxkd.bench.__main__ import main
 
 
+@pytest.mark.slow  # the CLI end to end (test_jaxkd_epoch_runs_the_trainers_step_loop: fast)
 @pytest.mark.parametrize("impl", ["jaxkd", "torch"])
 def test_epoch_cli(tiny_teacher, tiny_tsv, impl, capsys):
     if impl == "torch":
@@ -35,6 +36,7 @@ def test_conll_limit_takes_whole_sentences_as_the_torch_reader_does(tiny_conll):
     assert words == first.words and [t for s in tags for t in s] == first.tags.tolist()
 
 
+@pytest.mark.slow  # the CLI end to end
 @pytest.mark.parametrize("impl", ["jaxkd", "torch"])
 def test_epoch_conll_cli(tiny_teacher, tiny_conll, impl, capsys):
     if impl == "torch":
@@ -67,6 +69,7 @@ def test_epoch_rejects_missing_file_and_random_teacher(tmp_path):
                     "--train", str(tmp_path)])
 
 
+@pytest.mark.slow  # the CLI end to end (test_jaxkd_epoch_runs_the_trainers_step_loop: fast)
 def test_epoch_squad_cli_same_windows_on_both_sides(tiny_teacher, tiny_squad, capsys):
     """jaxkd's windows and the PyTorch loop's (transformers' overflowing tokens) are as many."""
     pytest.importorskip("torch")

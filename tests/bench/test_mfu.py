@@ -5,14 +5,14 @@ import re
 
 import pytest
 
+from helpers import tiny_model_config
 from jaxkd.bench import mfu
 from jaxkd.bench.__main__ import main
-from jaxkd.model import BertConfig, HeadConfig, ModelConfig
 
 
 def test_flops_match_an_enumeration_of_every_matmul():
-    cfg = ModelConfig(BertConfig(hidden_size=24, num_layers=3, num_heads=4, intermediate_size=40),
-                      HeadConfig("sequence", num_labels=3))
+    cfg = tiny_model_config("sequence", 3, vocab_size=30522, hidden_size=24, num_layers=3, num_heads=4,
+                            intermediate_size=40, max_position_embeddings=512)
     B, L, H, N, I = 5, 7, 24, 4, 40
     D, tokens = H // N, B * L
     per_layer = (4 * 2 * tokens * H * H  # q, k, v, attention output
@@ -38,6 +38,7 @@ def test_peak_table(kind, peak):
     assert mfu.peak_tflops(kind) == peak
 
 
+@pytest.mark.slow  # the CLI end to end, timing real steps
 def test_mfu_cli_with_peak_override(tiny_teacher, capsys):
     main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",
                 "--seq", "8", "--steps", "2", "--warmup", "1", "--dtype", "float32",
@@ -48,6 +49,7 @@ def test_mfu_cli_with_peak_override(tiny_teacher, capsys):
     assert 0 < float(out.strip().splitlines()[-1]) < 1
 
 
+@pytest.mark.slow  # the CLI end to end, timing real steps
 def test_mfu_without_peak_on_cpu_prints_fraction_of_measured_rate(tiny_teacher, capsys):
     main(["mfu", "--teacher", str(tiny_teacher), "--student-layers", "2", "--batch", "4",
                 "--seq", "8", "--steps", "1", "--warmup", "1", "--dtype", "bfloat16", "--gemm-size", "256"])

@@ -38,6 +38,7 @@ def test_op_seconds_groups_op_kinds_per_step():
     assert step.op_seconds(events, steps=2) == [("ynn_fusion", 2.0), ("copy", 1.0)]
 
 
+@pytest.mark.slow  # a profiled CLI run (test_step_and_breakdown_cli: fast)
 def test_step_profile_writes_a_trace(tiny_teacher, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() may add a flag
     main(["step", "--teacher", str(tiny_teacher), "--student-layers", "1", "--batch", "4",

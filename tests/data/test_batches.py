@@ -1,15 +1,13 @@
 """Tests for jaxkd.data.batches: bucketing, epochs, resuming, evaluation padding, process shares."""
 import json
 import os
-import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-import _multiprocess_data as mp_data
+import helpers
 from jaxkd import data
 
 BATCH_KEYS = {"input_ids", "attention_mask", "token_type_ids", "labels", "weights", "hard_weights", "index"}
@@ -76,7 +74,7 @@ def test_sst2_train_bucketing_padding_and_shapes(data_dir, tmp_path, sst2_task, 
 
 
 def _synthetic(num_examples=29):
-    return mp_data.synthetic_encoded(num_examples)
+    return helpers.synthetic_encoded(num_examples)
 
 
 def _lists(encoded):
@@ -166,23 +164,17 @@ def test_process_shares_concatenate_to_the_global_batch(process_count):
         data.TrainBatches(encoded, 8, seed=0, process_count=3, **kwargs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_assemble_the_global_batches_of_one(tmp_path):
     import jax
 
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    single = mp_data.collect(mesh, 0, 1)
-    script = pathlib.Path(mp_data.__file__)
+    single = helpers.collect_global_batches(mesh, 0, 1)
+    script = helpers.TESTS / "_multiprocess_data.py"
     root = script.parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(script.parent)]), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    port, out = _free_port(), tmp_path / "two.npz"
+    port, out = helpers.free_port(), tmp_path / "two.npz"
     procs = [subprocess.Popen([sys.executable, str(script), str(p), "2", "2", str(port), str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for p in range(2)]
@@ -193,8 +185,8 @@ def test_two_processes_assemble_the_global_batches_of_one(tmp_path):
         for key, value in single.items():
             np.testing.assert_array_equal(two[key], value, err_msg=key)
     # And both equal the plain NumPy global batch.
-    reference = data.TrainBatches(mp_data.synthetic_encoded(), mp_data.BATCH_SIZE, seed=7,
-                                   bucket_multiple=8, max_seq_len=mp_data.MAX_SEQ_LEN)
-    for step in range(mp_data.TRAIN_STEPS):
+    reference = data.TrainBatches(helpers.synthetic_encoded(), helpers.DATA_BATCH_SIZE, seed=7,
+                                   bucket_multiple=8, max_seq_len=helpers.DATA_MAX_SEQ_LEN)
+    for step in range(helpers.DATA_TRAIN_STEPS):
         for key, value in next(reference).items():
             np.testing.assert_array_equal(single[f"train{step}/{key}"], value)
