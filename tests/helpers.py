@@ -502,3 +502,38 @@ def family_teacher_dir(path, model_type: str, data):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------- SQuAD data
+
+NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
+CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
+JOBS = ["teacher", "doctor", "pilot", "farmer", "lawyer", "baker"]
+FILLER = "the weather was mild and the streets were quiet on that long day".split()
+
+
+def _squad_paragraph(rng, k):
+    people = rng.choice(NAMES, 3, replace=False)
+    facts = [(p, rng.choice(CITIES), rng.choice(JOBS)) for p in people]
+    parts = []
+    for p, city, job in facts:
+        parts.append(" ".join(rng.choice(FILLER, rng.integers(3, 12))))
+        parts.append(f"{p} lives in {city} and works as a {job}.")
+    context = " ".join(parts)
+    qas = []
+    for n, (p, city, job) in enumerate(facts):
+        for question, answer in ((f"where does {p} live?", city), (f"what does {p} work as?", job)):
+            start = context.index(f"{p} lives in {city}") + (len(f"{p} lives in ") if answer == city else
+                                                              len(f"{p} lives in {city} and works as a "))
+            qas.append({"id": f"p{k}q{n}{answer}", "question": question,
+                        "answers": [{"text": answer, "answer_start": start}]})
+    return {"context": context, "qas": qas}
+
+
+def write_squad(path, rng, paragraphs):
+    """A SQuAD v1.1 file of generated paragraphs: three people per paragraph, where each
+    lives and works, two questions each, answers located by character offset."""
+    data = {"version": "1.1", "data": [{"title": "x", "paragraphs": [_squad_paragraph(rng, k)
+                                                                     for k in range(paragraphs)]}]}
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path

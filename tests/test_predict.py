@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers import tiny_model_config  # noqa: E402
+from helpers import tiny_model_config, write_squad  # noqa: E402
 from jaxkd import cli, evaluate, exported, predict, tasks  # noqa: E402
 from jaxkd.data import DataConfig  # noqa: E402
 from jaxkd.hf import save_hf  # noqa: E402
@@ -320,38 +320,6 @@ def test_cli_dispatch(models, labelled, capsys):
     assert code == 0 and all(c in out for c in cli.COMMANDS)
 
 
-NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
-CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
-JOBS = ["teacher", "doctor", "pilot", "farmer", "lawyer", "baker"]
-FILLER = "the weather was mild and the streets were quiet on that long day".split()
-
-
-def _paragraph(rng, k):
-    people = rng.choice(NAMES, 3, replace=False)
-    facts = [(p, rng.choice(CITIES), rng.choice(JOBS)) for p in people]
-    parts = []
-    for p, city, job in facts:
-        parts.append(" ".join(rng.choice(FILLER, rng.integers(3, 12))))
-        parts.append(f"{p} lives in {city} and works as a {job}.")
-    context = " ".join(parts)
-    qas = []
-    for n, (p, city, job) in enumerate(facts):
-        for question, answer in ((f"where does {p} live?", city), (f"what does {p} work as?", job)):
-            start = context.index(f"{p} lives in {city}") + (len(f"{p} lives in ") if answer == city else
-                                                              len(f"{p} lives in {city} and works as a "))
-            qas.append({"id": f"p{k}q{n}{answer}", "question": question,
-                        "answers": [{"text": answer, "answer_start": start}]})
-    return {"context": context, "qas": qas}
-
-
-def _write_squad(path, rng, paragraphs):
-    """A SQuAD v1.1 file of generated paragraphs (as tests/test_trainer_qa.py writes them)."""
-    data = {"version": "1.1", "data": [{"title": "x", "paragraphs": [_paragraph(rng, k)
-                                                                     for k in range(paragraphs)]}]}
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
-
-
 def _official_f1():
     """The official SQuAD v1.1 F1, as scripts/check_qa_export.py writes it out (not jaxkd's)."""
     spec = importlib.util.spec_from_file_location(
@@ -364,7 +332,7 @@ def _official_f1():
 def test_qa_predictions_and_evaluate_agree_with_the_official_metric(models, tmp_path, capsys):
     """predict's answers, scored here by the official v1.1 definitions, give evaluate's F1."""
     _f1 = _official_f1()
-    path = _write_squad(tmp_path / "dev.json", np.random.default_rng(1), 3)
+    path = write_squad(tmp_path / "dev.json", np.random.default_rng(1), 3)
     code, out, err = _run(capsys, predict, [models["qa"], path, "--max-seq-len", 64, "--quiet"])
     assert code == 0, err
     predicted = {row["id"]: row["answer"] for row in _lines(out)}
@@ -419,7 +387,7 @@ def test_file_lines_number_the_rows(models, tmp_path, capsys):
     assert [r["line"] for r in rows] == list(range(1, len(SENTENCES) + 1))
     assert [r["tokens"] for r in rows] == SENTENCES
 
-    squad = _write_squad(tmp_path / "dev.json", np.random.default_rng(2), 2)
+    squad = write_squad(tmp_path / "dev.json", np.random.default_rng(2), 2)
     code, out, err = _run(capsys, predict, [models["qa"], squad, "--max-seq-len", 64, "-q"])
     assert code == 0, err
     ids = [qa["id"] for p in json.loads(squad.read_text())["data"][0]["paragraphs"] for qa in p["qas"]]
@@ -449,7 +417,7 @@ def test_predict_defaults_from_the_exported_run(models, tmp_path, capsys):
 def test_qa_windows_default_to_the_exported_run(models, tmp_path, capsys):
     """Without --max-seq-len a QA model scores with its run's windows, and stderr says which;
     the same as giving them, not the 128-token default."""
-    path = _write_squad(tmp_path / "dev.json", np.random.default_rng(3), 4)
+    path = write_squad(tmp_path / "dev.json", np.random.default_rng(3), 4)
     base = [models["qa_run"], "--task", "squad", "--data", path]
     code, out, err = _run(capsys, evaluate, base)
     assert code == 0, err

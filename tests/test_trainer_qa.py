@@ -6,45 +6,14 @@ import numpy as np
 import pytest
 
 # tiny_teacher: conftest.py's random checkpoint.
-from helpers import ROOT, assert_kill_resume_matches, run_in_process, with_overrides
-
-NAMES = ["john", "mary", "peter", "anna", "paul", "susan"]
-CITIES = ["paris", "berlin", "london", "madrid", "rome", "vienna"]
-JOBS = ["teacher", "doctor", "pilot", "farmer", "lawyer", "baker"]
-FILLER = "the weather was mild and the streets were quiet on that long day".split()
-
-
-def _paragraph(rng, k):
-    people = rng.choice(NAMES, 3, replace=False)
-    facts = [(p, rng.choice(CITIES), rng.choice(JOBS)) for p in people]
-    parts = []
-    for p, city, job in facts:
-        parts.append(" ".join(rng.choice(FILLER, rng.integers(3, 12))))
-        parts.append(f"{p} lives in {city} and works as a {job}.")
-    context = " ".join(parts)
-    qas = []
-    for n, (p, city, job) in enumerate(facts):
-        for question, answer in ((f"where does {p} live?", city), (f"what does {p} work as?", job)):
-            start = context.index(f"{p} lives in {city}") + (len(f"{p} lives in ") if answer == city else
-                                                              len(f"{p} lives in {city} and works as a "))
-            qas.append({"id": f"p{k}q{n}{answer}", "question": question,
-                        "answers": [{"text": answer, "answer_start": start}]})
-    return {"context": context, "qas": qas}
-
-
-def _write_squad(path, rng, paragraphs):
-    data = {"version": "1.1", "data": [{"title": "x", "paragraphs": [_paragraph(rng, k)
-                                                                     for k in range(paragraphs)]}]}
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
-
+from helpers import ROOT, assert_kill_resume_matches, run_in_process, with_overrides, write_squad
 
 @pytest.fixture(scope="module")
 def qa_data(tmp_path_factory):
     rng = np.random.default_rng(0)
     out = tmp_path_factory.mktemp("squad")
-    _write_squad(out / "train.json", rng, 40)
-    _write_squad(out / "dev.json", rng, 8)
+    write_squad(out / "train.json", rng, 40)
+    write_squad(out / "dev.json", rng, 8)
     return out
 
 
