@@ -73,6 +73,15 @@ def with_overrides(cfg: dict, over: dict) -> dict:
     return cfg
 
 
+def tiny_run_sections() -> dict:
+    """The distill, optim, checkpoint and log sections every tiny pipeline test runs with:
+    24 distillation steps evaluated twice, checkpoints every 4 steps, no progress output."""
+    return {"distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
+            "optim": {"learning_rate": 1e-3},
+            "checkpoint": {"every_steps": 4, "keep": 2},
+            "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False}}
+
+
 def tiny_config(workdir, teacher, data, **over) -> dict:
     """A short SST-2 run of `teacher` on `data` (train.tsv, eval.tsv), dotted overrides `over`."""
     cfg = {
@@ -82,10 +91,7 @@ def tiny_config(workdir, teacher, data, **over) -> dict:
                  "batch_size": 8, "max_seq_len": 32, "bucket_multiple": 16},
         "teacher": {"model": str(teacher), "finetune": {"steps": 6}},
         "student": {"layers": [1, 3]},
-        "distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
-        "optim": {"learning_rate": 1e-3},
-        "checkpoint": {"every_steps": 4, "keep": 2},
-        "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
+        **tiny_run_sections(),
     }
     return with_overrides(cfg, over)
 
@@ -195,10 +201,7 @@ def ner_config(workdir, teacher, data, **over) -> dict:
                  "test": str(data / "test.txt"), "batch_size": 8, "max_seq_len": 32},
         "teacher": {"model": str(teacher), "finetune": {"steps": 40, "learning_rate": 3e-3}},
         "student": {"layers": [0, 2]},
-        "distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
-        "optim": {"learning_rate": 1e-3},
-        "checkpoint": {"every_steps": 4, "keep": 2},
-        "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
+        **tiny_run_sections(),
     }
     return with_overrides(cfg, over)
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 # tiny_teacher: conftest.py's random checkpoint.
-from helpers import ROOT, assert_kill_resume_matches, run_in_process, with_overrides, write_squad
+from helpers import (ROOT, assert_kill_resume_matches, run_in_process, tiny_run_sections,
+                     with_overrides, write_squad)
 
 @pytest.fixture(scope="module")
 def qa_data(tmp_path_factory):
@@ -26,10 +27,7 @@ def qa_config(workdir, teacher, data, **over) -> dict:
                  "doc_stride": 16},
         "teacher": {"model": str(teacher), "finetune": {"steps": 60, "learning_rate": 3e-3}},
         "student": {"layers": [0, 2]},
-        "distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
-        "optim": {"learning_rate": 1e-3},
-        "checkpoint": {"every_steps": 4, "keep": 2},
-        "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
+        **tiny_run_sections(),
     }
     return with_overrides(cfg, over)
 
