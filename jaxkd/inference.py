@@ -6,6 +6,7 @@ Used by evaluation, the teacher cache, the report, `jaxkd.bench` and prediction.
 """
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -36,25 +37,27 @@ def jit_logits_fn(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
 
 def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: int, mesh: Mesh,
             bucket_multiple: int, max_seq_len: int, per_token: bool,
-            progress: Callable | None = None) -> np.ndarray:
+            progress: Callable | None = None, check_stop: Callable[[], None] | None = None,
+            in_flight: int = 8) -> np.ndarray:
     """Outputs of `logits_fn(params, batch)` (jitted, batch sharded over `mesh`) for every row.
 
-    `progress(iterable)` may wrap the batches (a progress bar). Every batch is dispatched before
-    any result is read back: the host prepares batch n+1 while the device computes batch n.
+    `progress(iterable)` may wrap the batches (a progress bar). Up to `in_flight` batches are
+    dispatched before the oldest result is read back: the host prepares the next batches while
+    the device computes, and the outputs waiting on the device stay bounded. `check_stop()` is
+    called every `in_flight` batches (on every process alike) and may raise to stop.
     """
     batches = data_lib.EvalBatches(encoded, batch_size, bucket_multiple=bucket_multiple,
                                    max_seq_len=max_seq_len, process_index=jax.process_index(),
                                    process_count=jax.process_count())
-    pending = []
-    for local in (progress(batches) if progress else batches):
-        batch = sharding.global_batch(local, mesh)
-        pending.append((logits_fn(params, batch), batch["index"]))
-    out = None
-    for logits, index in pending:
+    out = np.zeros((0, 0), np.float32)
+    pending: collections.deque = collections.deque()
+
+    def read_oldest():
+        nonlocal out
+        logits, index = pending.popleft()
         logits, index = to_host(logits), to_host(index)
-        if out is None:
-            rows = encoded.output_rows(per_token)
-            out = np.zeros((rows, logits.shape[-1]), np.float32)
+        if out.size == 0:
+            out = np.zeros((encoded.output_rows(per_token), logits.shape[-1]), np.float32)
         real = index >= 0
         if per_token:
             gather = data_lib.TokenGather(encoded.offsets, np.maximum(index, 0), logits.shape[1])
@@ -62,4 +65,14 @@ def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: i
             out[gather.flat_bxL[keep]] = logits[keep]
         else:
             out[index[real]] = logits[real]
+
+    for i, local in enumerate(progress(batches) if progress else batches):
+        batch = sharding.global_batch(local, mesh)
+        pending.append((logits_fn(params, batch), batch["index"]))
+        if len(pending) > in_flight:
+            read_oldest()
+        if check_stop is not None and (i + 1) % in_flight == 0:
+            check_stop()
+    while pending:
+        read_oldest()
     return out

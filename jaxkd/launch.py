@@ -1,13 +1,19 @@
 """The command line of a training run: `python train.py` and `jaxkd train` both call `main`.
 
-  python train.py --config configs/sst2.yaml [key=value ...] [--check]
+  python train.py --config configs/sst2.yaml [key=value ...] [--check] [--restart STAGE]
+
+Every failure ends in one line on stderr: exit 2 for what the user can fix (the config, the
+data, a workdir run with other settings or in use, a corrupt file, a full disk), exit 1 for
+anything else; `--verbose` or JAXKD_VERBOSE=1 prints the traceback first.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+import traceback
 
 from jaxkd import hostenv
 
@@ -33,8 +39,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="validate the config, read the data and the teacher's config, print the "
                         "plan and exit without training or writing anything")
+    p.add_argument("--restart", metavar="STAGE",
+                   help="redo this stage (teacher, distill, export, report) and every stage "
+                        "after it: their checkpoints and outputs in the workdir are removed "
+                        "once the config has been validated")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the traceback of a failure (also: JAXKD_VERBOSE=1)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     return p
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def failure_line(e: BaseException) -> tuple[str, int]:
+    """The one line a failure is reported with, and the exit code."""
+    from jaxkd import config as config_lib, lock, loop, sharding
+    from jaxkd.data import DataError
+    from jaxkd.families.base import CheckpointError
+
+    for cause in _chain(e):
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or \
+                "No space left on device" in str(cause):
+            where = getattr(cause, "filename", None)
+            return (f"disk full{f' writing {where}' if where else ''}: free space (or point "
+                    "workdir / data.cache_dir elsewhere) and rerun the same command; the run "
+                    "resumes from its newest complete checkpoint", 2)
+    kinds = [(config_lib.ConfigError, "config error", 2), (DataError, "data error", 2),
+             (CheckpointError, "checkpoint error", 2), (lock.LockError, "error", 2),
+             (sharding.OtherProcessFailed, "error", 2), (loop.NonFiniteLoss, "error", 1),
+             ((FileNotFoundError, PermissionError, ValueError, KeyError), "error", 2)]
+    for kind, prefix, code in kinds:
+        if isinstance(e, kind):
+            return f"{prefix}: {e}", code
+    return (f"internal error: {type(e).__name__}: {e} (rerun with --verbose or JAXKD_VERBOSE=1 "
+            "for the traceback)", 1)
 
 
 def main(argv=None, *, reexec: bool = False) -> int:
@@ -44,7 +88,6 @@ def main(argv=None, *, reexec: bool = False) -> int:
         hostenv.reexec_with_huge_pages()
     _quiet_libraries()
     from jaxkd import config as config_lib
-    from jaxkd.data import DataError
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -53,22 +96,22 @@ def main(argv=None, *, reexec: bool = False) -> int:
     _quiet_libraries()
     if reexec:
         logging.getLogger("jaxkd").info("host memory: %s", hostenv.describe())
+    verbose = args.verbose or os.environ.get("JAXKD_VERBOSE", "") not in ("", "0")
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
         if args.check:
             print(plan.describe(cfg, plan.prepare(cfg, write_cache=False)))
             return 0
-        report = trainer.run(cfg)
-    except (config_lib.ConfigError, DataError) as e:
-        print(f"config error: {e}" if isinstance(e, config_lib.ConfigError) else f"data error: {e}",
-              file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        report = trainer.run(cfg, restart=args.restart)
     except loop.Preempted as e:
         print(str(e), file=sys.stderr)
         return 0
+    except Exception as e:  # pylint: disable=broad-except
+        if verbose:
+            traceback.print_exc()
+        line, code = failure_line(e)
+        print(line, file=sys.stderr)
+        return code
     print(f"report: {os.path.join(cfg.workdir, 'report.json')}")
     s, t = report["student"]["metrics"], report["teacher"]["metrics"]
     print("teacher " + " ".join(f"{k}={v:.4f}" for k, v in t.items()))

@@ -96,6 +96,13 @@ class Runtime:
         flags = multihost_utils.process_allgather(np.array([self.preempt], np.int32))
         return bool(np.any(flags))
 
+    def check_stop(self, what: str) -> None:
+        """Raise `Preempted` when any process received SIGTERM: for the work between steps
+        (the teacher cache, evaluation, export), which a rerun redoes."""
+        if self.should_stop():
+            raise Preempted(f"{what}: SIGTERM received; stopped (rerun the same command to "
+                            "continue: finished stages and saved checkpoints are kept)")
+
     @property
     def eval_batch_size(self) -> int:
         return self.data.eval_batch_size or self.data.batch_size
@@ -108,7 +115,8 @@ class Runtime:
             inference.jit_logits_fn(model_cfg, self.mesh), params, encoded, batch_size=self.eval_batch_size,
             mesh=self.mesh, bucket_multiple=self.data.bucket_multiple,
             max_seq_len=self.data.max_seq_len, per_token=per_token,
-            progress=lambda it: report_lib.progress_iter(it, desc, show))
+            progress=lambda it: report_lib.progress_iter(it, desc, show),
+            check_stop=lambda: self.check_stop(desc))
 
     def batches(self, encoded: data_lib.Encoded, seed: int) -> Callable:
         """`train_batches` of `encoded` with this run's batch geometry."""

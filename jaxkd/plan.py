@@ -53,7 +53,8 @@ class Plan:
                        "skipped": dict(s.examples.skipped)} for name, s in self.splits.items()}
 
 
-def _teacher_dir(teacher: TeacherConfig) -> pathlib.Path:
+def resolve_teacher(teacher: TeacherConfig) -> pathlib.Path:
+    """The directory `teacher.model` names (a local directory, or the Hub cache's copy)."""
     try:
         return hf.resolve_dir(teacher.model)
     except FileNotFoundError as e:
@@ -79,13 +80,15 @@ def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks
     return ModelConfig(encoder, head), is_task_model
 
 
-def prepare(cfg: Config, write_cache: bool = True) -> Plan:
+def prepare(cfg: Config, write_cache: bool = True,
+            teacher_dir: pathlib.Path | None = None) -> Plan:
     """Resolve and validate everything; raises before any output is written. Without
-    `write_cache` nothing at all is written (the tokenised splits are not cached)."""
+    `write_cache` nothing at all is written (the tokenised splits are not cached).
+    `teacher_dir`: `resolve_teacher(cfg.teacher)`, when the caller has it already."""
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give a split name or a training file")
     task = tasks.resolve(cfg.task, cfg.data)
-    teacher_dir = _teacher_dir(cfg.teacher)
+    teacher_dir = teacher_dir or resolve_teacher(cfg.teacher)
     teacher_cfg, is_task_model = _teacher_config(cfg.teacher, teacher_dir, task, cfg.precision.compute)
     tokenizer = hf.load_tokenizer(teacher_dir, words=task.pretokenized)
     steps_ = cfg.teacher.finetune.steps

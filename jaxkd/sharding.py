@@ -186,3 +186,28 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+
+
+class OtherProcessFailed(RuntimeError):
+    """Process 0 raised in `on_process0`; its own log holds the reason."""
+
+
+def on_process0(fn: Callable[[], Any], what: str) -> None:
+    """Run `fn()` on process 0 only; then every process raises when it raised (process 0 its
+    own exception, the others `OtherProcessFailed` naming `what`), so that none of them goes on
+    alone into a collective. One process: just `fn()`."""
+    if jax.process_count() == 1:
+        fn()
+        return
+    from jax.experimental import multihost_utils
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except Exception as e:  # pylint: disable=broad-except
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.array(error is not None, np.int32))
+    if error is not None:
+        raise error
+    if int(failed):
+        raise OtherProcessFailed(f"process 0 failed at {what}; its log says why")

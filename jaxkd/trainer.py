@@ -20,13 +20,15 @@ import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import exported, hf, losses, report as report_lib, sharding, steps, tasks
+from jaxkd import exported, hf, losses, manifest, report as report_lib, sharding, steps, tasks
 from jaxkd import transfer as transfer_lib
 from jaxkd.config import Config, DistillConfig, StudentConfig, TeacherConfig, dump_config
 from jaxkd.loop import Runtime, mark_stage, read_stages, restore_best, total_steps, train_loop
 from jaxkd.model import ModelConfig, param_count, word_embeddings
 from jaxkd.optim import OptimConfig, make_optimizer, make_schedule
-from jaxkd.plan import Plan, Split, build_student, cache_dir, prepare, teacher_source, transfer_summary
+from jaxkd.lock import RunLock
+from jaxkd.plan import (Plan, Split, build_student, cache_dir, prepare, resolve_teacher,
+                        teacher_source, transfer_summary)
 
 log = logging.getLogger("jaxkd")
 
@@ -214,27 +216,49 @@ def use_compilation_cache(directory: str) -> None:
         compilation_cache.reset_cache()
 
 
-def run(cfg: Config) -> dict:
-    """The whole pipeline for one config; returns the report."""
+def _begin(cfg: Config, workdir: pathlib.Path, restart: str | None) -> Plan:
+    """Everything before the first stage, in the one order that loses nothing: the manifest
+    compared with the workdir's (refused before any work), the plan validated, then the
+    restarted stages' files removed and the manifest and config.yaml written (process 0)."""
+    teacher_dir = resolve_teacher(cfg.teacher)
+    keys = manifest.build(cfg, teacher_dir)
+    if restart is not None:
+        manifest.check_stage(restart)
+    sharding.on_process0(lambda: manifest.check(workdir, keys, restart), "the manifest check")
+    plan = prepare(cfg, teacher_dir=teacher_dir)
+
+    def record():
+        if restart is not None:
+            manifest.restart(workdir, restart)
+        manifest.write(workdir, keys)
+        dump_config(cfg, workdir / "config.yaml")
+    sharding.on_process0(record, "recording the run")
+    return plan
+
+
+def run(cfg: Config, restart: str | None = None) -> dict:
+    """The whole pipeline for one config; returns the report. `restart`: a stage to redo, with
+    every stage after it (`jaxkd.manifest.restart`)."""
     if cfg.compilation_cache:
         use_compilation_cache(cfg.compilation_cache)
     dist = cfg.distributed
     sharding.apply_distributed(dist)
-    plan = prepare(cfg)
     workdir = pathlib.Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        dump_config(cfg, workdir / "config.yaml")
-    with Runtime(cfg, workdir) as rt:
-        teacher_params = stage_teacher(rt, plan, cfg.teacher, cfg.optim, cfg.seed)
-        student_params = stage_distill(rt, plan, cfg.distill, cfg.student, cfg.optim, teacher_params,
-                                       seed=cfg.seed, fsdp=dist.fsdp, cache_dir=cache_dir(cfg))
-        export_dir = workdir / "student"
-        if rt.is_main:
-            hf.save_hf(plan.student_config, student_params, export_dir, tokenizer=plan.tokenizer,
-                       id2label=plan.task.id2label(),
-                       settings=exported.export_settings(plan.task, rt.data))
-        mark_stage(rt, "export", {"dir": str(export_dir)})
-        report = stage_report(rt, plan, cfg, teacher_params, student_params)
-        mark_stage(rt, "report", {})
+    with RunLock(workdir):
+        plan = _begin(cfg, workdir, restart)
+        with Runtime(cfg, workdir) as rt:
+            teacher_params = stage_teacher(rt, plan, cfg.teacher, cfg.optim, cfg.seed)
+            rt.check_stop("teacher")
+            student_params = stage_distill(rt, plan, cfg.distill, cfg.student, cfg.optim,
+                                           teacher_params, seed=cfg.seed, fsdp=dist.fsdp,
+                                           cache_dir=cache_dir(cfg))
+            export_dir = workdir / "student"
+            if rt.is_main:
+                hf.save_hf(plan.student_config, student_params, export_dir,
+                           tokenizer=plan.tokenizer, id2label=plan.task.id2label(),
+                           settings=exported.export_settings(plan.task, rt.data))
+            mark_stage(rt, "export", {"dir": str(export_dir)})
+            rt.check_stop("export")
+            report = stage_report(rt, plan, cfg, teacher_params, student_params)
+            mark_stage(rt, "report", {})
     return report

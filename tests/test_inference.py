@@ -96,3 +96,26 @@ def test_to_host_returns_numpy():
     host = inference.to_host(x)
     assert isinstance(host, np.ndarray)
     np.testing.assert_array_equal(host, np.arange(6.0).reshape(2, 3))
+
+
+def test_a_stop_request_ends_prediction_between_batches_with_bounded_work_in_flight(mesh):
+    """check_stop is asked every `in_flight` batches and may raise; the outputs of a prediction
+    that is not stopped do not depend on how many batches are in flight."""
+    cfg = helpers.distill_configs("sequence")[0]
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 100, 6).tolist() for _ in range(40)]
+    encoded = data_lib.Encoded.from_lists(rows, [[0] * 6 for _ in rows], np.zeros(40, np.int32))
+    fn = jax.jit(steps.make_logits_fn(cfg), in_shardings=(None, sharding.batch_sharding(mesh)))
+    common = dict(batch_size=4, mesh=mesh, bucket_multiple=8, max_seq_len=8, per_token=False)
+    asked = []
+
+    def stop():
+        asked.append(True)
+        if len(asked) == 2:
+            raise KeyboardInterrupt("stop")
+    with pytest.raises(KeyboardInterrupt):
+        inference.predict(fn, params, encoded, check_stop=stop, in_flight=2, **common)
+    assert len(asked) == 2  # asked after batches 2 and 4 of 10, then stopped
+    np.testing.assert_array_equal(inference.predict(fn, params, encoded, in_flight=1, **common),
+                                  inference.predict(fn, params, encoded, in_flight=16, **common))

@@ -54,3 +54,44 @@ def test_check_refuses_a_layer_map_the_distill_stage_could_not_build(tmp_path, c
     assert "distill.layer_map 'uniform' needs a student with at most as many layers" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _wrapped_disk_full():
+    try:
+        raise OSError(28, "No space left on device", "/runs/x/checkpoints/distill/8/state")
+    except OSError as inner:
+        try:
+            raise RuntimeError("orbax: save failed") from inner
+        except RuntimeError as outer:
+            return outer
+
+
+@pytest.mark.parametrize("error, line, code", [
+    (_wrapped_disk_full(), "disk full writing /runs/x/checkpoints/distill/8/state: free space", 2),
+    (ValueError("tensorstore: No space left on device"), "disk full: free space", 2),
+    (FileNotFoundError("no such file: a.tsv"), "error: no such file: a.tsv", 2),
+    (ZeroDivisionError("division by zero"),
+     "internal error: ZeroDivisionError: division by zero (rerun with --verbose", 1),
+])
+def test_every_failure_is_one_line_with_its_exit_code(error, line, code):
+    got, got_code = launch.failure_line(error)
+    assert got.startswith(line) and "\n" not in got and got_code == code, got
+
+
+def test_verbose_prints_the_traceback_before_the_line(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "bad.yaml"
+    path.write_text("seed: [1\n")
+    assert launch.main(["--config", str(path), "--check"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("JAXKD_VERBOSE", "1")
+    assert launch.main(["--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("config error: ")
+
+
+def test_an_unknown_restart_stage_is_refused_before_any_work(tmp_path, capsys, minilm_dir):
+    code = launch.main(["--config", "configs/tiny.yaml", f"workdir={tmp_path / 'run'}",
+                        "--restart", "distil"])
+    assert code == 2
+    assert "--restart 'distil': unknown stage (did you mean 'distill'?)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
