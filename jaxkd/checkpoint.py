@@ -7,7 +7,10 @@ atomic: a save killed midway leaves a tmp folder that restore ignores.
 """
 from __future__ import annotations
 
+import errno
+import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -42,6 +45,7 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, eval_metric: float | None = None) -> bool:
+        check_free_space(self.directory, state, step)
         metrics = None if eval_metric is None else {"eval_metric": float(eval_metric)}
         if eval_metric is not None:
             meta = {**meta, "eval_metric": float(eval_metric)}
@@ -80,3 +84,18 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+_HEADROOM = 1.1  # checkpoint files and their metadata, over the arrays' bytes
+
+
+def check_free_space(directory: pathlib.Path, state: Any, step: int) -> None:
+    """Raise `OSError(ENOSPC)` naming `directory` when its disk cannot hold one more checkpoint
+    of `state`: checked before the save, so that a full disk stops the run with the previous
+    checkpoint intact and no half-written one (orbax's background writes fail noisily)."""
+    need = _HEADROOM * sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device: the checkpoint of step {step} needs "
+                      f"about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free",
+                      os.fspath(directory))

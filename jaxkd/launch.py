@@ -12,7 +12,9 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
+import threading
 import traceback
 
 from jaxkd import hostenv
@@ -67,7 +69,13 @@ def failure_line(e: BaseException) -> tuple[str, int]:
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or \
                 "No space left on device" in str(cause):
             where = getattr(cause, "filename", None)
-            return (f"disk full{f' writing {where}' if where else ''}: free space (or point "
+            if where is None:  # tensorstore names the file inside its message
+                named = re.search(r'"(/[^"]+)"', str(cause))
+                where = named.group(1) if named else None
+            detail = getattr(cause, "strerror", None) or ""
+            detail = detail.split(": ", 1)[1] if detail.startswith("No space left on device: ") else ""
+            return (f"disk full{f' writing {where}' if where else ''}"
+                    f"{f' ({detail})' if detail else ''}: free space (or point "
                     "workdir / data.cache_dir elsewhere) and rerun the same command; the run "
                     "resumes from its newest complete checkpoint", 2)
     kinds = [(config_lib.ConfigError, "config error", 2), (DataError, "data error", 2),
@@ -97,6 +105,8 @@ def main(argv=None, *, reexec: bool = False) -> int:
     if reexec:
         logging.getLogger("jaxkd").info("host memory: %s", hostenv.describe())
     verbose = args.verbose or os.environ.get("JAXKD_VERBOSE", "") not in ("", "0")
+    if not verbose:  # orbax logs each failed background write with its traceback (absl)
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
         if args.check:
@@ -109,8 +119,16 @@ def main(argv=None, *, reexec: bool = False) -> int:
     except Exception as e:  # pylint: disable=broad-except
         if verbose:
             traceback.print_exc()
+        else:  # threads left behind by a failed save (orbax) must not print after the line
+            threading.excepthook = lambda hook_args: None
         line, code = failure_line(e)
         print(line, file=sys.stderr)
+        if reexec and not verbose:
+            # The process's entry point: end now, before interpreter shutdown runs the
+            # callbacks of half-finished background writes, each with its own traceback.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         return code
     print(f"report: {os.path.join(cfg.workdir, 'report.json')}")
     s, t = report["student"]["metrics"], report["teacher"]["metrics"]

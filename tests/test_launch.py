@@ -68,7 +68,9 @@ def _wrapped_disk_full():
 
 @pytest.mark.parametrize("error, line, code", [
     (_wrapped_disk_full(), "disk full writing /runs/x/checkpoints/distill/8/state: free space", 2),
-    (ValueError("tensorstore: No space left on device"), "disk full: free space", 2),
+    (ValueError('RESOURCE_EXHAUSTED: Failed writing: "/w/ckpt/6/d/da66": No space left on device'),
+     "disk full writing /w/ckpt/6/d/da66: free space", 2),
+    (ValueError("No space left on device"), "disk full: free space", 2),
     (FileNotFoundError("no such file: a.tsv"), "error: no such file: a.tsv", 2),
     (ZeroDivisionError("division by zero"),
      "internal error: ZeroDivisionError: division by zero (rerun with --verbose", 1),
