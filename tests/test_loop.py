@@ -121,3 +121,24 @@ def test_total_steps_and_eval_points():
     assert loop.total_steps(None, 0.01, 10) == 1
     assert loop._eval_points(25, 10, None) == {10, 20, 25}
     assert loop._eval_points(25, 10, 12) == {12, 24, 25}
+
+
+def test_sigterm_stops_the_runtimes_predictions_between_batches(tmp_path):
+    """The work between steps (the teacher cache, evaluation) asks the run-time whether to stop:
+    after SIGTERM's flag, a prediction ends with Preempted naming what it was doing."""
+    import helpers
+    from jaxkd import config as config_lib
+    from jaxkd import data as data_lib
+    from jaxkd.model import init_params
+
+    cfg = config_lib.from_dict({"workdir": str(tmp_path), "data": {"batch_size": 4},
+                                "log": {"tensorboard": False, "progress": False}})
+    model_cfg = helpers.distill_configs("sequence")[0]
+    params = init_params(model_cfg, jax.random.key(0))
+    rows = [[5, 6, 7, 8]] * 80
+    encoded = data_lib.Encoded.from_lists(rows, [[0] * 4] * 80, np.zeros(80, np.int32))
+    with loop.Runtime(cfg, tmp_path) as rt:
+        assert rt.predict(model_cfg, params, encoded, False).shape[0] == 80
+        rt.preempt = True
+        with pytest.raises(loop.Preempted, match="teacher cache: SIGTERM received"):
+            rt.predict(model_cfg, params, encoded, False, desc="teacher cache")
