@@ -127,8 +127,20 @@ class Runtime:
 
 def read_stages(workdir: pathlib.Path) -> dict:
     """The finished stages recorded in `workdir/stages.json` ({} before the first)."""
-    path = workdir / "stages.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = pathlib.Path(workdir) / "stages.json"
+    if not path.is_file():
+        return {}
+    try:
+        stages = json.loads(path.read_text())
+        if isinstance(stages, dict):
+            return stages
+        problem = "not a mapping of stages"
+    except (ValueError, UnicodeDecodeError) as e:
+        problem = str(e)
+    # Only a record: each stage is found again from its checkpoints, and rewritten when done.
+    log.warning("%s is unreadable (%s); ignoring it: each stage resumes from its checkpoints",
+                path, problem)
+    return {}
 
 
 def mark_stage(rt: Runtime, name: str, info: dict) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import jaxkd
 from jaxkd import util
 from jaxkd.config import Config, ConfigError, to_dict
+from jaxkd.loop import read_stages
 
 log = logging.getLogger("jaxkd")
 
@@ -123,8 +124,7 @@ def write(workdir: pathlib.Path, keys: dict) -> None:
 def started(workdir: pathlib.Path) -> list[str]:
     """The stages that have written anything into `workdir`, in order."""
     workdir = pathlib.Path(workdir)
-    stages_file = workdir / "stages.json"
-    recorded = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
+    recorded = read_stages(workdir)
     out = []
     for stage in STAGES:
         ckpts = workdir / "checkpoints" / stage
@@ -208,8 +208,7 @@ def restart(workdir: pathlib.Path, stage: str) -> list[str]:
             removed.append(str(path))
     stages_file = workdir / "stages.json"
     if stages_file.is_file():
-        recorded = json.loads(stages_file.read_text())
-        kept = {k: v for k, v in recorded.items() if k not in redo}
+        kept = {k: v for k, v in read_stages(workdir).items() if k not in redo}
         util.write_atomic(stages_file, lambda tmp: tmp.write_text(json.dumps(kept, indent=2)))
     metrics = workdir / "metrics.jsonl"
     if metrics.is_file():

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from helpers import tiny_config
+from helpers import assert_trees_close, student_params, tiny_config
 from jaxkd import config as config_lib
 from jaxkd import launch, manifest
 
@@ -114,7 +114,7 @@ def _train(cfg, path, *extra):
 
 @pytest.mark.slow
 def test_a_rerun_with_changed_settings_is_refused_and_loses_nothing(tmp_path, sst2_small,
-                                                                     tiny_teacher, capsys):
+                                                                     tiny_teacher, capsys, caplog):
     """A finished run rerun with a new temperature: exit 2 before any work, the message names the
     key with both values, config.yaml and report.json are left as they were; a logging change
     is free; --restart distill then redoes distillation with the new temperature."""
@@ -142,3 +142,10 @@ def test_a_rerun_with_changed_settings_is_refused_and_loses_nothing(tmp_path, ss
     assert report["distill"]["temperature"] == 4.0
     assert sorted(p.name for p in (workdir / "checkpoints" / "teacher").iterdir()) == teacher_files
     assert json.loads((workdir / "manifest.json").read_text())["keys"]["distill.temperature"] == 4.0
+    # An unreadable stage record is only a record: the stages are found from their checkpoints.
+    before = student_params(workdir)
+    (workdir / "stages.json").write_text('{"teacher": {"done": tr')
+    assert _train(hotter, path) == 0
+    assert "stages.json is unreadable" in caplog.text
+    assert_trees_close(student_params(workdir), before, 0)
+    assert json.loads((workdir / "stages.json").read_text())["distill"]["done"]
