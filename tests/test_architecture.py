@@ -1,10 +1,12 @@
 """The package's seams, checked on its source: task kinds stay inside `jaxkd/tasks/`, modules stay
 small, and nothing imports in a cycle."""
 import ast
+import dataclasses
 import pathlib
 
 import jaxkd
 from jaxkd import model, tasks
+from jaxkd.config import Config
 
 PACKAGE = pathlib.Path(jaxkd.__file__).resolve().parent
 MAX_LINES = 520  # "about 500": a module past this mixes concerns and should be split
@@ -99,3 +101,28 @@ def test_no_import_cycles():
         if m not in state:
             walk(m, [m])
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+# Which sections of the run config (`cfg.<section>`) each module may read; a module not named
+# reads none: it is handed its own section (or the values it needs) by one of these.
+_ALL = {f.name for f in dataclasses.fields(Config)} - {"workdir", "seed", "compilation_cache"}
+SECTION_READERS = {
+    "jaxkd.config": _ALL, "jaxkd.plan": _ALL, "jaxkd.trainer": _ALL, "jaxkd.manifest": _ALL,
+    "jaxkd.launch": _ALL,  # the composers: they resolve the config and hand out its sections
+    "jaxkd.loop": {"data", "checkpoint", "log"},  # Runtime: batch geometry, checkpoints, logging
+    "jaxkd.report": {"teacher", "student", "distill", "precision"},  # what it describes
+    "jaxkd.evaluate": {"data", "task"},  # scores a model on a run config's split
+}
+
+
+def test_no_module_reads_a_config_section_that_is_not_its_own():
+    assert {"data", "distill", "log", "distributed"} <= _ALL  # the check bites
+    found = []
+    for module, path in _modules().items():
+        allowed = SECTION_READERS.get(module, set())
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("cfg", "config", "run_cfg") and node.attr in _ALL \
+                    and node.attr not in allowed:
+                found.append(f"{module}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not found, "\n".join(found)
