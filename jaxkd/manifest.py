@@ -34,7 +34,7 @@ FILE = "manifest.json"
 FREE = ("workdir", "compilation_cache", "log.", "distributed.", "data.eval_batch_size",
         "data.cache_dir", "checkpoint.every_steps", "checkpoint.keep")
 # The first stage that reads a key, for keys not read by the teacher stage (the rest are).
-_LATER = {"student.": "distill", "distill.": "distill", "data.unlabeled": "distill", "data.unlabeled_ratio": "distill",
+_LATER = {"student.": "distill", "content.student": "distill", "distill.": "distill", "data.unlabeled": "distill", "data.unlabeled_ratio": "distill",
           "content.data.unlabeled": "distill", "student.export_as": "export",
           "data.test": "report", "content.data.test": "report"}
 
@@ -78,11 +78,13 @@ def _path_key(path: pathlib.Path) -> str:
 
 
 def content_keys(cfg: Config, teacher_dir: pathlib.Path | None) -> dict[str, str]:
-    """Content keys of the teacher's directory and of every data file the config names
-    (a Hub split is keyed by its name: its content is the Hub's)."""
+    """Content keys of the teacher's directory, a pretrained student's, and every data file the
+    config names (a Hub id or split is keyed by its name: its content is the Hub's)."""
     out = {}
     if teacher_dir is not None:
         out["content.teacher"] = _path_key(pathlib.Path(teacher_dir))
+    if cfg.student.pretrained is not None and pathlib.Path(cfg.student.pretrained).is_dir():
+        out["content.student"] = _path_key(pathlib.Path(cfg.student.pretrained))
     data = cfg.data
     sources = {"train": data.train, "eval": data.eval, "test": data.test}
     for i, source in enumerate(data.unlabeled or ()):

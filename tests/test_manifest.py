@@ -14,7 +14,7 @@ from jaxkd import launch, manifest
     ("teacher.model", "teacher"), ("teacher.finetune.learning_rate", "teacher"),
     ("optim.learning_rate", "teacher"), ("seed", "teacher"), ("data.train", "teacher"),
     ("content.teacher", "teacher"), ("content.data.train", "teacher"), ("code.version", "teacher"),
-    ("student.layers", "distill"), ("distill.temperature", "distill"),
+    ("student.layers", "distill"), ("content.student", "distill"), ("distill.temperature", "distill"),
     ("distill.augment.seed", "distill"), ("data.unlabeled", "distill"),
     ("data.unlabeled_ratio", "distill"), ("content.data.unlabeled[0]", "distill"),
     ("student.export_as", "export"), ("data.test", "report"), ("content.data.test", "report"),
