@@ -247,3 +247,30 @@ def write_modules(out_dir: str | pathlib.Path, pooling: Sequence[str], normalize
 
 def _write_json(path: pathlib.Path, value) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+def save(out_dir: str | pathlib.Path, config, params, tokenizer, pooling: Sequence[str],
+         normalize: bool, max_seq_length: int) -> pathlib.Path:
+    """A sentence-transformers directory of an encoder (`config`, a `ModelConfig`, and its
+    `params`) under `pooling` and `normalize`, that `SentenceTransformer(out_dir)` loads: the
+    encoder alone as its family's base model (`BertModel`, `RobertaModel`, ...: config.json,
+    model.safetensors; a task head's tensors outside the base model are left out), the
+    tokenizer (an object with `save_pretrained`) and the module files (`write_modules`)."""
+    from safetensors.numpy import save_file
+
+    from jaxkd import families, hf
+
+    out = pathlib.Path(out_dir)
+    family = families.of(config)
+    prefix = f"{family.base}."
+    hf_config = hf.config_to_hf(config)
+    for key in ("num_labels", "id2label", "label2id", "problem_type"):
+        hf_config.pop(key, None)
+    hf_config["architectures"] = [f"{family.class_prefix}Model"]
+    tensors = {name[len(prefix):]: value for name, value in hf.hf_state_dict(config, params).items()
+               if name.startswith(prefix)}
+    write_modules(out, pooling, normalize, config.encoder.hidden_size, max_seq_length)
+    _write_json(out / "config.json", hf_config)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(out))
+    return out

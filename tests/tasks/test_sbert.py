@@ -213,3 +213,39 @@ def test_embeddings_match_sentence_transformers(minilm_dir, minilm_hidden, mode,
         sbert.Layout(minilm_dir, (mode,), normalize)
     got = np.asarray(sbert.sentence_embeddings(hidden, mask, layout.pooling, layout.normalize))
     np.testing.assert_allclose(got, expect, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pooling, normalize", [(("mean",), True), (("cls", "max"), False)])
+def test_a_saved_student_loads_in_sentence_transformers_with_the_same_embeddings(
+        tmp_path, minilm_dir, pooling, normalize):
+    st = pytest.importorskip("sentence_transformers")
+    import jax
+
+    from jaxkd import hf
+    from jaxkd.model import Encoder
+
+    cfg, params = hf.load_hf(minilm_dir)
+    cfg = cfg.replace(num_layers=3)  # a student: the teacher's layers 0, 2 and 4
+    params = {"encoder": {"embeddings": params["encoder"]["embeddings"],
+                          **{f"layer_{i}": params["encoder"][f"layer_{j}"] for i, j in enumerate((0, 2, 4))}},
+              "head": params["head"]}
+    out = sbert.save(tmp_path / "student", cfg, params, hf.load_tokenizer(minilm_dir), pooling,
+                     normalize, max_seq_length=64)
+    assert sbert.read_modules(out) == sbert.Layout(out, pooling, normalize, 64, False, True)
+    loaded = st.SentenceTransformer(str(out), device="cpu")
+    assert loaded.max_seq_length == 64
+    features = {k: v.numpy() for k, v in loaded.preprocess(SENTENCES).items()
+                if k in ("input_ids", "attention_mask", "token_type_ids")}
+    hidden = jax.jit(lambda p, i, m, t: Encoder(cfg.encoder).apply({"params": p}, i, m, t)
+                     .last_hidden_state)(params["encoder"], features["input_ids"],
+                                         features["attention_mask"], features["token_type_ids"])
+    expect = sbert.sentence_embeddings(hidden, features["attention_mask"], pooling, normalize)
+    got = loaded.encode(SENTENCES, batch_size=len(SENTENCES), convert_to_numpy=True)
+    assert got.shape == (len(SENTENCES), 384 * len(pooling))
+    np.testing.assert_allclose(got, np.asarray(expect), atol=1e-4, rtol=0)
+    # and jaxkd reads the directory back as the same encoder
+    cfg2, params2 = hf.load_hf(out, head=cfg.head)
+    assert cfg2.encoder == cfg.encoder
+    np.testing.assert_array_equal(np.asarray(params2["encoder"]["layer_2"]["output"]["kernel"]),
+                                  np.asarray(params["encoder"]["layer_2"]["output"]["kernel"]))
