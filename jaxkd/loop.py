@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd import inference, report as report_lib, sharding, util
-from jaxkd.checkpoint import Checkpointer
+from jaxkd.checkpoint import Checkpointer, CheckpointError, UNUSABLE
 from jaxkd.config import Config
 from jaxkd.model import ModelConfig
 
@@ -244,22 +244,28 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
                total_steps: int, epoch_steps: int, eval_every: int | None, eval_fn: Callable | None,
                seed: int, prepare_batch: Callable = lambda b: b):
     """Run `step_fn(state, batch, rng)` to `total_steps` (`run_steps`), resuming from the
-    stage's checkpoints.
+    stage's newest complete checkpoint (`Checkpointer.restore_first_usable`: an incomplete or
+    corrupt one is moved aside with a warning; none usable starts the stage again).
 
     Returns (state, checkpointer). `make_batches(position)` builds the data iterator at a
     saved position (None: the start). Logged metrics are means over the steps since the
-    previous log line, summed on the device.
+    previous log line, summed on the device. A checkpoint of another model's shape is refused
+    (`CheckpointError`).
     """
     ckpt_cfg = rt.checkpoint
     ckpt = Checkpointer(rt.workdir / "checkpoints" / stage, keep=ckpt_cfg.keep,
-                        keep_best=ckpt_cfg.keep_best and eval_fn is not None)
-    start, position = 0, None
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, state)
+                        keep_best=ckpt_cfg.keep_best and eval_fn is not None, stage=stage)
+    start, position, latest = 0, None, None
+    saved = sorted(ckpt.all_steps(), reverse=True)
+    found = ckpt.restore_first_usable(saved, state) if saved else None
+    if found is not None:
+        latest, state, meta = found
         start, position = int(meta["batches"]), meta["data"]
         rt.sink.truncate(stage, start)
         log.info("%s: resuming at step %d from %s", stage, start, ckpt.directory)
+    elif saved:
+        log.warning("%s: no usable checkpoint in %s (each was moved to %s); starting the stage "
+                    "from scratch", stage, ckpt.directory, ckpt.directory / UNUSABLE)
     batches = make_batches(position)
     evals = _eval_points(total_steps, epoch_steps, eval_every)
     bar = report_lib.progress(stage, total_steps, start, enabled=rt.is_main and rt.log.progress)
@@ -317,10 +323,23 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
 
 def restore_best(ckpt: Checkpointer, state, use_best: bool):
     """The state at the best evaluated checkpoint (`use_best`) or else the newest, and its step
-    (None: no checkpoint, `state` as given)."""
-    step = ckpt.best_step() if use_best else None
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    (None: no checkpoint, `state` as given). Each candidate is proven complete first; an
+    incomplete or corrupt best gives way to the newest complete one (with a warning), and none
+    usable is a `CheckpointError`."""
+    newest_first = sorted(ckpt.all_steps(), reverse=True)
+    if not newest_first:
         return state, None
-    restored, _ = ckpt.restore(step, state)
+    best = ckpt.best_step() if use_best else None
+    wanted = newest_first[0] if best is None else best
+    candidates = [wanted] + [s for s in newest_first if s != wanted]
+    found = ckpt.restore_first_usable(candidates, state)
+    if found is None:
+        raise CheckpointError(
+            f"no usable checkpoint left in {ckpt.directory} (each was moved to "
+            f"{ckpt.directory / UNUSABLE}); delete {ckpt.directory} and rerun to train the "
+            f"{ckpt.stage} stage again")
+    step, restored, _ = found
+    if step != wanted:
+        log.warning("%s: using the checkpoint of step %d instead of step %d", ckpt.stage, step,
+                    wanted)
     return restored, step

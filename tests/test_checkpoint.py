@@ -219,6 +219,43 @@ def test_when_every_checkpoint_is_damaged_none_is_usable_and_all_are_kept(tmp_pa
     ckpt.close()
 
 
+def test_restore_best_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
+    from jaxkd import loop
+
+    directory = tmp_path / "ckpt"
+    ckpt = Checkpointer(directory, keep=2)
+    for step, value in ((4, 0.9), (8, 0.5), (12, 0.6)):  # the best (4) is kept beside 8 and 12
+        ckpt.save(step, _big(step), {"batches": step}, eval_metric=value)
+    ckpt.wait()
+    assert ckpt.best_step() == 4
+    state, step = loop.restore_best(ckpt, _big(0.0), use_best=True)
+    assert step == 4
+    _assert_same(state, _big(4))
+    ckpt.close()
+    shutil.rmtree(directory / "4" / "meta")
+    _truncate(_largest_array_file(directory / "12"))
+    ckpt = Checkpointer(directory, keep=2)  # the rerun's
+    with caplog.at_level(logging.WARNING, logger="jaxkd"):
+        state, step = loop.restore_best(ckpt, _big(0.0), use_best=True)
+    assert step == 8  # the best is unreadable: the newest complete one, not the newest
+    _assert_same(state, _big(8))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(str(directory / "12") + ": state/" in w and "truncated" in w for w in warnings)
+    assert "using the checkpoint of step 8 instead of step 12" in warnings[-1]
+    # None usable: one line naming the folder and what to do.
+    ckpt.close()
+    _truncate(_largest_array_file(directory / "8"))
+    ckpt = Checkpointer(directory, keep=2)
+    with pytest.raises(CheckpointError) as err:
+        loop.restore_best(ckpt, _big(0.0), use_best=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"no usable checkpoint left in {directory} (each was moved to "
+                       f"{directory / 'unusable'}); delete {directory} and rerun to train the "
+                       "ckpt stage again")
+    ckpt.close()
+
+
 def test_a_checkpoint_of_another_shape_is_one_clear_error(tmp_path):
     directory = tmp_path / "distill"
     ckpt = Checkpointer(directory, keep=2)
