@@ -157,7 +157,8 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
         state, ckpt = train_loop(rt, "distill", state=state, step_fn=step_fn,
                                  make_batches=make_batches, total_steps=total,
                                  epoch_steps=epoch_steps, eval_every=distill.eval_every,
-                                 eval_fn=eval_fn, seed=seed + 1, prepare_batch=prepare_batch)
+                                 eval_fn=eval_fn, seed=seed + 1, prepare_batch=prepare_batch,
+                                 seed_offset=1)
         state, best = restore_best(ckpt, state, rt.checkpoint.keep_best and eval_fn is not None)
         ckpt.close()
     mark_stage(rt, "distill", {"steps": total, "selected_step": best, "rows": len(train)})

@@ -3,7 +3,8 @@
 A truncated, deleted or changed file in the newest distillation checkpoint, its `_METADATA` or
 its `meta` item gone: the rerun moves it aside (kept), resumes from the one before, and ends
 with the student of the run that was never damaged, bit for bit. Every checkpoint damaged: the
-stage starts again, same student. A student of another shape: one line, nothing touched.
+stage starts again, same student. A student of another shape: one line, nothing touched. Another
+seed or batch size: one line naming the key, old and new values.
 """
 import json
 import logging
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import run_in_process, student_params, tiny_config
+from jaxkd import loop
 from jaxkd.checkpoint import RECORD, CheckpointError
 
 pytestmark = pytest.mark.slow  # the pipeline end to end (one finished run, then a rerun per test)
@@ -155,3 +157,19 @@ def test_a_rerun_of_a_whole_workdir_warns_of_nothing(finished, tmp_path, tiny_te
     assert _warnings(caplog) == []
     assert_same_student(workdir, finished)
 
+
+@pytest.mark.parametrize("over, change", [
+    ({"seed": 4}, "seed: 3 -> 4"),
+    ({"data.batch_size": 16}, "data.batch_size: 8 -> 16"),
+])
+def test_a_resume_with_another_seed_or_batch_size_names_the_key(finished, tmp_path, tiny_teacher,
+                                                                sst2_small, over, change):
+    workdir = _copy(finished, tmp_path)
+    before = _under(_files(workdir), "checkpoints/")
+    with pytest.raises(loop.ChangedSettings) as err:
+        run_in_process(tiny_config(workdir, tiny_teacher, sst2_small, **{**OVER, **over}))
+    ckpts = workdir / "checkpoints" / "distill"
+    assert str(err.value) == (f"distill: checkpoint {ckpts / '24'} was written with other settings "
+                              f"({change}); use a new workdir, or --restart distill to run the "
+                              "stage again with these")
+    assert _under(_files(workdir), "checkpoints/") == before
