@@ -4,7 +4,9 @@ A truncated, deleted or changed file in the newest distillation checkpoint, its 
 its `meta` item gone: the rerun moves it aside (kept), resumes from the one before, and ends
 with the student of the run that was never damaged, bit for bit. Every checkpoint damaged: the
 stage starts again, same student. A student of another shape: one line, nothing touched. Another
-seed or batch size: one line naming the key, old and new values.
+seed or batch size: one line naming the key, old and new values. The exported teacher deleted or
+damaged while stages.json says the teacher stage is done: exported again from the teacher's
+checkpoints, same teacher, same student.
 """
 import json
 import logging
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import run_in_process, student_params, tiny_config
-from jaxkd import loop
+from jaxkd import hf, loop
 from jaxkd.checkpoint import RECORD, CheckpointError
 
 pytestmark = pytest.mark.slow  # the pipeline end to end (one finished run, then a rerun per test)
@@ -148,6 +150,51 @@ def test_a_student_of_another_shape_is_refused_in_one_line(finished, tmp_path, t
         r"arrays differ\); use a new workdir or --restart distill", message), message
     assert not re.search("partial_restore|orbax|tensorstore", message, re.I)
     assert _under(_files(workdir), "checkpoints/") == before  # refused, nothing moved
+
+
+def _delete(teacher_dir):
+    shutil.rmtree(teacher_dir)
+
+
+def _truncate_weights(teacher_dir):
+    _truncate(teacher_dir / "model.safetensors")
+
+
+def _change_a_weight(teacher_dir):
+    """One byte of a tensor changed: the file still loads, only the check record tells."""
+    path = teacher_dir / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_delete, "no such directory"),
+    (_truncate_weights, "incomplete metadata|file not fully covered|deserializ"),
+    (_change_a_weight, "its weights: its contents differ from what was written"),
+])
+def test_a_missing_or_damaged_exported_teacher_is_exported_again(
+        finished, tmp_path, tiny_teacher, sst2_small, caplog, damage, reason):
+    workdir = _copy(finished, tmp_path)
+    damage(workdir / "teacher")
+    _rerun(workdir, tiny_teacher, sst2_small, caplog)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert re.fullmatch(rf"teacher: the exported teacher {re.escape(str(workdir / 'teacher'))} is "
+                        rf"missing or unreadable \(.*({reason}).*\); exporting it again from its "
+                        rf"checkpoints in {re.escape(str(workdir / 'checkpoints' / 'teacher'))}",
+                        warnings[0]), warnings[0]
+    before, after = finished[2], _files(workdir)
+    # The same export, byte for byte, but for the tokenizer's saved truncation state, which is
+    # whatever the tokenizer last did (the first run tokenised the data, this one read the cache).
+    same = lambda files: {k: v for k, v in _under(files, "teacher/").items()  # noqa: E731
+                          if k != "teacher/tokenizer.json"}
+    assert same(after) == same(before)
+    assert {"teacher/model.safetensors", "teacher/config.json", "teacher/params.check.json"} <= set(same(after))
+    for prefix in ("checkpoints/teacher/", "checkpoints/distill/"):
+        assert _under(after, prefix) == _under(before, prefix), prefix
+    assert_same_student(workdir, finished)
+    hf.load_hf(workdir / "teacher")
 
 
 def test_a_rerun_of_a_whole_workdir_warns_of_nothing(finished, tmp_path, tiny_teacher, sst2_small,
