@@ -25,8 +25,8 @@ import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd import inference, report as report_lib, sharding, util
-from jaxkd.checkpoint import Checkpointer
-from jaxkd.config import Config
+from jaxkd.checkpoint import Checkpointer, CheckpointError, UNUSABLE
+from jaxkd.config import Config, ConfigError
 from jaxkd.model import ModelConfig
 
 log = logging.getLogger("jaxkd")
@@ -38,6 +38,10 @@ class Preempted(Exception):
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class ChangedSettings(ConfigError):
+    """A stage's checkpoint was written with another seed, batch size or training set."""
 
 
 # ---------------------------------------------------------------- run-time
@@ -260,26 +264,76 @@ def run_steps(step_fn: Callable, state, batches: Iterator, *, rng: jax.Array, me
 
 # ---------------------------------------------------------------- the training loop
 
+def _groups(position: dict | None) -> dict[str, dict]:
+    """The row groups of a data position (`TrainBatches`: labelled; `MixedBatches`: both)."""
+    if not position:
+        return {}
+    if "labelled" in position:
+        return {k: position[k] for k in ("labelled", "transfer") if position.get(k)}
+    return {"labelled": position}
+
+
+def changed_settings(meta: dict, fresh_position: dict, seed: int, seed_offset: int = 0) -> list[str]:
+    """The settings a checkpoint's `meta` was written with that differ from this run's, as
+    "key: old -> new" (config keys where one is known): the seed (`seed`: the stage's seed less
+    `seed_offset`, what the stage adds to the config's), the batch size, the training rows.
+    `fresh_position`: the position of this run's batches at the start."""
+    out = []
+    saved_seed = meta.get("seed")
+    if saved_seed is not None and int(saved_seed) != seed:
+        out.append(f"seed: {int(saved_seed) - seed_offset} -> {seed - seed_offset}")
+    old, new = _groups(meta.get("data")), _groups(fresh_position)
+    if old and new:
+        size = lambda groups: sum(int(g.get("batch_size", 0)) for g in groups.values())  # noqa: E731
+        transfer = lambda groups: int(groups.get("transfer", {}).get("batch_size", 0))  # noqa: E731
+        if size(old) != size(new):
+            out.append(f"data.batch_size: {size(old)} -> {size(new)}")
+        elif transfer(old) != transfer(new):
+            out.append(f"data.unlabeled_ratio: {transfer(old)} -> {transfer(new)} transfer rows "
+                       "per batch")
+        for group, keys in (("labelled", "data.train"),
+                            ("transfer", "data.unlabeled or distill.augment")):
+            a = int(old.get(group, {}).get("num_examples", 0))
+            b = int(new.get(group, {}).get("num_examples", 0))
+            if a != b:
+                out.append(f"{group} training rows ({keys}): {a} -> {b}")
+    return out
+
+
 def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batches: Callable,
                total_steps: int, epoch_steps: int, eval_every: int | None, eval_fn: Callable | None,
-               seed: int, prepare_batch: Callable = lambda b: b):
+               seed: int, prepare_batch: Callable = lambda b: b, seed_offset: int = 0):
     """Run `step_fn(state, batch, rng)` to `total_steps` (`run_steps`), resuming from the
-    stage's checkpoints.
+    stage's newest complete checkpoint (`Checkpointer.restore_first_usable`: an incomplete or
+    corrupt one is moved aside with a warning; none usable starts the stage again).
 
     Returns (state, checkpointer). `make_batches(position)` builds the data iterator at a
-    saved position (None: the start). Logged metrics are means over the steps since the
-    previous log line, summed on the device.
+    saved position (None: the start). `seed_offset`: what the stage adds to the config's `seed`
+    (for messages). Logged metrics are means over the steps since the previous log line,
+    summed on the device. A checkpoint written with another seed, batch size or training set
+    is refused (`ChangedSettings`), one of another model's shape too (`CheckpointError`).
     """
     ckpt_cfg = rt.checkpoint
     ckpt = Checkpointer(rt.workdir / "checkpoints" / stage, keep=ckpt_cfg.keep,
-                        keep_best=ckpt_cfg.keep_best and eval_fn is not None)
-    start, position = 0, None
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, state)
+                        keep_best=ckpt_cfg.keep_best and eval_fn is not None, stage=stage)
+    start, position, latest = 0, None, None
+    saved = sorted(ckpt.all_steps(), reverse=True)
+    found = ckpt.restore_first_usable(saved, state) if saved else None
+    if found is not None:
+        latest, restored, meta = found
+        changed = changed_settings(meta, make_batches(None).position, seed, seed_offset)
+        if changed:
+            raise ChangedSettings(
+                f"{stage}: checkpoint {ckpt.step_dir(latest)} was written with other settings "
+                f"({'; '.join(changed)}); use a new workdir, or --restart {stage} to run the "
+                "stage again with these")
+        state = restored
         start, position = int(meta["batches"]), meta["data"]
         rt.sink.truncate(stage, start)
         log.info("%s: resuming at step %d from %s", stage, start, ckpt.directory)
+    elif saved:
+        log.warning("%s: no usable checkpoint in %s (each was moved to %s); starting the stage "
+                    "from scratch", stage, ckpt.directory, ckpt.directory / UNUSABLE)
     batches = make_batches(position)
     evals = _eval_points(total_steps, epoch_steps, eval_every)
     bar = report_lib.progress(stage, total_steps, start, enabled=rt.is_main and rt.log.progress)
@@ -337,10 +391,23 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
 
 def restore_best(ckpt: Checkpointer, state, use_best: bool):
     """The state at the best evaluated checkpoint (`use_best`) or else the newest, and its step
-    (None: no checkpoint, `state` as given)."""
-    step = ckpt.best_step() if use_best else None
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    (None: no checkpoint, `state` as given). Each candidate is proven complete first; an
+    incomplete or corrupt best gives way to the newest complete one (with a warning), and none
+    usable is a `CheckpointError`."""
+    newest_first = sorted(ckpt.all_steps(), reverse=True)
+    if not newest_first:
         return state, None
-    restored, _ = ckpt.restore(step, state)
+    best = ckpt.best_step() if use_best else None
+    wanted = newest_first[0] if best is None else best
+    candidates = [wanted] + [s for s in newest_first if s != wanted]
+    found = ckpt.restore_first_usable(candidates, state)
+    if found is None:
+        raise CheckpointError(
+            f"no usable checkpoint left in {ckpt.directory} (each was moved to "
+            f"{ckpt.directory / UNUSABLE}); delete {ckpt.directory} and rerun to train the "
+            f"{ckpt.stage} stage again")
+    step, restored, _ = found
+    if step != wanted:
+        log.warning("%s: using the checkpoint of step %d instead of step %d", ckpt.stage, step,
+                    wanted)
     return restored, step

@@ -20,7 +20,8 @@ import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import exported, hf, losses, manifest, report as report_lib, sharding, steps, tasks
+from jaxkd import (exported, hf, losses, manifest, report as report_lib, sharding, steps, tasks,
+                   util)
 from jaxkd import transfer as transfer_lib
 from jaxkd.config import Config, DistillConfig, StudentConfig, TeacherConfig, dump_config
 from jaxkd.loop import Runtime, mark_stage, read_stages, restore_best, total_steps, train_loop
@@ -57,6 +58,24 @@ def _eval_fn(rt: Runtime, plan: Plan, model_cfg: ModelConfig):
 
 # ---------------------------------------------------------------- stages
 
+def _params_record(params) -> dict[str, np.ndarray]:
+    """The arrays of a params tree by path, as the exported teacher's check record keys them."""
+    return {jax.tree_util.keystr(path): np.asarray(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _load_exported_teacher(out_dir: pathlib.Path, config: ModelConfig):
+    """The fine-tuned teacher's params from its export, checked against the record written
+    after it (`params.check.json`; an export without one, from an older jaxkd, is trusted)."""
+    params = hf.load_hf(out_dir, head=config.head)[1]
+    record = out_dir / "params"
+    if util.check_path(record).is_file():
+        problem = util.check_problem(record, _params_record(params))
+        if problem is not None:
+            raise ValueError(f"its weights: {problem}")
+    return params
+
+
 def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: OptimConfig,
                   seed: int):
     """Fine-tune the teacher when asked; returns its params (config: `plan.teacher_config`)."""
@@ -64,7 +83,13 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
     ft = teacher.finetune
     config = plan.teacher_config
     if read_stages(rt.workdir).get("teacher", {}).get("done") and plan.finetune_steps != 0:
-        return hf.load_hf(out_dir, head=config.head)[1]
+        try:
+            return _load_exported_teacher(out_dir, config)
+        except Exception as err:  # pylint: disable=broad-except  (missing, truncated, unreadable)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log.warning("teacher: the exported teacher %s is missing or unreadable (%s); "
+                        "exporting it again from its checkpoints in %s", out_dir, reason,
+                        rt.workdir / "checkpoints" / "teacher")
     _, params = hf.load_hf(plan.teacher_dir, head=config.head, rng=jax.random.key(seed))
     if plan.finetune_steps == 0:
         return params
@@ -87,6 +112,7 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
     if rt.is_main:
         hf.save_hf(config, params, out_dir, tokenizer=plan.tokenizer, id2label=plan.task.id2label(),
                    settings=exported.export_settings(plan.task, rt.data))
+        util.write_check(out_dir / "params", _params_record(params))  # after the weights
     mark_stage(rt, "teacher", {"steps": total, "selected_step": best})
     return params
 
@@ -159,7 +185,8 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
         state, ckpt = train_loop(rt, "distill", state=state, step_fn=step_fn,
                                  make_batches=make_batches, total_steps=total,
                                  epoch_steps=epoch_steps, eval_every=distill.eval_every,
-                                 eval_fn=eval_fn, seed=seed + 1, prepare_batch=prepare_batch)
+                                 eval_fn=eval_fn, seed=seed + 1, prepare_batch=prepare_batch,
+                                 seed_offset=1)
         state, best = restore_best(ckpt, state, rt.checkpoint.keep_best and eval_fn is not None)
         ckpt.close()
     mark_stage(rt, "distill", {"steps": total, "selected_step": best, "rows": len(train)})

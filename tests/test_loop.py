@@ -142,3 +142,26 @@ def test_sigterm_stops_the_runtimes_predictions_between_batches(tmp_path):
         rt.preempt = True
         with pytest.raises(loop.Preempted, match="teacher cache: SIGTERM received"):
             rt.predict(model_cfg, params, encoded, False, desc="teacher cache")
+
+
+def test_changed_settings_name_the_config_keys_with_old_and_new_values():
+    def position(seed, batch, rows):
+        return {"epoch": 0, "step": 3, "seed": seed, "num_examples": rows, "batch_size": batch}
+
+    meta = {"seed": 4, "data": position(4, 8, 160)}
+    assert loop.changed_settings(meta, position(4, 8, 160), seed=4, seed_offset=1) == []
+    # The distill stage's seed is the config's + 1: the message gives the config's values.
+    assert loop.changed_settings(meta, position(6, 16, 150), seed=6, seed_offset=1) == [
+        "seed: 3 -> 5", "data.batch_size: 8 -> 16", "labelled training rows (data.train): 160 -> 150"]
+
+    def mixed(labelled, transfer, transfer_rows):
+        return {"labelled": position(0, labelled, 160), "transfer": position(0, transfer, transfer_rows)}
+
+    meta = {"seed": 0, "data": mixed(6, 2, 500)}
+    assert loop.changed_settings(meta, mixed(6, 2, 500), seed=0) == []
+    assert loop.changed_settings(meta, mixed(4, 4, 400), seed=0) == [
+        "data.unlabeled_ratio: 2 -> 4 transfer rows per batch",
+        "transfer training rows (data.unlabeled or distill.augment): 500 -> 400"]
+    assert loop.changed_settings(meta, position(0, 8, 160), seed=0) == [  # transfer rows gone
+        "data.unlabeled_ratio: 2 -> 0 transfer rows per batch",
+        "transfer training rows (data.unlabeled or distill.augment): 500 -> 0"]
