@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import run_in_process, student_params, tiny_config
-from jaxkd import hf, loop
+from jaxkd import hf, loop, manifest
 from jaxkd.checkpoint import RECORD, CheckpointError
 
 pytestmark = pytest.mark.slow  # the pipeline end to end (one finished run, then a rerun per test)
@@ -140,6 +140,11 @@ def test_a_student_of_another_shape_is_refused_in_one_line(finished, tmp_path, t
     before = _under(_files(workdir), "checkpoints/")
     smaller = {"student.init": "shape", "student.num_layers": 2, "student.hidden_size": 16,
                "student.num_heads": 2, "student.intermediate_size": 32}
+    cfg = tiny_config(workdir, tiny_teacher, sst2_small, **{**OVER, **smaller})
+    with pytest.raises(manifest.ChangedConfig, match="student.hidden_size: 312 -> 16"):
+        run_in_process(cfg)  # the run manifest refuses it first, naming the keys
+    # Without the manifest (a workdir of older code), the checkpoint's shapes still refuse it.
+    (workdir / "manifest.json").unlink()
     with pytest.raises(CheckpointError) as err:
         run_in_process(tiny_config(workdir, tiny_teacher, sst2_small, **{**OVER, **smaller}))
     message = str(err.value)
@@ -212,6 +217,9 @@ def test_a_rerun_of_a_whole_workdir_warns_of_nothing(finished, tmp_path, tiny_te
 def test_a_resume_with_another_seed_or_batch_size_names_the_key(finished, tmp_path, tiny_teacher,
                                                                 sst2_small, over, change):
     workdir = _copy(finished, tmp_path)
+    # Without its manifest (a workdir of older code): the run manifest would refuse the change
+    # first (tests/test_manifest.py); the checkpoint's own record of the data position remains.
+    (workdir / "manifest.json").unlink()
     before = _under(_files(workdir), "checkpoints/")
     with pytest.raises(loop.ChangedSettings) as err:
         run_in_process(tiny_config(workdir, tiny_teacher, sst2_small, **{**OVER, **over}))
