@@ -19,7 +19,7 @@ from jaxkd.data import DataConfig, nearest
 from jaxkd.losses import LossConfig
 from jaxkd.optim import OptimConfig
 from jaxkd.student import EXPORT_AS
-from jaxkd.tasks import KINDS, TaskConfig, check_transfer, task_config
+from jaxkd.tasks import KINDS, TaskConfig, check_run, check_transfer, task_config
 from jaxkd.transfer import AugmentConfig
 
 
@@ -194,6 +194,7 @@ class Config:
                    f"alone, so it needs distill.alpha > 0 (the teacher's logits, live or cached); "
                    f"got alpha {self.distill.alpha:g}. Set distill.alpha, or remove {key}")
             check_transfer(self.task, key, self.distill.augment)
+        check_run(self.task, self.distill, self.teacher)
 
 
 def _suggest(key: str, choices) -> str:

@@ -99,6 +99,14 @@ def inspect_model(model_dir: str | os.PathLike) -> ModelInfo:
         encoder = hf.config_from_hf(raw)
     except hf.CheckpointError as err:
         raise UsageError(f"{directory}: {err}") from err
+    try:
+        head = tasks.directory_head(directory, raw)
+    except DataError as err:
+        raise UsageError(f"{directory}: {err}") from err
+    if head is not None:
+        return ModelInfo(directory=directory, hf_config=raw, head=head, label_names=(),
+                         max_length=encoder.max_length, vocab_size=encoder.vocab_size,
+                         settings=_read_settings(raw, directory))
     kind = hf.checkpoint_head_kind(raw)
     if kind is None:
         archs = raw.get("architectures") or []
@@ -265,7 +273,8 @@ def model_task(info: ModelInfo, *, text: str | None = None, text_pair: str | Non
         if key in kind.INPUT_FLAGS and value is not None:
             given.setdefault(key, value)
     try:
-        return tasks.resolve(kind.exported_config(info.label_names, info.regression, given), data_cfg)
+        return tasks.resolve(kind.exported_config(info.label_names, info.regression, given),
+                             data_cfg).for_teacher(info.directory)
     except DataError as err:
         raise UsageError(f"{info.directory}: {err}") from err
 
@@ -310,11 +319,17 @@ def load_tokenizer(info: ModelInfo, max_seq_len: int, words: bool = False):
     return tokenizer
 
 
-def load_model(info: ModelInfo, tokenizer, dtype: str | None = None) -> LoadedModel:
-    """The weights, refusing a checkpoint whose classifier would have to be made up."""
+def load_model(info: ModelInfo, tokenizer, dtype: str | None = None, task=None) -> LoadedModel:
+    """The weights (as `task` reads its models: `Task.load_model`), refusing a checkpoint whose
+    classifier would have to be made up."""
     try:
-        cfg, params, report = hf.load_hf(info.directory, dtype=dtype, return_report=True)
-    except (FileNotFoundError, hf.CheckpointError) as err:
+        if task is None:
+            cfg, params, report = hf.load_hf(info.directory, dtype=dtype, return_report=True)
+        else:
+            task = task.for_teacher(info.directory)
+            cfg, params, report = task.load_model(task.encoder_dir(info.directory), info.head,
+                                                  dtype=dtype, return_report=True)
+    except (FileNotFoundError, hf.CheckpointError, DataError) as err:
         raise UsageError(f"{info.directory}: {err}") from err
     if report.fresh:
         raise UsageError(f"{info.directory}: the weights lack the trained {', '.join(report.fresh)} "
@@ -363,15 +378,19 @@ def _run(model: LoadedModel, task, examples, data_cfg: DataConfig, progress: Cal
 
 
 def predict_examples(info: ModelInfo, task, examples, lines: Sequence[int], data_cfg: DataConfig,
-                     *, dtype: str | None = None, progress: Callable | None = None) -> list[dict]:
-    """One prediction per example (`load_input`'s), each led by its input `line`."""
+                     *, dtype: str | None = None, progress: Callable | None = None,
+                     with_outputs: bool = False):
+    """One prediction per example (`load_input`'s), each led by its input `line`; with
+    `with_outputs`, also the model's output rows ([N, C]: logits, or embeddings; a pair of
+    sentences to embed is two rows, all first sentences then all second ones)."""
     tokenizer = load_tokenizer(info, data_cfg.max_seq_len, words=task.pretokenized)
-    model = load_model(info, tokenizer, dtype)
+    model = load_model(info, tokenizer, dtype, task)
     encoded, outputs = _run(model, task, examples, data_cfg, progress)
     predictions = task.predictions(outputs, encoded, examples)
     if len(predictions) != len(lines):
         raise AssertionError(f"{len(predictions)} predictions for {len(lines)} input rows")
-    return [{"line": line, **prediction} for line, prediction in zip(lines, predictions)]
+    predictions = [{"line": line, **prediction} for line, prediction in zip(lines, predictions)]
+    return (predictions, outputs) if with_outputs else predictions
 
 
 def evaluate_model(model_dir, task, data_cfg: DataConfig, source: str, *, by_position: bool = False,
@@ -382,7 +401,7 @@ def evaluate_model(model_dir, task, data_cfg: DataConfig, source: str, *, by_pos
     order = label_order(task, info, by_position)
     examples, _ = load_input(task, data_cfg, source, require_labels=True, format_flag=format_flag)
     tokenizer = load_tokenizer(info, data_cfg.max_seq_len, words=task.pretokenized)
-    model = load_model(info, tokenizer, dtype)
+    model = load_model(info, tokenizer, dtype, task)
     encoded, outputs = _run(model, task, examples, data_cfg, progress_bar("evaluate", not quiet))
     if order is not None:
         outputs = outputs[:, order]

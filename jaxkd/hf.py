@@ -71,7 +71,8 @@ def architecture(config: ModelConfig | Mapping, kind: str | None = None) -> str:
 def checkpoint_head_kind(hf_config_or_dict: Any) -> str | None:
     """The head kind of a checkpoint by its architecture; None for a bare or pretraining model."""
     archs = _as_dict(hf_config_or_dict).get("architectures") or []
-    kinds = [kind for kind, spec in HEADS.items() if any(a.endswith(spec.hf_suffix) for a in archs)]
+    kinds = [kind for kind, spec in HEADS.items()
+             if not spec.bare and any(a.endswith(spec.hf_suffix) for a in archs)]
     return kinds[0] if kinds else None
 
 
@@ -251,10 +252,15 @@ def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
 
 
+def read_tensor_file(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """The tensors of one weights file: safetensors, or a PyTorch file read with weights_only."""
+    return _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path)
+
+
 def _read_tensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path in files:
-        tensors.update(_read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path))
+        tensors.update(read_tensor_file(path))
     return tensors
 
 

@@ -1,10 +1,11 @@
-"""Building blocks without a model config: the mixed-precision einsum every matmul of the model
-goes through, and a cheaper dropout. `jaxkd.model` builds the encoder from them.
+"""Building blocks of the model: the mixed-precision einsum every matmul goes through, the dense
+layer built on it, and a cheaper dropout. `jaxkd.model` builds the encoder from them.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -81,3 +82,28 @@ class Dropout(nn.Module):
         # Scale by the exact keep probability of the 16-bit threshold: E[output] = x.
         scale = 65536 / (65536 - _drop_threshold(self.rate))
         return jnp.where(keep, x * scale, 0).astype(x.dtype)
+
+
+def _dense_spec(ndim: int) -> str:
+    lead = "abcdefgh"[: ndim - 1]
+    return f"{lead}k,kn->{lead}n"
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (same parameter names and init) whose matmul is `einsum` at `dtype`.
+
+    The output is fp32 whatever `dtype` is: the consumer casts it if it multiplies it next.
+    """
+
+    features: int
+    config: Any  # a jaxkd.model.BertConfig: initializer_range, params_dtype, compute_dtype
+    dtype: Any = None  # matmul operand dtype; None: the encoder's compute dtype
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range),
+                            (x.shape[-1], self.features), cfg.params_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), cfg.params_dtype)
+        dtype = cfg.compute_dtype if self.dtype is None else self.dtype
+        return einsum(_dense_spec(x.ndim), x, kernel, dtype) + bias.astype(jnp.float32)

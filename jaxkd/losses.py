@@ -232,10 +232,11 @@ def logit_loss(cfg: LossConfig, student_logits_BxC: Array, teacher_logits_BxC: A
         else:
             terms.append(("loss/ce", 1.0 - cfg.alpha,
                           ce_loss(student_logits_BxC, labels_B, hard_weights_B)))
-    return _weighted_sum(terms)
+    return weighted_sum(terms)
 
 
-def _weighted_sum(terms: Sequence[tuple[str, float, Array]]) -> tuple[Array, Metrics]:
+def weighted_sum(terms: Sequence[tuple[str, float, Array]]) -> tuple[Array, Metrics]:
+    """sum(weight * term) over (name, weight, term), and each term unweighted by its name."""
     loss = sum(weight * value for _, weight, value in terms)
     return jnp.asarray(loss, jnp.float32), {name: value for name, _, value in terms}
 
@@ -403,7 +404,7 @@ def intermediate_loss(cfg: LossConfig, s_out: Any, t_out: Any, proj_params: Mapp
     if cfg.value_relation_weight > 0:
         terms.append(("loss/value_relation", cfg.value_relation_weight, over_layers(
             "values", lambda s, t: value_relation_kl(s, t, mask, w, cfg.relation_heads))))
-    return _weighted_sum(terms)
+    return weighted_sum(terms)
 
 
 def total_loss(cfg: LossConfig, s_out: Any, t_out: Any | None, proj_params: Mapping[str, Any],

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxkd.layers import Dropout, einsum
+from jaxkd.layers import Dense, Dropout, einsum
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -142,6 +142,10 @@ class HeadSpec:
     single_output_regression   one output means a regression (MSE, problem_type "regression")
     dropout_keys  family base -> the config.json key of the head's dropout (None: the encoder's
                   hidden dropout); "classifier_dropout" where the base is not named
+    reads_mask    the module also takes the attention mask [B, L] (poolings over real tokens):
+                  `module(...)(hidden, deterministic, mask)`
+    bare          the transformers class is the family's bare encoder (hf_suffix "Model"), so a
+                  checkpoint's architecture never names this kind (`hf.checkpoint_head_kind`)
     """
 
     kind: str
@@ -152,6 +156,8 @@ class HeadSpec:
     num_labels: int | None = None
     single_output_regression: bool = False
     dropout_keys: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    reads_mask: bool = False
+    bare: bool = False
 
     def modules(self, base: str) -> tuple[tuple[str, str], ...]:
         """The head's (Flax module, checkpoint module) pairs in the family whose base is `base`."""
@@ -195,8 +201,19 @@ class HeadConfig:
     num_labels: int = 2
     dropout: float | None = None  # None: the encoder's hidden_dropout, as in transformers
     pooler_activation: str = "tanh"  # heads with a pooler: after its dense layer
+    # Heads that pool the token states into one vector per row (sentence embeddings): the
+    # pooling modes, concatenated in order; a learned dense map to `projection` outputs after
+    # them (0: none); unit L2 length at the end.
+    pooling: tuple[str, ...] = ("mean",)
+    projection: int = 0
+    normalize: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "pooling", (self.pooling,) if isinstance(self.pooling, str)
+                           else tuple(self.pooling))
+        if not isinstance(self.projection, int) or self.projection < 0:
+            raise ValueError(f"HeadConfig.projection must be an integer >= 0 (0: none), got "
+                             f"{self.projection!r}")
         spec = head_spec(self.kind)
         if not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"HeadConfig.num_labels must be a positive integer, got {self.num_labels!r}")
@@ -284,31 +301,6 @@ class ModelOutput:
     def end_logits(self) -> jax.Array:
         """Span heads: [B, L] scores of each token as the answer's last."""
         return self.logits[..., 1]
-
-
-def _dense_spec(ndim: int) -> str:
-    lead = "abcdefgh"[: ndim - 1]
-    return f"{lead}k,kn->{lead}n"
-
-
-class Dense(nn.Module):
-    """`nn.Dense` (same parameter names and init) whose matmul is `einsum` at `dtype`.
-
-    The output is fp32 whatever `dtype` is: the consumer casts it if it multiplies it next.
-    """
-
-    features: int
-    config: BertConfig
-    dtype: Any = None  # matmul operand dtype; None: the encoder's compute dtype
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range),
-                            (x.shape[-1], self.features), cfg.params_dtype)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), cfg.params_dtype)
-        dtype = cfg.compute_dtype if self.dtype is None else self.dtype
-        return einsum(_dense_spec(x.ndim), x, kernel, dtype) + bias.astype(jnp.float32)
 
 
 def dense(cfg: BertConfig, features: int, name: str, dtype=None) -> Dense:
@@ -467,8 +459,12 @@ class Model(nn.Module):
             input_ids, attention_mask, token_type_ids, deterministic=deterministic,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             output_values=output_values, last_layer_queries=1 if cls_only else None)
-        logits = cfg.head.spec.module(cfg.encoder, cfg.head, name="head")(enc.last_hidden_state,
-                                                                           deterministic)
+        head = cfg.head.spec.module(cfg.encoder, cfg.head, name="head")
+        if cfg.head.spec.reads_mask:
+            mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+            logits = head(enc.last_hidden_state, deterministic, mask)
+        else:
+            logits = head(enc.last_hidden_state, deterministic)
         return ModelOutput(logits=logits.astype(jnp.float32), hidden_states=enc.hidden_states,
                            attention_scores=enc.attention_scores,
                            attention_probs=enc.attention_probs, values=enc.values)

@@ -21,7 +21,7 @@ from jaxkd import hf, losses, steps, tasks
 from jaxkd import student as student_lib
 from jaxkd.config import Config, ConfigError, DistillConfig, StudentConfig, TeacherConfig
 from jaxkd.loop import total_steps
-from jaxkd.model import ModelConfig
+from jaxkd.model import ModelConfig, init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +70,12 @@ def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks
         encoder = hf.config_from_hf(raw)
     except (FileNotFoundError, hf.CheckpointError) as e:
         raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
-    is_task_model = (hf.checkpoint_head_kind(raw) == task.head_kind
-                     and hf.checkpoint_num_labels(raw) == task.num_labels)
+    is_task_model = task.is_model_of(raw)
     encoder = encoder.replace(dtype=dtype)
     if teacher.hidden_dropout is not None:
         encoder = encoder.replace(hidden_dropout=teacher.hidden_dropout)
     # The task's head as the teacher's family computes it (its dropout and pooler activation).
-    head = hf.head_from_hf(raw, kind=task.head_kind, num_labels=task.num_labels)
+    head = task.model_head(hf.head_from_hf(raw, kind=task.head_kind, num_labels=task.num_labels))
     return ModelConfig(encoder, head), is_task_model
 
 
@@ -87,8 +86,12 @@ def prepare(cfg: Config, write_cache: bool = True,
     `teacher_dir`: `resolve_teacher(cfg.teacher)`, when the caller has it already."""
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give a split name or a training file")
-    task = tasks.resolve(cfg.task, cfg.data)
     teacher_dir = teacher_dir or resolve_teacher(cfg.teacher)
+    try:
+        task = tasks.resolve(cfg.task, cfg.data).for_teacher(teacher_dir)
+    except data_lib.DataError as e:
+        raise ConfigError(f"teacher.model {cfg.teacher.model!r}: {e}") from e
+    teacher_dir = task.encoder_dir(teacher_dir)  # its Hugging Face files
     teacher_cfg, is_task_model = _teacher_config(cfg.teacher, teacher_dir, task, cfg.precision.compute)
     tokenizer = hf.load_tokenizer(teacher_dir, words=task.pretokenized)
     steps_ = cfg.teacher.finetune.steps
@@ -106,7 +109,7 @@ def prepare(cfg: Config, write_cache: bool = True,
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the {encoder.max_length} "
                           f"positions of the teacher's max_position_embeddings="
                           f"{encoder.max_position_embeddings}")
-    student_cfg = student_config(cfg.student, teacher_cfg)
+    student_cfg = student_config(cfg.student, teacher_cfg, task)
     if cfg.distill.any_intermediate:  # the layer map the distill stage will build, checked now
         try:
             losses.layer_map(cfg.distill.layer_map, student_cfg.encoder.num_layers,
@@ -116,6 +119,8 @@ def prepare(cfg: Config, write_cache: bool = True,
     # Every split is read and validated before anything (even a tokenisation cache) is written.
     loaded = {name: (getattr(cfg.data, name), task.load(cfg.data, getattr(cfg.data, name)))
               for name in ("train", "eval", "test") if getattr(cfg.data, name) is not None}
+    for name, (_, examples) in loaded.items():
+        task.check_split(name, examples)
     unlabeled = [(source, task.load_unlabeled(cfg.data, source)) for source in cfg.data.unlabeled or ()]
     if cfg.distill.augment is not None:
         task.check_augmentable(loaded["train"][1])
@@ -181,7 +186,7 @@ def describe(cfg: Config, plan: Plan) -> str:
                                                       distill_epoch_steps)
     source = teacher_source(distill)
     source = "cached (logits on disk)" if source == "cached" else source
-    lines = [f"task: {plan.task.name} ({plan.task.type}), {plan.task.num_labels} labels, "
+    lines = [f"task: {plan.task.name} ({plan.task.type}), {plan.task.describe_outputs()}, "
              f"metrics {', '.join(plan.task.metrics)}"]
     for name, split in plan.splits.items():
         lines.append(f"data.{name}: {split.source}: {len(split.examples)} examples, "
@@ -193,8 +198,7 @@ def describe(cfg: Config, plan: Plan) -> str:
                      + ("" if enc.type_vocab_size or not t.encoder.type_vocab_size else
                         ", no token types (the teacher's type 0 folded into positions)"))
     lines += [f"stage teacher: {teacher_stage} (batch {data.batch_size}, {epoch_steps} steps per epoch)",
-              f"stage distill: {total} steps, teacher {source}, T={distill.temperature:g}, "
-              f"alpha={distill.alpha:g}"
+              f"stage distill: {total} steps, teacher {source}, {plan.task.describe_loss(distill)}"
               + ("" if transfer is None else f", {distill_epoch_steps} steps per epoch (one pass "
                  f"over the labelled rows)"),
               *_describe_transfer(transfer),
@@ -241,8 +245,10 @@ def cache_dir(cfg: Config) -> pathlib.Path:
     return pathlib.Path(cfg.data.cache_dir or pathlib.Path(cfg.workdir) / "cache")
 
 
-def student_config(s: StudentConfig, teacher_cfg: ModelConfig) -> ModelConfig:
-    """The student's config from the `student` section and the teacher's (validated)."""
+def student_config(s: StudentConfig, teacher_cfg: ModelConfig,
+                   task: tasks.Task | None = None) -> ModelConfig:
+    """The student's config from the `student` section and the teacher's (validated), as
+    `task` needs it (`Task.student_model`)."""
     teacher = teacher_cfg.encoder
     try:
         if s.init == "teacher_layers":
@@ -281,15 +287,22 @@ def student_config(s: StudentConfig, teacher_cfg: ModelConfig) -> ModelConfig:
         changes["hidden_dropout"] = s.hidden_dropout
     if s.attention_dropout is not None:
         changes["attention_dropout"] = s.attention_dropout
-    return student_cfg.replace(**changes)
+    student_cfg = student_cfg.replace(**changes)
+    if task is None:
+        return student_cfg
+    try:
+        return task.student_model(student_cfg, teacher_cfg)
+    except data_lib.DataError as e:
+        raise ConfigError(f"student: {e}") from e
 
 
 def build_student(s: StudentConfig, teacher_cfg: ModelConfig, teacher_params,
-                  rng: jax.Array) -> tuple[ModelConfig, Any]:
+                  rng: jax.Array, task: tasks.Task | None = None) -> tuple[ModelConfig, Any]:
     """The student's config (`student_config`, as the plan holds it) and its initial params, of
     the shape that config describes: the teacher's layers, a fresh shape, or a pretrained
-    checkpoint, as the `student` section says."""
-    config = student_config(s, teacher_cfg)
+    checkpoint, as the `student` section says; head weights the teacher does not have (a
+    projection to its width) are fresh."""
+    config = student_config(s, teacher_cfg, task)
     distilbert = s.export_as == "distilbert"
     if s.init == "teacher_layers":
         build = student_lib.distilbert_from_teacher if distilbert else student_lib.student_from_teacher
@@ -301,4 +314,18 @@ def build_student(s: StudentConfig, teacher_cfg: ModelConfig, teacher_params,
             intermediate_size=s.intermediate_size)
     else:
         _, params = student_lib.student_from_pretrained(s.pretrained, teacher_cfg, rng=rng)
-    return config, params
+    return config, _with_fresh_head(config, params, jax.random.fold_in(rng, 1))
+
+
+def _with_fresh_head(config: ModelConfig, params, rng: jax.Array):
+    """`params` with the head modules `config` has and `params` lacks freshly initialised
+    (and none it does not have)."""
+    shapes = jax.eval_shape(lambda: init_params(config, rng))
+    wanted = shapes.get("head", {})
+    have = params.get("head", {})
+    if set(wanted) == set(have):
+        return params
+    fresh = init_params(config, rng)["head"]
+    head = {name: have[name] if name in have else fresh[name] for name in wanted}
+    out = {k: v for k, v in params.items() if k != "head"}
+    return {**out, "head": head} if head else out

@@ -21,6 +21,13 @@ text per line (`text<TAB>pair` with --text-pair, or a pair model that records it
 one whitespace-tokenised sentence per line, or `question<TAB>context`; a blank line gives no
 output line but is counted in `line`.
 
+A sentence embedder (a sentence-transformers directory) takes a file of sentences (a
+`sentence` or `text` column, or --text), or scored pairs (`sentence1`, `sentence2`), and writes
+`{"embedding"}` per sentence, or `{"similarity"}` (the cosine) per pair.
+
+--output OUT.npy writes the model's output rows as one float32 array instead (one row per input
+row: logits, or embeddings; a pair's first sentences, then its second ones).
+
 Output, one line per row, led by `line`: the input's 1-based line on stdin, or the row's
 1-based number in a file (a data row of tsv/csv, header not counted; a record of
 jsonl/json/parquet; a CoNLL sentence; a SQuAD question). Then `{"label", "probs"}`
@@ -39,6 +46,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from jaxkd import exported
 from jaxkd.cli_flags import EXIT_USAGE, UsageError, add_run_flags, check_run_flags, fail, parse
 
@@ -49,10 +58,12 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog or "python -m jaxkd.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", metavar="MODEL_DIR",
-                   help="exported model directory (classifier, token classifier or question answering)")
+                   help="exported model directory (classifier, token classifier, question "
+                        "answering or sentence embedder)")
     p.add_argument("input", metavar="INPUT", help="input file, or - for stdin")
     p.add_argument("--output", "-o", default=None, metavar="OUT.jsonl",
-                   help="write the JSON lines here (default stdout)")
+                   help="write the JSON lines here (default stdout); OUT.npy: the output rows "
+                        "as an array")
     p.add_argument("--text", default=None,
                    help="text column (sentence classifiers; default the model's, else sentence)")
     p.add_argument("--text-pair", default=None, help="second text column of a pair classifier "
@@ -76,17 +87,25 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
                                defaults=settings.values)
     examples, lines = exported.load_input(task, data_cfg, args.input, stdin=stdin,
                                           format_flag="--format")
+    to_npy = args.output is not None and args.output.endswith(".npy")
     if args.output is not None:
         out_dir = pathlib.Path(args.output).parent
         if not out_dir.is_dir():
             raise UsageError(f"--output {args.output}: directory {out_dir} does not exist")
+    if to_npy and task.outputs_per_token:
+        raise UsageError(f"--output {args.output}: a .npy file holds one output row per input "
+                         f"row; this model's outputs are per token: write JSON lines instead")
     if not args.quiet:
         print(f"predict: {settings.describe(task, data_cfg)}", file=sys.stderr)
-    predictions = exported.predict_examples(info, task, examples, lines, data_cfg, dtype=args.dtype,
-                                            progress=exported.progress_bar("predict", not args.quiet))
-    with _open_output(args.output, stdout) as out:
-        for prediction in predictions:
-            out.write(json.dumps(_finite(prediction), ensure_ascii=False) + "\n")
+    predictions, outputs = exported.predict_examples(
+        info, task, examples, lines, data_cfg, dtype=args.dtype, with_outputs=True,
+        progress=exported.progress_bar("predict", not args.quiet))
+    if to_npy:
+        np.save(args.output, np.asarray(outputs, np.float32))
+    else:
+        with _open_output(args.output, stdout) as out:
+            for prediction in predictions:
+                out.write(json.dumps(_finite(prediction), ensure_ascii=False) + "\n")
     if not args.quiet:
         where = args.output or "stdout"
         print(f"predict: {len(predictions)} rows of {args.input if args.input != '-' else '<stdin>'} "

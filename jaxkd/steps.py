@@ -7,8 +7,10 @@ Only the student and the projection params of intermediate losses are trained: t
 `TrainState`; the teacher is an argument of the step, runs under `stop_gradient` and is never
 differentiated nor updated.
 
-What the logits are trained on comes from the head: `jaxkd.tasks.objective(config.head)` gives
-the hard-label and KD losses (per row, or per labelled token) and the step metrics.
+What the outputs are trained on comes from the task: its `Objective` (`Task.objective`, by
+default `jaxkd.tasks.objective(config.head)`) gives the distillation loss (KD and hard-label
+terms per row or per labelled token, or a kind's own terms, plus the intermediate terms) and the
+step metrics.
 
 Where the teacher's logits come from is decided when the step is built, not per batch:
 `teacher="live"` runs the teacher in the step (needed by intermediate losses), `"cached"` reads
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxkd import losses, tasks
+from jaxkd import tasks
 from jaxkd.losses import LossConfig
 from jaxkd.model import Model, ModelConfig, ModelOutput
 
@@ -150,12 +152,13 @@ def default_teacher_source(loss_cfg: LossConfig) -> str:
 
 def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg: LossConfig,
                       schedule: Schedule | None = None, axis_name: str | None = None,
-                      teacher: str | None = None):
+                      teacher: str | None = None, objective: tasks.Objective | None = None):
     """distill_step(state, teacher_params, batch, rng) -> (state, metrics).
 
     `teacher`: where the teacher's logits come from (see the module docstring); None picks
     `default_teacher_source(loss_cfg)`. With "cached", batches carry `teacher_logits` and
-    `teacher_params` is not read (pass None).
+    `teacher_params` is not read (pass None). `objective`: how the head's outputs are trained
+    (`Task.objective`); None: `tasks.objective(student_cfg.head)`.
     """
     s_head, t_head = student_cfg.head, teacher_cfg.head
     if (s_head.kind, s_head.num_labels) != (t_head.kind, t_head.num_labels):
@@ -171,7 +174,7 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
     if teacher == "none" and loss_cfg.alpha > 0:
         raise ValueError(f"distill.alpha = {loss_cfg.alpha} needs the teacher's logits: teacher "
                          f"must be 'live' or 'cached', not 'none'")
-    objective = tasks.objective(student_cfg.head)
+    objective = tasks.objective(student_cfg.head) if objective is None else objective
     hard_name = objective.hard_loss_name
     hard_metrics = (hard_name,) + objective.hard_metric_names  # means over the labelled rows
     student, teacher_model = Model(student_cfg), Model(teacher_cfg)
@@ -188,7 +191,6 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
                      rng: jax.Array) -> tuple[TrainState, Metrics]:
         _check_batch(batch, required, "distill_step")
         t_out = teacher_output(teacher_params, batch)
-        t_view = None if t_out is None else objective.view(t_out.logits, batch)
         label_weights = objective.weights(batch)
         hard_weights = objective.hard_weights(batch)  # 0 on transfer rows: KD only
         share = _share(label_weights, axis_name)
@@ -205,14 +207,8 @@ def make_distill_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_c
 
         def loss_fn(trainable):
             s_out = _forward(student, trainable["params"], batch, loss_cfg=loss_cfg, rng=rng)
-            # The losses read the logits as the head's objective lays them out.
-            t_viewed = None if t_out is None else t_out.replace(logits=t_view)
-            loss, metrics = losses.total_loss(
-                loss_cfg, s_out.replace(logits=objective.view(s_out.logits, batch)), t_viewed,
-                trainable["proj_params"], batch["labels"], batch["attention_mask"],
-                batch["weights"], student_cfg.encoder, teacher_cfg.encoder,
-                regression=objective.regression, label_weights=label_weights,
-                hard_label_weights=hard_weights)
+            loss, metrics = objective.distill_loss(loss_cfg, s_out, t_out, trainable["proj_params"],
+                                                   batch, student_cfg.encoder, teacher_cfg.encoder)
             return device_part(loss, metrics), (metrics, s_out.logits)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -23,7 +23,7 @@ def student_from_teacher(config: ModelConfig, params: Mapping[str, Any],
     teacher = params["encoder"]
     encoder = {"embeddings": teacher["embeddings"]}
     encoder.update({f"layer_{j}": teacher[f"layer_{i}"] for j, i in enumerate(layers)})
-    student = {"encoder": encoder, "head": params["head"]}
+    student = {"encoder": encoder, **({"head": params["head"]} if "head" in params else {})}
     # Copies, not views: a jitted step that donates the student would otherwise free the teacher.
     return config.replace(num_layers=len(layers)), jax.tree.map(jnp.copy, student)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import (exported, hf, losses, manifest, report as report_lib, sharding, steps, tasks,
+from jaxkd import (exported, losses, manifest, report as report_lib, sharding, steps, tasks,
                    util)
 from jaxkd import transfer as transfer_lib
 from jaxkd.config import Config, DistillConfig, StudentConfig, TeacherConfig, dump_config
@@ -64,10 +64,10 @@ def _params_record(params) -> dict[str, np.ndarray]:
             for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def _load_exported_teacher(out_dir: pathlib.Path, config: ModelConfig):
+def _load_exported_teacher(task: tasks.Task, out_dir: pathlib.Path, config: ModelConfig):
     """The fine-tuned teacher's params from its export, checked against the record written
     after it (`params.check.json`; an export without one, from an older jaxkd, is trusted)."""
-    params = hf.load_hf(out_dir, head=config.head)[1]
+    params = task.load_model(out_dir, config.head)[1]
     record = out_dir / "params"
     if util.check_path(record).is_file():
         problem = util.check_problem(record, _params_record(params))
@@ -84,13 +84,13 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
     config = plan.teacher_config
     if read_stages(rt.workdir).get("teacher", {}).get("done") and plan.finetune_steps != 0:
         try:
-            return _load_exported_teacher(out_dir, config)
+            return _load_exported_teacher(plan.task, out_dir, config)
         except Exception as err:  # pylint: disable=broad-except  (missing, truncated, unreadable)
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             log.warning("teacher: the exported teacher %s is missing or unreadable (%s); "
                         "exporting it again from its checkpoints in %s", out_dir, reason,
                         rt.workdir / "checkpoints" / "teacher")
-    _, params = hf.load_hf(plan.teacher_dir, head=config.head, rng=jax.random.key(seed))
+    _, params = plan.task.load_model(plan.teacher_dir, config.head, jax.random.key(seed))
     if plan.finetune_steps == 0:
         return params
     train = plan.splits["train"].encoded
@@ -110,8 +110,8 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
     ckpt.close()
     params = jax.device_get(state.params)
     if rt.is_main:
-        hf.save_hf(config, params, out_dir, tokenizer=plan.tokenizer, id2label=plan.task.id2label(),
-                   settings=exported.export_settings(plan.task, rt.data))
+        plan.task.export(config, params, out_dir, plan.tokenizer,
+                         exported.export_settings(plan.task, rt.data))
         util.write_check(out_dir / "params", _params_record(params))  # after the weights
     mark_stage(rt, "teacher", {"steps": total, "selected_step": best})
     return params
@@ -158,7 +158,8 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
                   cache_dir: pathlib.Path):
     """Distil the student; returns its params (config: `plan.student_config`)."""
     teacher_cfg = plan.teacher_config
-    student_cfg, params = build_student(student, teacher_cfg, teacher_params, jax.random.key(seed + 1))
+    student_cfg, params = build_student(student, teacher_cfg, teacher_params, jax.random.key(seed + 1),
+                                        plan.task)
     train = distillation_set(rt, plan, distill.augment, teacher_params, cache_dir)
     make_batches = rt.batches(train, seed + 1)
     epoch_steps = make_batches(None).epoch_steps
@@ -178,7 +179,8 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
         teacher_shardings = sharding.tree_shardings(rt.mesh, teacher_params, fsdp)
         placed_teacher = sharding.place(teacher_params, teacher_shardings) if source == "live" else None
         jitted = sharding.jit_distill_step(
-            steps.make_distill_step(student_cfg, teacher_cfg, distill, schedule, teacher=source),
+            steps.make_distill_step(student_cfg, teacher_cfg, distill, schedule, teacher=source,
+                                    objective=plan.task.objective(student_cfg.head)),
             rt.mesh, state_shardings, teacher_shardings if source == "live" else None)
         step_fn = lambda state, batch, rng: jitted(state, placed_teacher, batch, rng)  # noqa: E731
         eval_fn = _eval_fn(rt, plan, student_cfg)
@@ -281,9 +283,8 @@ def run(cfg: Config, restart: str | None = None) -> dict:
                                            cache_dir=cache_dir(cfg))
             export_dir = workdir / "student"
             if rt.is_main:
-                hf.save_hf(plan.student_config, student_params, export_dir,
-                           tokenizer=plan.tokenizer, id2label=plan.task.id2label(),
-                           settings=exported.export_settings(plan.task, rt.data))
+                plan.task.export(plan.student_config, student_params, export_dir, plan.tokenizer,
+                                 exported.export_settings(plan.task, rt.data))
             mark_stage(rt, "export", {"dir": str(export_dir)})
             rt.check_stop("export")
             report = stage_report(rt, plan, cfg, teacher_params, student_params)

@@ -81,15 +81,16 @@ def task_keys_by_kind() -> dict[str, dict[str, object]]:
 
 
 def task_tables() -> dict[str, dict[str, object]]:
-    """What the page's task tables must hold: "common" (keys every kind reads with the same
-    default) and one table per kind (its other keys)."""
-    by_kind = task_keys_by_kind()
-    first, *rest = by_kind.values()
-    common = {key: value for key, value in first.items()
-              if all(key in other and other[key] == value for other in rest)}
+    """What the page's task tables must hold: "common" (the keys of `TaskConfig`, which every
+    kind reads, with its defaults) and one table per kind (its other keys, and a common key
+    whose default the kind changes)."""
+    from jaxkd.tasks import TaskConfig
+
+    common = {f"task.{f.name}": f.default for f in dataclasses.fields(TaskConfig)}
     tables = {"common": common}
-    for kind, keys in by_kind.items():
-        tables[kind] = {key: value for key, value in keys.items() if key not in common}
+    for kind, keys in task_keys_by_kind().items():
+        tables[kind] = {key: value for key, value in keys.items()
+                        if key not in common or value != common[key]}
     return tables
 
 

@@ -4,7 +4,8 @@ task and never branches on the kind itself.
 
 A new kind is one module of this package with TYPE, CONFIG (its `task` section, a `TaskConfig`
 subclass), PRESETS, HEAD (its `jaxkd.model.HeadSpec`, registered), TRANSFER, check, resolve,
-objective, exported_config and a `Task` subclass (see `jaxkd.tasks.base`), added to `KINDS`.
+objective, exported_config, optionally check_run, and a `Task` subclass (see
+`jaxkd.tasks.base`), added to `KINDS`.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import dataclasses
 from jaxkd.data import DataConfig, DataError, nearest
 from jaxkd.model import HeadConfig
 # Importing a kind registers its head: in this order, the order of KINDS (and of model.HEADS).
-from jaxkd.tasks import sequence, token, qa  # isort: skip
+from jaxkd.tasks import sequence, token, qa, embedding  # isort: skip
 from jaxkd.tasks.base import Objective, Task, TaskConfig
 
-KINDS = {module.TYPE: module for module in (sequence, token, qa)}
+KINDS = {module.TYPE: module for module in (sequence, token, qa, embedding)}
 DEFAULT_TYPE = sequence.TYPE
 _BY_HEAD = {module.HEAD.kind: module for module in KINDS.values()}
 
@@ -96,6 +97,26 @@ def check_transfer(cfg: TaskConfig, key: str, augment=None) -> None:
         module.check_augment(augment)
 
 
+def check_run(cfg: TaskConfig, distill, teacher) -> None:
+    """What the task's kind needs of the `distill` and `teacher` sections (a kind's optional
+    `check_run`), checked when the config is read."""
+    module = kind(cfg.type, cfg.name)
+    if hasattr(module, "check_run"):
+        module.check_run(cfg, distill, teacher)
+
+
+def directory_head(directory, hf_config: dict):
+    """The head of a model directory that a kind recognises by its own files (a kind's optional
+    `directory_head`, e.g. a sentence-transformers directory), else None: the head is then
+    the checkpoint's architecture's."""
+    for module in KINDS.values():
+        head = module.directory_head(directory, hf_config) if hasattr(module, "directory_head") \
+            else None
+        if head is not None:
+            return head
+    return None
+
+
 def resolve(cfg: TaskConfig, data_cfg: DataConfig | None = None) -> Task:
     """The task of a `task` section; custom tasks without labels read them from data.train."""
     return kind(cfg.type, cfg.name).resolve(cfg, data_cfg)
@@ -106,5 +127,5 @@ def objective(head: HeadConfig) -> Objective:
     return kind_of_head(head.kind).objective(head)
 
 
-__all__ = ["KINDS", "Objective", "Task", "TaskConfig", "check_config", "check_transfer", "config_class",
+__all__ = ["KINDS", "Objective", "Task", "TaskConfig", "check_config", "check_run", "check_transfer", "directory_head", "config_class",
            "kind", "kind_of_head", "keys", "objective", "resolve", "task_config"]

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import logging
 import math
+import pathlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -83,10 +84,14 @@ class Task:
     head_kind: ClassVar[str]  # a key of jaxkd.model.HEADS (the kind module's HEAD)
     outputs_per_token: ClassVar[bool]  # model outputs [B, L, C] (stored flat [T, C]) vs [B, C]
     pretokenized: ClassVar[bool] = False  # the tokenizer is given words split beforehand
-    # The PyTorch reference of `jaxkd.bench epoch`: its transformers padding collator, and
-    # whether the model gives start and end scores (DistilBERT's SQuAD loss) or logits.
+    # The PyTorch reference of `jaxkd.bench epoch`: its transformers padding collator,
+    # whether the model gives start and end scores (DistilBERT's SQuAD loss) or logits, and
+    # whether it is an embedding recipe instead.
     torch_collator: ClassVar[str] = "DataCollatorWithPadding"
     start_end_outputs: ClassVar[bool] = False
+    # The reference trains on the teacher's sentence embeddings, computed once (mean pooling,
+    # then unit length), by MSE: sentence-transformers' distillation recipe.
+    torch_embeddings: ClassVar[bool] = False
     name: str
     label_names: tuple[str, ...]
     metrics: tuple[str, ...]
@@ -95,8 +100,74 @@ class Task:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    # Whether a teacher of this kind can be fine-tuned on its labels (a teacher stage).
+    finetunes: ClassVar[bool] = True
+
     def head(self) -> HeadConfig:
         return HeadConfig(kind=self.head_kind, num_labels=self.num_labels)
+
+    def describe_outputs(self) -> str:
+        """What the model predicts, in words (`train.py --check`)."""
+        return f"{self.num_labels} labels"
+
+    def describe_loss(self, distill) -> str:
+        """The distillation loss's settings, in words (`train.py --check`)."""
+        return f"T={distill.temperature:g}, alpha={distill.alpha:g}"
+
+    # --- the teacher, its head and its export (what `jaxkd.plan` and the trainer ask)
+
+    def for_teacher(self, directory: pathlib.Path) -> Task:
+        """This task once the teacher's directory is known (a kind that reads settings from it,
+        such as a sentence embedder's pooling, returns a resolved copy); by default itself."""
+        return self
+
+    def encoder_dir(self, directory: pathlib.Path) -> pathlib.Path:
+        """Where the teacher's Hugging Face files (config.json, weights, tokenizer) are."""
+        return directory
+
+    def is_model_of(self, hf_config: dict) -> bool:
+        """Whether a checkpoint (its config.json) already is a model of this task, so it can
+        teach without fine-tuning: its head's kind and label count."""
+        from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+        return (hf.checkpoint_head_kind(hf_config) == self.head_kind
+                and hf.checkpoint_num_labels(hf_config) == self.num_labels)
+
+    def load_model(self, directory: pathlib.Path, head: HeadConfig, rng=None, **options):
+        """(ModelConfig, params) of the checkpoint in `directory` with `head` (fresh where the
+        checkpoint has another kind of head; `rng` seeds it); `options` as `hf.load_hf` takes
+        them (dtype, return_report)."""
+        from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+        return hf.load_hf(directory, head=head, rng=rng, **options)
+
+    def student_model(self, student, teacher):
+        """The student's `ModelConfig` as this task needs it, given the teacher's; by default
+        the one the `student` section describes."""
+        return student
+
+    def check_split(self, name: str, examples) -> None:
+        """Refuses, before any work, a split (train, eval or test) this task cannot use as such."""
+
+    def model_head(self, family_head: HeadConfig) -> HeadConfig:
+        """The teacher's head: this task's head as the teacher's family computes it
+        (`family_head`: its dropout and pooler activation), with the task's own settings."""
+        return family_head
+
+    def objective(self, head: HeadConfig) -> Objective:
+        """How the head's outputs are trained in this task (`jaxkd.tasks.objective` of the head,
+        unless the task's settings weigh its terms)."""
+        from jaxkd import tasks  # pylint: disable=import-outside-toplevel
+
+        return tasks.objective(head)
+
+    def export(self, config, params, out_dir: pathlib.Path, tokenizer,
+               settings: dict) -> pathlib.Path:
+        """Write a trained model of this task (`settings`: `jaxkd.exported.export_settings`)."""
+        from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+        return hf.save_hf(config, params, out_dir, tokenizer=tokenizer, id2label=self.id2label(),
+                          settings=settings)
 
     def id2label(self) -> dict[int, str] | None:
         return dict(enumerate(self.label_names)) or None
@@ -128,8 +199,9 @@ class Task:
         raise NotImplementedError
 
     def agreement(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded,
-                  examples) -> float:
-        """How often student and teacher predict the same (NaN where it does not apply)."""
+                  examples) -> float | dict[str, float]:
+        """How often student and teacher predict the same (NaN where it does not apply); kinds
+        with several such figures give them by name."""
         raise NotImplementedError
 
     def predictions(self, outputs: np.ndarray, encoded: Encoded, examples) -> list[dict]:
@@ -220,6 +292,20 @@ class Objective:
         if self.regression:
             return losses.mse_loss(logits, batch["labels"], self.hard_weights(batch))
         return losses.ce_loss(self.view(logits, batch), batch["labels"], self.hard_weights(batch))
+
+    def distill_loss(self, loss_cfg: losses.LossConfig, student_out, teacher_out, proj_params,
+                     batch, student_encoder, teacher_encoder) -> tuple[Array, dict[str, Array]]:
+        """The distillation loss of one batch and its terms (`loss/total` among them): KD on the
+        teacher's logits plus the hard-label term (`losses.total_loss`), read as `view` lays the
+        logits out, plus the intermediate terms in use. `teacher_out` is None without a teacher
+        (labels only)."""
+        viewed_t = None if teacher_out is None else teacher_out.replace(
+            logits=self.view(teacher_out.logits, batch))
+        return losses.total_loss(
+            loss_cfg, student_out.replace(logits=self.view(student_out.logits, batch)), viewed_t,
+            proj_params, batch["labels"], batch["attention_mask"], batch["weights"],
+            student_encoder, teacher_encoder, regression=self.regression,
+            label_weights=self.weights(batch), hard_label_weights=self.hard_weights(batch))
 
     def metrics(self, logits: Array, batch, teacher_logits: Array | None = None) -> dict[str, Array]:
         """Accuracy against the labels (labelled rows), agreement with the teacher (every row);

@@ -1,264 +1,511 @@
-"""Sentence embeddings (sentence-transformers teachers, STS evaluation): the student learns the
-teacher's embedding of each sentence.
+"""Sentence embeddings: the student learns the teacher's embedding of each sentence.
 
-What a teacher computes on top of its encoder (pooling, normalisation, its window) is read from
-its sentence-transformers directory (`jaxkd.tasks.sbert`). This module owns the embedding losses
-(pure JAX), the metrics (host NumPy: STS correlations of cosine similarity with gold scores,
-agreement with the teacher) and the STS reader.
+The teacher is a sentence-transformers directory (its pooling, normalisation and window are
+read from `modules.json`, `jaxkd.tasks.sbert`) or a plain Hugging Face encoder given
+`task.pooling` and `task.normalize`. Training text is unlabelled: the sentences of any file the
+readers take (a `sentence` or `text` column, or both sentences of an STS file, whose scores are
+not read). The head pools the encoder's last states over the real tokens (no weights of its
+own), maps them to the teacher's width with a learned dense `projection` where the two differ,
+and normalises. The loss is a weighted sum of the embedding MSE, the cosine distance and the
+relation of the in-batch similarity matrices (`jaxkd.tasks.similarity`), plus any intermediate
+term; the eval and test splits are scored sentence pairs (STS-B: Spearman and Pearson of the
+cosine similarity with the gold scores). Models are exported as sentence-transformers
+directories.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import pathlib
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import data as data_lib
-from jaxkd import metrics as metrics_lib
-from jaxkd.data import DataConfig, DataError, Table
-from jaxkd.tasks.base import BadRow, Problems
+from jaxkd import losses
+from jaxkd import model as model_lib
+from jaxkd.data import DataConfig, DataError, Encoded, Table
+from jaxkd.model import BertConfig, HeadConfig
+from jaxkd.tasks import sbert, similarity
+from jaxkd.tasks.base import Objective, Task, TaskConfig
 
-Array = jax.Array
 TYPE = "sentence_embedding"
-DEFAULT_SCORE_RANGE = (0.0, 5.0)
-STS_FIELDS = 7  # genre, file, year, id, score, sentence1, sentence2 (the STS Benchmark release)
-_EPS = 1e-9
-_COS_EPS = 1e-8  # torch's cosine_similarity clamp of each norm
-
-
-# ----------------------------------------------------------------------------- losses (on device)
-
-
-def init_projection(rng: jax.Array, student_width: int, teacher_width: int) -> dict[str, Array] | None:
-    """A learned student -> teacher width map {"kernel" [S, T], "bias" [T]}; None when the widths
-    are the same (no projection)."""
-    if student_width == teacher_width:
-        return None
-    kernel = jax.nn.initializers.lecun_normal()(rng, (student_width, teacher_width), jnp.float32)
-    return {"kernel": kernel, "bias": jnp.zeros((teacher_width,), jnp.float32)}
-
-
-def project(x_BxS: Array, proj: Any) -> Array:
-    """`x @ kernel + bias`, or `x` itself without a projection."""
-    x = jnp.asarray(x_BxS, jnp.float32)
-    if proj is None:
-        return x
-    return x @ jnp.asarray(proj["kernel"], jnp.float32) + jnp.asarray(proj["bias"], jnp.float32)
-
-
-def _weighted_mean(values: Array, weights: Array) -> Array:
-    weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), values.shape)
-    values = jnp.where(weights > 0, values, 0.0)  # a weight-0 row counts for nothing, even if NaN
-    return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), _EPS)
-
-
-def _pair(student_BxS: Array, teacher_BxT: Array, proj: Any, what: str) -> tuple[Array, Array]:
-    s = project(student_BxS, proj)
-    t = jax.lax.stop_gradient(jnp.asarray(teacher_BxT, jnp.float32))
-    if s.shape != t.shape:
-        raise ValueError(f"{what}: student {tuple(s.shape)} (after projection) and teacher "
-                         f"{tuple(t.shape)} differ; widths that differ need a projection "
-                         f"(init_projection)")
-    return s, t
-
-
-def _unit(x: Array) -> Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _COS_EPS)
-
-
-def embedding_mse(student_BxS: Array, teacher_BxT: Array, weights_B: Array, proj: Any = None) -> Array:
-    """Squared error of each row's (projected) student embedding to the teacher's, averaged over
-    the width, then the weighted mean over rows. The teacher's side gets no gradient."""
-    s, t = _pair(student_BxS, teacher_BxT, proj, "embedding_mse")
-    return _weighted_mean(jnp.mean((s - t) ** 2, axis=-1), weights_B)
-
-
-def cosine_distance(student_BxS: Array, teacher_BxT: Array, weights_B: Array, proj: Any = None) -> Array:
-    """1 - cos(student, teacher) per row (student projected), the weighted mean over rows."""
-    s, t = _pair(student_BxS, teacher_BxT, proj, "cosine_distance")
-    return _weighted_mean(1.0 - jnp.sum(_unit(s) * _unit(t), axis=-1), weights_B)
-
-
-def cosine_matrix(x_BxD: Array) -> Array:
-    """In-batch cosine similarities [B, B]."""
-    unit = _unit(jnp.asarray(x_BxD, jnp.float32))
-    return unit @ unit.T
-
-
-def similarity_mse(student_BxS: Array, teacher_BxT: Array, weights_B: Array) -> Array:
-    """The relational term: squared difference of the student's and the teacher's in-batch cosine
-    similarity matrices, averaged over the pairs of distinct rows i != j, pair (i, j) weighted by
-    w_i * w_j (padding rows take no part). Widths may differ: no projection is needed."""
-    s = cosine_matrix(student_BxS)
-    t = jax.lax.stop_gradient(cosine_matrix(teacher_BxT))
-    if s.shape != t.shape:
-        raise ValueError(f"similarity_mse: student batch {s.shape[0]} and teacher batch "
-                         f"{t.shape[0]} differ")
-    w = jnp.asarray(weights_B, jnp.float32)
-    pair_w = w[:, None] * w[None, :] * (1.0 - jnp.eye(s.shape[0], dtype=jnp.float32))
-    return _weighted_mean((s - t) ** 2, pair_w)
-
-
-# ----------------------------------------------------------------------------- metrics (host)
-
-
-def cosine_rows(a_NxD: np.ndarray, b_NxD: np.ndarray) -> np.ndarray:
-    """cos(a_i, b_i) for each row i (float64)."""
-    a, b = np.asarray(a_NxD, np.float64), np.asarray(b_NxD, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"cosine of rows: shapes {a.shape} and {b.shape} differ")
-    norms = np.maximum(np.linalg.norm(a, axis=1), _COS_EPS) * np.maximum(np.linalg.norm(b, axis=1), _COS_EPS)
-    return np.sum(a * b, axis=1) / norms
-
-
-def sts_scores(first_NxD: np.ndarray, second_NxD: np.ndarray, gold_N: np.ndarray) -> dict[str, float]:
-    """Spearman and Pearson correlations of the pairs' cosine similarity with the gold scores
-    (as fractions; STS papers print them x 100)."""
-    sims = cosine_rows(first_NxD, second_NxD)
-    gold = np.asarray(gold_N, np.float64)
-    return {"spearman": metrics_lib.spearman(sims, gold), "pearson": metrics_lib.pearson(sims, gold)}
-
-
-def _neighbours(x_NxD: np.ndarray, k: int) -> np.ndarray:
-    """Each row's k nearest other rows by cosine [N, k] (ties: the lower index first)."""
-    unit = np.asarray(x_NxD, np.float64)
-    unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), _COS_EPS)
-    sims = unit @ unit.T
-    np.fill_diagonal(sims, -np.inf)
-    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
-
-
-def neighbour_recall(student_NxS: np.ndarray, teacher_NxT: np.ndarray, k: int = 10) -> float:
-    """Recall@k of the teacher's nearest neighbours: for each sentence, the share of its k nearest
-    other sentences under the teacher's embeddings that are among its k nearest under the
-    student's, averaged over the sentences. Widths may differ (each model's own space)."""
-    n = len(student_NxS)
-    if len(teacher_NxT) != n:
-        raise ValueError(f"neighbour_recall: {n} student and {len(teacher_NxT)} teacher rows")
-    if not 0 < k < n:
-        raise ValueError(f"neighbour_recall: k must be in 1..{n - 1} for {n} sentences, got {k}")
-    s, t = _neighbours(student_NxS, k), _neighbours(teacher_NxT, k)
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(s, t)]))
-
-
-def mean_cosine(student_NxD: np.ndarray, teacher_NxD: np.ndarray) -> float:
-    """The mean cosine between each sentence's student and teacher embedding; of the same width
-    (a student of another width is projected first: `project`)."""
-    return float(np.mean(cosine_rows(student_NxD, teacher_NxD)))
-
-
-# ----------------------------------------------------------------------------- STS data (host)
+TRANSFER = {"data.unlabeled": None,
+            "distill.augment": "a masked or word-swapped sentence does not mean what the original "
+                               "does, so the teacher's embedding of it teaches nothing true; give "
+                               "more sentences as data.unlabeled"}
+METRICS = ("spearman", "pearson")
+_TOKENIZE_CHUNK = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
-class Examples:
-    """Validated rows of one split: sentences, their pairs and gold scores (NaN without)."""
-
-    source: str
-    texts: list[str]
-    pairs: list[str] | None
-    scores: np.ndarray  # float32 [N]
-    has_labels: bool
-    skipped: dict[str, int]
-
-    def __len__(self) -> int:
-        return len(self.texts)
+class Preset:
+    text: tuple[str, ...]  # columns of a sentences file: the first one present is read
+    pair: tuple[str, str]  # the two sentence columns of a scored pairs file
+    score: str
+    score_range: tuple[float, float]
 
 
-def read_sts_release(path: str | pathlib.Path) -> Table:
-    """An STS Benchmark file as released (sts-train/dev/test.csv): tab-separated, no header,
-    quoting off (sentences hold unmatched quotes), the first seven fields `genre, file, year, id,
-    score, sentence1, sentence2` (later ones, source notes, are ignored). Columns `score`,
-    `sentence1`, `sentence2`; a line with fewer fields is malformed (named by `Problems`)."""
+PRESETS: dict[str, Preset] = {
+    # STS Benchmark files as released (sts-*.csv), or any table with these columns.
+    "sts": Preset(("sentence", "text"), ("sentence1", "sentence2"), "score", (0.0, 5.0)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingConfig(TaskConfig):
+    """The `task` section of this kind: the common keys and these."""
+
+    name: str = "sts"
+    # Columns of a file of sentences (the first present is read); None: the preset's.
+    text: str | tuple[str, ...] | None = None
+    # The two sentence columns and the gold score of a scored pairs file (STS); None: the preset's.
+    text_pair: tuple[str, str] | None = None
+    score: str | None = None
+    score_range: tuple[float, float] | None = None
+    # How embeddings are computed from the encoder's states. None: the teacher's modules.json
+    # (a plain encoder: mean pooling, no normalisation); a value contradicting modules.json is
+    # an error.
+    pooling: str | tuple[str, ...] | None = None
+    normalize: bool | None = None
+    # A student whose embedding width differs from the teacher's learns a dense map to it
+    # (exported as a sentence-transformers Dense module). false: no map, then only
+    # similarity_weight (which compares each model's own similarities) may be set.
+    projection: bool = True
+    # The loss: each term's weight (see jaxkd.tasks.similarity).
+    mse_weight: float = 1.0
+    cosine_weight: float = 0.0
+    similarity_weight: float = 0.0
+    neighbours: int = 10  # k of the recall@k agreement with the teacher's nearest neighbours
+
+    def __post_init__(self):
+        for key in ("text", "pooling"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                object.__setattr__(self, key, (value,))
+        super().__post_init__()
+
+
+CONFIG = EmbeddingConfig
+
+
+# ----------------------------------------------------------------------------- the head
+
+
+class EmbeddingHead(nn.Module):
+    """Pooling over the real tokens (each mode of `head.pooling`, concatenated), the dense
+    `projection` where the head has one, then unit length with `head.normalize`: what a
+    sentence-transformers model of Transformer, Pooling, (Dense,) (Normalize) computes."""
+
+    encoder: BertConfig
+    head: HeadConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxH, deterministic: bool, mask_BxL):
+        del deterministic  # no dropout after the encoder, as sentence-transformers has none
+        out = jnp.concatenate([sbert.pool(x_BxLxH, mask_BxL, m) for m in self.head.pooling], axis=-1)
+        if self.head.projection:
+            out = model_lib.dense(self.encoder, self.head.projection, "projection",
+                                  dtype=jnp.float32)(out)
+        return sbert.l2_normalize(out) if self.head.normalize else out
+
+
+HEAD = model_lib.register_head(model_lib.HeadSpec(
+    kind=TYPE, module=EmbeddingHead, hf_suffix="Model", hf_modules={}, num_labels=1,
+    reads_mask=True, bare=True))
+
+
+def output_width(encoder: BertConfig, head: HeadConfig) -> int:
+    """The width of a model's embeddings."""
+    return head.projection or len(head.pooling) * encoder.hidden_size
+
+
+# ----------------------------------------------------------------------------- on device
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingObjective(Objective):
+    """The embedding terms (each with its weight) on the student's and teacher's embeddings;
+    no labels, no temperature."""
+
+    mse_weight: float = 1.0
+    cosine_weight: float = 0.0
+    similarity_weight: float = 0.0
+
+    hard_metric_names: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def hard_loss_name(self) -> str:
+        return "loss/none"  # no labels: never a term
+
+    def hard_loss(self, logits, batch):
+        raise ValueError(f"{TYPE} tasks have no labels: a teacher is not fine-tuned on them")
+
+    def distill_loss(self, loss_cfg: losses.LossConfig, student_out, teacher_out, proj_params,
+                     batch, student_encoder, teacher_encoder):
+        if teacher_out is None:
+            raise ValueError(f"{TYPE} tasks learn from the teacher's embeddings alone: the step "
+                             f"needs the teacher (live or cached)")
+        s, t, w = student_out.logits, teacher_out.logits, batch["weights"]
+        terms = []
+        for name, weight, fn in (("loss/embedding_mse", self.mse_weight, similarity.embedding_mse),
+                                 ("loss/cosine", self.cosine_weight, similarity.cosine_distance)):
+            if weight > 0:
+                terms.append((name, weight, fn(s, t, w)))
+        if self.similarity_weight > 0:
+            terms.append(("loss/similarity", self.similarity_weight, similarity.similarity_mse(s, t, w)))
+        total, metrics = losses.weighted_sum(terms)
+        if loss_cfg.any_intermediate:
+            inter, inter_metrics = losses.intermediate_loss(
+                loss_cfg, student_out, teacher_out, proj_params, batch["attention_mask"], w,
+                student_encoder, teacher_encoder)
+            total = total + inter
+            metrics.update(inter_metrics)
+        metrics["loss/total"] = total
+        return total, metrics
+
+    def metrics(self, logits, batch, teacher_logits=None):
+        if teacher_logits is None or logits.shape != teacher_logits.shape:
+            return {}
+        cos = 1.0 - similarity.cosine_distance(logits, teacher_logits, batch["weights"])
+        return {"mean_cosine": cos}
+
+
+def objective(head: HeadConfig) -> Objective:
+    return EmbeddingObjective()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def is_sts_release(path: str | pathlib.Path) -> bool:
+    """Whether a local file is an STS Benchmark file as released: tab-separated without a
+    header, its first line's fifth field a score (`similarity.read_sts_release`)."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path} (absolute: {path.absolute()})")
-    columns: dict[str, list] = {"score": [], "sentence1": [], "sentence2": []}
-    lines, malformed = [], []
+    if not path.is_file() or path.suffix.lower() not in (".csv", ".tsv", ".txt"):
+        return False
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        first = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), [])
+    if len(first) < similarity.STS_FIELDS:
+        return False
     try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            for number, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-                if not row or row == [""]:
-                    continue
-                if len(row) < STS_FIELDS:
-                    malformed.append((f"{path} line {number}",
-                                      f"{len(row)} tab-separated fields, expected {STS_FIELDS} (genre, "
-                                      f"file, year, id, score, sentence1, sentence2)"))
-                    continue
-                columns["score"].append(row[4])
-                columns["sentence1"].append(row[5])
-                columns["sentence2"].append(row[6])
-                lines.append(number)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
-    return Table(str(path), columns, lines, tuple(malformed))
+        float(first[4])
+    except ValueError:
+        return False
+    return True
 
 
-def check_score_range(score_range: Sequence[float]) -> tuple[float, float]:
-    """`task.score_range` as (low, high), finite with low < high, or a `DataError`."""
-    try:
-        low, high = (float(x) for x in score_range)
-    except (TypeError, ValueError):
-        raise DataError(f"task.score_range must be two numbers [low, high], got {score_range!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise DataError(f"task.score_range must be finite with low < high, got {[low, high]}")
-    return low, high
+@dataclasses.dataclass(frozen=True)
+class EmbeddingTask(Task):
+    """A resolved sentence-embedding task: columns, the teacher's embedding settings, the loss."""
+
+    type: ClassVar[str] = TYPE
+    head_kind: ClassVar[str] = HEAD.kind
+    outputs_per_token: ClassVar[bool] = False
+    finetunes: ClassVar[bool] = False
+    torch_embeddings: ClassVar[bool] = True
+
+    name: str
+    text: tuple[str, ...]
+    text_pair: tuple[str, str]
+    score: str
+    score_range: tuple[float, float]
+    pooling: tuple[str, ...] | None  # None until the teacher is read (`for_teacher`)
+    normalize: bool | None
+    projection: bool
+    weights: tuple[float, float, float]  # mse, cosine, similarity
+    neighbours: int
+    metrics: tuple[str, ...] = METRICS
+    label_names: tuple[str, ...] = ()
+    lowercase: bool = False
+    teacher_dir: pathlib.Path | None = None  # the Hugging Face encoder's own directory
+    teacher_max_seq_length: int | None = None
+    dense_dir: pathlib.Path | None = None  # the teacher's Dense module, if it has one
+    dense_width: int = 0
+
+    @property
+    def num_labels(self) -> int:
+        return 1
+
+    def id2label(self):
+        return None
+
+    def describe_outputs(self) -> str:
+        pooling = "+".join(self.pooling or ("mean",))
+        return (f"sentence embeddings ({pooling} pooling"
+                + (", normalised" if self.normalize else "") + ")")
+
+    def describe_loss(self, distill) -> str:
+        names = ("mse", "cosine", "similarity")
+        return "loss " + " + ".join(f"{w:g} {n}" for n, w in zip(names, self.weights) if w > 0)
+
+    # --- the teacher
+
+    def for_teacher(self, directory: pathlib.Path) -> EmbeddingTask:
+        found = sbert.layout(directory, self.pooling, self.normalize)
+        return dataclasses.replace(self, pooling=found.pooling, normalize=found.normalize,
+                                   lowercase=found.lowercase, teacher_dir=found.encoder_dir,
+                                   teacher_max_seq_length=found.max_seq_length,
+                                   dense_dir=found.dense_dir, dense_width=found.dense_width)
+
+    def encoder_dir(self, directory: pathlib.Path) -> pathlib.Path:
+        return self.teacher_dir or directory
+
+    def is_model_of(self, hf_config: dict) -> bool:
+        return True  # any encoder embeds: the teacher is used as it is
+
+    def head(self) -> HeadConfig:
+        return HeadConfig(kind=HEAD.kind, num_labels=1, pooling=self.pooling or ("mean",),
+                          normalize=bool(self.normalize))
+
+    def model_head(self, family_head: HeadConfig) -> HeadConfig:
+        return dataclasses.replace(family_head, pooling=self.pooling or ("mean",),
+                                   normalize=bool(self.normalize), projection=self.dense_width)
+
+    def load_model(self, directory: pathlib.Path, head: HeadConfig, rng=None, **options):
+        """The encoder from `directory`, and the Dense module's weights as the head's projection
+        where the model has one."""
+        from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+        loaded = hf.load_hf(directory, head=dataclasses.replace(head, projection=0), rng=rng,
+                            **options)
+        config, params = loaded[:2]
+        if head.projection:
+            if self.dense_dir is None:
+                raise DataError(f"{directory}: the head has a projection but the model has no "
+                                f"Dense module")
+            dense = sbert.read_dense(self.dense_dir, len(head.pooling) * config.encoder.hidden_size)
+            config, params = config.replace(projection=head.projection), \
+                {**params, "head": {"projection": dense}}
+        return (config, params, *loaded[2:])
+
+    def student_model(self, student, teacher):
+        """The student with a projection to the teacher's width where the widths differ."""
+        s_width = output_width(student.encoder, dataclasses.replace(student.head, projection=0))
+        t_width = output_width(teacher.encoder, teacher.head)
+        if s_width == t_width:
+            return student.replace(projection=0)
+        if self.projection:
+            return student.replace(projection=t_width)
+        mse, cosine, _ = self.weights
+        if mse > 0 or cosine > 0:
+            raise DataError(
+                f"the student's embeddings are {s_width} wide and the teacher's {t_width}: "
+                f"task.mse_weight and task.cosine_weight compare them directly, so they need "
+                f"task.projection: true (a learned map to the teacher's width), or use "
+                f"task.similarity_weight alone")
+        return student.replace(projection=0)
+
+    def objective(self, head: HeadConfig) -> Objective:
+        mse, cosine, sim = self.weights
+        return EmbeddingObjective(mse_weight=mse, cosine_weight=cosine, similarity_weight=sim)
+
+    def export(self, config, params, out_dir, tokenizer, settings):
+        return sbert.save(out_dir, config, params, tokenizer, settings)
+
+    # --- data
+
+    def read(self, data_cfg: DataConfig, source: str) -> Table:
+        if data_lib.is_local_path(source) and is_sts_release(source):
+            return similarity.read_sts_release(source)
+        return data_lib.read_split(data_cfg, source, None)
+
+    def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True):
+        """A scored pairs file (both sentence columns and the score: every score a number
+        inside task.score_range) or a file of sentences (the first `task.text` column it has).
+        Bad rows are a `DataError` naming the file and line, or skipped with data.skip_invalid."""
+        table = self.read(data_cfg, source)
+        first, second = self.text_pair
+        if first in table.columns and second in table.columns:
+            label = self.score if self.score in table.columns else None
+            return similarity.sts_examples(table, data_cfg, first, second, label, self.score_range)
+        column = next((c for c in self.text if c in table.columns), None)
+        if column is None:
+            raise DataError(f"{table.source}: no sentence column: a {TYPE} split needs one of the "
+                            f"columns {list(self.text)} (task.text), or the pair columns "
+                            f"{list(self.text_pair)} (task.text_pair); it has {list(table.columns)}")
+        return similarity.sts_examples(table, data_cfg, column, None, None, self.score_range)
+
+    def load_unlabeled(self, data_cfg: DataConfig, source: str):
+        examples = self.load(data_cfg, source)
+        return dataclasses.replace(examples, has_labels=False)
+
+    def check_split(self, name: str, examples) -> None:
+        if name in ("eval", "test") and (examples.pairs is None or not examples.has_labels):
+            raise DataError(
+                f"data.{name} ({examples.source}) is not scored sentence pairs: the eval and test "
+                f"splits of a {TYPE} task need the columns {list(self.text_pair)} and "
+                f"{self.score!r} (an STS Benchmark file as released is read as such)")
+
+    def encode(self, examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
+        """One row per sentence: the first sentences, then (pairs) the second ones, each
+        tokenised alone and truncated to `max_seq_len`."""
+        sentences = examples.texts + (examples.pairs or [])
+        if self.lowercase:
+            sentences = [s.lower() for s in sentences]
+        key = data_lib.content_key(f"embedding len{max_seq_len}",
+                                   data_lib.tokenizer_fingerprint(tokenizer), sentences)
+        arrays = data_lib.cached_arrays(cache_dir, key,
+                                        lambda: _run_tokenizer(sentences, tokenizer, max_seq_len))
+        return Encoded(labels=np.zeros(len(sentences), np.int32), has_labels=examples.has_labels,
+                       **arrays)
+
+    # --- scoring
+
+    def scores(self, outputs: np.ndarray, encoded: Encoded, examples) -> dict[str, float]:
+        if examples.pairs is None or not examples.has_labels:
+            return {}
+        n = len(examples)
+        return similarity.sts_scores(outputs[:n], outputs[n:2 * n], examples.scores)
+
+    def agreement(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded,
+                  examples) -> dict[str, float]:
+        """recall@k of the teacher's k nearest neighbours among the split's sentences, and the
+        mean cosine of each sentence's two embeddings (NaN where the widths differ)."""
+        k = min(self.neighbours, len(student) - 1)
+        same = student.shape[1] == teacher.shape[1]
+        return {f"recall@{k}": similarity.neighbour_recall(student, teacher, k),
+                "mean_cosine": similarity.mean_cosine(student, teacher) if same else float("nan")}
+
+    def predictions(self, outputs: np.ndarray, encoded: Encoded, examples) -> list[dict]:
+        n = len(examples)
+        if examples.pairs is None:
+            return [{"embedding": [round(float(x), 7) for x in row]} for row in outputs[:n]]
+        sims = similarity.cosine_rows(outputs[:n], outputs[n:2 * n])
+        return [{"similarity": round(float(x), 6)} for x in sims]
+
+    def showcase(self, student, teacher, encoded, examples, count: int = 5) -> list[dict[str, str]]:
+        n = len(examples)
+        rows = []
+        if examples.pairs is None:
+            for i in range(min(count, n)):
+                rows.append({"text": examples.texts[i], "cosine(teacher, student)": (
+                    f"{similarity.cosine_rows(student[i:i + 1], teacher[i:i + 1])[0]:.3f}"
+                    if student.shape == teacher.shape else "")})
+            return rows
+        s_sim = similarity.cosine_rows(student[:n], student[n:2 * n])
+        t_sim = similarity.cosine_rows(teacher[:n], teacher[n:2 * n])
+        for i in range(min(count, n)):
+            rows.append({"text": f"{examples.texts[i]} ||| {examples.pairs[i]}",
+                         "gold": f"{examples.scores[i]:.2f}" if examples.has_labels else "",
+                         "teacher": f"{t_sim[i]:.3f}", "student": f"{s_sim[i]:.3f}"})
+        return rows
+
+    def stdin_record(self, line: str, number: int) -> dict:
+        if "\t" in line:
+            first, second = line.split("\t", 1)
+            return dict(zip(self.text_pair, (first, second)))
+        return {self.text[0]: line}
+
+    def label_order(self, model_labels, model_regression, where, by_position=False):
+        return None
 
 
-def _score(value: Any, column: str, score_range: tuple[float, float]) -> float:
-    if value is None or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
-        raise BadRow("missing score", f"no score in column {column!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BadRow("bad score", f"score {value!r} in column {column!r} is not a number") from None
-    if not math.isfinite(number):
-        raise BadRow("missing score", f"no score in column {column!r} ({value!r})")
-    low, high = score_range
-    if not low <= number <= high:
-        raise BadRow("score out of range", f"score {number:g} in column {column!r} is outside "
-                     f"task.score_range [{low:g}, {high:g}]")
-    return number
+def _run_tokenizer(sentences: list[str], tokenizer, max_seq_len: int) -> dict[str, np.ndarray]:
+    ids, types, lengths = [], [], []
+    with_types = data_lib.gives_token_types(tokenizer)
+    for start in range(0, len(sentences), _TOKENIZE_CHUNK):
+        out = tokenizer(sentences[start:start + _TOKENIZE_CHUNK], truncation=True,
+                        max_length=max_seq_len, return_token_type_ids=with_types,
+                        return_attention_mask=False)
+        chunk_ids, chunk_lengths = data_lib.flatten(out["input_ids"], np.int32)
+        ids.append(chunk_ids)
+        types.append(data_lib.flatten(out["token_type_ids"], np.int8)[0] if with_types
+                     else np.zeros(len(chunk_ids), np.int8))
+        lengths.append(chunk_lengths)
+    return {"input_ids": np.concatenate(ids), "token_type_ids": np.concatenate(types),
+            "offsets": data_lib.offsets_of(np.concatenate(lengths))}
 
 
-def _text(value: Any, column: str) -> str:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise BadRow("empty text", f"empty text in column {column!r}")
-    if not isinstance(value, str):
-        raise BadRow("bad text", f"text in column {column!r} is a {type(value).__name__}, not a string")
-    return value
+# ----------------------------------------------------------------------------- resolving
 
 
-def sts_examples(table: Table, data_cfg: DataConfig, text: str, text_pair: str | None,
-                 label: str | None, score_range: Sequence[float] = DEFAULT_SCORE_RANGE) -> Examples:
-    """Validated rows of a split: every text non-empty, every score (column `label`; None: no
-    scores) a number inside `score_range`. A bad row is a `DataError` naming the file and line,
-    unless data.skip_invalid (then it is skipped and counted)."""
-    low_high = check_score_range(score_range)
-    wanted = {"task.text": text, **({"task.text_pair": text_pair} if text_pair else {}),
-              **({"task.label": label} if label else {})}
-    data_lib.check_columns(table, wanted)
-    if len(table) == 0 and not table.malformed:
-        raise DataError(f"{table.source}: the split is empty (no data rows)")
-    problems = Problems(table.source, table.malformed)
-    texts, pairs, scores = [], [], []
-    for i, value in enumerate(table.columns[text]):
-        try:
-            row = (_text(value, text),
-                   _text(table.columns[text_pair][i], text_pair) if text_pair else None,
-                   _score(table.columns[label][i], label, low_high) if label else math.nan)
-        except BadRow as bad:
-            problems.add(table.where(i), bad)
-            continue
-        texts.append(row[0])
-        pairs.append(row[1])
-        scores.append(row[2])
-    skipped = problems.settle(data_cfg, len(texts))
-    return Examples(table.source, texts, pairs if text_pair else None,
-                    np.asarray(scores, np.float32), label is not None, skipped)
+def resolve(cfg: EmbeddingConfig, data_cfg: DataConfig | None = None) -> EmbeddingTask:
+    """Fills `cfg` from its preset; the teacher's pooling comes later (`for_teacher`)."""
+    preset = PRESETS.get(cfg.name, PRESETS["sts"])
+    return EmbeddingTask(
+        name=cfg.name, text=cfg.text or preset.text, text_pair=cfg.text_pair or preset.pair,
+        score=cfg.score or preset.score,
+        score_range=similarity.check_score_range(cfg.score_range or preset.score_range),
+        pooling=cfg.pooling, normalize=cfg.normalize, projection=cfg.projection,
+        weights=(cfg.mse_weight, cfg.cosine_weight, cfg.similarity_weight),
+        neighbours=cfg.neighbours, metrics=_metrics(cfg))
+
+
+def _metrics(cfg: EmbeddingConfig) -> tuple[str, ...]:
+    primary = cfg.metric or METRICS[0]
+    return (primary,) + tuple(m for m in METRICS if m != primary)
+
+
+def check(cfg: EmbeddingConfig) -> None:
+    if cfg.metric is not None and cfg.metric not in METRICS:
+        raise DataError(f"unknown task.metric {cfg.metric!r}{data_lib.nearest(cfg.metric, METRICS)}; "
+                        f"known: {', '.join(METRICS)}")
+    if cfg.pooling is not None:
+        sbert.Layout(pathlib.Path("."), cfg.pooling)  # validates the modes
+    if cfg.text_pair is not None and len(cfg.text_pair) != 2:
+        raise DataError(f"task.text_pair must name two columns, got {list(cfg.text_pair)}")
+    if cfg.score_range is not None:
+        similarity.check_score_range(cfg.score_range)
+    weights = {k: getattr(cfg, k) for k in ("mse_weight", "cosine_weight", "similarity_weight")}
+    for key, value in weights.items():
+        if not (isinstance(value, (int, float)) and value >= 0):
+            raise DataError(f"task.{key} must be a number >= 0, got {value!r}")
+    if not any(weights.values()):
+        raise DataError("task.mse_weight, task.cosine_weight and task.similarity_weight are all "
+                        "0: set at least one (the loss would be empty)")
+    if not isinstance(cfg.neighbours, int) or cfg.neighbours < 1:
+        raise DataError(f"task.neighbours must be a positive integer, got {cfg.neighbours!r}")
+
+
+def check_run(cfg: EmbeddingConfig, distill, teacher) -> None:
+    """What the kind needs of the other sections: the teacher's outputs in every step, and no
+    teacher fine-tuning (there are no labels)."""
+    if distill.alpha == 0:
+        raise DataError(f"{TYPE} tasks learn from the teacher's embeddings alone: distill.alpha "
+                        f"must be > 0 (it is not otherwise read: the terms are weighed by "
+                        f"task.mse_weight, task.cosine_weight and task.similarity_weight)")
+    if teacher.finetune.steps:
+        raise DataError(f"{TYPE} tasks have no labels to fine-tune a teacher on: the teacher is "
+                        f"used as it is; remove teacher.finetune.steps")
+
+
+def directory_head(directory: pathlib.Path, hf_config: dict) -> HeadConfig | None:
+    """The head of a model directory of this kind (a sentence-transformers directory), as its
+    family computes it; None for any other directory."""
+    if not sbert.is_sentence_transformers_dir(directory):
+        return None
+    from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+    found = sbert.read_modules(directory)
+    family = hf.head_from_hf(hf_config, kind=HEAD.kind)
+    return dataclasses.replace(family, pooling=found.pooling, normalize=found.normalize,
+                               projection=found.dense_width)
+
+
+def exported_config(label_names, regression, flags: dict) -> EmbeddingConfig:
+    """The task an exported sentence embedder is scored on (STS pairs, `sentence1` /
+    `sentence2` / `score` unless `flags` name others)."""
+    keys: dict[str, Any] = {}
+    text, pair = flags.get("text"), flags.get("text_pair")
+    if isinstance(pair, (list, tuple)):  # the settings a run recorded
+        keys["text_pair"] = tuple(pair)
+    elif text and pair:  # --text A --text-pair B: the pair columns
+        keys["text_pair"] = (text, pair)
+    if isinstance(text, (list, tuple)):
+        keys["text"] = tuple(text)
+    elif text and not pair:
+        keys["text"] = (text,)
+    return EmbeddingConfig(name="sts", type=TYPE, **keys)
+
+
+def with_model_labels(cfg: EmbeddingConfig, label_names, regression: bool) -> EmbeddingConfig:
+    """An embedder has no labels to take from the model: the task as it is."""
+    return cfg
+
+
+INPUT_FLAGS = ("text", "text_pair")
+MODELS = "sentence embedders"
+INPUT_HINT = "use --text / --text-pair"

@@ -3,11 +3,12 @@
 A sentence-transformers directory (`modules.json`) is a list of modules run in order; jaxkd
 reproduces the ones an encoder-based sentence embedder is made of: a `Transformer` (the Hugging
 Face encoder, at the module's path), a `Pooling` over its last hidden states (`mean`, `cls`,
-`max`, `mean_sqrt_len_tokens`, or several of them concatenated) and an optional `Normalize` (unit
-L2 length). Any other module (Dense, LayerNorm, WordEmbeddings, ...) or pooling mode is an error
-naming it: jaxkd would otherwise compute other embeddings than the teacher's. Both the 2.x-5.x
+`max`, `mean_sqrt_len_tokens`, or several of them concatenated), an optional `Dense` without
+an activation (a linear map of the pooled vector, as jaxkd exports a student of another width
+than its teacher) and an optional `Normalize` (unit L2 length). Any other module (LayerNorm,
+WordEmbeddings, a Dense with an activation, ...) or pooling mode is an error naming it: jaxkd would otherwise compute other embeddings than the teacher's. Both the 2.x-5.x
 layout (`pooling_mode_*_tokens` flags, `max_seq_length` in sentence_bert_config.json) and the 6.x
-one (`pooling_mode`, `model_max_length` in tokenizer_config.json) are read; `write_layout`
+one (`pooling_mode`, `model_max_length` in tokenizer_config.json) are read; `write_modules`
 writes the older one, which every sentence-transformers version loads.
 
 Pooling and normalisation are pure JAX functions of the hidden states [B, L, H] and the
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd.data import DataError
 
@@ -87,6 +89,8 @@ class Layout:
     max_seq_length   the longest input it reads (tokens), None where the directory says nothing
     lowercase        the text is lower-cased before tokenising (sentence_bert_config's do_lower_case)
     from_modules     read from a sentence-transformers directory (else a plain encoder's settings)
+    dense_dir        the Dense module's directory (a linear map after the pooling), or None
+    dense_width      its output width (0 without one)
     """
 
     encoder_dir: pathlib.Path
@@ -95,6 +99,8 @@ class Layout:
     max_seq_length: int | None = None
     lowercase: bool = False
     from_modules: bool = False
+    dense_dir: pathlib.Path | None = None
+    dense_width: int = 0
 
     def __post_init__(self):
         if not self.pooling:
@@ -148,24 +154,61 @@ def read_modules(directory: str | pathlib.Path) -> Layout:
         raise DataError(f"{modules_path}: expected a non-empty list of modules")
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     unknown = [m.get("type") for m, k in zip(modules, kinds)
-               if k not in ("Transformer", "Pooling", "Normalize")]
+               if k not in ("Transformer", "Pooling", "Dense", "Normalize")]
     if unknown:
         raise DataError(f"{modules_path}: module {unknown[0]!r} is not one jaxkd reproduces (it "
-                        f"computes Transformer, Pooling and Normalize only); a model with it would "
-                        f"give other embeddings than sentence-transformers does")
-    if kinds[:2] != ["Transformer", "Pooling"] or kinds[2:] not in ([], ["Normalize"]):
-        raise DataError(f"{modules_path}: modules {kinds}; jaxkd reproduces Transformer, Pooling "
-                        f"and an optional Normalize, in this order")
-    paths = [directory / str(m.get("path", "")) for m in modules]
-    encoder_dir, pooling_dir = paths[0], paths[1]
-    if len(paths) > 2:
-        _check_normalize(paths[2])
+                        f"computes Transformer, Pooling, Dense and Normalize only); a model with it "
+                        f"would give other embeddings than sentence-transformers does")
+    rest = kinds[2:]
+    if kinds[:2] != ["Transformer", "Pooling"] or rest not in ([], ["Dense"], ["Normalize"],
+                                                               ["Dense", "Normalize"]):
+        raise DataError(f"{modules_path}: modules {kinds}; jaxkd reproduces Transformer, Pooling, "
+                        f"an optional Dense and an optional Normalize, in this order")
+    paths = dict(zip(kinds, (directory / str(m.get("path", "")) for m in modules)))
+    encoder_dir, pooling_dir = paths["Transformer"], paths["Pooling"]
+    if "Normalize" in paths:
+        _check_normalize(paths["Normalize"])
     modes = _pooling_modes(pooling_dir / "config.json")
+    dense_width = _dense_width(paths["Dense"]) if "Dense" in paths else 0
     settings_path = encoder_dir / "sentence_bert_config.json"
+    if not settings_path.is_file():
+        settings_path = directory / "sentence_bert_config.json"
     settings = _read_json(settings_path, "settings") if settings_path.is_file() else {}
     _check_prompts(directory / "config_sentence_transformers.json")
-    return Layout(encoder_dir, modes, len(paths) > 2, _max_seq_length(encoder_dir, settings),
-                  bool(settings.get("do_lower_case", False)), from_modules=True)
+    return Layout(encoder_dir, modes, "Normalize" in paths, _max_seq_length(encoder_dir, settings),
+                  bool(settings.get("do_lower_case", False)), from_modules=True,
+                  dense_dir=paths.get("Dense"), dense_width=dense_width)
+
+
+_IDENTITY = "torch.nn.modules.linear.Identity"
+
+
+def _dense_width(path: pathlib.Path) -> int:
+    cfg = _read_json(path / "config.json", "Dense config")
+    activation = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation != _IDENTITY:
+        raise DataError(f"{path / 'config.json'}: a Dense module with activation {activation!r} is "
+                        f"not one jaxkd reproduces (it computes a linear map, {_IDENTITY})")
+    if not cfg.get("bias", True):
+        raise DataError(f"{path / 'config.json'}: a Dense module without a bias is not one jaxkd "
+                        f"reproduces")
+    return int(cfg["out_features"])
+
+
+def read_dense(path: pathlib.Path, in_features: int) -> dict[str, np.ndarray]:
+    """A Dense module's weights as the embedding head's `projection` {"kernel" [in, out],
+    "bias" [out]} (safetensors; a PyTorch file is read with weights_only)."""
+    from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+    files = [f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.is_file()]
+    if not files:
+        raise DataError(f"{path}: the Dense module has no model.safetensors or pytorch_model.bin")
+    tensors = hf.read_tensor_file(files[0])
+    weight, bias = (np.asarray(tensors[k], np.float32) for k in ("linear.weight", "linear.bias"))
+    if weight.shape[1] != in_features:
+        raise DataError(f"{path}: the Dense module maps {weight.shape[1]} features, but the pooling "
+                        f"gives {in_features}")
+    return {"kernel": np.ascontiguousarray(weight.T), "bias": bias}
 
 
 def _pooling_modes(path: pathlib.Path) -> tuple[str, ...]:
@@ -216,32 +259,46 @@ def _max_seq_length(encoder_dir: pathlib.Path, settings: dict) -> int | None:
 
 
 def write_modules(out_dir: str | pathlib.Path, pooling: Sequence[str], normalize: bool,
-                  width: int, max_seq_length: int) -> pathlib.Path:
+                  width: int, max_seq_length: int,
+                  dense: dict[str, np.ndarray] | None = None) -> pathlib.Path:
     """The sentence-transformers files of a directory whose root holds the Hugging Face encoder
-    (`jaxkd.hf.save_hf`): modules.json, sentence_bert_config.json, 1_Pooling/config.json and,
-    with `normalize`, 2_Normalize/. `width` is the encoder's hidden size."""
+    (`jaxkd.hf.save_hf`): modules.json, sentence_bert_config.json, 1_Pooling/config.json, with
+    `dense` (a projection {"kernel" [in, out], "bias"}) 2_Dense/ and with `normalize` a
+    Normalize module after it. `width` is the encoder's hidden size."""
+    from safetensors.numpy import save_file
+
     out = pathlib.Path(out_dir)
     modes = tuple(pooling)
     Layout(out, modes, normalize)  # validates the modes before anything is written
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        (out / "2_Normalize").mkdir(parents=True, exist_ok=True)
-    (out / "1_Pooling").mkdir(parents=True, exist_ok=True)
-    pooling_cfg = {"word_embedding_dimension": width}
-    pooling_cfg.update({flag: mode in modes for flag, mode in _LEGACY_FLAGS.items()
-                        if mode in POOLING_MODES})
     order = [mode for mode in _LEGACY_FLAGS.values() if mode in modes]
     if list(modes) != order:  # the flags can only say sentence-transformers' own order
         raise DataError(f"pooling modes {list(modes)} cannot be written as a sentence-transformers "
                         f"Pooling; it concatenates them in the order {order}")
+    modules = [("", "Transformer"), ("1_Pooling", "Pooling")]
+    if dense is not None:
+        modules.append(("2_Dense", "Dense"))
+    if normalize:
+        modules.append((f"{len(modules)}_Normalize", "Normalize"))
+    for path, _ in modules[1:]:
+        (out / path).mkdir(parents=True, exist_ok=True)
+    pooling_cfg = {"word_embedding_dimension": width}
+    pooling_cfg.update({flag: mode in modes for flag, mode in _LEGACY_FLAGS.items()
+                        if mode in POOLING_MODES})
     _write_json(out / "1_Pooling" / "config.json", pooling_cfg)
+    if dense is not None:
+        kernel = np.asarray(dense["kernel"], np.float32)
+        _write_json(out / "2_Dense" / "config.json",
+                    {"in_features": int(kernel.shape[0]), "out_features": int(kernel.shape[1]),
+                     "bias": True, "activation_function": _IDENTITY})
+        save_file({"linear.weight": np.ascontiguousarray(kernel.T),
+                   "linear.bias": np.asarray(dense["bias"], np.float32)},
+                  str(out / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "sentence_bert_config.json",
                 {"max_seq_length": int(max_seq_length), "do_lower_case": False})
-    _write_json(out / "modules.json", modules)
+    _write_json(out / "modules.json",
+                [{"idx": i, "name": str(i), "path": path,
+                  "type": f"sentence_transformers.models.{kind}"}
+                 for i, (path, kind) in enumerate(modules)])
     return out
 
 
@@ -249,28 +306,27 @@ def _write_json(path: pathlib.Path, value) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
-def save(out_dir: str | pathlib.Path, config, params, tokenizer, pooling: Sequence[str],
-         normalize: bool, max_seq_length: int) -> pathlib.Path:
-    """A sentence-transformers directory of an encoder (`config`, a `ModelConfig`, and its
-    `params`) under `pooling` and `normalize`, that `SentenceTransformer(out_dir)` loads: the
-    encoder alone as its family's base model (`BertModel`, `RobertaModel`, ...: config.json,
-    model.safetensors; a task head's tensors outside the base model are left out), the
-    tokenizer (an object with `save_pretrained`) and the module files (`write_modules`)."""
-    from safetensors.numpy import save_file
+def save(out_dir: str | pathlib.Path, config, params, tokenizer,
+         settings: dict | None = None) -> pathlib.Path:
+    """A sentence-transformers directory of a model with the embedding head (`config`, a
+    `ModelConfig`, and its `params`) that `SentenceTransformer(out_dir)` loads: the encoder as
+    its family's bare model (`BertModel`, `RobertaModel`, ...: `jaxkd.hf.save_hf`, with
+    `settings` in its config.json), the tokenizer, and the module files (`write_modules`: the
+    head's pooling, its projection as a Dense module, its normalisation; the window
+    `settings["max_seq_len"]`, else the encoder's)."""
+    from jaxkd import hf  # pylint: disable=import-outside-toplevel
 
-    from jaxkd import families, hf
-
-    out = pathlib.Path(out_dir)
-    family = families.of(config)
-    prefix = f"{family.base}."
-    hf_config = hf.config_to_hf(config)
+    head = config.head
+    dense = None
+    if head.projection:
+        dense = {k: np.asarray(v) for k, v in params["head"]["projection"].items()}
+    encoder_cfg = config.replace(projection=0)
+    encoder_params = {k: v for k, v in params.items() if k != "head"}
+    out = hf.save_hf(encoder_cfg, encoder_params, out_dir, tokenizer=tokenizer, settings=settings)
+    raw = json.loads((out / "config.json").read_text(encoding="utf-8"))
     for key in ("num_labels", "id2label", "label2id", "problem_type"):
-        hf_config.pop(key, None)
-    hf_config["architectures"] = [f"{family.class_prefix}Model"]
-    tensors = {name[len(prefix):]: value for name, value in hf.hf_state_dict(config, params).items()
-               if name.startswith(prefix)}
-    write_modules(out, pooling, normalize, config.encoder.hidden_size, max_seq_length)
-    _write_json(out / "config.json", hf_config)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(str(out))
+        raw.pop(key, None)
+    _write_json(out / "config.json", raw)
+    window = (settings or {}).get("max_seq_len") or config.encoder.max_length
+    write_modules(out, head.pooling, head.normalize, config.encoder.hidden_size, window, dense)
     return out

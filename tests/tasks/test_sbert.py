@@ -25,7 +25,8 @@ def _write(path: pathlib.Path, value) -> pathlib.Path:
 def _st_dir(tmp_path, modules, pooling=None, settings=None, tokenizer=None) -> pathlib.Path:
     """A sentence-transformers directory of `modules` (short type names) with its configs."""
     d = tmp_path / "st"
-    paths = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize", "Dense": "2_Dense"}
+    paths = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize", "Dense": "2_Dense",
+             "LayerNorm": "2_LayerNorm"}
     _write(d / "modules.json", [{"idx": i, "name": str(i), "path": paths[m],
                                  "type": f"sentence_transformers.models.{m}"}
                                 for i, m in enumerate(modules)])
@@ -74,10 +75,23 @@ def test_no_limit_in_the_tokenizer_config_is_no_max_seq_length(tmp_path):
 
 
 def test_a_module_jaxkd_cannot_reproduce_is_named(tmp_path):
-    d = _st_dir(tmp_path, ["Transformer", "Pooling", "Dense", "Normalize"])
-    with pytest.raises(DataError, match=r"module 'sentence_transformers\.models\.Dense' is not one "
-                                        r"jaxkd reproduces"):
+    d = _st_dir(tmp_path, ["Transformer", "Pooling", "LayerNorm"])
+    with pytest.raises(DataError, match=r"module 'sentence_transformers\.models\.LayerNorm' is not "
+                                        r"one jaxkd reproduces"):
         sbert.read_modules(d)
+
+
+def test_a_dense_module_with_an_activation_is_named(tmp_path):
+    d = _st_dir(tmp_path, ["Transformer", "Pooling", "Dense", "Normalize"])
+    _write(d / "2_Dense" / "config.json", {"in_features": 8, "out_features": 4, "bias": True,
+                                           "activation_function": "torch.nn.modules.activation.Tanh"})
+    with pytest.raises(DataError, match=r"2_Dense/config.json: a Dense module with activation "
+                                        r"'torch.nn.modules.activation.Tanh' is not one jaxkd"):
+        sbert.read_modules(d)
+    _write(d / "2_Dense" / "config.json", {"in_features": 8, "out_features": 4, "bias": True,
+                                           "activation_function": "torch.nn.modules.linear.Identity"})
+    found = sbert.read_modules(d)
+    assert (found.dense_dir, found.dense_width, found.normalize) == (d / "2_Dense", 4, True)
 
 
 def test_modules_out_of_order_are_refused(tmp_path):
@@ -216,36 +230,46 @@ def test_embeddings_match_sentence_transformers(minilm_dir, minilm_hidden, mode,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pooling, normalize", [(("mean",), True), (("cls", "max"), False)])
+@pytest.mark.parametrize("pooling, normalize, projection", [
+    (("mean",), True, 0), (("cls", "max"), False, 0), (("mean",), True, 96)])
 def test_a_saved_student_loads_in_sentence_transformers_with_the_same_embeddings(
-        tmp_path, minilm_dir, pooling, normalize):
+        tmp_path, minilm_dir, pooling, normalize, projection):
+    """The exported directory (with a Dense module for a projection) gives in
+    sentence-transformers the embeddings jaxkd computes, and reads back into the same params."""
     st = pytest.importorskip("sentence_transformers")
+    import dataclasses
+
     import jax
 
     from jaxkd import hf
-    from jaxkd.model import Encoder
+    from jaxkd.model import HeadConfig, ModelConfig, apply_model, init_params
+    from jaxkd.tasks import embedding
 
-    cfg, params = hf.load_hf(minilm_dir)
-    cfg = cfg.replace(num_layers=3)  # a student: the teacher's layers 0, 2 and 4
-    params = {"encoder": {"embeddings": params["encoder"]["embeddings"],
-                          **{f"layer_{i}": params["encoder"][f"layer_{j}"] for i, j in enumerate((0, 2, 4))}},
-              "head": params["head"]}
-    out = sbert.save(tmp_path / "student", cfg, params, hf.load_tokenizer(minilm_dir), pooling,
-                     normalize, max_seq_length=64)
-    assert sbert.read_modules(out) == sbert.Layout(out, pooling, normalize, 64, False, True)
+    teacher_cfg, teacher = hf.load_hf(minilm_dir, head="sentence_embedding")
+    head = HeadConfig(kind="sentence_embedding", num_labels=1, pooling=pooling, normalize=normalize,
+                      projection=projection)
+    cfg = ModelConfig(teacher_cfg.encoder.replace(num_layers=3), head)  # layers 0, 2 and 4
+    params = {"encoder": {"embeddings": teacher["encoder"]["embeddings"],
+                          **{f"layer_{i}": teacher["encoder"][f"layer_{j}"] for i, j in enumerate((0, 2, 4))}}}
+    if projection:
+        params["head"] = init_params(cfg, jax.random.key(3))["head"]
+    out = sbert.save(tmp_path / "student", cfg, params, hf.load_tokenizer(minilm_dir),
+                     {"max_seq_len": 64})
+    found = sbert.read_modules(out)
+    assert (found.pooling, found.normalize, found.max_seq_length, found.dense_width) == \
+        (pooling, normalize, 64, projection)
     loaded = st.SentenceTransformer(str(out), device="cpu")
     assert loaded.max_seq_length == 64
     features = {k: v.numpy() for k, v in loaded.preprocess(SENTENCES).items()
                 if k in ("input_ids", "attention_mask", "token_type_ids")}
-    hidden = jax.jit(lambda p, i, m, t: Encoder(cfg.encoder).apply({"params": p}, i, m, t)
-                     .last_hidden_state)(params["encoder"], features["input_ids"],
-                                         features["attention_mask"], features["token_type_ids"])
-    expect = sbert.sentence_embeddings(hidden, features["attention_mask"], pooling, normalize)
+    expect = jax.jit(lambda p, i, m, t: apply_model(cfg, p, i, m, t).logits)(
+        params, features["input_ids"], features["attention_mask"], features["token_type_ids"])
     got = loaded.encode(SENTENCES, batch_size=len(SENTENCES), convert_to_numpy=True)
-    assert got.shape == (len(SENTENCES), 384 * len(pooling))
+    assert got.shape == (len(SENTENCES), projection or 384 * len(pooling))
     np.testing.assert_allclose(got, np.asarray(expect), atol=1e-4, rtol=0)
-    # and jaxkd reads the directory back as the same encoder
-    cfg2, params2 = hf.load_hf(out, head=cfg.head)
-    assert cfg2.encoder == cfg.encoder
-    np.testing.assert_array_equal(np.asarray(params2["encoder"]["layer_2"]["output"]["kernel"]),
-                                  np.asarray(params["encoder"]["layer_2"]["output"]["kernel"]))
+    # Read back as a teacher would be: the same config and params.
+    task = embedding.resolve(embedding.EmbeddingConfig()).for_teacher(out)
+    back_cfg, back = task.load_model(task.encoder_dir(out), task.model_head(
+        dataclasses.replace(cfg.head, pooling=("mean",), normalize=False, projection=0)))
+    assert back_cfg.head == cfg.head
+    jax.tree.map(np.testing.assert_array_equal, back, params)

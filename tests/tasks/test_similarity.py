@@ -1,4 +1,4 @@
-"""jaxkd.tasks.embedding: the embedding losses against NumPy, the metrics against SciPy and
+"""jaxkd.tasks.similarity: the embedding losses against NumPy, the metrics against SciPy and
 hand-made cases, and the STS reader on the real STS Benchmark files and on broken ones."""
 import json
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxkd.data import DataConfig, DataError, read_file
-from jaxkd.tasks import embedding
+from jaxkd.tasks import similarity as embedding
 
 
 def _rows(seed=0, b=6, s=4, t=4):
