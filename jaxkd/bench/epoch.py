@@ -23,7 +23,7 @@ from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
 from jaxkd import hf, inference, loop, sharding, steps, tasks
 from jaxkd.bench.common import (CONLL_TRAIN, DEFAULT_RNG_IMPL, RANDOM_BASE, REPO, RESULT, SQUAD_TRAIN,
-                                SST2_TRAIN, adamw, load_teacher, memory_line,
+                                SST2_TRAIN, STS_TRAIN, adamw, load_teacher, memory_line,
                                 run_child, spread_layers, threads)
 from jaxkd.bench.torch_ref import torch_epoch
 from jaxkd.losses import LossConfig
@@ -56,6 +56,10 @@ EPOCH_TASKS = {
     "squad": EpochTask(
         tasks.task_config(name="squad"), SQUAD_TRAIN,
         "SQuAD v1.1 JSON (data -> paragraphs -> qas)", max_seq_len=384),
+    # Sentence-embedding distillation on unlabelled sentences (an STS file's pairs, scores
+    # not read), sentence-transformers' MSE recipe.
+    "sts": EpochTask(tasks.task_config(name="sts"), STS_TRAIN,
+                     "an STS Benchmark file (or a TSV with a sentence column)"),
 }
 
 
@@ -94,6 +98,12 @@ class EpochSetup:
         # QA windows share a third of their tokens with the next (128 of 384).
         return tasks.resolve(EPOCH_TASKS[self.task].config, data_lib.DataConfig(
             train=self.train, max_seq_len=self.max_seq_len, doc_stride=self.max_seq_len // 3))
+
+    @property
+    def teacher_task(self) -> tasks.Task:
+        """The task with what it reads from the teacher's directory (a sentence embedder's
+        pooling)."""
+        return self.resolved_task.for_teacher(hf.resolve_dir(self.teacher))
 
     @property
     def per_token(self) -> bool:
@@ -142,9 +152,10 @@ def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
     the PyTorch side); each bucket shape compiles inside the epoch when its first batch comes,
     as a fresh training run pays it.
     """
-    task = setup.resolved_task
-    teacher_cfg, teacher_params = load_teacher(setup.teacher, setup.dtype, head=task.head())
-    tokenizer = hf.load_tokenizer(setup.teacher)
+    task = setup.teacher_task
+    teacher_dir = task.encoder_dir(hf.resolve_dir(setup.teacher))
+    teacher_cfg, teacher_params = load_teacher(str(teacher_dir), setup.dtype, head=task.head())
+    tokenizer = hf.load_tokenizer(teacher_dir)
     student_cfg, params = student_from_teacher(
         teacher_cfg, teacher_params, spread_layers(teacher_cfg.encoder.num_layers, setup.student_layers))
     mesh = sharding.make_mesh()
@@ -153,7 +164,8 @@ def jaxkd_epoch(setup: EpochSetup) -> dict[str, float]:
     state, teacher_params = sharding.place(state, state_sh), sharding.place(teacher_params, teacher_sh)
     loss_cfg = LossConfig(temperature=setup.temperature, alpha=1.0 - setup.alpha)
     step = sharding.jit_distill_step(
-        steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg, teacher="cached"),
+        steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg, teacher="cached",
+                                objective=task.objective(student_cfg.head)),
         mesh, state_sh, None)
     out: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -180,12 +180,111 @@ def _check_finite(loss: float) -> None:
         raise FloatingPointError(f"the distillation loss became {loss}")
 
 
+def read_sentences(setup: EpochSetup) -> list[str]:
+    """The sentences of an STS file as released (both of each of the first --limit pairs: all
+    first sentences, then all second ones, as jaxkd's rows), or of a TSV's sentence column."""
+    with open(setup.train, encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if rows and rows[0] and rows[0][0] == "sentence":
+        return [r[0] for r in rows[1:]][:setup.limit]
+    rows = rows[:setup.limit]
+    return [r[5] for r in rows] + [r[6] for r in rows]
+
+
+def _mean_pool_unit(hidden: Any, mask: Any) -> Any:
+    """sentence-transformers' mean pooling over the real tokens, then Normalize."""
+    import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=1)
+
+
+def torch_embedding_epoch(setup: EpochSetup) -> dict[str, float]:
+    """sentence-transformers' embedding distillation as a plain PyTorch loop: the teacher's
+    embeddings (mean pooling, unit length) of every sentence computed once under no_grad
+    (`cache_fill_s`), then one epoch of the student (the teacher's spread layers) on the MSE to
+    them over shuffled, dynamically padded batches, AdamW."""
+    # pylint: disable=import-outside-toplevel
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import BertModel, BertTokenizer
+
+    task = setup.teacher_task
+    if tuple(task.pooling) != ("mean",) or not task.normalize:
+        raise ValueError(f"the PyTorch reference pools by mean and normalises; the teacher "
+                         f"computes {list(task.pooling)}, normalize {task.normalize}")
+    torch.set_num_threads(threads())
+    torch.manual_seed(setup.seed)
+    directory = task.encoder_dir(hf.resolve_dir(setup.teacher))
+    teacher = BertModel.from_pretrained(str(directory), add_pooling_layer=False).eval()
+    layers = spread_layers(teacher.config.num_hidden_layers, setup.student_layers)
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = len(layers)
+    student = BertModel(cfg, add_pooling_layer=False)
+    student.embeddings.load_state_dict(teacher.embeddings.state_dict())
+    for j, i in enumerate(layers):
+        student.encoder.layer[j].load_state_dict(teacher.encoder.layer[i].state_dict())
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.01)
+    tokenizer = BertTokenizer.from_pretrained(str(directory))
+    out: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    enc = tokenizer(read_sentences(setup), truncation=True, max_length=setup.max_seq_len)
+    features = [{k: enc[k][i] for k in ("input_ids", "token_type_ids", "attention_mask")}
+                for i in range(len(enc["input_ids"]))]
+    out["data_s"] = time.perf_counter() - t0
+
+    def padded(rows):
+        return tokenizer.pad(rows, return_tensors="pt")
+
+    t0 = time.perf_counter()
+    targets = []
+    with torch.no_grad():
+        for start in range(0, len(features), setup.batch):
+            b = padded(features[start:start + setup.batch])
+            targets.append(_mean_pool_unit(teacher(**b).last_hidden_state, b["attention_mask"]))
+    targets = torch.cat(targets)
+    out["cache_fill_s"] = time.perf_counter() - t0
+
+    def collate(rows):
+        batch = padded([r[0] for r in rows])
+        batch["labels"] = torch.stack([r[1] for r in rows])
+        return batch
+
+    loader = torch.utils.data.DataLoader(
+        list(zip(features, targets)), batch_size=setup.batch, shuffle=True, drop_last=True,
+        collate_fn=collate, generator=torch.Generator().manual_seed(setup.seed))
+    t0 = time.perf_counter()
+    for batch in loader:
+        y = batch.pop("labels")
+        emb = _mean_pool_unit(student(**batch).last_hidden_state, batch["attention_mask"])
+        loss = F.mse_loss(emb, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _check_finite(loss.item())
+    out["epoch_s"] = time.perf_counter() - t0
+    out.update(examples=len(loader) * setup.batch, steps=len(loader))
+    # Warm: the embeddings already computed (as jaxkd's warm run reads its cache); cold: with them.
+    out["warm_s"] = out["data_s"] + out["epoch_s"]
+    out["cold_s"] = out["warm_s"] + out["cache_fill_s"]
+    return out
+
+
 def torch_epoch(setup: EpochSetup) -> dict[str, float]:
     """The PyTorch + transformers loop a user would write: dynamic padding over shuffled
-    batches, the teacher recomputed under no_grad each step, AdamW; same student and batch."""
+    batches, the teacher recomputed under no_grad each step, AdamW; same student and batch
+    (for an embedding task, `torch_embedding_epoch`)."""
     # pylint: disable=import-outside-toplevel
     import torch
     from transformers import BertTokenizer
+
+    if setup.resolved_task.torch_embeddings:
+        return torch_embedding_epoch(setup)
 
     torch.set_num_threads(threads())
     torch.manual_seed(setup.seed)
