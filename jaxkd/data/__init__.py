@@ -19,7 +19,7 @@ from jaxkd.data.config import FORMATS, DataConfig, DataError, holdout, nearest
 from jaxkd.data.read import (LOCAL_SUFFIXES, Table, check_columns, file_format, is_local_path,
                              read_file, read_hub, read_split)
 from jaxkd.data.encoded import (Encoded, cached_arrays, content_key, flatten, gives_token_types,
-                                offsets_of, special_tokens_around, tokenizer_fingerprint,
+                                offsets_of, special_tokens_around, tokenize_rows, tokenizer_fingerprint,
                                 with_transfer)
 from jaxkd.data.batches import (Batch, EvalBatches, MixedBatches, PaddingStats, TokenGather,
                                 TrainBatches, batch_rows, bucket_lengths, epoch_order, make_batch,
@@ -30,7 +30,7 @@ __all__ = [
     "LOCAL_SUFFIXES", "Table", "check_columns", "file_format", "is_local_path", "read_file",
     "read_hub", "read_split",
     "Encoded", "cached_arrays", "content_key", "flatten", "gives_token_types", "offsets_of",
-    "special_tokens_around", "tokenizer_fingerprint", "with_transfer",
+    "special_tokens_around", "tokenize_rows", "tokenizer_fingerprint", "with_transfer",
     "Batch", "EvalBatches", "MixedBatches", "PaddingStats", "TokenGather", "TrainBatches",
     "batch_rows", "bucket_lengths", "epoch_order", "make_batch", "padding_stats",
     "transfer_batch_size",

@@ -3,9 +3,10 @@ disk cache of tokenised arrays.
 
 Owns `Encoded` (and `with_transfer`, the distillation set of labelled and transfer rows), the
 flat-array helpers `flatten` / `offsets_of`, the tokenizer facts the tasks encode with
-(`tokenizer_fingerprint`, `gives_token_types`, `special_tokens_around`) and the token cache:
+(`tokenizer_fingerprint`, `gives_token_types`, `special_tokens_around`), tokenising rows of
+text (`tokenize_rows`, what sentence tasks share) and the token cache:
 `content_key` names a cache file, `cached_arrays` reads it or computes and writes it.
-Tokenising itself is each task's (`jaxkd.tasks`).
+Laying tokens out for a task is each task's (`jaxkd.tasks`).
 """
 from __future__ import annotations
 
@@ -124,6 +125,30 @@ def gives_token_types(tokenizer) -> bool:
     """Whether the tokenizer's model reads token types (BERT, ELECTRA); rows of the others
     (RoBERTa, XLM-R, DistilBERT) get all-zero token types."""
     return "token_type_ids" in tokenizer.model_input_names
+
+
+_TOKENIZE_CHUNK = 10_000  # rows per tokenizer call: bounds the Python lists held at once
+
+
+def tokenize_rows(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None,
+                  max_seq_len: int) -> dict[str, np.ndarray]:
+    """Token ids of texts (with `pairs`, text-pair rows as the tokenizer joins them), truncated
+    longest-first to `max_seq_len`: the arrays of an `Encoded` (token types all 0 for
+    tokenizers that give none)."""
+    ids, types, lengths = [], [], []
+    with_types = gives_token_types(tokenizer)
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        stop = start + _TOKENIZE_CHUNK
+        out = tokenizer(list(texts[start:stop]), None if pairs is None else list(pairs[start:stop]),
+                        truncation="longest_first", max_length=max_seq_len,
+                        return_token_type_ids=with_types, return_attention_mask=False)
+        chunk_ids, chunk_lengths = flatten(out["input_ids"], np.int32)
+        ids.append(chunk_ids)
+        types.append(flatten(out["token_type_ids"], np.int8)[0] if with_types
+                     else np.zeros(len(chunk_ids), np.int8))
+        lengths.append(chunk_lengths)
+    return {"input_ids": np.concatenate(ids), "token_type_ids": np.concatenate(types),
+            "offsets": offsets_of(np.concatenate(lengths))}
 
 
 def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:

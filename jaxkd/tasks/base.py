@@ -364,6 +364,17 @@ class Problems:
         return dict(self.skipped)
 
 
+def text_value(value: Any, column: str) -> str:
+    """A row's text of `column`, or a `BadRow`: null, not a string, or blank."""
+    if value is None:
+        raise BadRow("empty text", f"null text in column {column!r}")
+    if not isinstance(value, str):
+        raise BadRow("bad text", f"text in column {column!r} is a {type(value).__name__}, not a string")
+    if not value.strip():
+        raise BadRow("empty text", f"empty text in column {column!r}")
+    return value
+
+
 def label_key(value: Any) -> str | None:
     """Label value -> the string it is matched by; None when missing."""
     if value is None or isinstance(value, bool):

@@ -37,7 +37,6 @@ TRANSFER = {"data.unlabeled": None,
                                "does, so the teacher's embedding of it teaches nothing true; give "
                                "more sentences as data.unlabeled"}
 METRICS = ("spearman", "pearson")
-_TOKENIZE_CHUNK = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +347,7 @@ class EmbeddingTask(Task):
         key = data_lib.content_key(f"embedding len{max_seq_len}",
                                    data_lib.tokenizer_fingerprint(tokenizer), sentences)
         arrays = data_lib.cached_arrays(cache_dir, key,
-                                        lambda: _run_tokenizer(sentences, tokenizer, max_seq_len))
+                                        lambda: data_lib.tokenize_rows(tokenizer, sentences, None, max_seq_len))
         return Encoded(labels=np.zeros(len(sentences), np.int32), has_labels=examples.has_labels,
                        **arrays)
 
@@ -401,22 +400,6 @@ class EmbeddingTask(Task):
 
     def label_order(self, model_labels, model_regression, where, by_position=False):
         return None
-
-
-def _run_tokenizer(sentences: list[str], tokenizer, max_seq_len: int) -> dict[str, np.ndarray]:
-    ids, types, lengths = [], [], []
-    with_types = data_lib.gives_token_types(tokenizer)
-    for start in range(0, len(sentences), _TOKENIZE_CHUNK):
-        out = tokenizer(sentences[start:start + _TOKENIZE_CHUNK], truncation=True,
-                        max_length=max_seq_len, return_token_type_ids=with_types,
-                        return_attention_mask=False)
-        chunk_ids, chunk_lengths = data_lib.flatten(out["input_ids"], np.int32)
-        ids.append(chunk_ids)
-        types.append(data_lib.flatten(out["token_type_ids"], np.int8)[0] if with_types
-                     else np.zeros(len(chunk_ids), np.int8))
-        lengths.append(chunk_lengths)
-    return {"input_ids": np.concatenate(ids), "token_type_ids": np.concatenate(types),
-            "offsets": data_lib.offsets_of(np.concatenate(lengths))}
 
 
 # ----------------------------------------------------------------------------- resolving

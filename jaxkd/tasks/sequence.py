@@ -21,14 +21,13 @@ from jaxkd import layers
 from jaxkd import model as model_lib
 from jaxkd.model import BertConfig, HeadConfig
 from jaxkd.tasks.base import (BadRow, Objective, Problems, Task, TaskConfig, infer_label_names,
-                              label_id, label_key)
+                              label_id, label_key, text_value)
 
 TYPE = "sequence_classification"
 # Unlabeled and augmented text: the text columns are all a row needs.
 TRANSFER = {"data.unlabeled": None, "distill.augment": None}
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 REGRESSION_METRICS = ("pearson", "spearman")
-_TOKENIZE_CHUNK = 10_000  # rows per tokenizer call: bounds the Python lists held at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +232,8 @@ class SequenceTask(Task):
         pair_column = table.columns.get(self.text_pair) if self.text_pair else None
         for i, text in enumerate(table.columns[self.text]):
             try:
-                row = (_text(text, self.text),
-                       _text(pair_column[i], self.text_pair) if pair_column is not None else None,
+                row = (text_value(text, self.text),
+                       text_value(pair_column[i], self.text_pair) if pair_column is not None else None,
                        self._label(label_column[i]) if has_labels else None)
             except BadRow as bad:
                 problems.add(table.where(i), bad)
@@ -263,8 +262,8 @@ class SequenceTask(Task):
         texts, pairs = [], []
         for i, text in enumerate(table.columns[self.text]):
             try:
-                row = (_text(text, self.text),
-                       _text(pair_column[i], self.text_pair) if pair_column is not None else None)
+                row = (text_value(text, self.text),
+                       text_value(pair_column[i], self.text_pair) if pair_column is not None else None)
             except BadRow as bad:
                 problems.add(table.where(i), bad)
                 continue
@@ -318,7 +317,8 @@ class SequenceTask(Task):
                                    data_lib.tokenizer_fingerprint(tokenizer), examples.texts,
                                    examples.pairs or [])
         arrays = data_lib.cached_arrays(
-            cache_dir, key, lambda: _run_tokenizer(examples, tokenizer, max_seq_len))
+            cache_dir, key, lambda: data_lib.tokenize_rows(tokenizer, examples.texts, examples.pairs,
+                                                     max_seq_len))
         return Encoded(labels=examples.labels, has_labels=examples.has_labels, **arrays)
 
     def scores(self, outputs: np.ndarray, encoded: Encoded, examples) -> dict[str, float]:
@@ -355,33 +355,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)
 
-
-def _run_tokenizer(examples: Examples, tokenizer, max_seq_len: int) -> dict[str, np.ndarray]:
-    ids, types, lengths = [], [], []
-    for start in range(0, len(examples), _TOKENIZE_CHUNK):
-        stop = start + _TOKENIZE_CHUNK
-        pairs = examples.pairs[start:stop] if examples.pairs is not None else None
-        with_types = data_lib.gives_token_types(tokenizer)
-        out = tokenizer(examples.texts[start:stop], pairs, truncation="longest_first",
-                        max_length=max_seq_len, return_token_type_ids=with_types,
-                        return_attention_mask=False)
-        chunk_ids, chunk_lengths = data_lib.flatten(out["input_ids"], np.int32)
-        ids.append(chunk_ids)
-        types.append(data_lib.flatten(out["token_type_ids"], np.int8)[0] if with_types
-                     else np.zeros(len(chunk_ids), np.int8))
-        lengths.append(chunk_lengths)
-    return {"input_ids": np.concatenate(ids), "token_type_ids": np.concatenate(types),
-            "offsets": data_lib.offsets_of(np.concatenate(lengths))}
-
-
-def _text(value: Any, column: str) -> str:
-    if value is None:
-        raise BadRow("empty text", f"null text in column {column!r}")
-    if not isinstance(value, str):
-        raise BadRow("bad text", f"text in column {column!r} is a {type(value).__name__}, not a string")
-    if not value.strip():
-        raise BadRow("empty text", f"empty text in column {column!r}")
-    return value
 
 
 def _unlabeled(label_column: list | None) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 from jaxkd import data as data_lib
 from jaxkd import metrics as metrics_lib
 from jaxkd.data import DataConfig, DataError, Table
-from jaxkd.tasks.base import BadRow, Problems
+from jaxkd.tasks.base import BadRow, Problems, text_value
 
 Array = jax.Array
 DEFAULT_SCORE_RANGE = (0.0, 5.0)
@@ -229,14 +229,6 @@ def _score(value: Any, column: str, score_range: tuple[float, float]) -> float:
     return number
 
 
-def _text(value: Any, column: str) -> str:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise BadRow("empty text", f"empty text in column {column!r}")
-    if not isinstance(value, str):
-        raise BadRow("bad text", f"text in column {column!r} is a {type(value).__name__}, not a string")
-    return value
-
-
 def sts_examples(table: Table, data_cfg: DataConfig, text: str, text_pair: str | None,
                  label: str | None, score_range: Sequence[float] = DEFAULT_SCORE_RANGE) -> Examples:
     """Validated rows of a split: every text non-empty, every score (column `label`; None: no
@@ -252,8 +244,8 @@ def sts_examples(table: Table, data_cfg: DataConfig, text: str, text_pair: str |
     texts, pairs, scores = [], [], []
     for i, value in enumerate(table.columns[text]):
         try:
-            row = (_text(value, text),
-                   _text(table.columns[text_pair][i], text_pair) if text_pair else None,
+            row = (text_value(value, text),
+                   text_value(table.columns[text_pair][i], text_pair) if text_pair else None,
                    _score(table.columns[label][i], label, low_high) if label else math.nan)
         except BadRow as bad:
             problems.add(table.where(i), bad)
