@@ -4,8 +4,8 @@ task and never branches on the kind itself.
 
 A new kind is one module of this package with TYPE, CONFIG (its `task` section, a `TaskConfig`
 subclass), PRESETS, HEAD (its `jaxkd.model.HeadSpec`, registered), TRANSFER, check, resolve,
-objective, exported_config, optionally check_run, and a `Task` subclass (see
-`jaxkd.tasks.base`), added to `KINDS`.
+objective, exported_config, optionally check_run and directory_head, and a `Task` subclass (see
+`jaxkd.tasks.base`), added to `KINDS` (the recipe: docs/tasks.md, "A new task kind").
 """
 from __future__ import annotations
 
