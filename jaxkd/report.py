@@ -210,6 +210,8 @@ def build_report(cfg, task, models: dict, agreement: dict, distill_steps: int | 
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4f}"
+    if isinstance(x, dict):  # a task's several agreement figures
+        return "(" + ", ".join(f"{k} {_fmt(v)}" for k, v in x.items()) + ")"
     return str(x)
 
 
