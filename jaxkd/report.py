@@ -200,6 +200,7 @@ def build_report(cfg, task, models: dict, agreement: dict, distill_steps: int | 
         "throughput_ratio": student["throughput"] / teacher["throughput"],
         "compression": teacher["params"] / student["params"],
         "distill": _distill_summary(cfg.distill, distill_steps),
+        "loss": task.describe_loss(cfg.distill),
         "student_config": cfg.student.summary(),
         "seed": cfg.seed,
         "precision": cfg.precision.compute,

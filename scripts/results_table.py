@@ -21,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "results.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 TRANSFER_START, TRANSFER_END = "<!-- transfer:start -->", "<!-- transfer:end -->"
+EMBEDDING_START, EMBEDDING_END = "<!-- embedding:start -->", "<!-- embedding:end -->"
 
 
 def load_reports(results: pathlib.Path) -> dict[str, dict]:
@@ -47,7 +48,9 @@ def _describe(report: dict) -> str:
     terms = [name.replace("_weight", "") for name in
              ("hidden_weight", "embedding_weight", "attention_score_weight", "attention_kl_weight",
               "value_relation_weight") if d.get(name)]
-    if d.get("steps") == 0:
+    if report.get("task_type") == "sentence_embedding":  # no KD on logits: the task's own terms
+        loss = report["loss"]
+    elif d.get("steps") == 0:
         loss = "none (teacher layers, untrained)"
     elif d["alpha"] == 0 and not terms:
         loss = "hard labels only"
@@ -169,6 +172,33 @@ def transfer_table(experiments: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def embedding_table(reports: dict[str, dict]) -> str:
+    """Sentence-embedding runs: the STS score of the reported split, retention, agreement with
+    the teacher (recall@k of its nearest neighbours, mean cosine) and speed, mean +- sd over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for name, report in reports.items():
+        if report.get("task_type") == "sentence_embedding" and not _is_teacher_run(report):
+            groups.setdefault(re.sub(r"_s\d+$", "", name), []).append(report)
+    lines = ["| run | student | Spearman (split) | teacher | retention % | recall@k | mean cosine "
+             "| params (M) | speed-up b1 | throughput ratio | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for group, members in groups.items():
+        first = members[0]
+        split = first["report_split"]
+        agreement = [r["agreement"][split] for r in members]
+        recall_key = next(k for k in agreement[0] if k.startswith("recall@"))
+        lines.append(
+            f"| {group} | {_describe(first)} | {_stat([r['student']['metrics']['spearman'] for r in members])} "
+            f"({split}) | {_stat([r['teacher']['metrics']['spearman'] for r in members])} "
+            f"| {_stat([r['retention']['spearman'] for r in members])} "
+            f"| {recall_key} {_stat([a[recall_key] for a in agreement])} "
+            f"| {_stat([a['mean_cosine'] for a in agreement], scale=1.0, digits=3)} "
+            f"| {first['student']['params'] / 1e6:.1f} "
+            f"| {statistics.median(r['speedup'] for r in members):.2f}x "
+            f"| {statistics.median(r['throughput_ratio'] for r in members):.2f}x | {len(members)} |")
+    return "\n".join(lines)
+
+
 def render(page: str, body: str, start: str = START, end: str = END, name: str = "the page") -> str:
     if start not in page or end not in page:
         raise SystemExit(f"{name} lacks the {start} ... {end} markers")
@@ -188,6 +218,8 @@ def main(argv=None) -> int:
     name = str(args.page.relative_to(ROOT)) if args.page.is_relative_to(ROOT) else str(args.page)
     reports = load_reports(args.results)
     wanted = render(page, teacher_table(reports, args.results) + "\n\n" + table(reports), name=name)
+    if EMBEDDING_START in page:
+        wanted = render(wanted, embedding_table(reports), EMBEDDING_START, EMBEDDING_END, name)
     experiments = load_experiments(args.results)
     if experiments:
         wanted = render(wanted, transfer_table(experiments), TRANSFER_START, TRANSFER_END, name)
