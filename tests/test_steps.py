@@ -110,7 +110,9 @@ def _with_transfer_rows(batch: dict, rng: np.random.Generator) -> dict:
 _NOT_PER_STEP = ("grad_norm", "learning_rate")
 
 
-@pytest.mark.parametrize("transfer", [False, True], ids=["labelled", "transfer_rows"])
+# The labelled case is slow: the transfer case has padding rows too and transfer rows besides.
+@pytest.mark.parametrize("transfer", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["labelled", "transfer_rows"])
 @sequence_fast
 def test_pmap_equals_mesh_jit(world, transfer):
     # Full attention masks: token-averaged terms are then exact under per-device weighting too;
