@@ -10,6 +10,7 @@ the step and sharding tests; the synthetic encoded rows of the data tests.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -43,6 +44,26 @@ def tiny_model_config(head_kind: str = "sequence", num_labels: int = 2, **overri
 # The pipeline tests' random teacher (a sequence classifier with the MiniLM's vocabulary).
 TINY_TEACHER = tiny_model_config(vocab_size=30522, hidden_size=32, num_layers=4, num_heads=4,
                                  intermediate_size=64, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(cfg, options: tuple):
+    import jax
+
+    from jaxkd.model import Model
+
+    def apply(params, ids, mask, types, rngs):
+        return Model(cfg).apply({"params": params}, ids, mask, types, rngs=rngs, **dict(options))
+
+    return jax.jit(apply)
+
+
+def forward(cfg, params, ids, mask=None, types=None, rngs=None, **options):
+    """`Model(cfg).apply({"params": params}, ids, mask, types, rngs=rngs, **options)`, jitted
+    (one program per config, options and shapes; the options, e.g. output_hidden_states or
+    deterministic, are static). Eager, the forward dispatches hundreds of small ops, each
+    compiled on first use; tests/test_steps.py::test_jit_equals_eager checks jit against eager."""
+    return _jitted_apply(cfg, tuple(sorted(options.items())))(params, ids, mask, types, rngs)
 
 
 def assert_trees_close(a, b, atol, rtol=0):

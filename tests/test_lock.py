@@ -92,7 +92,10 @@ def test_two_runs_started_together_on_one_workdir(tmp_path, tiny_teacher, sst2_s
     from helpers import launch, tiny_config
 
     workdir = tmp_path / "run"
-    cfg = tiny_config(workdir, tiny_teacher, sst2_small, **{"distill.steps": 8})
+    # No teacher fine-tuning and no evaluation: the lock is what is checked, not the stages.
+    cfg = tiny_config(workdir, tiny_teacher, sst2_small, **{"distill.steps": 8,
+                                                            "teacher.finetune.steps": 0,
+                                                            "data.eval": None})
     procs = [launch(cfg, tmp_path / f"cfg{i}.yaml") for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)

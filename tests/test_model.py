@@ -1,10 +1,14 @@
-"""The Flax encoder on tiny random configs: shapes, options, numerics, PyTorch parity."""
+"""The Flax encoder on tiny random configs: shapes, options, numerics, PyTorch parity.
+
+Forwards are jitted (helpers.forward): eager, each dispatches hundreds of small ops."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_model_config
+from helpers import forward, tiny_model_config
 from jaxkd.hf import save_hf
 from jaxkd.model import Bert, apply_model, init_params
 
@@ -34,11 +38,11 @@ def params():
 
 def test_shapes_and_intermediates_only_when_asked(params):
     ids, mask, types = _batch()
-    plain = Bert(TINY).apply({"params": params}, ids, mask, types)
+    plain = forward(TINY, params, ids, mask, types)
     assert plain.logits.shape == (3, 3) and plain.logits.dtype == jnp.float32
     assert plain.hidden_states is plain.attention_scores is plain.attention_probs is plain.values is None
-    full = Bert(TINY).apply({"params": params}, ids, mask, types, output_hidden_states=True,
-                            output_attentions=True, output_values=True)
+    full = forward(TINY, params, ids, mask, types, output_hidden_states=True,
+                   output_attentions=True, output_values=True)
     assert len(full.hidden_states) == TINY.encoder.num_layers + 1
     assert all(h.shape == (3, 7, 16) for h in full.hidden_states)
     assert all(a.shape == (3, 4, 7, 7) for a in full.attention_scores + full.attention_probs)
@@ -59,8 +63,9 @@ def test_cls_only_last_layer_has_the_full_gradient(params):
         logits = Bert(TINY).apply({"params": p}, ids, mask, types, output_hidden_states=full).logits
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
-    l_cls, g_cls = jax.value_and_grad(loss)(params, False)
-    l_full, g_full = jax.value_and_grad(loss)(params, True)
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    l_cls, g_cls = value_and_grad(params, False)
+    l_full, g_full = value_and_grad(params, True)
     np.testing.assert_allclose(l_cls, l_full, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_cls), jax.tree.leaves(g_full)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -71,8 +76,8 @@ def test_cls_only_last_layer_has_the_full_gradient(params):
 def test_padding_invariance(params):
     ids, mask, types = _batch()
     pad = ((0, 0), (0, 5))
-    short = Bert(TINY).apply({"params": params}, ids, mask, types).logits
-    long = Bert(TINY).apply({"params": params}, np.pad(ids, pad), np.pad(mask, pad), np.pad(types, pad)).logits
+    short = forward(TINY, params, ids, mask, types).logits
+    long = forward(TINY, params, np.pad(ids, pad), np.pad(mask, pad), np.pad(types, pad)).logits
     np.testing.assert_allclose(long, short, atol=1e-5)
 
 
@@ -82,8 +87,8 @@ def test_bf16_compute_keeps_fp32_params_and_logits(params):
     cfg16 = TINY.replace(dtype="bfloat16")
     params16 = init_params(cfg16, jax.random.key(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
-    out16 = Bert(cfg16).apply({"params": params}, ids, mask, types, output_hidden_states=True)
-    out32 = Bert(TINY).apply({"params": params}, ids, mask, types)
+    out16 = forward(cfg16, params, ids, mask, types, output_hidden_states=True)
+    out32 = forward(TINY, params, ids, mask, types)
     assert out16.logits.dtype == jnp.float32
     assert out16.hidden_states[-1].dtype == jnp.float32  # the residual stream is LayerNorm output
     diff = float(jnp.max(jnp.abs(out16.logits - out32.logits)))
@@ -123,18 +128,17 @@ def test_bf16_einsum_forward_and_backward_match_numpy(spec, shape_a, shape_b):
 
 def test_dropout_only_when_not_deterministic(params):
     ids, mask, types = _batch()
-    model = Bert(TINY)
-    a = model.apply({"params": params}, ids, mask, types, deterministic=True).logits
-    b = model.apply({"params": params}, ids, mask, types, deterministic=True).logits
+    a = forward(TINY, params, ids, mask, types, deterministic=True).logits
+    b = forward(TINY, params, ids, mask, types, deterministic=True).logits
     np.testing.assert_array_equal(a, b)
-    c = model.apply({"params": params}, ids, mask, types, deterministic=False,
-                    rngs={"dropout": jax.random.key(1)}).logits
-    d = model.apply({"params": params}, ids, mask, types, deterministic=False,
-                    rngs={"dropout": jax.random.key(2)}).logits
+    c = forward(TINY, params, ids, mask, types, {"dropout": jax.random.key(1)},
+                deterministic=False).logits
+    d = forward(TINY, params, ids, mask, types, {"dropout": jax.random.key(2)},
+                deterministic=False).logits
     assert not np.allclose(c, a, atol=1e-4) and not np.allclose(c, d, atol=1e-4)
     no_drop = TINY.replace(hidden_dropout=0.0, attention_dropout=0.0)
-    e = Bert(no_drop).apply({"params": params}, ids, mask, types, deterministic=False,
-                            rngs={"dropout": jax.random.key(1)}).logits
+    e = forward(no_drop, params, ids, mask, types, {"dropout": jax.random.key(1)},
+                deterministic=False).logits
     np.testing.assert_allclose(e, a, atol=1e-6)
 
 
@@ -152,10 +156,10 @@ def test_matches_pytorch_bert_for_sequence_classification(params, tmp_path, act)
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
                     token_type_ids=torch.tensor(types, dtype=torch.long), output_hidden_states=True)
-    ours = Bert(cfg).apply({"params": params}, ids, mask, types, output_hidden_states=True)
+    ours = forward(cfg, params, ids, mask, types, output_hidden_states=True)
     np.testing.assert_allclose(ours.logits, out.logits.numpy(), atol=1e-5)
     # The logits-only forward (last layer for [CLS] alone) against the same reference.
-    plain = Bert(cfg).apply({"params": params}, ids, mask, types)
+    plain = forward(cfg, params, ids, mask, types)
     np.testing.assert_allclose(plain.logits, out.logits.numpy(), atol=1e-5)
     valid = mask.astype(bool)
     for h_ours, h_torch in zip(ours.hidden_states, out.hidden_states):
@@ -176,10 +180,10 @@ def test_heads_share_the_encoder_and_differ_only_in_their_own_params(params, tok
     assert sorted(token_params["head"]) == ["classifier"]
     assert jax.tree.structure(params["encoder"]) == jax.tree.structure(token_params["encoder"])
     ids, mask, types = _batch()
-    out = apply_model(TOKEN, token_params, ids, mask, types)
+    out = jax.jit(functools.partial(apply_model, TOKEN))(token_params, ids, mask, types)
     assert out.logits.shape == (3, 7, 5) and out.logits.dtype == jnp.float32
     # A token head reads every position: the hidden states of the full forward give its logits.
-    full = Bert(TOKEN).apply({"params": token_params}, ids, mask, types, output_hidden_states=True)
+    full = forward(TOKEN, token_params, ids, mask, types, output_hidden_states=True)
     np.testing.assert_allclose(full.logits, out.logits, atol=1e-6)
 
 
@@ -197,6 +201,6 @@ def test_token_head_matches_pytorch_bert_for_token_classification(token_params, 
         ref = model.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
                            attention_mask=torch.tensor(mask),
                            token_type_ids=torch.tensor(types, dtype=torch.long)).logits.numpy()
-    ours = np.asarray(apply_model(TOKEN, token_params, ids, mask, types).logits)
+    ours = np.asarray(jax.jit(functools.partial(apply_model, TOKEN))(token_params, ids, mask, types).logits)
     valid = mask.astype(bool)
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-5)

@@ -44,6 +44,9 @@ def world(request):
     return dict(kind=kind, student=student_cfg, teacher=teacher_cfg, loss=loss_cfg, optim=optim_cfg,
                 state=state, teacher_params=teacher_params, batches=batches, step_fn=step_fn,
                 jit_step=jax.jit(step_fn), mesh=mesh,
+                # Jitted once per module: eager, a forward dispatches hundreds of small ops.
+                student_logits=jax.jit(steps.make_logits_fn(student_cfg)),
+                teacher_logits=jax.jit(steps.make_logits_fn(teacher_cfg)),
                 mesh_step=helpers.compile_mesh_step(step_fn, mesh, state, teacher_params))
 
 
@@ -107,7 +110,9 @@ def _with_transfer_rows(batch: dict, rng: np.random.Generator) -> dict:
 _NOT_PER_STEP = ("grad_norm", "learning_rate")
 
 
-@pytest.mark.parametrize("transfer", [False, True], ids=["labelled", "transfer_rows"])
+# The labelled case is slow: the transfer case has padding rows too and transfer rows besides.
+@pytest.mark.parametrize("transfer", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["labelled", "transfer_rows"])
 @sequence_fast
 def test_pmap_equals_mesh_jit(world, transfer):
     # Full attention masks: token-averaged terms are then exact under per-device weighting too;
@@ -203,7 +208,7 @@ def test_teacher_is_frozen(world, four_device_run):
 
 
 def _with_cache(world, batch):
-    logits = steps.make_logits_fn(world["teacher"])(world["teacher_params"], batch)
+    logits = world["teacher_logits"](world["teacher_params"], batch)
     return {**batch, "teacher_logits": np.asarray(logits)}
 
 
@@ -257,10 +262,8 @@ def test_bf16_compute_keeps_fp32_params_and_losses(world):
 def test_distill_metrics_match_numpy(world):
     batch = world["batches"][0]
     _, metrics = world["jit_step"](world["state"], world["teacher_params"], batch, jax.random.key(0))
-    s_logits = np.asarray(jax.jit(steps.make_logits_fn(world["student"]))(
-        world["state"].params, batch))
-    t_logits = np.asarray(jax.jit(steps.make_logits_fn(world["teacher"]))(
-        world["teacher_params"], batch))
+    s_logits = np.asarray(world["student_logits"](world["state"].params, batch))
+    t_logits = np.asarray(world["teacher_logits"](world["teacher_params"], batch))
     labels, T = batch["labels"], world["loss"].temperature
     if world["kind"] == "span":  # start and end: distributions over each row's real tokens
         mask = batch["attention_mask"][:, None, :] > 0
@@ -335,7 +338,7 @@ def test_finetune_step_matches_torch_sgd(world):
 @sequence_fast
 def test_logits_fn_shapes(world):
     batch = world["batches"][0]
-    logits = steps.make_logits_fn(world["student"])(world["state"].params, batch)
+    logits = world["student_logits"](world["state"].params, batch)
     shape = {"sequence": (helpers.BATCH, 3), "token": (helpers.BATCH, helpers.LENGTH, 3),
              "span": (helpers.BATCH, helpers.LENGTH, 2)}[world["kind"]]
     assert logits.dtype == jnp.float32 and logits.shape == shape
@@ -349,7 +352,7 @@ def test_regression_head_trains_on_squared_error(world):
     batch = {**world["batches"][0], "labels": np.linspace(-1, 1, helpers.BATCH).astype(np.float32)}
     state = steps.TrainState.create(init_params(cfg, jax.random.key(0)), optax.sgd(0.0))
     _, metrics = jax.jit(steps.make_finetune_step(cfg))(state, batch, jax.random.key(0))
-    pred = np.asarray(steps.make_logits_fn(cfg)(state.params, batch))[:, 0]
+    pred = np.asarray(jax.jit(steps.make_logits_fn(cfg))(state.params, batch))[:, 0]
     w = batch["weights"]
     np.testing.assert_allclose(metrics["loss/mse"], (w * (pred - batch["labels"]) ** 2).sum() / w.sum(),
                                rtol=1e-5)

@@ -3,9 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import tiny_model_config
+from helpers import forward, tiny_model_config
 from jaxkd import hf
-from jaxkd.model import Bert, init_params
+from jaxkd.model import init_params
 from jaxkd.student import student_from_pretrained, student_from_shape, student_from_teacher
 
 TEACHER = tiny_model_config("sequence", 3, vocab_size=40, num_layers=6, num_heads=4,
@@ -38,7 +38,7 @@ def test_student_from_layers_copies_teacher_weights(teacher_params):
             np.testing.assert_array_equal(value, t_flat[path])
             assert value is not t_flat[path]  # a copy: donating the student must not free the teacher
     ids = np.array([[1, 5, 7, 2]])
-    assert Bert(cfg).apply({"params": params}, ids).logits.shape == (1, 3)
+    assert forward(cfg, params, ids).logits.shape == (1, 3)
 
 
 @pytest.mark.parametrize("layers, match", [

@@ -218,7 +218,8 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("regression", [False, True])
+# The regression case is slow (another compile of the step; still run in CI).
+@pytest.mark.parametrize("regression", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_transfer_rows_weigh_zero_in_the_hard_loss_and_fully_in_kd(regression):
     num_labels = 1 if regression else 3
     cfg = tiny_model_config("sequence", num_labels, vocab_size=2000, num_layers=1,
