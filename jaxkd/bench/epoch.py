@@ -228,8 +228,10 @@ def epoch_both(a: argparse.Namespace, setup: EpochSetup) -> float:
         print(f"median {impl}: warm {m['warm_s']:.1f} s ({n / m['warm_s']:.1f} ex/s), "
               f"cold {m['cold_s']:.1f} s ({n / m['cold_s']:.1f} ex/s)")
     print(f"cold ratio jaxkd/PyTorch {med['jaxkd']['cold_s'] / med['torch']['cold_s']:.3f}; "
-          f"task {setup.task}; teacher: fresh classifier head (speed only, not fine-tuned); "
-          f"{threads()} threads each")
+          f"task {setup.task}; teacher: "
+          + ("fresh classifier head (speed only, not fine-tuned); " if setup.resolved_task.finetunes
+             else "used as it is; ")
+          + f"{threads()} threads each")
     ratio = med["jaxkd"]["warm_s"] / med["torch"]["warm_s"]
     print(f"{ratio:.3f}")
     return ratio
