@@ -209,7 +209,10 @@ def test_devices_processes_and_a_kill_resume_give_one_student(tmp_path, st_teach
     proc = launch(one, tmp_path / "one.yaml")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    same(tmp_path / "one", 1e-5)
+    # One device sums the batch's gradient in another order than four: last-bit differences,
+    # which Adam's division by sqrt(v) shows in a parameter whose gradient is near zero (1.5e-5
+    # seen in one of 976,704 values); a real fault moves parameters by whole updates (lr 1e-3).
+    same(tmp_path / "one", 1e-4)
 
     port = free_port()
     multi = embed_config(tmp_path / "multi", st_teacher, sts_data,
