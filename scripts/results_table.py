@@ -49,7 +49,7 @@ def _describe(report: dict) -> str:
              ("hidden_weight", "embedding_weight", "attention_score_weight", "attention_kl_weight",
               "value_relation_weight") if d.get(name)]
     if report.get("task_type") == "sentence_embedding":  # no KD on logits: the task's own terms
-        loss = report["loss"]
+        loss = report.get("loss", "embedding loss (not recorded by this report's code)")
     elif d.get("steps") == 0:
         loss = "none (teacher layers, untrained)"
     elif d["alpha"] == 0 and not terms:
@@ -109,7 +109,8 @@ def table(reports: dict[str, dict]) -> str:
              "| latency b1 (ms) | distill steps | distill wall (s) | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, members in groups.items():
-        first = members[0][1]
+        # A group is described by a member whose report records its loss in words, if any.
+        first = next((r for _, r in members if "loss" in r), members[0][1])
         for metric in first["metric_names"]:
             student = [r["student"]["metrics"][metric] for _, r in members]
             teacher = [r["teacher"]["metrics"][metric] for _, r in members]
@@ -183,7 +184,7 @@ def embedding_table(reports: dict[str, dict]) -> str:
              "| params (M) | speed-up b1 | throughput ratio | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, members in groups.items():
-        first = members[0]
+        first = next((r for r in members if "loss" in r), members[0])
         split = first["report_split"]
         agreement = [r["agreement"][split] for r in members]
         recall_key = next(k for k in agreement[0] if k.startswith("recall@"))
