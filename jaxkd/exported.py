@@ -273,8 +273,7 @@ def model_task(info: ModelInfo, *, text: str | None = None, text_pair: str | Non
         if key in kind.INPUT_FLAGS and value is not None:
             given.setdefault(key, value)
     try:
-        return tasks.resolve(kind.exported_config(info.label_names, info.regression, given),
-                             data_cfg).for_teacher(info.directory)
+        return tasks.resolve(kind.exported_config(info.label_names, info.regression, given), data_cfg)
     except DataError as err:
         raise UsageError(f"{info.directory}: {err}") from err
 
@@ -320,13 +319,12 @@ def load_tokenizer(info: ModelInfo, max_seq_len: int, words: bool = False):
 
 
 def load_model(info: ModelInfo, tokenizer, dtype: str | None = None, task=None) -> LoadedModel:
-    """The weights (as `task` reads its models: `Task.load_model`), refusing a checkpoint whose
-    classifier would have to be made up."""
+    """The weights (as `task`, resolved for the directory by `Task.for_teacher`, reads its
+    models: `Task.load_model`), refusing a checkpoint whose classifier would have to be made up."""
     try:
         if task is None:
             cfg, params, report = hf.load_hf(info.directory, dtype=dtype, return_report=True)
         else:
-            task = task.for_teacher(info.directory)
             cfg, params, report = task.load_model(task.encoder_dir(info.directory), info.head,
                                                   dtype=dtype, return_report=True)
     except (FileNotFoundError, hf.CheckpointError, DataError) as err:
@@ -377,12 +375,22 @@ def _run(model: LoadedModel, task, examples, data_cfg: DataConfig, progress: Cal
     return encoded, outputs
 
 
+def _for_directory(task, info: ModelInfo):
+    """The task with what it reads from the model's directory (`Task.for_teacher`: a sentence
+    embedder's pooling and lower-casing), read once for loading and encoding."""
+    try:
+        return task.for_teacher(info.directory)
+    except DataError as err:
+        raise UsageError(f"{info.directory}: {err}") from err
+
+
 def predict_examples(info: ModelInfo, task, examples, lines: Sequence[int], data_cfg: DataConfig,
                      *, dtype: str | None = None, progress: Callable | None = None,
                      with_outputs: bool = False):
     """One prediction per example (`load_input`'s), each led by its input `line`; with
     `with_outputs`, also the model's output rows ([N, C]: logits, or embeddings; a pair of
     sentences to embed is two rows, all first sentences then all second ones)."""
+    task = _for_directory(task, info)
     tokenizer = load_tokenizer(info, data_cfg.max_seq_len, words=task.pretokenized)
     model = load_model(info, tokenizer, dtype, task)
     encoded, outputs = _run(model, task, examples, data_cfg, progress)
@@ -400,6 +408,7 @@ def evaluate_model(model_dir, task, data_cfg: DataConfig, source: str, *, by_pos
     info = inspect_model(model_dir)
     order = label_order(task, info, by_position)
     examples, _ = load_input(task, data_cfg, source, require_labels=True, format_flag=format_flag)
+    task = _for_directory(task, info)
     tokenizer = load_tokenizer(info, data_cfg.max_seq_len, words=task.pretokenized)
     model = load_model(info, tokenizer, dtype, task)
     encoded, outputs = _run(model, task, examples, data_cfg, progress_bar("evaluate", not quiet))

@@ -110,8 +110,8 @@ def directory_head(directory, hf_config: dict):
     `directory_head`, e.g. a sentence-transformers directory), else None: the head is then
     the checkpoint's architecture's."""
     for module in KINDS.values():
-        head = module.directory_head(directory, hf_config) if hasattr(module, "directory_head") \
-            else None
+        find = getattr(module, "directory_head", None)
+        head = None if find is None else find(directory, hf_config)
         if head is not None:
             return head
     return None
@@ -127,5 +127,6 @@ def objective(head: HeadConfig) -> Objective:
     return kind_of_head(head.kind).objective(head)
 
 
-__all__ = ["KINDS", "Objective", "Task", "TaskConfig", "check_config", "check_run", "check_transfer", "directory_head", "config_class",
-           "kind", "kind_of_head", "keys", "objective", "resolve", "task_config"]
+__all__ = ["KINDS", "Objective", "Task", "TaskConfig", "check_config", "check_run", "check_transfer",
+           "config_class", "directory_head", "kind", "kind_of_head", "keys", "objective", "resolve",
+           "task_config"]

@@ -92,6 +92,8 @@ class Task:
     # The reference trains on the teacher's sentence embeddings, computed once (mean pooling,
     # then unit length), by MSE: sentence-transformers' distillation recipe.
     torch_embeddings: ClassVar[bool] = False
+    # Whether a teacher of this kind can be fine-tuned on its labels (a teacher stage).
+    finetunes: ClassVar[bool] = True
     name: str
     label_names: tuple[str, ...]
     metrics: tuple[str, ...]
@@ -99,9 +101,6 @@ class Task:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
-
-    # Whether a teacher of this kind can be fine-tuned on its labels (a teacher stage).
-    finetunes: ClassVar[bool] = True
 
     def head(self) -> HeadConfig:
         return HeadConfig(kind=self.head_kind, num_labels=self.num_labels)
