@@ -220,7 +220,6 @@ class EmbeddingTask(Task):
     label_names: tuple[str, ...] = ()
     lowercase: bool = False
     teacher_dir: pathlib.Path | None = None  # the Hugging Face encoder's own directory
-    teacher_max_seq_length: int | None = None
     dense_dir: pathlib.Path | None = None  # the teacher's Dense module, if it has one
     dense_width: int = 0
 
@@ -246,7 +245,6 @@ class EmbeddingTask(Task):
         found = sbert.layout(directory, self.pooling, self.normalize)
         return dataclasses.replace(self, pooling=found.pooling, normalize=found.normalize,
                                    lowercase=found.lowercase, teacher_dir=found.encoder_dir,
-                                   teacher_max_seq_length=found.max_seq_length,
                                    dense_dir=found.dense_dir, dense_width=found.dense_width)
 
     def encoder_dir(self, directory: pathlib.Path) -> pathlib.Path:
