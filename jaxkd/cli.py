@@ -3,6 +3,7 @@
     jaxkd train --config configs/sst2.yaml [key=value ...]   distil (train.py)
     jaxkd predict MODEL_DIR INPUT [--output OUT.jsonl]       run an exported classifier
     jaxkd evaluate MODEL_DIR --config X.yaml | --task NAME --data FILE   its task metrics
+    jaxkd export MODEL_DIR --onnx [--int8] [--output DIR]    ONNX files of a model directory
     jaxkd bench step|epoch|mfu ...                           benchmarks (jaxkd.bench)
 
 `jaxkd COMMAND --help` describes each.
@@ -31,6 +32,11 @@ def _evaluate(argv: list[str], reexec: bool) -> int:
     return evaluate.main(argv, prog="jaxkd evaluate")
 
 
+def _export(argv: list[str], reexec: bool) -> int:
+    from jaxkd import export
+    return export.main(argv, prog="jaxkd export")
+
+
 def _bench(argv: list[str], reexec: bool) -> int:
     from jaxkd.bench.__main__ import main
     return main(argv, reexec=reexec)
@@ -42,6 +48,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str], bool], int], str]] = {
     "train": (_train, "distil a teacher into a student (train.py)"),
     "predict": (_predict, "predictions of an exported classifier, one JSON line per row"),
     "evaluate": (_evaluate, "task metrics of an exported classifier on labelled data"),
+    "export": (_export, "ONNX (fp32, int8) files of a model directory"),
     "bench": (_bench, "benchmarks: step, epoch, mfu (jaxkd.bench)"),
 }
 

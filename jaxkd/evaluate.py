@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         if trained is not None and trained != data_cfg.max_seq_len:
             print(f"evaluate: note: the model was exported with max_seq_len {trained}",
                   file=sys.stderr)
-    scores = evaluate_model(info.directory, task, data_cfg, source, by_position=args.by_position,
+    scores = evaluate_model(info, task, data_cfg, source, by_position=args.by_position,
                             dtype=args.dtype, quiet=args.quiet,
                             format_flag="data.format" if args.config else "--format")
     for name, value in scores.items():

@@ -57,6 +57,7 @@ class ModelInfo:
     max_length: int  # the longest input its position table holds
     vocab_size: int
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # export_settings
+    onnx: pathlib.Path | None = None  # run this ONNX file (in `directory`) instead of the weights
 
     @property
     def head_kind(self) -> str:
@@ -77,6 +78,11 @@ def inspect_model(model_dir: str | os.PathLike) -> ModelInfo:
     from jaxkd.model import HEADS
 
     text = str(model_dir)
+    if text.endswith(".onnx"):
+        path = pathlib.Path(text).expanduser()
+        if not path.is_file():
+            raise UsageError(f"ONNX file not found: {text}")
+        return dataclasses.replace(inspect_model(path.parent), onnx=path)
     if text.startswith("pkg:"):
         try:
             directory = hf.resolve_dir(text)
@@ -88,7 +94,7 @@ def inspect_model(model_dir: str | os.PathLike) -> ModelInfo:
             raise UsageError(f"model directory not found: {text}")
         if not directory.is_dir():
             raise UsageError(f"{text} is a file; pass the model directory (config.json, "
-                             "model.safetensors and the tokenizer files)")
+                             "model.safetensors and the tokenizer files) or a .onnx file in it")
     if not (directory / "config.json").is_file():
         raise UsageError(f"{directory} has no config.json: not a Hugging Face model directory")
     try:
@@ -297,9 +303,10 @@ def label_order(task, info: ModelInfo, by_position: bool = False) -> np.ndarray 
 @dataclasses.dataclass
 class LoadedModel:
     info: ModelInfo
-    config: Any  # jaxkd.model.ModelConfig
+    config: Any  # jaxkd.model.ModelConfig; None for an ONNX model
     params: Any
     tokenizer: Any
+    runner: Callable | None = None  # an ONNX model's (params, batch) -> outputs, on the host
 
 
 def load_tokenizer(info: ModelInfo, max_seq_len: int, words: bool = False):
@@ -320,7 +327,10 @@ def load_tokenizer(info: ModelInfo, max_seq_len: int, words: bool = False):
 
 def load_model(info: ModelInfo, tokenizer, dtype: str | None = None, task=None) -> LoadedModel:
     """The weights (as `task`, resolved for the directory by `Task.for_teacher`, reads its
-    models: `Task.load_model`), refusing a checkpoint whose classifier would have to be made up."""
+    models: `Task.load_model`), refusing a checkpoint whose classifier would have to be made up.
+    An ONNX model (`info.onnx`) runs in ONNX Runtime; its directory's weights are not read."""
+    if info.onnx is not None:
+        return _load_onnx(info, tokenizer, dtype)
     try:
         if task is None:
             cfg, params, report = hf.load_hf(info.directory, dtype=dtype, return_report=True)
@@ -333,6 +343,22 @@ def load_model(info: ModelInfo, tokenizer, dtype: str | None = None, task=None) 
         raise UsageError(f"{info.directory}: the weights lack the trained {', '.join(report.fresh)} "
                          f"of a {info.architecture}; predictions would be random")
     return LoadedModel(info, cfg, params, tokenizer)
+
+
+def _load_onnx(info: ModelInfo, tokenizer, dtype: str | None) -> LoadedModel:
+    if dtype is not None:
+        raise UsageError(f"{info.onnx} is an ONNX model: it runs as it was exported, so a dtype "
+                         f"({dtype}) cannot be chosen; pass the model directory to run it in JAX")
+    from jaxkd import deploy
+    try:
+        return LoadedModel(info, None, None, tokenizer, runner=deploy.runner(info.onnx))
+    except (ImportError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
+def load_weights(info: ModelInfo) -> LoadedModel:
+    """The directory's model as its own task reads it, without a tokenizer (export)."""
+    return load_model(info, None, task=_for_directory(model_task(info), info))
 
 
 # ----------------------------------------------------------------------------- running
@@ -354,6 +380,10 @@ def model_outputs(model: LoadedModel, encoded, *, per_token: bool, batch_size: i
 
     from jaxkd import inference, sharding
 
+    if model.runner is not None:  # an ONNX model: host batches, one session
+        return inference.predict(model.runner, None, encoded, batch_size=max(1, batch_size),
+                                 mesh=None, bucket_multiple=bucket_multiple,
+                                 max_seq_len=max_seq_len, per_token=per_token, progress=progress)
     mesh = sharding.make_mesh() if mesh is None else mesh
     devices = mesh.size
     # Every device gets rows; no batch is larger than the input needs.
@@ -404,8 +434,9 @@ def predict_examples(info: ModelInfo, task, examples, lines: Sequence[int], data
 def evaluate_model(model_dir, task, data_cfg: DataConfig, source: str, *, by_position: bool = False,
                    dtype: str | None = None, quiet: bool = True,
                    format_flag: str = "data.format") -> dict[str, float]:
-    """Task metrics (primary first) of the model in `model_dir` on the labelled `source`."""
-    info = inspect_model(model_dir)
+    """Task metrics (primary first) of the model in `model_dir` (or its `ModelInfo`) on the
+    labelled `source`."""
+    info = model_dir if isinstance(model_dir, ModelInfo) else inspect_model(model_dir)
     order = label_order(task, info, by_position)
     examples, _ = load_input(task, data_cfg, source, require_labels=True, format_flag=format_flag)
     task = _for_directory(task, info)

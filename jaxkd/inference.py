@@ -35,7 +35,7 @@ def jit_logits_fn(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
     return jax.jit(steps.make_logits_fn(model_cfg), in_shardings=(None, sharding.batch_sharding(mesh)))
 
 
-def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: int, mesh: Mesh,
+def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: int, mesh: Mesh | None,
             bucket_multiple: int, max_seq_len: int, per_token: bool,
             progress: Callable | None = None, check_stop: Callable[[], None] | None = None,
             in_flight: int = 8) -> np.ndarray:
@@ -43,7 +43,8 @@ def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: i
 
     `progress(iterable)` may wrap the batches (a progress bar). Up to `in_flight` batches are
     dispatched before the oldest result is read back: the host prepares the next batches while
-    the device computes, and the outputs waiting on the device stay bounded. `check_stop()` is
+    the device computes, and the outputs waiting on the device stay bounded. `mesh` None: the
+    batches stay on the host (a `logits_fn` that runs there, as an ONNX Runtime session). `check_stop()` is
     called every `in_flight` batches (on every process alike) and may raise to stop.
     """
     batches = data_lib.EvalBatches(encoded, batch_size, bucket_multiple=bucket_multiple,
@@ -67,7 +68,7 @@ def predict(logits_fn: Callable, params: Any, encoded: Encoded, *, batch_size: i
             out[index[real]] = logits[real]
 
     for i, local in enumerate(progress(batches) if progress else batches):
-        batch = sharding.global_batch(local, mesh)
+        batch = local if mesh is None else sharding.global_batch(local, mesh)
         pending.append((logits_fn(params, batch), batch["index"]))
         if len(pending) > in_flight:
             read_oldest()

@@ -146,6 +146,11 @@ class HeadSpec:
                   `module(...)(hidden, deterministic, mask)`
     bare          the transformers class is the family's bare encoder (hf_suffix "Model"), so a
                   checkpoint's architecture never names this kind (`hf.checkpoint_head_kind`)
+    onnx          the head as ONNX ops: `onnx(g, encoder, head, params, hidden, mask) -> value`,
+                  `g` a `jaxkd.deploy.graph.Graph`, `params` the head's (fp32 NumPy), `hidden` the
+                  last hidden states [B, L, H] and `mask` the attention mask [B, L] as float;
+                  None: the kind cannot be exported to ONNX
+    onnx_output   the ONNX graph's output name
     """
 
     kind: str
@@ -158,6 +163,8 @@ class HeadSpec:
     dropout_keys: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     reads_mask: bool = False
     bare: bool = False
+    onnx: Any = None
+    onnx_output: str = "logits"
 
     def modules(self, base: str) -> tuple[tuple[str, str], ...]:
         """The head's (Flax module, checkpoint module) pairs in the family whose base is `base`."""

@@ -311,7 +311,7 @@ def test_cli_dispatch(models, labelled, capsys):
                                         "sentence", "--data", data, "--max-seq-len", MAX_LEN, "-q"])
     assert code == 0, err
     assert _scores(out)["accuracy"] == pytest.approx(accuracy, abs=1e-6)
-    for command in ("train", "predict", "evaluate", "bench"):
+    for command in ("train", "predict", "evaluate", "export", "bench"):
         code, out, _ = _run(capsys, cli, [command, "--help"])
         assert code == 0 and "usage:" in out, command
     code, _, err = _run(capsys, cli, ["predcit"])
@@ -478,3 +478,60 @@ def test_unknown_suffix_names_the_flag(models, labelled, tmp_path, capsys):
     code, out, err = _run(capsys, predict, [models["seq"], odd, "--format", "tsv",
                                             "--max-seq-len", MAX_LEN, "-q"])
     assert code == 0 and len(_lines(out)) == len(TEXTS), err
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+@pytest.mark.parametrize("name, data", [("seq", None), ("ner", None)])
+def test_onnx_export_then_predict_equals_the_directory(models, tmp_path, capsys, name, data):
+    """`jaxkd export --onnx --int8 --output DIR`, then `jaxkd predict DIR/model.onnx` gives the
+    directory's predictions (fp32 within 1e-4); the int8 model runs and stays close."""
+    pytest.importorskip("onnxruntime")
+    if name == "seq":
+        source = _write_tsv(tmp_path / "in.tsv", ["sentence"], [[t] for t in TEXTS])
+    else:
+        source = tmp_path / "in.jsonl"
+        source.write_text("".join(json.dumps({"tokens": s}) + "\n" for s in SENTENCES))
+    out_dir = tmp_path / "deploy"
+    code, out, err = _run(capsys, cli, ["export", models[name], "--onnx", "--int8", "--output", out_dir])
+    assert code == 0, err
+    assert (out_dir / "model.onnx").is_file() and (out_dir / "model.int8.onnx").is_file()
+    assert not (out_dir / "model.safetensors").exists()  # the ONNX file holds the weights
+    base = ["--max-seq-len", MAX_LEN, "-q"]
+    if name == "seq":  # .npy: the raw output rows
+        arrays = {}
+        for label, model in (("jax", models[name]), ("onnx", out_dir / "model.onnx"),
+                             ("int8", out_dir / "model.int8.onnx")):
+            target = tmp_path / f"{label}.npy"
+            code, _, err = _run(capsys, predict, [model, source, "--output", target, *base])
+            assert code == 0, err
+            arrays[label] = np.load(target)
+        np.testing.assert_allclose(arrays["onnx"], arrays["jax"], atol=1e-4)
+        assert np.abs(arrays["int8"] - arrays["jax"]).max() < 0.1 * np.abs(arrays["jax"]).max()
+    else:  # token classification: the JSON lines, tags and entities, are the same
+        code, jax_out, err = _run(capsys, predict, [models[name], source, *base])
+        assert code == 0, err
+        code, onnx_out, err = _run(capsys, predict, [out_dir / "model.onnx", source, *base])
+        assert code == 0, err
+        assert _lines(onnx_out) == _lines(jax_out)
+
+
+def test_onnx_usage_errors(models, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    code, _, err = _run(capsys, cli, ["export", models["seq"]])
+    assert code == 2 and "pass --onnx" in err
+    code, _, err = _run(capsys, predict, [tmp_path / "missing.onnx", "-"])
+    assert code == 2 and "ONNX file not found" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in pathlib.Path(models["seq"]).iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "model.onnx").write_bytes(b"not a model")
+    source = _write_tsv(tmp_path / "in.tsv", ["sentence"], [["fine"]])
+    code, _, err = _run(capsys, predict, [bad / "model.onnx", source, "-q", "--max-seq-len", MAX_LEN])
+    assert code == 2 and "not an ONNX model ONNX Runtime can run" in err
+    code, _, err = _run(capsys, predict, [bad / "model.onnx", source, "-q", "--max-seq-len", MAX_LEN,
+                                          "--dtype", "bfloat16"])
+    assert code == 2 and "runs as it was exported" in err

@@ -111,9 +111,18 @@ class EmbeddingHead(nn.Module):
         return sbert.l2_normalize(out) if self.head.normalize else out
 
 
+def onnx_head(g, encoder: BertConfig, head: HeadConfig, params, hidden, mask):
+    """EmbeddingHead as ONNX ops (`HeadSpec.onnx`)."""
+    pooled = [sbert.onnx_pool(g, hidden, mask, m) for m in head.pooling]
+    out = pooled[0] if len(pooled) == 1 else g.op("Concat", *pooled, axis=-1)
+    if head.projection:
+        out = g.dense(out, params["projection"], "projection")
+    return g.l2_normalize(out, sbert.NORM_EPS) if head.normalize else out
+
+
 HEAD = model_lib.register_head(model_lib.HeadSpec(
     kind=TYPE, module=EmbeddingHead, hf_suffix="Model", hf_modules={}, num_labels=1,
-    reads_mask=True, bare=True))
+    reads_mask=True, bare=True, onnx=onnx_head, onnx_output="sentence_embedding"))
 
 
 def output_width(encoder: BertConfig, head: HeadConfig) -> int:

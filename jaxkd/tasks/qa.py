@@ -113,10 +113,14 @@ class SpanHead(nn.Module):
         return model_lib.dense(self.encoder, 2, "qa_outputs", dtype=jnp.float32)(x_BxLxH)
 
 
+def onnx_head(g, encoder: BertConfig, head: HeadConfig, params, hidden, mask):  # HeadSpec.onnx
+    return g.dense(hidden, params["qa_outputs"], "qa_outputs")
+
+
 HEAD = model_lib.register_head(model_lib.HeadSpec(
     kind="span", module=SpanHead, hf_suffix="ForQuestionAnswering",
     hf_modules={"*": (("qa_outputs", "qa_outputs"),)}, num_labels=2,
-    dropout_keys={"distilbert": None}))
+    dropout_keys={"distilbert": None}, onnx=onnx_head))
 
 
 def objective(head: HeadConfig) -> Objective:

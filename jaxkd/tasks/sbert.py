@@ -35,8 +35,8 @@ _LEGACY_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "ma
                  "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                  "pooling_mode_weightedmean_tokens": "weightedmean",
                  "pooling_mode_lasttoken": "lasttoken"}
-_MASK_EPS = 1e-9  # sentence-transformers' clamp of the token count
-_NORM_EPS = 1e-12  # torch.nn.functional.normalize's
+MASK_EPS = 1e-9  # sentence-transformers' clamp of the token count
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's
 
 
 # ----------------------------------------------------------------------------- computing
@@ -56,15 +56,38 @@ def pool(hidden_BxLxH: Array, mask_BxL: Array, mode: str) -> Array:
         return jnp.where(real_B[:, None], top, 0.0)
     if mode in ("mean", "mean_sqrt_len_tokens"):
         total = jnp.sum(x * mask[..., None], axis=1)
-        count = jnp.maximum(jnp.sum(mask, axis=1, dtype=jnp.float32), _MASK_EPS)[:, None]
+        count = jnp.maximum(jnp.sum(mask, axis=1, dtype=jnp.float32), MASK_EPS)[:, None]
         return total / (count if mode == "mean" else jnp.sqrt(count))
+    raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
+
+
+def onnx_pool(g, hidden: str, mask: str, mode: str) -> str:
+    """`pool` as ONNX ops (`jaxkd.deploy.graph.Graph` `g`): hidden [B, L, H], mask [B, L] float."""
+    mask3 = g.op("Unsqueeze", mask, g.ints([-1], "axes"))  # [B, L, 1]
+    if mode == "cls":  # a one-hot of the first real position, summed over positions
+        first = g.op("ArgMax", mask, axis=1, keepdims=1)  # [B, 1]
+        length = g.op("Gather", g.op("Shape", mask), g.ints(1, "dim"), axis=0)
+        onehot = g.op("Equal", g.op("Range", g.ints(0, "start"), length, g.ints(1, "delta")), first)
+        weights = g.op("Unsqueeze", g.op("Cast", onehot, to=1), g.ints([-1], "axes"))
+        return g.op("ReduceSum", g.op("Mul", hidden, weights), g.ints([1], "axes"), keepdims=0)
+    if mode == "max":
+        real3 = g.op("Greater", mask3, g.const(0.0, "zero"))
+        top = g.op("ReduceMax", g.op("Where", real3, hidden, g.const(-np.inf, "neg_inf")),
+                   axes=[1], keepdims=0)  # opset 17: axes an attribute
+        real = g.op("Greater", g.op("ReduceMax", mask, axes=[1], keepdims=1), g.const(0.0, "zero"))
+        return g.op("Where", real, top, g.const(0.0, "zero"))
+    if mode in ("mean", "mean_sqrt_len_tokens"):
+        total = g.op("ReduceSum", g.op("Mul", hidden, mask3), g.ints([1], "axes"), keepdims=0)
+        count = g.op("Max", g.op("ReduceSum", mask, g.ints([1], "axes"), keepdims=1),
+                     g.const(MASK_EPS, "eps"))
+        return g.op("Div", total, count if mode == "mean" else g.op("Sqrt", count))
     raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
 
 
 def l2_normalize(x_BxD: Array) -> Array:
     """Rows of unit L2 length (torch's F.normalize: x / max(|x|, 1e-12))."""
     x = jnp.asarray(x_BxD, jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)
 
 
 def sentence_embeddings(hidden_BxLxH: Array, mask_BxL: Array, pooling: Sequence[str] | str,

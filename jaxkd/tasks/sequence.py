@@ -88,6 +88,13 @@ class SequenceHead(nn.Module):
         return model_lib.dense(cfg, self.head.num_labels, "classifier", dtype=jnp.float32)(pooled_BxH)
 
 
+def onnx_head(g, encoder: BertConfig, head: HeadConfig, params, hidden, mask):
+    """SequenceHead as ONNX ops (`HeadSpec.onnx`)."""
+    cls = g.op("Gather", hidden, g.ints(0, "cls"), axis=1)  # [B, H]
+    pooled = g.activation(g.dense(cls, params["pooler"], "pooler"), head.pooler_activation)
+    return g.dense(pooled, params["classifier"], "classifier")
+
+
 # The classification head of RoBERTa, XLM-R and ELECTRA: dense + activation + out_proj.
 _CLASSIFICATION_HEAD = (("pooler", "classifier.dense"), ("classifier", "classifier.out_proj"))
 HEAD = model_lib.register_head(model_lib.HeadSpec(
@@ -96,7 +103,7 @@ HEAD = model_lib.register_head(model_lib.HeadSpec(
                 "distilbert": (("pooler", "pre_classifier"), ("classifier", "classifier")),
                 "*": _CLASSIFICATION_HEAD},
     reads_cls_only=True, single_output_regression=True,
-    dropout_keys={"distilbert": "seq_classif_dropout"}), default=True)
+    dropout_keys={"distilbert": "seq_classif_dropout"}, onnx=onnx_head), default=True)
 
 
 def objective(head: HeadConfig) -> Objective:

@@ -86,10 +86,16 @@ class TokenHead(nn.Module):
                                dtype=jnp.float32)(x_BxLxH)
 
 
+def onnx_head(g, encoder: BertConfig, head: HeadConfig, params, hidden, mask):
+    """TokenHead as ONNX ops (`HeadSpec.onnx`)."""
+    return g.dense(hidden, params["classifier"], "classifier")
+
+
 HEAD = model_lib.register_head(model_lib.HeadSpec(
     kind="token", module=TokenHead, hf_suffix="ForTokenClassification",
     hf_modules={"*": (("classifier", "classifier"),)},
-    dropout_keys={"distilbert": None}))  # DistilBERT's token head uses its `dropout`
+    dropout_keys={"distilbert": None},  # DistilBERT's token head uses its `dropout`
+    onnx=onnx_head))
 
 
 def objective(head: HeadConfig) -> Objective:
