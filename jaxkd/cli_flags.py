@@ -55,6 +55,18 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-seq-len must be >= 3 ([CLS] token [SEP]), got {args.max_seq_len}")
 
 
+def run_main(p: argparse.ArgumentParser, run, argv, intermixed: bool = False) -> int:
+    """A command's main(): parse `argv`, then `run(args)`; a `UsageError` becomes `error: ...`
+    on stderr and exit code 2, as does a bad flag (argparse's own exit codes pass through)."""
+    args = parse(p, argv, intermixed=intermixed)
+    if isinstance(args, int):
+        return args
+    try:
+        return run(args)
+    except UsageError as err:
+        return fail(str(err))
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE

@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 
 from jaxkd import exported
-from jaxkd.cli_flags import EXIT_USAGE, UsageError, add_run_flags, check_run_flags, fail, parse
+from jaxkd.cli_flags import EXIT_USAGE, UsageError, add_run_flags, check_run_flags, run_main
 from jaxkd.exported import evaluate_model, label_order
 
 SPLITS = ("test", "eval")
@@ -161,13 +161,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = parse(parser(prog), argv, intermixed=True)
-    if isinstance(args, int):
-        return args
-    try:
-        return run(args)
-    except UsageError as err:
-        return fail(str(err))
+    return run_main(parser(prog), run, argv, intermixed=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxkd.cli_flags import EXIT_USAGE, UsageError, fail, parse
+from jaxkd.cli_flags import EXIT_USAGE, UsageError, run_main
 
 __all__ = ["EXIT_USAGE", "main", "parser"]
 
@@ -55,13 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = parse(parser(prog), argv)
-    if isinstance(args, int):
-        return args
-    try:
-        return run(args)
-    except UsageError as err:
-        return fail(str(err))
+    return run_main(parser(prog), run, argv)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxkd import exported
-from jaxkd.cli_flags import EXIT_USAGE, UsageError, add_run_flags, check_run_flags, fail, parse
+from jaxkd.cli_flags import EXIT_USAGE, UsageError, add_run_flags, check_run_flags, run_main
 
 __all__ = ["EXIT_USAGE", "UsageError", "main", "parser", "run"]
 
@@ -136,13 +136,8 @@ def _open_output(path: str | None, stdout=None):
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = parse(parser(prog), argv)
-    if isinstance(args, int):
-        return args
     try:
-        return run(args)
-    except UsageError as err:
-        return fail(str(err))
+        return run_main(parser(prog), run, argv)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
