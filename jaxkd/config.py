@@ -163,6 +163,34 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What the export stage writes into workdir/student beside the Hugging Face files, and the
+    report's deployment table of what was written (`jaxkd.deploy`)."""
+
+    # model.onnx: true, false, or auto (when the onnx extra, onnx and onnxruntime, is installed)
+    onnx: bool | str = "auto"
+    int8: bool = True  # with onnx: model.int8.onnx too (ONNX Runtime dynamic quantisation)
+    # The report's deployment table: metric, agreement, size, batch-1 latency and throughput of
+    # the student in JAX fp32 and bf16 and of the ONNX files written, on the report split.
+    deployment: bool = True
+    latency_inputs: int = 64  # real inputs of the report split timed at batch 1
+    throughput_batch: int = 32
+
+    def __post_init__(self):
+        _check(self.onnx in (True, False, "auto"), "export.onnx",
+               f"must be true, false or auto, got {self.onnx!r}")
+        _check(self.latency_inputs >= 1, "export.latency_inputs", f"must be >= 1, got {self.latency_inputs}")
+        _check(self.throughput_batch >= 1, "export.throughput_batch",
+               f"must be >= 1, got {self.throughput_batch}")
+
+    def writes_onnx(self) -> bool:
+        """Whether the export stage writes model.onnx (auto: whether the extra is installed)."""
+        from jaxkd import deploy
+
+        return deploy.available() if self.onnx == "auto" else bool(self.onnx)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
@@ -181,6 +209,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     log: LogConfig = LogConfig()
+    export: ExportConfig = ExportConfig()
 
     def __post_init__(self):
         # Transfer rows (teacher-labelled only) have hard-label weight 0: without the KD term

@@ -36,6 +36,8 @@ FREE = ("workdir", "compilation_cache", "log.", "distributed.", "data.eval_batch
 # The first stage that reads a key, for keys not read by the teacher stage (the rest are).
 _LATER = {"student.": "distill", "content.student": "distill", "distill.": "distill", "data.unlabeled": "distill", "data.unlabeled_ratio": "distill",
           "content.data.unlabeled": "distill", "student.export_as": "export",
+          "export.": "export", "export.deployment": "report", "export.latency_inputs": "report",
+          "export.throughput_batch": "report",
           "data.test": "report", "content.data.test": "report"}
 
 

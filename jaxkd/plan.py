@@ -17,8 +17,9 @@ from typing import Any
 import jax
 
 from jaxkd import data as data_lib
-from jaxkd import hf, losses, steps, tasks
+from jaxkd import deploy, hf, losses, steps, tasks
 from jaxkd import student as student_lib
+from jaxkd.deploy import graph as deploy_graph
 from jaxkd.config import Config, ConfigError, DistillConfig, StudentConfig, TeacherConfig
 from jaxkd.loop import total_steps
 from jaxkd.model import ModelConfig, init_params
@@ -110,6 +111,14 @@ def prepare(cfg: Config, write_cache: bool = True,
                           f"positions of the teacher's max_position_embeddings="
                           f"{encoder.max_position_embeddings}")
     student_cfg = student_config(cfg.student, teacher_cfg, task)
+    if cfg.export.onnx is True:  # asked for outright: refused now, not after training
+        if not deploy.available():
+            raise ConfigError(f"export.onnx is true but onnx and onnxruntime are not installed: "
+                              f"{deploy.EXTRA_HINT}, or set export.onnx: auto (written when they are)")
+        try:
+            deploy_graph.check(student_cfg)
+        except deploy_graph.UnsupportedError as e:
+            raise ConfigError(f"export.onnx: {e}; set export.onnx: false") from e
     if cfg.distill.any_intermediate:  # the layer map the distill stage will build, checked now
         try:
             losses.layer_map(cfg.distill.layer_map, student_cfg.encoder.num_layers,
@@ -202,11 +211,22 @@ def describe(cfg: Config, plan: Plan) -> str:
               + ("" if transfer is None else f", {distill_epoch_steps} steps per epoch (one pass "
                  f"over the labelled rows)"),
               *_describe_transfer(transfer),
-              "stage export, report",
+              f"stage export: {_describe_export(cfg.export)}",
+              "stage report" + (f": with the deployment table ({cfg.export.latency_inputs} inputs "
+                                f"at batch 1, throughput at batch {cfg.export.throughput_batch})"
+                                if cfg.export.deployment else ""),
               f"batches: {len(pad.shapes)} shapes {[length for _, length in pad.shapes]} "
               f"(lengths up to {data.max_seq_len}), padding {100 * pad.pad_fraction:.1f}% of tokens",
               f"workdir: {cfg.workdir}"]
     return "\n".join(lines)
+
+
+def _describe_export(export) -> str:
+    if not export.writes_onnx():
+        why = "export.onnx false" if export.onnx is False else \
+            f"export.onnx auto and the onnx extra not installed: {deploy.EXTRA_HINT}"
+        return f"the Hugging Face directory (no ONNX: {why})"
+    return "the Hugging Face directory, model.onnx" + (", model.int8.onnx" if export.int8 else "")
 
 
 def _describe_transfer(transfer: dict | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""Logging sinks and the teacher-against-student report (JSON, Markdown, PNG plots)."""
+"""Logging sinks and the teacher-against-student report (JSON, Markdown, PNG plots), with the
+deployment table of the student's formats where the run measured one (`jaxkd.deploy.table`)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxkd.data import make_batch
+from jaxkd.deploy import table as deploy_table
 
 
 class MetricsSink:
@@ -235,6 +237,8 @@ def report_markdown(report: dict) -> str:
               "Agreement with the teacher: "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in report["agreement"].items()),
               f"Speed-up at batch 1: {report['speedup']:.2f}x; compression {report['compression']:.2f}x.", ""]
+    if report.get("deployment"):
+        lines += deploy_table.markdown(report["deployment"])
     shown = report.get("examples") or []
     if shown:
         keys = list(shown[0])
@@ -290,6 +294,8 @@ def _plots(report: dict, workdir: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(workdir / "teacher_vs_student.png", dpi=100)
     plt.close(fig)
+    if report.get("deployment"):
+        deploy_table.plot(report["deployment"], workdir / "deployment.png")
 
 
 def write_report(report: dict, workdir: pathlib.Path, plots: bool = True) -> None:

@@ -23,7 +23,7 @@ from jaxkd import data as data_lib
 from jaxkd import (exported, losses, manifest, report as report_lib, sharding, steps, tasks,
                    util)
 from jaxkd import transfer as transfer_lib
-from jaxkd.config import Config, DistillConfig, StudentConfig, TeacherConfig, dump_config
+from jaxkd.config import Config, DistillConfig, ExportConfig, StudentConfig, TeacherConfig, dump_config
 from jaxkd.loop import Runtime, mark_stage, read_stages, restore_best, total_steps, train_loop
 from jaxkd.model import ModelConfig, param_count, word_embeddings
 from jaxkd.optim import OptimConfig, make_optimizer, make_schedule
@@ -195,6 +195,51 @@ def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: Stud
     return jax.device_get(state.params)
 
 
+def export_onnx(export: ExportConfig, model_cfg: ModelConfig, params,
+                directory: pathlib.Path) -> list[pathlib.Path]:
+    """The ONNX files `export` asks for, written into `directory`; with export.onnx auto, a model
+    the graph cannot express is one warning line and no files (export.onnx true refused it in
+    the plan)."""
+    if not export.writes_onnx():
+        return []
+    from jaxkd.deploy import export as deploy_export, graph  # pylint: disable=import-outside-toplevel
+
+    try:
+        written = deploy_export.write(model_cfg, params, directory, int8=export.int8)
+    except graph.UnsupportedError as err:
+        log.warning("export: no ONNX files (export.onnx auto): %s", err)
+        return []
+    log.info("export: %s", ", ".join(str(p) for p in written))
+    return written
+
+
+def deployment_table(rt: Runtime, plan: Plan, export: ExportConfig, student_params,
+                     teacher_outputs: np.ndarray | None, split: str) -> dict | None:
+    """The report's deployment table (`jaxkd.deploy.table`) of the student on `split`: JAX fp32
+    and bf16 from its params, and the ONNX files the export stage wrote. One process measures
+    one model copy; a multi-process run leaves the table out (one line says so)."""
+    if not export.deployment:
+        return None
+    if jax.process_count() > 1:
+        log.info("report: no deployment table in a %d-process run (measure the exported student "
+                 "with python -m jaxkd.bench deploy on one host)", jax.process_count())
+        return None
+    from jaxkd.deploy import export as deploy_export, table  # pylint: disable=import-outside-toplevel
+
+    formats = [table.jax_format(name, plan.student_config, student_params, dtype)
+               for name, dtype in (("jax_fp32", "float32"), ("jax_bf16", "bfloat16"))]
+    for name, file in (("onnx_fp32", deploy_export.ONNX_FILE), ("onnx_int8", deploy_export.INT8_FILE)):
+        if (rt.workdir / "student" / file).is_file():
+            formats.append(table.onnx_format(name, rt.workdir / "student" / file))
+    chosen = plan.splits[split]
+    log.info("report: deployment table of %s on %s", ", ".join(f.name for f in formats), split)
+    return table.measure(formats, task=plan.task, encoded=chosen.encoded, examples=chosen.examples,
+                         split=split, reference=teacher_outputs, reference_name="teacher",
+                         latency_inputs=export.latency_inputs,
+                         throughput_batch=export.throughput_batch,
+                         bucket_multiple=rt.data.bucket_multiple, max_seq_len=rt.data.max_seq_len)
+
+
 def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_params) -> dict:
     task = plan.task
     models, outputs = {}, {}
@@ -225,6 +270,11 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
         split = plan.splits[shown]
         report["examples"] = task.showcase(outputs[("student", shown)], outputs[("teacher", shown)],
                                            split.encoded, split.examples)
+    if rt.is_main:
+        deployment = deployment_table(rt, plan, cfg.export, student_params,
+                                      outputs.get(("teacher", shown)), shown)
+        if deployment is not None:
+            report["deployment"] = deployment
     report["stages"] = stages
     report["data"] = plan.data_stats
     report["transfer"] = transfer_summary(cfg, plan)
@@ -282,10 +332,12 @@ def run(cfg: Config, restart: str | None = None) -> dict:
                                            teacher_params, seed=cfg.seed, fsdp=dist.fsdp,
                                            cache_dir=cache_dir(cfg))
             export_dir = workdir / "student"
+            onnx_files = []
             if rt.is_main:
                 plan.task.export(plan.student_config, student_params, export_dir, plan.tokenizer,
                                  exported.export_settings(plan.task, rt.data))
-            mark_stage(rt, "export", {"dir": str(export_dir)})
+                onnx_files = export_onnx(cfg.export, plan.student_config, student_params, export_dir)
+            mark_stage(rt, "export", {"dir": str(export_dir), "onnx": [p.name for p in onnx_files]})
             rt.check_stop("export")
             report = stage_report(rt, plan, cfg, teacher_params, student_params)
             mark_stage(rt, "report", {})

@@ -95,12 +95,14 @@ def with_overrides(cfg: dict, over: dict) -> dict:
 
 
 def tiny_run_sections() -> dict:
-    """The distill, optim, checkpoint and log sections every tiny pipeline test runs with:
-    24 distillation steps evaluated twice, checkpoints every 4 steps, no progress output."""
+    """The distill, optim, checkpoint, log and export sections every tiny pipeline test runs
+    with: 24 distillation steps evaluated twice, checkpoints every 4 steps, no progress output,
+    no ONNX files or deployment table (the tests of those turn them on)."""
     return {"distill": {"steps": 24, "eval_every": 12, "temperature": 2.0, "alpha": 0.5},
             "optim": {"learning_rate": 1e-3},
             "checkpoint": {"every_steps": 4, "keep": 2},
-            "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False}}
+            "log": {"every_steps": 4, "progress": False, "tensorboard": False, "plots": False},
+            "export": {"onnx": False, "deployment": False}}
 
 
 def tiny_config(workdir, teacher, data, **over) -> dict:

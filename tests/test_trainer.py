@@ -22,7 +22,8 @@ from jaxkd.model import init_params
 @pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path, tiny_teacher, sst2_small):
     cfg = tiny_config(tmp_path / "run", tiny_teacher, sst2_small,
-                      **{"data.test": str(sst2_small / "eval.tsv")})
+                      **{"data.test": str(sst2_small / "eval.tsv"), "export.onnx": "auto",
+                         "export.deployment": True, "export.latency_inputs": 8})
     report = run_in_process(cfg)
     workdir = tmp_path / "run"
     stages = json.loads((workdir / "stages.json").read_text())
@@ -68,6 +69,19 @@ def test_pipeline_end_to_end(tmp_path, tiny_teacher, sst2_small):
     names = [json.loads(line)["label"] for line in out.read_text().splitlines()]
     predicted = np.array([["negative", "positive"].index(n) for n in names])
     assert np.mean(predicted == labels) == report["student"]["splits"]["test"]["accuracy"]
+
+    # With the onnx extra (a test dependency) the export writes both ONNX files, and the report's
+    # deployment table scores each format on the test split as the evaluation did.
+    for name in ("model.onnx", "model.int8.onnx"):
+        assert (workdir / "student" / name).is_file()
+    deployment = on_disk["deployment"]
+    assert list(deployment["formats"]) == ["jax_fp32", "jax_bf16", "onnx_fp32", "onnx_int8"]
+    assert deployment["split"] == "test" and deployment["latency_inputs"] == 8
+    test_scores = on_disk["student"]["splits"]["test"]
+    for name in ("jax_fp32", "onnx_fp32"):
+        assert deployment["formats"][name]["metrics"]["accuracy"] == pytest.approx(test_scores["accuracy"])
+    assert deployment["formats"]["jax_fp32"]["agreement"] == pytest.approx(on_disk["agreement"]["test"])
+    assert "## Deployment" in (workdir / "report.md").read_text()
 
     # Running the same command again skips every finished stage and gives the same report.
     again = run_in_process(cfg)
@@ -141,6 +155,8 @@ def _snapshot(workdir: pathlib.Path) -> dict:
     ({"distill.alpha": 1.5}, "distill.alpha must be in"),
     ({"data.max_seq_len": 0}, "data.max_seq_len must be a positive integer"),
     ({"teacher.model": "runs/no/such/teacher"}, "no such directory: runs/no/such/teacher"),
+    ({"export.onnx": "always"}, "export.onnx must be true, false or auto"),
+    ({"export.onx": True}, "did you mean 'onnx'"),
 ])
 def test_bad_input_stops_before_work_and_keeps_outputs(tmp_path, tiny_teacher, sst2_small,
                                                         override, message):
@@ -156,6 +172,35 @@ def test_bad_input_stops_before_work_and_keeps_outputs(tmp_path, tiny_teacher, s
     with pytest.raises((ConfigError, FileNotFoundError, ValueError), match=message):
         run_in_process(cfg)
     assert _snapshot(workdir) == before
+
+
+def test_onnx_without_the_extra_is_refused_before_work_when_asked_for(
+        tmp_path, tiny_teacher, sst2_small, monkeypatch):
+    """export.onnx true without onnx/onnxruntime stops before any work, saying what to install."""
+    from jaxkd import deploy
+    monkeypatch.setattr(deploy, "available", lambda: False)
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"export.onnx is true but onnx and onnxruntime .*pip install"):
+        run_in_process(tiny_config(workdir, tiny_teacher, sst2_small,
+                                   **{"export.onnx": True, "teacher.finetune.steps": 0}))
+    assert not workdir.exists()
+
+
+@pytest.mark.slow  # a short run of the pipeline
+def test_onnx_auto_without_the_extra_runs_and_measures_the_jax_formats(
+        tmp_path, tiny_teacher, sst2_small, monkeypatch):
+    """export.onnx auto (the default) needs nothing of the extra: no ONNX files, JAX rows only."""
+    from jaxkd import deploy
+    monkeypatch.setattr(deploy, "available", lambda: False)
+    workdir = tmp_path / "run"
+    cfg = tiny_config(workdir, tiny_teacher, sst2_small,
+                      **{"export.onnx": "auto", "export.deployment": True, "export.latency_inputs": 2,
+                         "teacher.finetune.steps": 0, "distill.steps": 2, "distill.eval_every": None,
+                         "data.eval": None, "data.test": str(sst2_small / "eval.tsv")})
+    report = run_in_process(cfg)
+    assert not list((workdir / "student").glob("*.onnx"))
+    assert list(report["deployment"]["formats"]) == ["jax_fp32", "jax_bf16"]
+    assert json.loads((workdir / "stages.json").read_text())["export"]["onnx"] == []
 
 
 def test_unreadable_test_split_stops_before_anything_is_written(tmp_path, tiny_teacher, sst2_small):
@@ -181,7 +226,10 @@ def test_check_prints_the_plan_and_bad_values_exit_2_in_process(tmp_path, tiny_t
     out, err = capsys.readouterr()
     assert "stage teacher: 6 steps" in out and "stage distill: 24 steps" in out
     assert "data.eval:" in out and "padding" in out
+    assert "stage export: the Hugging Face directory (no ONNX: export.onnx false)" in out
     assert "PyTorch was not found" not in out + err
+    assert launch.main(["--config", str(path), "--check", "export.onnx=true", "export.int8=false"]) == 0
+    assert "stage export: the Hugging Face directory, model.onnx\n" in capsys.readouterr().out
     for override, message in (("distill.temperature=-1", "distill.temperature"),
                               ("distill.alpha=1.5", "distill.alpha"),
                               ("data.max_seq_len=0", "data.max_seq_len")):
@@ -307,4 +355,7 @@ def test_readme_first_command_runs_from_the_shipped_data(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "quickstart" / "report.json").read_text())
     assert report["data"]["test"]["examples"] == 872 and report["data"]["eval"]["examples"] == 800
+    # The onnx extra is a test dependency: the quick start writes the ONNX files and measures them.
+    assert (tmp_path / "quickstart" / "student" / "model.int8.onnx").is_file()
+    assert set(report["deployment"]["formats"]) == {"jax_fp32", "jax_bf16", "onnx_fp32", "onnx_int8"}
     assert "PyTorch was not found" not in proc.stdout + proc.stderr

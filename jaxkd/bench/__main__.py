@@ -1,5 +1,5 @@
 """The command line of `python -m jaxkd.bench` and `jaxkd bench`: `parser` and `main`, which
-hands each command to its module (`step`, `epoch`, `mfu`); the description is the package's.
+hands each command to its module (`step`, `epoch`, `mfu`, `deploy`); the description is the package's.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import jaxkd.bench
 from jaxkd import hostenv
-from jaxkd.bench import epoch, mfu, step
+from jaxkd.bench import deploy, epoch, mfu, step
 from jaxkd.bench.common import DEFAULT_RNG_IMPL, MINILM, RANDOM_BASE, TORCH_STEP_SCRIPT
 from jaxkd.bench.epoch import EPOCH_TASKS
 
@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--peak-tflops", type=float, default=None, help="peak per chip, overrides the table")
     m.add_argument("--gemm-size", type=int, default=None,
                    help="n of the n^3 GEMM that measures the matmul rate (default 2048 on CPU, 8192 else)")
+    d = sub.add_parser("deploy", help="the deployment table of a model directory: JAX, ONNX, "
+                                      "int8 (and PyTorch) side by side")
+    deploy.add_flags(d)
     return p
 
 
@@ -111,6 +114,8 @@ def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
             epoch.epoch_both(a, setup)
         else:
             epoch.run_epoch(setup, a.impl)
+    elif a.command == "deploy":
+        deploy.run_deploy(a)
     else:
         mfu.run_mfu(mfu.setup_from_args(a), a.peak_tflops, a.gemm_size)
     return 0

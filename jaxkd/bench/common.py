@@ -138,6 +138,22 @@ def threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def machine_description() -> dict[str, Any]:
+    """The CPU's model name (/proc/cpuinfo; the platform's word elsewhere) and the cores this
+    process may use: what a record of timings says it was measured on."""
+    import platform  # pylint: disable=import-outside-toplevel
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "threads": threads(), "jax_device": jax.devices()[0].device_kind}
+
+
 def params_digest(params: Any) -> str:
     """12 hex digits of a SHA-1 over every parameter's bytes. Two runs of the same flags that
     print the same digest computed the same numbers: how an XLA flag or an environment change

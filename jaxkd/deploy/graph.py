@@ -180,6 +180,17 @@ def input_names(config: ModelConfig) -> tuple[str, ...]:
     return base + (("token_type_ids",) if config.encoder.type_vocab_size else ())
 
 
+def check(config: ModelConfig) -> None:
+    """Raise UnsupportedError naming what of `config` this graph cannot express (a head kind
+    without an ONNX part, an activation without an ONNX form); needs no onnx package."""
+    spec = config.head.spec
+    if spec.onnx is None:
+        raise UnsupportedError(f"head kind {spec.kind!r} has no ONNX graph: its task kind defines "
+                               f"no HeadSpec.onnx, so models with this head cannot be exported to ONNX")
+    for act in (config.encoder.hidden_act, config.head.pooler_activation):
+        check_activation(act)
+
+
 def build(config: ModelConfig, params: Mapping, *, producer: str = "jaxkd"):
     """The ONNX model (an `onnx.ModelProto`, checked) of `config` with `params`, in fp32.
 
@@ -189,13 +200,9 @@ def build(config: ModelConfig, params: Mapping, *, producer: str = "jaxkd"):
     import onnx
     from onnx import TensorProto, helper
 
+    check(config)
     spec = config.head.spec
-    if spec.onnx is None:
-        raise UnsupportedError(f"head kind {spec.kind!r} has no ONNX graph: its task kind defines "
-                               f"no HeadSpec.onnx, so models with this head cannot be exported to ONNX")
     cfg = config.encoder
-    for act in (cfg.hidden_act, config.head.pooler_activation):
-        check_activation(act)
     g = Graph()
     params = _float(params)
     names = input_names(config)
