@@ -18,6 +18,7 @@ from jaxkd import util
 from jaxkd.data import DataConfig, nearest
 from jaxkd.losses import LossConfig
 from jaxkd.optim import OptimConfig
+from jaxkd.search import SearchConfig
 from jaxkd.student import EXPORT_AS
 from jaxkd.tasks import KINDS, TaskConfig, check_run, check_transfer, task_config
 from jaxkd.transfer import AugmentConfig
@@ -115,11 +116,30 @@ class DistillConfig(LossConfig):
     # labelled by the teacher and trained with the KD term only, for the task kinds that take
     # them (sentence(-pair) and token classification; see each kind's TRANSFER); None: none.
     augment: AugmentConfig | None = None
+    # Train the same student (init, steps, seed, batches) on the hard labels alone as well, and
+    # report it beside the KD student (the KD gain); a `baseline` stage after distill.
+    baseline: bool = False
+    # temperature and alpha chosen on the eval split (jaxkd.search): {temperature: [...],
+    # alpha: [...], steps: N}; None: the values above.
+    search: SearchConfig | None = None
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.steps is None or self.steps >= 0, "distill.steps", "must be >= 0")
         _check(self.epochs > 0, "distill.epochs", "must be > 0")
+        _check(not self.baseline or self.alpha > 0 or self.any_intermediate, "distill.baseline",
+               "compares KD with training on the labels alone, but this distill section already "
+               "trains on the labels alone (alpha 0, no intermediate terms): remove "
+               "distill.baseline, or set distill.alpha > 0")
+        _check(self.search is None or bool(self.search.temperature or self.search.alpha),
+               "distill.search", "lists no candidates: give temperature: [...] and/or alpha: [...]")
+        _check(self.search is None or self.alpha > 0, "distill.search",
+               "searches the KD term's settings, but distill.alpha is 0 (labels only): remove "
+               "distill.search, or set distill.alpha > 0")
+
+    def labels_only(self) -> "DistillConfig":
+        """The labels-only baseline's section: no teacher terms, no search, no baseline."""
+        return LossConfig.labels_only(dataclasses.replace(self, search=None, baseline=False))
 
 
 @dataclasses.dataclass(frozen=True)

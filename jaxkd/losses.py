@@ -80,6 +80,11 @@ class LossConfig:
     def any_intermediate(self) -> bool:
         return any(getattr(self, name) > 0 for name in _TERM_WEIGHTS)
 
+    def labels_only(self):
+        """This config with every teacher term off (alpha 0, intermediate weights 0): the
+        hard-label loss alone, as a labels-only baseline trains."""
+        return dataclasses.replace(self, alpha=0.0, **{name: 0.0 for name in _TERM_WEIGHTS})
+
 
 def _normalise_layer_map(spec: Any) -> str | LayerPairs:
     if isinstance(spec, str):

@@ -27,7 +27,7 @@ from jaxkd.loop import read_stages
 
 log = logging.getLogger("jaxkd")
 
-STAGES = ("teacher", "distill", "export", "report")
+STAGES = ("teacher", "distill", "baseline", "export", "report")
 FILE = "manifest.json"
 
 # Keys (or prefixes ending in ".") that cannot change what a stage produces.
@@ -35,7 +35,8 @@ FREE = ("workdir", "compilation_cache", "log.", "distributed.", "data.eval_batch
         "data.cache_dir", "checkpoint.every_steps", "checkpoint.keep")
 # The first stage that reads a key, for keys not read by the teacher stage (the rest are).
 _LATER = {"student.": "distill", "content.student": "distill", "distill.": "distill", "data.unlabeled": "distill", "data.unlabeled_ratio": "distill",
-          "content.data.unlabeled": "distill", "student.export_as": "export",
+          "content.data.unlabeled": "distill", "distill.baseline": "baseline",
+          "student.export_as": "export",
           "export.": "export", "export.deployment": "report", "export.latency_inputs": "report",
           "export.throughput_batch": "report",
           "data.test": "report", "content.data.test": "report"}
@@ -140,9 +141,11 @@ def started(workdir: pathlib.Path) -> list[str]:
 
 def _outputs(workdir: pathlib.Path, stage: str) -> list[pathlib.Path]:
     """What a stage writes besides its checkpoints and its stage record."""
-    return {"teacher": [workdir / "teacher"], "distill": [], "export": [workdir / "student"],
+    return {"teacher": [workdir / "teacher"],
+            "distill": [workdir / "search.json", *sorted((workdir / "checkpoints").glob("search_*"))],
+            "baseline": [], "export": [workdir / "student"],
             "report": [workdir / name for name in ("report.json", "report.md", "training_curves.png",
-                                                    "teacher_vs_student.png")]}[stage]
+                                                    "teacher_vs_student.png", "deployment.png")]}[stage]
 
 
 def _show(value: Any) -> str:
@@ -217,7 +220,9 @@ def restart(workdir: pathlib.Path, stage: str) -> list[str]:
     metrics = workdir / "metrics.jsonl"
     if metrics.is_file():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if r.get("stage") not in redo]
+        # A search candidate's rows (stage search_<i>) belong to the distill stage.
+        keep = [r for r in rows
+                if ("distill" if str(r.get("stage")).startswith("search_") else r.get("stage")) not in redo]
         util.write_atomic(metrics, lambda tmp: tmp.write_text(
             "".join(json.dumps(r) + "\n" for r in keep)))
     log.info("--restart %s: redoing %s (removed %s)", stage, ", ".join(redo),

@@ -130,6 +130,10 @@ def prepare(cfg: Config, write_cache: bool = True,
               for name in ("train", "eval", "test") if getattr(cfg.data, name) is not None}
     for name, (_, examples) in loaded.items():
         task.check_split(name, examples)
+    if cfg.distill.search is not None and "eval" not in loaded and cfg.data.eval_fraction is None:
+        raise ConfigError("distill.search chooses temperature and alpha on the eval split, and "
+                          "there is none: set data.eval or data.eval_fraction (never the test "
+                          "split: it is what the report states)")
     unlabeled = [(source, task.load_unlabeled(cfg.data, source)) for source in cfg.data.unlabeled or ()]
     if cfg.distill.augment is not None:
         task.check_augmentable(loaded["train"][1])
@@ -195,6 +199,8 @@ def describe(cfg: Config, plan: Plan) -> str:
                                                       distill_epoch_steps)
     source = teacher_source(distill)
     source = "cached (logits on disk)" if source == "cached" else source
+    grid = [] if distill.search is None else distill.search.candidates(distill.temperature, distill.alpha)
+    pairs = ", ".join(f"{c['temperature']:g}/{c['alpha']:g}" for c in grid)
     lines = [f"task: {plan.task.name} ({plan.task.type}), {plan.task.describe_outputs()}, "
              f"metrics {', '.join(plan.task.metrics)}"]
     for name, split in plan.splits.items():
@@ -211,6 +217,11 @@ def describe(cfg: Config, plan: Plan) -> str:
               + ("" if transfer is None else f", {distill_epoch_steps} steps per epoch (one pass "
                  f"over the labelled rows)"),
               *_describe_transfer(transfer),
+              *([] if distill.search is None else [
+                  f"  search: {len(grid)} candidates (temperature/alpha: {pairs}), "
+                  f"{distill.search.steps} steps each, chosen on the eval split"]),
+              f"stage baseline: {total} steps on the labels alone (the same init, seed and batches)"
+              if distill.baseline else "stage baseline: off (distill.baseline)",
               f"stage export: {_describe_export(cfg.export)}",
               "stage report" + (f": with the deployment table ({cfg.export.latency_inputs} inputs "
                                 f"at batch 1, throughput at batch {cfg.export.throughput_batch})"

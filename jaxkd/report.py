@@ -220,23 +220,36 @@ def _fmt(x: Any) -> str:
 
 def report_markdown(report: dict) -> str:
     t, s = report["teacher"], report["student"]
+    b = report.get("baseline")  # the labels-only student: scores only (its shape is the student's)
     rows = [("parameters", t["params"], s["params"]),
             ("size (MiB, fp32)", t["size_mb"], s["size_mb"]),
             ("layers x hidden", f"{t['layers']} x {t['hidden_size']}", f"{s['layers']} x {s['hidden_size']}")]
+    rows = [(*row, "") for row in rows]
     for split in ("eval", "test"):
         for name in t["splits"].get(split, {}):
-            rows.append((f"{name} ({split})", t["splits"][split][name], s["splits"][split][name]))
-    rows += [(f"latency, batch 1 x {t['speed_seq_len']} (ms)", t["latency_ms"], s["latency_ms"]),
-             ("throughput (examples/s)", t["throughput"], s["throughput"])]
+            rows.append((f"{name} ({split})", t["splits"][split][name], s["splits"][split][name],
+                         b["splits"][split][name] if b else ""))
+    rows += [(f"latency, batch 1 x {t['speed_seq_len']} (ms)", t["latency_ms"], s["latency_ms"], ""),
+             ("throughput (examples/s)", t["throughput"], s["throughput"], "")]
     lines = [f"# Distillation report: {report['task']}", "",
              f"Teacher `{t['model']}`, student init `{s['init']}`, device {t['device']}.", "",
-             "| | teacher | student |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in rows]
+             "| | teacher | student |" + (" labels-only baseline |" if b else ""),
+             "|---|---|---|" + ("---|" if b else "")]
+    lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} |" + (f" {_fmt(z)} |" if b else "")
+              for name, x, y, z in rows]
     lines += ["", f"Retention ({report['report_split']}): "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in report["retention"].items()),
               "Agreement with the teacher: "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in report["agreement"].items()),
               f"Speed-up at batch 1: {report['speedup']:.2f}x; compression {report['compression']:.2f}x.", ""]
+    if report.get("kd_verdict"):
+        lines += [report["kd_verdict"], "KD gain over the baseline: " + "; ".join(
+            f"{split} " + ", ".join(f"{k} {v:+.4f}" for k, v in gains.items())
+            for split, gains in report["kd_gain"].items()), ""]
+    for note in report.get("teacher_readiness", []):
+        lines += [f"Teacher: {note}", ""]
+    if report.get("search"):
+        lines += _search_markdown(report["search"], report["metric_names"][0])
     if report.get("deployment"):
         lines += deploy_table.markdown(report["deployment"])
     shown = report.get("examples") or []
@@ -249,9 +262,34 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _search_markdown(search: dict, metric: str) -> list[str]:
+    lines = ["## Search (eval split)", "",
+             f"{len(search['candidates'])} candidates of {search['steps_per_candidate']} steps each, "
+             f"{search['seconds']:.0f} s in all"
+             + (f" ({search['cost_ratio']:.2f}x the chosen setting's full run, "
+                f"{search['full_run_seconds']:.0f} s)" if search.get("cost_ratio") else "") + ".", "",
+             f"| temperature | alpha | eval {metric} | |", "|---|---|---|---|"]
+    for i, c in enumerate(search["candidates"]):
+        lines.append(f"| {c['temperature']:g} | {c['alpha']:g} | {c['eval'][metric]:.4f} | "
+                     + ("chosen |" if i == search["chosen"] else "|"))
+    return lines + [""]
+
+
 def _cell(text: str, width: int = 160) -> str:
     text = str(text).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    """The rows of workdir/metrics.jsonl ([] before the first)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def eval_curve(workdir: pathlib.Path, stage: str, metric: str) -> list[tuple[int, float]]:
+    """A stage's eval `metric` by step, from metrics.jsonl."""
+    return [(r["step"], r[metric]) for r in read_metrics(workdir)
+            if r.get("stage") == stage and r.get("split") == "eval" and metric in r]
 
 
 def _plots(report: dict, workdir: pathlib.Path) -> None:
@@ -259,8 +297,7 @@ def _plots(report: dict, workdir: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = workdir / "metrics.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    rows = read_metrics(workdir)
     name = report["metric_names"][0]
     stages = sorted({r.get("stage") for r in rows if r.get("stage")})
     train = {st: [r for r in rows if r.get("stage") == st and "loss" in r] for st in stages}

@@ -14,12 +14,16 @@ import dataclasses
 import logging
 import os
 import pathlib
+import time
+from typing import Any
 
 import jax
 import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
+from jaxkd import compare
+from jaxkd import search as search_lib
 from jaxkd import (exported, losses, manifest, report as report_lib, sharding, steps, tasks,
                    util)
 from jaxkd import transfer as transfer_lib
@@ -108,6 +112,9 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
                              eval_every=ft.eval_every, eval_fn=eval_fn, seed=seed)
     state, best = restore_best(ckpt, state, rt.checkpoint.keep_best and eval_fn is not None)
     ckpt.close()
+    metric = plan.task.metrics[0]
+    for note in compare.teacher_readiness(report_lib.eval_curve(rt.workdir, "teacher", metric), metric):
+        log.warning("teacher: %s", note)
     params = jax.device_get(state.params)
     if rt.is_main:
         plan.task.export(config, params, out_dir, plan.tokenizer,
@@ -153,46 +160,97 @@ def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_params, cache_dir,
     return cache_lib.TeacherLogits(table, enc, per_token)
 
 
-def stage_distill(rt: Runtime, plan: Plan, distill: DistillConfig, student: StudentConfig,
-                  optim_cfg: OptimConfig, teacher_params, *, seed: int, fsdp: bool,
-                  cache_dir: pathlib.Path):
-    """Distil the student; returns its params (config: `plan.student_config`)."""
+@dataclasses.dataclass(frozen=True)
+class StudentRun:
+    """What every training of the student shares: the section it is built from, the optimizer
+    section, the teacher, the distillation set and where caches live. Each training (a search
+    candidate, the distill stage, the labels-only baseline) starts from the same init, seed
+    and batch order (`seed` + 1)."""
+
+    student: StudentConfig
+    optim: OptimConfig
+    teacher_params: Any
+    train: data_lib.Encoded
+    seed: int
+    fsdp: bool
+    cache_dir: pathlib.Path
+
+
+def train_student(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillConfig, stage: str, *,
+                  total: int | None = None, evaluate_during: bool = True):
+    """Train the student with `distill`'s loss as stage `stage` (its checkpoints, metric rows
+    and resume); `total`: steps (default: distill.steps or epochs). Returns (params, the
+    stage's record: steps and selected step)."""
     teacher_cfg = plan.teacher_config
-    student_cfg, params = build_student(student, teacher_cfg, teacher_params, jax.random.key(seed + 1),
-                                        plan.task)
-    train = distillation_set(rt, plan, distill.augment, teacher_params, cache_dir)
-    make_batches = rt.batches(train, seed + 1)
+    student_cfg, params = build_student(run_.student, teacher_cfg, run_.teacher_params,
+                                        jax.random.key(run_.seed + 1), plan.task)
+    make_batches = rt.batches(run_.train, run_.seed + 1)
     epoch_steps = make_batches(None).epoch_steps
-    total = 0 if distill.steps == 0 else total_steps(distill.steps, distill.epochs, epoch_steps)
-    tx, schedule = _optimizer(optim_cfg, total)
+    if total is None:
+        total = 0 if distill.steps == 0 else total_steps(distill.steps, distill.epochs, epoch_steps)
+    tx, schedule = _optimizer(run_.optim, total)
     proj = losses.init_projections(distill, student_cfg.encoder, teacher_cfg.encoder,
-                                   jax.random.key(seed + 2))
+                                   jax.random.key(run_.seed + 2))
     state = steps.TrainState.create(params, tx, proj_params=proj)
-    state_shardings = sharding.tree_shardings(rt.mesh, state, fsdp)
+    state_shardings = sharding.tree_shardings(rt.mesh, state, run_.fsdp)
     state = sharding.place(state, state_shardings)
     best = None
     if total > 0:
         source = teacher_source(distill)
         prepare_batch = lambda b: b  # noqa: E731
         if source == "cached":
-            prepare_batch = teacher_logits_cache(rt, plan, teacher_params, cache_dir, train).attach
-        teacher_shardings = sharding.tree_shardings(rt.mesh, teacher_params, fsdp)
-        placed_teacher = sharding.place(teacher_params, teacher_shardings) if source == "live" else None
+            prepare_batch = teacher_logits_cache(rt, plan, run_.teacher_params, run_.cache_dir,
+                                                 run_.train).attach
+        teacher_shardings = sharding.tree_shardings(rt.mesh, run_.teacher_params, run_.fsdp)
+        placed_teacher = (sharding.place(run_.teacher_params, teacher_shardings)
+                          if source == "live" else None)
         jitted = sharding.jit_distill_step(
             steps.make_distill_step(student_cfg, teacher_cfg, distill, schedule, teacher=source,
                                     objective=plan.task.objective(student_cfg.head)),
             rt.mesh, state_shardings, teacher_shardings if source == "live" else None)
         step_fn = lambda state, batch, rng: jitted(state, placed_teacher, batch, rng)  # noqa: E731
-        eval_fn = _eval_fn(rt, plan, student_cfg)
-        state, ckpt = train_loop(rt, "distill", state=state, step_fn=step_fn,
+        eval_fn = _eval_fn(rt, plan, student_cfg) if evaluate_during else None
+        state, ckpt = train_loop(rt, stage, state=state, step_fn=step_fn,
                                  make_batches=make_batches, total_steps=total,
                                  epoch_steps=epoch_steps, eval_every=distill.eval_every,
-                                 eval_fn=eval_fn, seed=seed + 1, prepare_batch=prepare_batch,
+                                 eval_fn=eval_fn, seed=run_.seed + 1, prepare_batch=prepare_batch,
                                  seed_offset=1)
         state, best = restore_best(ckpt, state, rt.checkpoint.keep_best and eval_fn is not None)
         ckpt.close()
-    mark_stage(rt, "distill", {"steps": total, "selected_step": best, "rows": len(train)})
-    return jax.device_get(state.params)
+    return jax.device_get(state.params), {"steps": total, "selected_step": best}
+
+
+def stage_distill(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillConfig):
+    """Distil the student (config: `plan.student_config`), with the temperature and alpha that
+    `distill.search` chooses on the eval split where it is set; returns its params."""
+    record = {}
+    if distill.search is not None and distill.steps != 0:
+        def candidate(i: int, setting: dict) -> tuple[dict, float]:
+            started = time.perf_counter()
+            params, _ = train_student(rt, plan, run_, dataclasses.replace(distill, search=None, **setting),
+                                      f"search_{i}", total=distill.search.steps,
+                                      evaluate_during=False)
+            scores = evaluate(rt, plan.task, plan.student_config, params, plan.splits["eval"])[0]
+            log.info("search %d (%s): eval %s", i, setting, scores)
+            return scores, time.perf_counter() - started
+        record["search"] = search_lib.run(distill.search, temperature=distill.temperature,
+                                          alpha=distill.alpha, metric=plan.task.metrics[0],
+                                          workdir=rt.workdir, train=candidate, write=rt.is_main)
+        log.info("search: chose %s", record["search"]["setting"])
+        distill = dataclasses.replace(distill, search=None, **record["search"]["setting"])
+    params, info = train_student(rt, plan, run_, distill, "distill")
+    mark_stage(rt, "distill", {**info, "rows": len(run_.train), **record})
+    return params
+
+
+def stage_baseline(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillConfig):
+    """The labels-only baseline (`distill.baseline`): the same student, init, steps, seed and
+    batches as the distill stage, trained on the hard labels alone; its params (None when off)."""
+    if not distill.baseline:
+        return None
+    params, info = train_student(rt, plan, run_, distill.labels_only(), "baseline")
+    mark_stage(rt, "baseline", info)
+    return params
 
 
 def export_onnx(export: ExportConfig, model_cfg: ModelConfig, params,
@@ -240,7 +298,8 @@ def deployment_table(rt: Runtime, plan: Plan, export: ExportConfig, student_para
                          bucket_multiple=rt.data.bucket_multiple, max_seq_len=rt.data.max_seq_len)
 
 
-def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_params) -> dict:
+def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_params,
+                 baseline_params=None) -> dict:
     task = plan.task
     models, outputs = {}, {}
     for name, model_cfg, params in (("teacher", plan.teacher_config, teacher_params),
@@ -263,8 +322,22 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
                                        plan.splits[split].encoded, plan.splits[split].examples)
                  for split in ("eval", "test") if ("teacher", split) in outputs}
     stages = read_stages(rt.workdir)
+    chosen = stages.get("distill", {}).get("search", {}).get("setting")
+    if chosen:  # the report describes the distillation that ran: the search's choice
+        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, **chosen))
     report = report_lib.build_report(cfg, task, models, agreement,
                                      distill_steps=stages.get("distill", {}).get("steps"))
+    baseline = None if baseline_params is None else {
+        split: evaluate(rt, task, plan.student_config, baseline_params, plan.splits[split])[0]
+        for split in ("eval", "test") if split in plan.splits}
+    metric = task.metrics[0]
+    report.update(compare.report_sections(
+        metric=metric, student=models["student"]["splits"], teacher=models["teacher"]["splits"],
+        baseline=baseline, teacher_curve=report_lib.eval_curve(rt.workdir, "teacher", metric),
+        stages=stages))
+    for note in [report.get("kd_verdict"), *report.get("teacher_readiness", [])]:
+        if note:
+            log.info("report: %s", note)
     shown = "test" if "test" in plan.splits else "eval"
     if ("teacher", shown) in outputs:
         split = plan.splits[shown]
@@ -328,9 +401,13 @@ def run(cfg: Config, restart: str | None = None) -> dict:
         with Runtime(cfg, workdir) as rt:
             teacher_params = stage_teacher(rt, plan, cfg.teacher, cfg.optim, cfg.seed)
             rt.check_stop("teacher")
-            student_params = stage_distill(rt, plan, cfg.distill, cfg.student, cfg.optim,
-                                           teacher_params, seed=cfg.seed, fsdp=dist.fsdp,
-                                           cache_dir=cache_dir(cfg))
+            cache = cache_dir(cfg)
+            run_ = StudentRun(cfg.student, cfg.optim, teacher_params,
+                              distillation_set(rt, plan, cfg.distill.augment, teacher_params, cache),
+                              cfg.seed, dist.fsdp, cache)
+            student_params = stage_distill(rt, plan, run_, cfg.distill)
+            rt.check_stop("distill")
+            baseline_params = stage_baseline(rt, plan, run_, cfg.distill)
             export_dir = workdir / "student"
             onnx_files = []
             if rt.is_main:
@@ -339,6 +416,6 @@ def run(cfg: Config, restart: str | None = None) -> dict:
                 onnx_files = export_onnx(cfg.export, plan.student_config, student_params, export_dir)
             mark_stage(rt, "export", {"dir": str(export_dir), "onnx": [p.name for p in onnx_files]})
             rt.check_stop("export")
-            report = stage_report(rt, plan, cfg, teacher_params, student_params)
+            report = stage_report(rt, plan, cfg, teacher_params, student_params, baseline_params)
             mark_stage(rt, "report", {})
     return report

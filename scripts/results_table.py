@@ -22,6 +22,7 @@ PAGE = ROOT / "docs" / "results.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 TRANSFER_START, TRANSFER_END = "<!-- transfer:start -->", "<!-- transfer:end -->"
 EMBEDDING_START, EMBEDDING_END = "<!-- embedding:start -->", "<!-- embedding:end -->"
+SEARCH_START, SEARCH_END = "<!-- search:start -->", "<!-- search:end -->"
 
 
 def load_reports(results: pathlib.Path) -> dict[str, dict]:
@@ -200,6 +201,43 @@ def embedding_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def search_table(reports: dict[str, dict]) -> str:
+    """Runs <task>_search_s<seed> (distill.search and distill.baseline) beside <task>_fixed_s<seed>
+    (the same data and seed, the fixed T and alpha): one row per seed, then mean +- sd."""
+    lines = ["| task | seed | chosen T / alpha | searched (test) | fixed T=2, alpha=0.5 (test) "
+             "| labels-only baseline (test) | KD gain over baseline (eval) | search cost (s; x full run) |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups: dict[str, list[tuple[str, dict, dict | None]]] = {}
+    for name, report in reports.items():
+        match = re.fullmatch(r"(.+)_search_s(\d+)", name)
+        if match and "search" in report:
+            fixed = reports.get(f"{match[1]}_fixed_s{match[2]}")
+            groups.setdefault(match[1], []).append((match[2], report, fixed))
+    for task, members in groups.items():
+        metric = members[0][1]["metric_names"][0]
+        columns: dict[str, list[float]] = {"searched": [], "fixed": [], "baseline": [], "gain": []}
+        for seed, report, fixed in members:
+            search = report["search"]
+            values = {"searched": report["student"]["metrics"][metric],
+                      "fixed": None if fixed is None else fixed["student"]["metrics"][metric],
+                      "baseline": report["baseline"]["metrics"][metric],
+                      "gain": report["kd_gain"]["eval"][metric]}
+            for key, value in values.items():
+                if value is not None:
+                    columns[key].append(value)
+            shown = {k: "n/a" if v is None else f"{100 * v:.1f}" for k, v in values.items()}
+            lines.append(
+                f"| {task} ({metric}) | {seed} | {search['setting']['temperature']:g} / "
+                f"{search['setting']['alpha']:g} | {shown['searched']} | {shown['fixed']} "
+                f"| {shown['baseline']} | {100 * values['gain']:+.1f} | {search['seconds']:.0f}; "
+                f"{search['cost_ratio']:.1f}x |")
+        if len(members) > 1:
+            lines.append(f"| {task} ({metric}) | mean ± sd | | {_stat(columns['searched'])} "
+                         f"| {_stat(columns['fixed']) if columns['fixed'] else 'n/a'} "
+                         f"| {_stat(columns['baseline'])} | {_stat(columns['gain'])} | |")
+    return "\n".join(lines)
+
+
 def render(page: str, body: str, start: str = START, end: str = END, name: str = "the page") -> str:
     if start not in page or end not in page:
         raise SystemExit(f"{name} lacks the {start} ... {end} markers")
@@ -221,6 +259,8 @@ def main(argv=None) -> int:
     wanted = render(page, teacher_table(reports, args.results) + "\n\n" + table(reports), name=name)
     if EMBEDDING_START in page:
         wanted = render(wanted, embedding_table(reports), EMBEDDING_START, EMBEDDING_END, name)
+    if SEARCH_START in page:
+        wanted = render(wanted, search_table(reports), SEARCH_START, SEARCH_END, name)
     experiments = load_experiments(args.results)
     if experiments:
         wanted = render(wanted, transfer_table(experiments), TRANSFER_START, TRANSFER_END, name)

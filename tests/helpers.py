@@ -147,8 +147,9 @@ def launch(cfg: dict, path: pathlib.Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_distill_step(workdir: pathlib.Path, proc: subprocess.Popen, step: int) -> None:
-    """Block until the run has logged distillation step >= `step`."""
+def wait_for_distill_step(workdir: pathlib.Path, proc: subprocess.Popen, step: int,
+                          stage: str = "distill") -> None:
+    """Block until the run has logged step >= `step` of `stage` (default: distillation)."""
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -156,21 +157,22 @@ def wait_for_distill_step(workdir: pathlib.Path, proc: subprocess.Popen, step: i
             raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()}")
         if metrics.is_file():
             rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            if any(r.get("stage") == "distill" and r.get("step", 0) >= step for r in rows):
+            if any(r.get("stage") == stage and r.get("step", 0) >= step for r in rows):
                 return
         time.sleep(0.02)
     raise AssertionError("timed out waiting for the run")
 
 
 def assert_kill_resume_matches(make_config: Callable[..., dict], tmp_path: pathlib.Path, over: dict,
-                               kill_at: int) -> None:
-    """A run killed (-9) at distillation step `kill_at` and started again ends as one that was
-    never stopped: the same scores, the same student. `make_config(workdir, **over)`."""
+                               kill_at: int, stage: str = "distill") -> dict:
+    """A run killed (-9) at step `kill_at` of `stage` (default: distillation) and started again
+    ends as one that was never stopped: the same scores, the same student.
+    `make_config(workdir, **over)`. Returns the resumed run's report."""
     reference = run_in_process(make_config(tmp_path / "ref", **over))
     workdir = tmp_path / "run"
     cfg = make_config(workdir, **over)
     proc = launch(cfg, tmp_path / "cfg.yaml")
-    wait_for_distill_step(workdir, proc, kill_at)
+    wait_for_distill_step(workdir, proc, kill_at, stage)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     proc = launch(cfg, tmp_path / "cfg.yaml")
@@ -179,6 +181,7 @@ def assert_kill_resume_matches(make_config: Callable[..., dict], tmp_path: pathl
     resumed = json.loads((workdir / "report.json").read_text())
     assert resumed["student"]["splits"] == reference["student"]["splits"]
     assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
+    return resumed
 
 
 # ----------------------------------------------------------------------------- CoNLL files

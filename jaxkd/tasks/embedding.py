@@ -460,6 +460,10 @@ def check_run(cfg: EmbeddingConfig, distill, teacher) -> None:
     if teacher.finetune.steps:
         raise DataError(f"{TYPE} tasks have no labels to fine-tune a teacher on: the teacher is "
                         f"used as it is; remove teacher.finetune.steps")
+    for key in ("baseline", "search"):
+        if getattr(distill, key):
+            raise DataError(f"{TYPE} tasks have no labels: distill.{key} (a labels-only student, "
+                            f"the KD term's temperature and alpha) does not apply; remove it")
 
 
 def directory_head(directory: pathlib.Path, hf_config: dict) -> HeadConfig | None:
