@@ -2,15 +2,15 @@
 any model directory on a labelled file, with PyTorch eager fp32 beside it for reference.
 
     python -m jaxkd.bench deploy MODEL_DIR --task sst2 --data glue_dev.tsv [--teacher DIR]
-        [--torch] [--per-tensor] [--inputs 64] [--rounds 5] [--out results/deploy/X.json]
+        [--torch] [--per-tensor] [--gather] [--inputs 64] [--rounds 5] [--out results/deploy/X.json]
 
 The formats: JAX fp32 and bf16 from the directory's weights; ONNX fp32 and int8 written into a
 temporary directory (`jaxkd.deploy.export`, as `jaxkd export --onnx --int8`); with
-`--per-tensor`, int8 with one scale per weight matrix as well (the int8 file uses one per output
-channel); with `--torch`, transformers' model of the directory in eager PyTorch fp32 (not for
-sentence embedders). Agreement is with `--teacher`'s outputs where given. Everything runs in
-this process, timed in alternating rounds (`table.measure`); the record names the CPU and the
-thread count.
+`--per-tensor`, int8 with one scale per weight matrix as well (the int8 file has one per output
+channel); with `--gather`, int8 with the embedding tables quantised as well; with `--torch`,
+transformers' model of the directory in eager PyTorch fp32 (not for sentence embedders).
+Agreement is with `--teacher`'s outputs where given. Everything runs in this process, timed in
+alternating rounds (`table.measure`); the record names the CPU and the thread count.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="also int8 with one scale per weight matrix (onnx_int8_per_tensor)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="default: the length the directory records (its training run's), else 128")
+    p.add_argument("--gather", action="store_true",
+                   help="also int8 with the embedding tables quantised too (onnx_int8_gather)")
     p.add_argument("--inputs", type=int, default=64, help="real inputs timed at batch 1")
     p.add_argument("--throughput-batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
@@ -124,6 +126,10 @@ def run_deploy(a: argparse.Namespace) -> dict:
             per_tensor = quantize.quantize_int8(fp32, pathlib.Path(tmp) / "model.int8.per_tensor.onnx",
                                                 per_channel=False)
             formats.append(table.onnx_format("onnx_int8_per_tensor", per_tensor, threads))
+        if a.gather:
+            gather = quantize.quantize_int8(fp32, pathlib.Path(tmp) / "model.int8.gather.onnx",
+                                            op_types=("MatMul", "Gather"))
+            formats.append(table.onnx_format("onnx_int8_gather", gather, threads))
         if a.torch:
             formats.append(torch_format(model, threads))
         result = table.measure([_reordered(f, order) for f in formats], task=task, encoded=encoded,

@@ -16,13 +16,15 @@ OP_TYPES = ("MatMul",)
 
 
 def quantize_int8(source: str | os.PathLike, target: str | os.PathLike, *,
-                  per_channel: bool = True) -> pathlib.Path:
-    """Write the int8 model of the fp32 ONNX file `source` to `target`; returns `target`."""
+                  per_channel: bool = True, op_types: tuple[str, ...] = OP_TYPES) -> pathlib.Path:
+    """Write the int8 model of the fp32 ONNX file `source` to `target`; returns `target`.
+    `op_types`: the ops quantised (`("MatMul", "Gather")` also stores the embedding tables in
+    int8, for `bench deploy --gather`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = pathlib.Path(target)
     quantize_dynamic(pathlib.Path(source), target, weight_type=QuantType.QInt8,
-                     per_channel=per_channel, op_types_to_quantize=list(OP_TYPES),
+                     per_channel=per_channel, op_types_to_quantize=list(op_types),
                      extra_options={"MatMulConstBOnly": True})
     return target
 
