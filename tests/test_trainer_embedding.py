@@ -130,12 +130,20 @@ def test_pipeline_scores_as_sentence_transformers_and_scipy_do(tmp_path, st_teac
     narrow = run_in_process(embed_config(
         tmp_path / "narrow", st_teacher, sts_data,
         **{"student": {"init": "shape", "num_layers": 2, "hidden_size": 16, "num_heads": 2,
-                       "intermediate_size": 32}}))
+                       "intermediate_size": 32},
+           "export.onnx": "auto", "export.deployment": True, "export.latency_inputs": 4}))
     found = sbert.read_modules(tmp_path / "narrow" / "student")
     assert (found.dense_width, found.normalize) == (32, True)  # the teacher's width
     assert narrow["student"]["metrics"]["spearman"] == pytest.approx(
         _st_spearman(tmp_path / "narrow" / "student", test), abs=1e-3)
     assert narrow["student"]["hidden_size"] == 16
+    # The ONNX files of the projected student score as the JAX model does in the deployment table.
+    assert (tmp_path / "narrow" / "student" / "model.onnx").is_file()
+    formats = narrow["deployment"]["formats"]
+    for name in ("jax_fp32", "onnx_fp32", "onnx_int8"):
+        assert formats[name]["metrics"]["spearman"] == pytest.approx(
+            narrow["student"]["metrics"]["spearman"], abs=1e-3 if name != "onnx_int8" else 0.05), name
+    assert set(formats["onnx_fp32"]["agreement"]) == {"recall@10", "mean_cosine"}
 
 
 def test_a_width_mismatch_without_a_projection_is_refused_before_work(tmp_path, st_teacher, sts_data):
