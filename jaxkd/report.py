@@ -148,10 +148,13 @@ def measure_speed(logits_fn: Callable, params, batch_size: int, seq_len: int,
             "speed_seq_len": seq_len, "device": jax.devices()[0].device_kind}
 
 
+NOT_CODE = ("results", "docs")  # tracked folders whose changes do not change what code ran
+
+
 def code_version(root: str | pathlib.Path | None = None) -> dict:
     """What code wrote a report: the package version, and the git commit of the checkout it was
-    imported from with whether tracked files differed from it (both None when it is not a git
-    checkout, e.g. an installed wheel, or git is missing)."""
+    imported from with whether tracked files outside `NOT_CODE` differed from it (both None when
+    it is not a git checkout, e.g. an installed wheel, or git is missing)."""
     import jaxkd  # pylint: disable=import-outside-toplevel
     root = pathlib.Path(root) if root is not None else pathlib.Path(jaxkd.__file__).resolve().parents[1]
 
@@ -167,7 +170,10 @@ def code_version(root: str | pathlib.Path | None = None) -> dict:
     # other repository must not report that repository's commit.
     top = git("rev-parse", "--show-toplevel")
     commit = git("rev-parse", "HEAD") if top and pathlib.Path(top).resolve() == root.resolve() else None
-    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    # Results and docs are not code: a report copied into results/ by an earlier run of a batch
+    # must not mark the next run's code as modified.
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  *(f":(exclude){d}" for d in NOT_CODE)) if commit else None
     return {"version": jaxkd.__version__, "commit": commit,
             "modified": None if changes is None else bool(changes)}
 

@@ -43,6 +43,20 @@ def test_an_edited_tracked_file_marks_it_modified(repo):
 
 
 @needs_git
+def test_edited_results_and_docs_are_not_code(repo):
+    for folder in ("results", "docs"):  # a batch copies each finished report into results/
+        (repo / folder).mkdir()
+        (repo / folder / "report.json").write_text("{}\n")
+        _git(repo, "add", f"{folder}/report.json")
+    _git(repo, "commit", "-q", "-m", "results")
+    for folder in ("results", "docs"):
+        (repo / folder / "report.json").write_text('{"new": 1}\n')
+    assert code_version(repo)["modified"] is False
+    (repo / "tracked.txt").write_text("two\n")
+    assert code_version(repo)["modified"] is True
+
+
+@needs_git
 def test_no_commit_outside_a_checkout_or_below_its_top(repo, tmp_path):
     # A package installed somewhere inside another repository must not claim that repository's commit.
     (repo / "site-packages").mkdir()
