@@ -55,6 +55,8 @@ def _describe(report: dict) -> str:
         loss = "none (teacher layers, untrained)"
     elif d["alpha"] == 0 and not terms:
         loss = "hard labels only"
+    elif report.get("search"):  # each seed may choose its own setting: the search table has them
+        loss = "KD, T and alpha searched on the eval split" + (f" + {', '.join(terms)}" if terms else "")
     else:
         loss = f"KD T={d['temperature']:g} alpha={d['alpha']:g}" + (f" + {', '.join(terms)}" if terms else "")
     return f"{init}; {loss}"
