@@ -20,19 +20,22 @@ def kd_gain(student: Mapping[str, Scores], baseline: Mapping[str, Scores]) -> di
             for split in student if split in baseline}
 
 
-def kd_verdict(student: Mapping[str, Scores], baseline: Mapping[str, Scores], metric: str) -> str:
+def kd_verdict(student: Mapping[str, Scores], baseline: Mapping[str, Scores], metric: str,
+               searched: bool = False) -> str:
     """One sentence on the eval split (where model selection happens): whether KD beat the
-    labels-only baseline, by how much, and what to try when it did not."""
+    labels-only baseline, by how much, and what to try when it did not (`searched`: the KD
+    settings were already chosen by `distill.search`)."""
     if "eval" not in student or "eval" not in baseline:
         return ("No eval split: KD and the labels-only baseline are not compared (set data.eval "
                 "or data.eval_fraction).")
     s, b = student["eval"][metric], baseline["eval"][metric]
     if s > b:
         return f"KD beats the labels-only baseline on the eval split: {metric} {s:.4f} against {b:.4f} ({s - b:+.4f})."
+    tries = "a teacher fine-tuned longer, or the baseline itself" if searched else \
+        "distill.search over temperature and alpha, a teacher fine-tuned longer, or the baseline itself"
     return (f"KD does not beat the labels-only baseline on the eval split: {metric} {s:.4f} "
             f"against {b:.4f} ({s - b:+.4f}). Here the student gains nothing from this teacher at "
-            f"these settings: try distill.search over temperature and alpha, a teacher fine-tuned "
-            f"longer, or the baseline itself.")
+            f"these settings: try {tries}.")
 
 
 def still_rising(curve: Sequence[tuple[int, float]]) -> bool:
@@ -82,7 +85,8 @@ def report_sections(*, metric: str, student: Mapping[str, Scores], teacher: Mapp
         report_split = "test" if "test" in baseline else "eval"
         out["baseline"] = {"splits": dict(baseline), "metrics": dict(baseline.get(report_split, {}))}
         out["kd_gain"] = kd_gain(student, baseline)
-        out["kd_verdict"] = kd_verdict(student, baseline, metric)
+        out["kd_verdict"] = kd_verdict(student, baseline, metric,
+                                       searched=bool(stages.get("distill", {}).get("search")))
     notes = teacher_readiness(teacher_curve, metric, teacher.get("eval", {}).get(metric),
                               None if baseline is None else baseline.get("eval", {}).get(metric))
     if notes or "teacher" in stages:

@@ -23,6 +23,8 @@ def test_verdict_reads_the_eval_split_only():
     assert worse.startswith("KD does not beat") and "-0.0100" in worse and "distill.search" in worse
     tie = compare.kd_verdict({"eval": {"f1": 0.50}}, baseline, "f1")
     assert tie.startswith("KD does not beat")
+    searched = compare.kd_verdict({"eval": {"f1": 0.49}}, baseline, "f1", searched=True)
+    assert "distill.search" not in searched and "fine-tuned longer" in searched
     assert "No eval split" in compare.kd_verdict({"test": {"f1": 1.0}}, {"test": {"f1": 0.0}}, "f1")
 
 
