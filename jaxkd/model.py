@@ -498,6 +498,11 @@ def param_count(params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
+def param_mib(params) -> float:
+    """The params' bytes as stored (fp32 here), in MiB."""
+    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)) / 2**20
+
+
 # Names of the sentence-classification era, kept for code written against them.
 Bert = Model
 BertOutput = ModelOutput

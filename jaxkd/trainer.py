@@ -29,7 +29,7 @@ from jaxkd import (exported, losses, manifest, report as report_lib, sharding, s
 from jaxkd import transfer as transfer_lib
 from jaxkd.config import Config, DistillConfig, ExportConfig, StudentConfig, TeacherConfig, dump_config
 from jaxkd.loop import Runtime, mark_stage, read_stages, restore_best, total_steps, train_loop
-from jaxkd.model import ModelConfig, param_count, word_embeddings
+from jaxkd.model import ModelConfig, param_count, param_mib, word_embeddings
 from jaxkd.optim import OptimConfig, make_optimizer, make_schedule
 from jaxkd.lock import RunLock
 from jaxkd.plan import (Plan, Split, build_student, cache_dir, prepare, resolve_teacher,
@@ -306,7 +306,7 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
                                     ("student", plan.student_config, student_params)):
         entry = {"params": param_count(params), "layers": model_cfg.encoder.num_layers,
                  "hidden_size": model_cfg.encoder.hidden_size,
-                 "size_mb": sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)) / 2**20,
+                 "size_mb": param_mib(params),
                  "metrics": {}, "splits": {}}
         for split in ("eval", "test"):
             if split in plan.splits:

@@ -23,7 +23,7 @@ from jaxkd.data.encoded import (Encoded, cached_arrays, content_key, flatten, gi
                                 with_transfer)
 from jaxkd.data.batches import (Batch, EvalBatches, MixedBatches, PaddingStats, TokenGather,
                                 TrainBatches, batch_rows, bucket_lengths, epoch_order, make_batch,
-                                padding_stats, transfer_batch_size)
+                                padded_batch, padding_stats, transfer_batch_size)
 
 __all__ = [
     "FORMATS", "DataConfig", "DataError", "holdout", "nearest",
@@ -32,6 +32,6 @@ __all__ = [
     "Encoded", "cached_arrays", "content_key", "flatten", "gives_token_types", "offsets_of",
     "special_tokens_around", "tokenize_rows", "tokenizer_fingerprint", "with_transfer",
     "Batch", "EvalBatches", "MixedBatches", "PaddingStats", "TokenGather", "TrainBatches",
-    "batch_rows", "bucket_lengths", "epoch_order", "make_batch", "padding_stats",
+    "batch_rows", "bucket_lengths", "epoch_order", "make_batch", "padded_batch", "padding_stats",
     "transfer_batch_size",
 ]

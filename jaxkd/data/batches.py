@@ -133,6 +133,14 @@ class _Layout:
         return rows_B[self.process_index * share:(self.process_index + 1) * share]
 
 
+def padded_batch(encoded: Encoded, rows_b: np.ndarray, *, max_seq_len: int,
+                 bucket_multiple: int) -> Batch:
+    """The batch of exactly the rows `rows_b` (every one real), at the bucket length of its
+    longest row, as the batch iterators lay out theirs."""
+    layout = _Layout(len(rows_b), max_seq_len, bucket_multiple)
+    return layout.batch(encoded, np.asarray(rows_b), np.ones(len(rows_b), bool))
+
+
 class TokenGather:
     """Where rows `rows_b` of a split sit in its flat token arrays, at batch length L."""
 

@@ -49,11 +49,11 @@ class Format:
 def jax_format(name: str, model_cfg, params, dtype: str) -> Format:
     """The model in JAX on this process's first device, computing in `dtype` (params fp32)."""
     from jaxkd import steps
+    from jaxkd.model import param_mib
 
     logits = jax.jit(steps.make_logits_fn(model_cfg.replace(dtype=dtype)))
     placed = jax.device_put(params, jax.devices()[0])
-    size = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)) / 2**20
-    return Format(name, lambda batch: logits(placed, _model_inputs(batch)), size)
+    return Format(name, lambda batch: logits(placed, _model_inputs(batch)), param_mib(params))
 
 
 def onnx_format(name: str, path: str | os.PathLike, threads: int | None = None) -> Format:
@@ -82,15 +82,10 @@ def fixed_batches(encoded: Encoded, rows: np.ndarray, batch_size: int, *, bucket
                   max_seq_len: int) -> list[Batch]:
     """`rows` in batches of `batch_size` (in length order, the last one possibly smaller), each
     padded to its bucket length as the prediction path pads."""
-    lengths = data_lib.bucket_lengths(max_seq_len, bucket_multiple)
     rows = rows[np.argsort(encoded.lengths[rows], kind="stable")]
-    out = []
-    for start in range(0, len(rows), batch_size):
-        part = rows[start:start + batch_size]
-        longest = int(encoded.lengths[part].max())
-        length = lengths[int(np.searchsorted(lengths, longest))]
-        out.append(data_lib.batch_rows(encoded, part, np.ones(len(part), bool), length))
-    return out
+    return [data_lib.padded_batch(encoded, rows[start:start + batch_size], max_seq_len=max_seq_len,
+                                  bucket_multiple=bucket_multiple)
+            for start in range(0, len(rows), batch_size)]
 
 
 def _percentile(ms: Sequence[float], q: float) -> float:
