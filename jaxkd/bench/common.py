@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd import hf, tasks, util
+from jaxkd.deploy import runtime
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, default_head_kind, init_params
 from jaxkd.optim import OptimConfig, make_optimizer
 
@@ -134,8 +135,9 @@ def memory_line() -> str:
 
 
 def threads() -> int:
-    """Cores this process may use: XLA's CPU pool uses them all; torch gets the same count."""
-    return len(os.sched_getaffinity(0))
+    """Cores this process may use (`jaxkd.deploy.runtime.cpu_threads`): XLA's CPU pool uses them
+    all; torch and ONNX Runtime get the same count."""
+    return runtime.cpu_threads()
 
 
 def machine_description() -> dict[str, Any]:
