@@ -21,7 +21,8 @@ import shutil
 from typing import Any
 
 import jaxkd
-from jaxkd import util
+from jaxkd import report as report_lib
+from jaxkd import search, util
 from jaxkd.config import Config, ConfigError, to_dict
 from jaxkd.loop import read_stages
 
@@ -142,7 +143,8 @@ def started(workdir: pathlib.Path) -> list[str]:
 def _outputs(workdir: pathlib.Path, stage: str) -> list[pathlib.Path]:
     """What a stage writes besides its checkpoints and its stage record."""
     return {"teacher": [workdir / "teacher"],
-            "distill": [workdir / "search.json", *sorted((workdir / "checkpoints").glob("search_*"))],
+            "distill": [workdir / search.RECORD,
+                        *sorted((workdir / "checkpoints").glob(f"{search.STAGE_PREFIX}*"))],
             "baseline": [], "export": [workdir / "student"],
             "report": [workdir / name for name in ("report.json", "report.md", "training_curves.png",
                                                     "teacher_vs_student.png", "deployment.png")]}[stage]
@@ -217,12 +219,10 @@ def restart(workdir: pathlib.Path, stage: str) -> list[str]:
     if stages_file.is_file():
         kept = {k: v for k, v in read_stages(workdir).items() if k not in redo}
         util.write_atomic(stages_file, lambda tmp: tmp.write_text(json.dumps(kept, indent=2)))
-    metrics = workdir / "metrics.jsonl"
+    metrics = workdir / report_lib.METRICS
     if metrics.is_file():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        # A search candidate's rows (stage search_<i>) belong to the distill stage.
-        keep = [r for r in rows
-                if ("distill" if str(r.get("stage")).startswith("search_") else r.get("stage")) not in redo]
+        keep = [r for r in report_lib.read_metrics(workdir)
+                if search.owner_stage(r.get("stage")) not in redo]
         util.write_atomic(metrics, lambda tmp: tmp.write_text(
             "".join(json.dumps(r) + "\n" for r in keep)))
     log.info("--restart %s: redoing %s (removed %s)", stage, ", ".join(redo),

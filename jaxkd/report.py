@@ -18,12 +18,15 @@ from jaxkd.data import make_batch
 from jaxkd.deploy import table as deploy_table
 
 
+METRICS = "metrics.jsonl"  # a workdir's metric rows, one JSON object a line
+
+
 class MetricsSink:
     """metrics.jsonl (one JSON object per row) plus TensorBoard events; process 0 only."""
 
     def __init__(self, workdir: pathlib.Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = pathlib.Path(workdir) / METRICS
         self._tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -44,8 +47,8 @@ class MetricsSink:
         """Drop a stage's rows after `step`: a resumed run writes them again."""
         if not self.enabled or not self.path.is_file():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= step]
+        keep = [r for r in read_metrics(self.path.parent)
+                if r.get("stage") != stage or r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def close(self) -> None:
@@ -288,7 +291,7 @@ def _cell(text: str, width: int = 160) -> str:
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
     """The rows of workdir/metrics.jsonl ([] before the first)."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = pathlib.Path(workdir) / METRICS
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 

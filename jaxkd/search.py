@@ -23,6 +23,16 @@ from typing import Any
 from jaxkd import util
 
 RECORD = "search.json"
+STAGE_PREFIX = "search_"  # candidate i trains as stage search_<i> (checkpoints, metric rows)
+
+
+def stage_name(i: int) -> str:
+    return f"{STAGE_PREFIX}{i}"
+
+
+def owner_stage(stage: str | None) -> str | None:
+    """The pipeline stage a stage name belongs to: a candidate's to distill, any other its own."""
+    return "distill" if str(stage).startswith(STAGE_PREFIX) else stage
 
 
 @dataclasses.dataclass(frozen=True)

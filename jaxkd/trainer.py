@@ -228,7 +228,7 @@ def stage_distill(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
         def candidate(i: int, setting: dict) -> tuple[dict, float]:
             started = time.perf_counter()
             params, _ = train_student(rt, plan, run_, dataclasses.replace(distill, search=None, **setting),
-                                      f"search_{i}", total=distill.search.steps,
+                                      search_lib.stage_name(i), total=distill.search.steps,
                                       evaluate_during=False)
             scores = evaluate(rt, plan.task, plan.student_config, params, plan.splits["eval"])[0]
             log.info("search %d (%s): eval %s", i, setting, scores)
