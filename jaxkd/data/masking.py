@@ -115,7 +115,8 @@ def mask_batch(ids_BxL: np.ndarray, *, cfg: MaskingConfig, seed: int, step: int,
     labels_BxP     the original ids at the targets, -1 in unused slots
 
     Targets: n per row (module docstring), distinct, taken by the n largest Efraimidis-Spirakis
-    keys u ** (1 / w), w = 1 (uniform) or max(count, 1) ** -smoothing. With cfg.whole_word, a
+    keys u ** (1 / w), w = 1 (uniform) or max(count, 1) ** -smoothing (computed as log(u) / w,
+    which orders alike and does not underflow for frequent tokens). With cfg.whole_word, a
     word is a start token and the continuation tokens after it; a special token ends a word, and
     a continuation right after one begins a new word. Words are taken in random order, each only
     if it still fits in n, until n tokens are targets: every chosen word is masked whole, and a
@@ -136,7 +137,8 @@ def mask_batch(ids_BxL: np.ndarray, *, cfg: MaskingConfig, seed: int, step: int,
     maskable_BxL = ~np.isin(ids_BxL, specials)
 
     # One draw per row: L selection keys, P actions, P random tokens.
-    u_BxD = np.stack([np.random.default_rng((seed, step, int(r))).random(L + 2 * P) for r in rows_B])
+    u_BxD = np.array([np.random.default_rng((seed, step, int(r))).random(L + 2 * P) for r in rows_B],
+                     np.float64).reshape(B, L + 2 * P)  # B may be 0 on a process
     u_BxL, action_BxP, token_BxP = u_BxD[:, :L], u_BxD[:, L:L + P], u_BxD[:, L + P:]
     n_B = np.where(maskable_BxL.any(1), np.maximum(1, np.rint(cfg.probability * maskable_BxL.sum(1))),
                    0).astype(np.int64)
@@ -154,8 +156,9 @@ def mask_batch(ids_BxL: np.ndarray, *, cfg: MaskingConfig, seed: int, step: int,
     labels_BxP = np.where(used_BxP, np.take_along_axis(ids_BxL, positions_BxP, 1), -1)
 
     random_BxP = _random_tokens(token_BxP, specials, vocab_size)
-    new_BxP = np.where(action_BxP < cfg.mask_fraction, mask_id,
-                       np.where(action_BxP < cfg.mask_fraction + cfg.random_fraction, random_BxP, labels_BxP))
+    random_or_kept_BxP = np.where(action_BxP < cfg.mask_fraction + cfg.random_fraction, random_BxP,
+                                  labels_BxP)
+    new_BxP = np.where(action_BxP < cfg.mask_fraction, mask_id, random_or_kept_BxP)
     masked_BxL = ids_BxL.astype(np.int32, copy=True)
     row_BxP = np.broadcast_to(np.arange(B)[:, None], (B, P))
     masked_BxL[row_BxP[used_BxP], positions_BxP[used_BxP]] = new_BxP[used_BxP]
