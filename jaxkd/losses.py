@@ -25,7 +25,8 @@ _EPS = 1e-9  # a batch made only of padding rows gives 0, not NaN
 _MASKED = -1e30  # finite, so a row whose keys are all padding gives a uniform softmax, not NaN
 _LAYER_MAPS = ("uniform",)
 _TERM_WEIGHTS = ("hidden_weight", "embedding_weight", "attention_score_weight",
-                 "attention_kl_weight", "value_relation_weight")
+                 "attention_kl_weight", "value_relation_weight", "relation_weight", "cosine_weight")
+RELATIONS = ("queries", "keys", "values")  # MiniLM-v2: query-query, key-key, value-value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,17 @@ class LossConfig:
     value_relation_weight: float = 0.0  # MiniLM value-relation KL
     # "uniform" or explicit (student_layer, teacher_layer) pairs of 0-based transformer layers.
     layer_map: str | LayerPairs = "uniform"
-    # Heads the value relation is split into (MiniLM-v2); 0 = the teacher's head count.
+    # Heads the value relation and the MiniLM-v2 relations are split into; 0 = the teacher's
+    # head count.
     relation_heads: int = 0
+    # MiniLM-v2 self-attention relations: query-query, key-key and value-value relations of the
+    # teacher's layer `relation_layer` (0-based; -1 the last) transferred to the student's last
+    # layer, KL per relation head and query, summed over the three relations.
+    relation_weight: float = 0.0
+    relation_layer: int = -1
+    # DistilBERT: 1 - cosine of the student's and teacher's last hidden states per real token
+    # (a learned projection when widths differ).
+    cosine_weight: float = 0.0
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -54,6 +64,9 @@ class LossConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"distill.{name} must be a number >= 0, got {value}")
+        if not isinstance(self.relation_layer, int) or isinstance(self.relation_layer, bool):
+            raise ValueError(f"distill.relation_layer must be an integer (a teacher layer, 0-based; "
+                             f"-1 the last), got {self.relation_layer!r}")
         if not isinstance(self.relation_heads, int) or self.relation_heads < 0:
             raise ValueError(f"distill.relation_heads must be an integer >= 0 (0 = teacher heads), "
                              f"got {self.relation_heads!r}")
@@ -62,7 +75,7 @@ class LossConfig:
 
     @property
     def needs_hidden(self) -> bool:
-        return self.hidden_weight > 0 or self.embedding_weight > 0
+        return self.hidden_weight > 0 or self.embedding_weight > 0 or self.cosine_weight > 0
 
     @property
     def needs_attention_scores(self) -> bool:
@@ -74,7 +87,11 @@ class LossConfig:
 
     @property
     def needs_values(self) -> bool:
-        return self.value_relation_weight > 0
+        return self.value_relation_weight > 0 or self.relation_weight > 0
+
+    @property
+    def needs_queries_keys(self) -> bool:
+        return self.relation_weight > 0
 
     @property
     def any_intermediate(self) -> bool:
@@ -298,12 +315,21 @@ def attention_kl(s_probs_BxNxLxL: Array, t_probs_BxNxLxL: Array, mask_BxL: Array
     return _weighted_mean(kl_BxNxL, _token_weights(mask_BxL, weights_B)[:, None, :])
 
 
+def relation_layer(layer: int, teacher_layers: int) -> int:
+    """The teacher layer (0-based) of `distill.relation_layer` (-1: the last)."""
+    if not -teacher_layers <= layer < teacher_layers:
+        raise ValueError(f"distill.relation_layer {layer} is out of range: the teacher has layers "
+                         f"0..{teacher_layers - 1} (-1: the last)")
+    return layer % teacher_layers
+
+
 def _split_relation_heads(values_BxNxLxD: Array, heads: int) -> Array:
     """Concatenate the heads to [B, L, N*D] and split again into `heads` heads (MiniLM-v2)."""
     B, N, L, D = values_BxNxLxD.shape
     if (N * D) % heads:
-        raise ValueError(f"value_relation_kl: width {N * D} ({N} heads x {D}) is not divisible by "
-                         f"{heads} relation heads; set distill.relation_heads to a divisor of it")
+        raise ValueError(f"relation heads: width {N * D} ({N} heads x {D}) is not divisible by "
+                         f"{heads} relation heads; set distill.relation_heads to a divisor of both "
+                         f"widths")
     x_BxLxH = values_BxNxLxD.transpose(0, 2, 1, 3).reshape(B, L, N * D)
     return x_BxLxH.reshape(B, L, heads, N * D // heads).transpose(0, 2, 1, 3)
 
@@ -322,8 +348,9 @@ def value_relation_kl(s_values_BxNxLxD: Array, t_values_BxNxLxD: Array, mask_BxL
 
     Both sides are re-split into `relation_heads` heads (0 = the teacher's head count), so head
     counts and head widths may differ; with equal head counts this is the per-head relation.
+    Queries and keys ([B, N, L, D] each) give MiniLM-v2's query-query and key-key relations.
     """
-    _check_shapes("value_relation_kl", s_values_BxNxLxD, t_values_BxNxLxD, (0, 2))
+    _check_shapes("relation_kl", s_values_BxNxLxD, t_values_BxNxLxD, (0, 2))
     heads = relation_heads or t_values_BxNxLxD.shape[1]
     s_logp = _relation_logp(_f32(s_values_BxNxLxD), mask_BxL, heads)
     t_logp = _relation_logp(_target(t_values_BxNxLxD), mask_BxL, heads)
@@ -331,15 +358,36 @@ def value_relation_kl(s_values_BxNxLxD: Array, t_values_BxNxLxD: Array, mask_BxL
     return _weighted_mean(kl_BxRxL, _token_weights(mask_BxL, weights_B)[:, None, :])
 
 
+relation_kl = value_relation_kl  # the same relation of any per-head states
+
+
+def hidden_cosine(s_hidden_BxLxHs: Array, t_hidden_BxLxHt: Array, mask_BxL: Array,
+                  weights_B: Array, proj: Any = None) -> Array:
+    """DistilBERT: 1 - cos(student, teacher) per real token, then the weighted mean; `proj` maps
+    the student width to the teacher's."""
+    s_BxLxH = _f32(s_hidden_BxLxHs)
+    if proj is not None:
+        s_BxLxH = _project(s_BxLxH, proj)
+    t_BxLxH = _target(t_hidden_BxLxHt)
+    if s_BxLxH.shape != t_BxLxH.shape:
+        raise ValueError(f"hidden_cosine: student {tuple(s_BxLxH.shape)} (after projection) and "
+                         f"teacher {tuple(t_BxLxH.shape)} differ; widths that differ need a projection")
+    norms = jnp.linalg.norm(s_BxLxH, axis=-1) * jnp.linalg.norm(t_BxLxH, axis=-1)
+    cos_BxL = jnp.sum(s_BxLxH * t_BxLxH, axis=-1) / jnp.maximum(norms, 1e-8)
+    return _weighted_mean(1.0 - cos_BxL, _token_weights(mask_BxL, weights_B))
+
+
 def init_projections(cfg: LossConfig, student_cfg: Any, teacher_cfg: Any,
                      rng: jax.Array) -> dict[str, dict[str, Array]]:
-    """Learned student -> teacher width maps: "hidden" (shared by all layer pairs) and "embedding".
+    """Learned student -> teacher width maps: "hidden" (shared by all layer pairs), "embedding"
+    and "cosine" (the last hidden states).
 
     Only for the terms in use and only when the hidden sizes differ; otherwise an empty dict.
     """
     hs, ht = student_cfg.hidden_size, teacher_cfg.hidden_size
     names = [name for name, weight in (("hidden", cfg.hidden_weight),
-                                       ("embedding", cfg.embedding_weight)) if weight > 0]
+                                       ("embedding", cfg.embedding_weight),
+                                       ("cosine", cfg.cosine_weight)) if weight > 0]
     if hs == ht or not names:
         return {}
     init = jax.nn.initializers.lecun_normal()
@@ -374,7 +422,7 @@ def intermediate_loss(cfg: LossConfig, s_out: Any, t_out: Any, proj_params: Mapp
 
     `s_out`/`t_out` are BertOutputs (hidden_states, attention_scores, attention_probs, values);
     metrics hold each term unweighted: loss/hidden, loss/embedding, loss/attention_score,
-    loss/attention_kl, loss/value_relation.
+    loss/attention_kl, loss/value_relation, loss/relation (MiniLM-v2), loss/cosine.
     """
     pairs = layer_map(cfg.layer_map, student_cfg.num_layers, teacher_cfg.num_layers)
     hs, ht = student_cfg.hidden_size, teacher_cfg.hidden_size
@@ -409,6 +457,16 @@ def intermediate_loss(cfg: LossConfig, s_out: Any, t_out: Any, proj_params: Mapp
     if cfg.value_relation_weight > 0:
         terms.append(("loss/value_relation", cfg.value_relation_weight, over_layers(
             "values", lambda s, t: value_relation_kl(s, t, mask, w, cfg.relation_heads))))
+    if cfg.relation_weight > 0:
+        layer = relation_layer(cfg.relation_layer, nt)
+        terms.append(("loss/relation", cfg.relation_weight, sum(
+            relation_kl(s_all[-1], t_all[layer], mask, w, cfg.relation_heads)
+            for s_all, t_all in map(both, RELATIONS))))
+    if cfg.cosine_weight > 0:
+        s_all, t_all = both("hidden_states", extra=1)
+        proj = _projection(proj_params, "cosine", hs, ht)
+        terms.append(("loss/cosine", cfg.cosine_weight,
+                      hidden_cosine(s_all[-1], t_all[-1], mask, w, proj)))
     return weighted_sum(terms)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxkd.heads import HEADS, HeadSpec, default_head_kind, head_spec, register_head  # noqa: F401
 from jaxkd.layers import Dense, Dropout, einsum
 
 ACTIVATIONS = {
@@ -127,80 +127,6 @@ class BertConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadSpec:
-    """What a head kind is: one descriptor per kind, written by the task kind that owns it
-    (`jaxkd.tasks.<kind>.HEAD`) and registered in `HEADS`; the model, the family adapters and
-    the Hugging Face names read it from there.
-
-    module        the Flax module: `module(encoder: BertConfig, head: HeadConfig)` maps the
-                  encoder's last hidden states [B, L, H] to logits
-    hf_suffix     the transformers class is the family's prefix and this ("ForTokenClassification")
-    hf_modules    family base ("bert", "roberta", ...; "*" for every other) -> ((Flax module under
-                  "head", checkpoint module), ...): where the head's dense layers live
-    reads_cls_only   the head reads the first position alone (the last layer may skip the rest)
-    num_labels    a fixed output count (start and end: 2), or None for any
-    single_output_regression   one output means a regression (MSE, problem_type "regression")
-    dropout_keys  family base -> the config.json key of the head's dropout (None: the encoder's
-                  hidden dropout); "classifier_dropout" where the base is not named
-    reads_mask    the module also takes the attention mask [B, L] (poolings over real tokens):
-                  `module(...)(hidden, deterministic, mask)`
-    bare          the transformers class is the family's bare encoder (hf_suffix "Model"), so a
-                  checkpoint's architecture never names this kind (`hf.checkpoint_head_kind`)
-    onnx          the head as ONNX ops: `onnx(g, encoder, head, params, hidden, mask) -> value`,
-                  `g` a `jaxkd.deploy.graph.Graph`, `params` the head's (fp32 NumPy), `hidden` the
-                  last hidden states [B, L, H] and `mask` the attention mask [B, L] as float;
-                  None: the kind cannot be exported to ONNX
-    onnx_output   the ONNX graph's output name
-    """
-
-    kind: str
-    module: Any
-    hf_suffix: str
-    hf_modules: Mapping[str, tuple[tuple[str, str], ...]]
-    reads_cls_only: bool = False
-    num_labels: int | None = None
-    single_output_regression: bool = False
-    dropout_keys: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
-    reads_mask: bool = False
-    bare: bool = False
-    onnx: Any = None
-    onnx_output: str = "logits"
-
-    def modules(self, base: str) -> tuple[tuple[str, str], ...]:
-        """The head's (Flax module, checkpoint module) pairs in the family whose base is `base`."""
-        return self.hf_modules.get(base, self.hf_modules.get("*", ()))
-
-    def dropout_key(self, base: str) -> str | None:
-        return self.dropout_keys.get(base, "classifier_dropout")
-
-
-# Head kind -> its descriptor, filled by the task kinds when `jaxkd.tasks` is imported (which
-# importing any part of jaxkd does). The first one registered with default=True is the head of
-# a checkpoint that has none (a bare encoder).
-HEADS: dict[str, HeadSpec] = {}
-_DEFAULT_HEAD: list[str] = []
-
-
-def register_head(spec: HeadSpec, default: bool = False) -> HeadSpec:
-    HEADS[spec.kind] = spec
-    if default and not _DEFAULT_HEAD:
-        _DEFAULT_HEAD.append(spec.kind)
-    return spec
-
-
-def head_spec(kind: str) -> HeadSpec:
-    """The descriptor of a head kind, or a ValueError naming the known ones."""
-    if kind not in HEADS:
-        raise ValueError(f"head kind {kind!r} is not one of {sorted(HEADS)}")
-    return HEADS[kind]
-
-
-def default_head_kind() -> str:
-    """The head kind given to a checkpoint that has no head of its own."""
-    return _DEFAULT_HEAD[0]
-
-
-@dataclasses.dataclass(frozen=True)
 class HeadConfig:
     """The task head on top of the encoder; `kind` is a key of `HEADS`."""
 
@@ -279,6 +205,7 @@ class EncoderOutput:
     attention_scores: per layer [B, N, L, L], q.k/sqrt(d) before the padding mask and softmax.
     attention_probs: per layer [B, N, L, L], after the mask and softmax.
     values: per layer [B, N, L, D], the value heads.
+    queries, keys: per layer [B, N, L, D], the query and key heads (MiniLM-v2 relations).
     """
 
     last_hidden_state: jax.Array
@@ -286,6 +213,8 @@ class EncoderOutput:
     attention_scores: tuple | None = None
     attention_probs: tuple | None = None
     values: tuple | None = None
+    queries: tuple | None = None
+    keys: tuple | None = None
 
 
 @struct.dataclass
@@ -298,6 +227,8 @@ class ModelOutput:
     attention_scores: tuple | None = None
     attention_probs: tuple | None = None
     values: tuple | None = None
+    queries: tuple | None = None
+    keys: tuple | None = None
 
     @property
     def start_logits(self) -> jax.Array:
@@ -383,7 +314,7 @@ class Attention(nn.Module):
         ctx_BxNxQxD = einsum("bnqk,bnkd->bnqd", dropped.astype(cd), v_BxNxLxD, cd).astype(cd)
         B, Q, H = xq_BxQxH.shape
         ctx_BxQxH = ctx_BxNxQxD.transpose(0, 2, 1, 3).reshape(B, Q, H)
-        return ctx_BxQxH, (scores_BxNxQxL, probs_BxNxQxL, v_BxNxLxD)
+        return ctx_BxQxH, (scores_BxNxQxL, probs_BxNxQxL, q_BxNxQxD, k_BxNxLxD, v_BxNxLxD)
 
 
 class Layer(nn.Module):
@@ -414,6 +345,7 @@ class Encoder(nn.Module):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                  deterministic: bool = True, output_hidden_states: bool = False,
                  output_attentions: bool = False, output_values: bool = False,
+                 output_queries_keys: bool = False,
                  last_layer_queries: int | None = None) -> EncoderOutput:
         """`last_layer_queries`: run the last layer for the first Q positions only (see `Model`)."""
         cfg = self.config
@@ -425,21 +357,22 @@ class Encoder(nn.Module):
                                  jnp.finfo(jnp.float32).min).astype(jnp.float32)
         x_BxLxH = Embeddings(cfg, name="embeddings")(
             input_ids, token_type_ids, position_ids(cfg, input_ids, attention_mask), deterministic)
-        hidden, scores, probs, values = [x_BxLxH], [], [], []
+        hidden, scores, probs, qs, ks, values = [x_BxLxH], [], [], [], [], []
         for i in range(cfg.num_layers):
             queries = last_layer_queries if i == cfg.num_layers - 1 else None
-            x_BxLxH, (s, p, v) = Layer(cfg, name=f"layer_{i}")(x_BxLxH, bias_Bx1x1xL, deterministic,
-                                                               queries)
+            x_BxLxH, (s, p, q, k, v) = Layer(cfg, name=f"layer_{i}")(
+                x_BxLxH, bias_Bx1x1xL, deterministic, queries)
             hidden.append(x_BxLxH)
-            scores.append(s)
-            probs.append(p)
-            values.append(v)
+            for out, x in ((scores, s), (probs, p), (qs, q), (ks, k), (values, v)):
+                out.append(x)
         return EncoderOutput(
             last_hidden_state=x_BxLxH,
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attention_scores=tuple(scores) if output_attentions else None,
             attention_probs=tuple(probs) if output_attentions else None,
             values=tuple(values) if output_values else None,
+            queries=tuple(qs) if output_queries_keys else None,
+            keys=tuple(ks) if output_queries_keys else None,
         )
 
 
@@ -455,26 +388,37 @@ class Model(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                  deterministic: bool = True, output_hidden_states: bool = False,
-                 output_attentions: bool = False, output_values: bool = False) -> ModelOutput:
+                 output_attentions: bool = False, output_values: bool = False,
+                 output_queries_keys: bool = False, positions=None) -> ModelOutput:
+        """`positions` [B, P]: what a head that reads positions scores (None: every position);
+        other heads ignore it."""
         cfg = self.config
         # A head that reads only [CLS] lets the last layer run for the [CLS] query alone, unless
         # the caller wants that layer's intermediates (exact, and it skips most of a layer's work
         # forward and backward; docs/performance.md).
-        wants_intermediates = output_hidden_states or output_attentions or output_values
+        wants_intermediates = (output_hidden_states or output_attentions or output_values
+                               or output_queries_keys)
         cls_only = cfg.head.reads_cls_only and not wants_intermediates
         enc = Encoder(cfg.encoder, name="encoder")(
             input_ids, attention_mask, token_type_ids, deterministic=deterministic,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            output_values=output_values, last_layer_queries=1 if cls_only else None)
-        head = cfg.head.spec.module(cfg.encoder, cfg.head, name="head")
-        if cfg.head.spec.reads_mask:
+            output_values=output_values, output_queries_keys=output_queries_keys,
+            last_layer_queries=1 if cls_only else None)
+        spec = cfg.head.spec
+        head = spec.module(cfg.encoder, cfg.head, name="head")
+        if spec.ties_word_embeddings:
+            table = self.variables["params"]["encoder"]["embeddings"]["word_embeddings"]["embedding"]
+            logits = head(enc.last_hidden_state, deterministic, table,
+                          positions if spec.reads_positions else None)
+        elif spec.reads_mask:
             mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
             logits = head(enc.last_hidden_state, deterministic, mask)
         else:
             logits = head(enc.last_hidden_state, deterministic)
         return ModelOutput(logits=logits.astype(jnp.float32), hidden_states=enc.hidden_states,
                            attention_scores=enc.attention_scores,
-                           attention_probs=enc.attention_probs, values=enc.values)
+                           attention_probs=enc.attention_probs, values=enc.values,
+                           queries=enc.queries, keys=enc.keys)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> dict[str, Any]:

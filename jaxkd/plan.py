@@ -123,6 +123,7 @@ def prepare(cfg: Config, write_cache: bool = True,
         try:
             losses.layer_map(cfg.distill.layer_map, student_cfg.encoder.num_layers,
                              teacher_cfg.encoder.num_layers)
+            losses.relation_layer(cfg.distill.relation_layer, teacher_cfg.encoder.num_layers)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     # Every split is read and validated before anything (even a tokenisation cache) is written.

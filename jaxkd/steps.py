@@ -108,7 +108,8 @@ def _forward(model: Model, params: Any, batch: Batch, *, loss_cfg: LossConfig | 
     if loss_cfg is not None:
         flags = dict(output_hidden_states=loss_cfg.needs_hidden,
                      output_attentions=loss_cfg.needs_attention_scores or loss_cfg.needs_attention_probs,
-                     output_values=loss_cfg.needs_values)
+                     output_values=loss_cfg.needs_values,
+                     output_queries_keys=loss_cfg.needs_queries_keys)
     return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                        batch.get("token_type_ids"), deterministic=rng is None,
                        rngs=None if rng is None else {"dropout": rng}, **flags)

@@ -478,3 +478,74 @@ def test_token_logit_losses_average_over_labelled_tokens():
     close(metrics["loss/kd"], mean(kd))
     close(metrics["loss/ce"], mean(ce))
     close(loss, 0.3 * mean(kd) + 0.7 * mean(ce))
+
+
+# ----------------------------------------------------------------------------- MiniLM-v2, cosine
+
+
+def test_relation_kl_hand_checked():
+    """One head, two tokens, width 1: the teacher's relation is uniform in both rows; the
+    student's first row is softmax([1, 0]) and its second uniform, so only query 0 counts."""
+    s = np.array([[[[1.0], [0.0]]]], np.float32)
+    t = np.zeros((1, 1, 2, 1), np.float32)
+    mask, w = np.ones((1, 2), np.int32), np.ones(1, np.float32)
+    p0 = np.e / (1 + np.e)
+    query0 = 0.5 * np.log(0.5 / p0) + 0.5 * np.log(0.5 / (1 - p0))
+    close(losses.relation_kl(s, t, mask, w), query0 / 2)
+
+
+def fake_relation_output(seed, cfg):
+    out = fake_output(seed, cfg)
+    heads, d = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    layers = range(cfg.num_layers)
+    return out, {"queries": tuple(rand(seed + 500 + i, B, heads, L, d) for i in layers),
+                 "keys": tuple(rand(seed + 600 + i, B, heads, L, d) for i in layers)}
+
+
+def test_minilm_v2_relations_match_numpy_across_widths_and_layers():
+    student, teacher = TinyBert(2, 6, 3), TinyBert(4, 8, 2)  # widths 6 and 8, 3 and 2 heads
+    (s_out, s_qk), (t_out, t_qk) = fake_relation_output(100, student), fake_relation_output(200, teacher)
+
+    class Full(NamedTuple):
+        out: Out
+        queries: tuple
+        keys: tuple
+
+        def __getattr__(self, name):
+            return getattr(self.out, name)
+
+    s_full, t_full = Full(s_out, **s_qk), Full(t_out, **t_qk)
+    for layer, t_layer in ((-1, 3), (1, 1)):
+        cfg = LossConfig(alpha=1.0, relation_weight=2.0, relation_layer=layer, relation_heads=2)
+        loss, metrics = losses.intermediate_loss(cfg, s_full, t_full, {}, MASK, WEIGHTS, student,
+                                                 teacher)
+        expected = sum(np_value_relation(getattr(s_full, f)[-1], getattr(t_full, f)[t_layer], MASK,
+                                         WEIGHTS, 2) for f in ("queries", "keys", "values"))
+        close(metrics["loss/relation"], expected)
+        close(loss, 2.0 * expected)
+    with pytest.raises(ValueError, match="relation_layer 4 is out of range"):
+        losses.intermediate_loss(LossConfig(relation_weight=1.0, relation_layer=4), s_full, t_full,
+                                 {}, MASK, WEIGHTS, student, teacher)
+    assert LossConfig(relation_weight=1.0).needs_queries_keys
+    assert LossConfig(relation_weight=1.0).needs_values
+
+
+def np_cosine(s, t, mask, w, kernel=None, bias=None):
+    if kernel is not None:
+        s = s @ kernel + bias
+    cos = (s * t).sum(-1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1))
+    return np_wmean(1.0 - cos, w[:, None] * mask)
+
+
+def test_hidden_cosine_matches_numpy_with_projection():
+    s_out, t_out = fake_output(100, STUDENT), fake_output(200, TEACHER)
+    cfg = LossConfig(cosine_weight=1.5)
+    proj = losses.init_projections(cfg, STUDENT, TEACHER, jax.random.key(3))
+    assert set(proj) == {"cosine"}
+    k, b = (np.asarray(proj["cosine"][n]) for n in ("kernel", "bias"))
+    loss, metrics = losses.intermediate_loss(cfg, s_out, t_out, proj, MASK, WEIGHTS, STUDENT, TEACHER)
+    expected = np_cosine(s_out.hidden_states[-1], t_out.hidden_states[-1], MASK, WEIGHTS, k, b)
+    close(metrics["loss/cosine"], expected)
+    close(loss, 1.5 * expected)
+    same = fake_output(300, TEACHER)
+    close(losses.hidden_cosine(same.hidden_states[-1], same.hidden_states[-1], MASK, WEIGHTS), 0.0)

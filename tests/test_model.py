@@ -52,6 +52,16 @@ def test_shapes_and_intermediates_only_when_asked(params):
     probs = np.asarray(full.attention_probs[0])
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert np.all(probs[2, :, :, 3:] < 1e-6)
+    assert full.queries is full.keys is None
+    qk = forward(TINY, params, ids, mask, types, output_queries_keys=True)
+    for q, k, scores in zip(qk.queries, qk.keys, full.attention_scores):
+        # The query and key heads are those the attention scores are made of.
+        np.testing.assert_allclose(np.einsum("bnqd,bnkd->bnqk", q, k) / np.sqrt(q.shape[-1]),
+                                   scores, rtol=1e-5, atol=1e-5)
+    layer = params["encoder"]["layer_1"]["attention"]["query"]
+    x = np.asarray(full.hidden_states[1])
+    q_ref = (x @ np.asarray(layer["kernel"]) + np.asarray(layer["bias"])).reshape(3, 7, 4, 4)
+    np.testing.assert_allclose(qk.queries[1], q_ref.transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-5)
 
 
 def test_cls_only_last_layer_has_the_full_gradient(params):
