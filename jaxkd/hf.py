@@ -327,7 +327,7 @@ def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_he
                               f"{unexpected}")
 
     modules = [m for m, _ in cfg.head.spec.modules(family.base)]
-    fresh = [m for m in modules if f"{_module_prefix(names, m)}.weight" not in tensors]
+    fresh = [m for m in modules if any(hf not in tensors for hf in _module_keys(names, m))]
     if "classifier" in modules and "classifier" not in fresh:
         classifier = names[("head", "classifier", "kernel")][0]
         have = tensors[classifier].shape[0]
@@ -361,8 +361,9 @@ def _params_from_tensors(cfg: ModelConfig, raw: Mapping[str, np.ndarray], own_he
     return _unflatten(flat), sorted(set(fresh)), ignored
 
 
-def _module_prefix(names, module: str) -> str:
-    return names[("head", module, "kernel")][0].rsplit(".", 1)[0]
+def _module_keys(names, module: str) -> list[str]:
+    """The checkpoint keys of a head module (`module` under "head")."""
+    return [hf for path, (hf, _) in names.items() if path[:2] == ("head", module)]
 
 
 def _torch_shape(shape, transpose: bool) -> tuple[int, ...]:
@@ -372,15 +373,20 @@ def _torch_shape(shape, transpose: bool) -> tuple[int, ...]:
 
 def _fresh_heads(config: ModelConfig, modules: Sequence[str], shapes: Mapping[tuple[str, ...], tuple],
                  rng: jax.Array | None) -> dict:
-    """BERT init for new heads: kernel ~ normal(initializer_range), zero bias."""
+    """BERT init for new heads: kernels ~ normal(initializer_range), zero biases, unit layer-norm
+    scales."""
     cfg = config.encoder
     rng = jax.random.key(0) if rng is None else rng
     out = {}
     for module, key in zip(modules, jax.random.split(rng, max(len(modules), 1))):
-        shape = shapes[("head", module, "kernel")]
-        kernel = cfg.initializer_range * jax.random.normal(key, shape, cfg.params_dtype)
-        out[("head", module, "kernel")] = np.asarray(kernel)
-        out[("head", module, "bias")] = np.zeros(shape[1:], cfg.params_dtype)
+        for path, shape in shapes.items():
+            if path[:2] != ("head", module):
+                continue
+            if path[-1] == "kernel":
+                value = cfg.initializer_range * jax.random.normal(key, shape, cfg.params_dtype)
+            else:
+                value = (np.ones if path[-1] == "scale" else np.zeros)(shape, cfg.params_dtype)
+            out[path] = np.asarray(value)
     return out
 
 

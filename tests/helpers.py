@@ -400,7 +400,7 @@ FAMILY_SIZES = dict(vocab_size=FAMILY_VOCAB, hidden_size=FAMILY_HIDDEN, num_hidd
                     num_attention_heads=4, intermediate_size=37, hidden_act="gelu")
 FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
 # Head kinds and label counts that every family's import, export and students are checked with.
-FAMILY_HEADS = [("sequence", 3), ("sequence", 1), ("token", 5), ("span", 2)]
+FAMILY_HEADS = [("sequence", 3), ("sequence", 1), ("token", 5), ("span", 2), ("masked_lm", 1)]
 
 
 def family_hf_config(model_type: str):
@@ -427,7 +427,8 @@ def auto_model(kind: str):
 
     return {"sequence": transformers.AutoModelForSequenceClassification,
             "token": transformers.AutoModelForTokenClassification,
-            "span": transformers.AutoModelForQuestionAnswering}[kind]
+            "span": transformers.AutoModelForQuestionAnswering,
+            "masked_lm": transformers.AutoModelForMaskedLM}[kind]
 
 
 def torch_model(model_type: str, kind: str, num_labels: int, seed: int = 0, **config_changes):

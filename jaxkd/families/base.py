@@ -56,7 +56,10 @@ def layer_norm(path: tuple[str, ...], hf: str) -> Names:
 
 
 def module(path: tuple[str, ...], hf: str) -> Names:
-    """A dense layer, or a layer norm when the Flax module is one (its name says LayerNorm)."""
+    """A dense layer, a layer norm when the Flax module is one (its name says LayerNorm), or a
+    lone bias vector (a Flax param named `bias`, e.g. a masked-LM head's output bias)."""
+    if path[-1] == "bias":
+        return {path: (hf, False)}
     return layer_norm(path, hf) if path[-1].endswith("LayerNorm") else dense(path, hf)
 
 
@@ -139,7 +142,7 @@ class Family:
         """Flax path -> (name in the head's transformers class, transpose?)."""
         names = self.encoder_names(config.encoder)
         for flax_module, hf in config.head.spec.modules(self.base):
-            names.update(dense(("head", flax_module), hf))
+            names.update(module(("head", flax_module), hf))
         return names
 
     def canonical_name(self, key: str) -> str:

@@ -14,7 +14,7 @@ import dataclasses
 from jaxkd.data import DataConfig, DataError, nearest
 from jaxkd.model import HeadConfig
 # Importing a kind registers its head: in this order, the order of KINDS (and of model.HEADS).
-from jaxkd.tasks import sequence, token, qa, embedding  # isort: skip
+from jaxkd.tasks import sequence, token, qa, embedding, masked_lm  # isort: skip
 from jaxkd.tasks.base import Objective, Task, TaskConfig
 
 KINDS = {module.TYPE: module for module in (sequence, token, qa, embedding)}

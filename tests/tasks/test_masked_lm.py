@@ -1,0 +1,48 @@
+"""The masked-LM head beyond its transformers parity (tests/families): it scores only the
+positions asked for, and its decoder is the word-embedding table itself."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from helpers import tiny_model_config
+from jaxkd.model import Model, init_params
+
+
+def _setup():
+    cfg = tiny_model_config("masked_lm", 1, vocab_size=40)
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 40, (2, 7))
+    mask = np.ones((2, 7), np.int32)
+    mask[1, 5:] = 0
+    return cfg, params, ids, mask
+
+
+def test_positions_score_only_those_positions():
+    cfg, params, ids, mask = _setup()
+    full = Model(cfg).apply({"params": params}, ids, mask).logits
+    assert full.shape == (2, 7, 40)
+    positions = np.array([[1, 4, 0], [2, 3, 0]])
+    picked = Model(cfg).apply({"params": params}, ids, mask, positions=positions).logits
+    assert picked.shape == (2, 3, 40) and picked.dtype == jnp.float32
+    np.testing.assert_allclose(picked, np.take_along_axis(np.asarray(full), positions[..., None], 1),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_decoder_is_the_word_embedding_table():
+    cfg, params, ids, mask = _setup()
+    assert set(params["head"]) == {"transform", "transform_LayerNorm", "bias"}
+    x = Model(cfg).apply({"params": params}, ids, mask, positions=np.zeros((2, 1), np.int32))
+    table = params["encoder"]["embeddings"]["word_embeddings"]["embedding"]
+    doubled = jax.tree_util.tree_map(lambda a: a, params)
+    doubled["encoder"]["embeddings"]["word_embeddings"]["embedding"] = table * 2.0
+    # Logits are (transform features) . table + bias: the head reads the table itself.
+    y = Model(cfg).apply({"params": doubled}, ids, mask, positions=np.zeros((2, 1), np.int32))
+    assert not np.allclose(x.logits, y.logits)
+
+    def loss(p):
+        return Model(cfg).apply({"params": p}, ids, mask, positions=np.array([[2], [3]])).logits.sum()
+    grads = jax.grad(loss)(params)
+    # The gradient reaches rows of the table that are no input token (the decoder's use of it).
+    unused = sorted(set(range(40)) - set(ids.ravel().tolist()))
+    assert float(jnp.abs(grads["encoder"]["embeddings"]["word_embeddings"]["embedding"][np.array(unused)]).sum()) > 0
