@@ -13,6 +13,8 @@ A batch (`Batch`) is a dict of host NumPy arrays, built by `make_batch` here and
   index     int32 [B]: the row's position in its split (in `Encoded`), -1 for padding rows
   teacher_logits   only from the teacher cache (`jaxkd.cache.TeacherLogits.attach`), laid out
             like the model's
+  positions  only in masked-LM batches (`jaxkd.data.masked`): int32 [B, P], the masked
+            positions the head scores; `labels` is then [B, P], -1 in unused slots
 L is one of `bucket_lengths(max_seq_len, bucket_multiple)`, picked from the whole global batch so
 that every process agrees; B is the global batch size divided by the process count.
 
@@ -43,14 +45,16 @@ class Batch(TypedDict):
     hard_weights: np.ndarray
     index: np.ndarray
     teacher_logits: NotRequired[np.ndarray]
+    positions: NotRequired[np.ndarray]
 
 
 def make_batch(input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray,
                labels: np.ndarray, weights: np.ndarray, hard_weights: np.ndarray | None = None,
-               index: np.ndarray | None = None) -> Batch:
+               index: np.ndarray | None = None, positions: np.ndarray | None = None) -> Batch:
     """The one constructor of a batch: dtypes fixed, `hard_weights` = `weights` (every row
-    labelled) and `index` = 0..B-1 unless given."""
+    labelled) and `index` = 0..B-1 unless given; `positions` only for masked-LM rows."""
     weights = np.asarray(weights, np.float32)
+    extra = {} if positions is None else {"positions": np.asarray(positions, np.int32)}
     return Batch(input_ids=np.asarray(input_ids, np.int32),
                  attention_mask=np.asarray(attention_mask, np.int32),
                  token_type_ids=np.asarray(token_type_ids, np.int32),
@@ -58,7 +62,7 @@ def make_batch(input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids
                  weights=weights,
                  hard_weights=weights if hard_weights is None else np.asarray(hard_weights, np.float32),
                  index=np.arange(len(weights), dtype=np.int32) if index is None
-                 else np.asarray(index, np.int32))
+                 else np.asarray(index, np.int32), **extra)
 
 
 def bucket_lengths(max_seq_len: int, multiple: int) -> tuple[int, ...]:

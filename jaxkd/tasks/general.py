@@ -1,0 +1,237 @@
+"""General (task-agnostic) distillation: a small encoder learns from a big one on raw text, the
+DistilBERT, TinyBERT and MiniLM-v2 way, before any task exists.
+
+The training text is a corpus (`jaxkd.data.corpus`: plain-text, JSONL or Parquet files),
+tokenised once into memory-mapped shards and packed into rows of exactly `data.max_seq_len`
+tokens; each batch is masked on the host from (seed, step, row) (`jaxkd.data.masking`), so a
+resumed or multi-process run draws the same masks. The objectives, each with its own weight:
+  task.mlm_weight   the student's masked-LM cross-entropy on the masked positions
+  task.kd_weight    KD on the teacher's masked-LM distribution there (distill.temperature, T^2)
+  distill.*_weight  the intermediate terms: MiniLM-v2 relations (`relation_weight`), the
+                    last hidden states' cosine (`cosine_weight`), TinyBERT's hidden-state and
+                    attention terms, MiniLM-v1's
+Masked-LM logits exist only at the masked positions (the head gathers them first,
+`jaxkd.tasks.masked_lm`). A teacher without a masked-LM head teaches with the terms that need
+none; asking for kd_weight with one is refused before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from jaxkd import data as data_lib
+from jaxkd import losses
+from jaxkd.data import DataConfig, DataError
+from jaxkd.data.masking import MaskingConfig
+from jaxkd.model import HeadConfig
+from jaxkd.tasks import masked_lm
+from jaxkd.tasks.base import Objective, Task, TaskConfig
+
+TYPE = "general"
+HEAD = masked_lm.HEAD
+TRANSFER = {"data.unlabeled": "the training text is already unlabelled: add it to data.train "
+                              "(a list of files)",
+            "distill.augment": "general distillation masks its own text; there is nothing to "
+                               "augment"}
+# Held-out figures: the selection score first (the checkpoint with the highest is kept).
+METRICS = ("heldout_score", "mlm_accuracy", "perplexity")
+DOCUMENTS = ("lines", "paragraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    documents: str  # how a plain-text file holds documents: one a line, or blank-line separated
+
+
+PRESETS: dict[str, Preset] = {
+    "text": Preset("lines"),
+    "paragraphs": Preset("paragraphs"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralConfig(TaskConfig):
+    """The `task` section of general distillation: the common keys and these."""
+
+    name: str = "text"
+    # Plain-text files: one document a line, or paragraphs separated by blank lines; None: the
+    # preset's. JSONL and Parquet files read `text_column`.
+    documents: str | None = None
+    text_column: str = "text"
+    # The masked-LM objectives' weights (the intermediate terms are distill.*_weight).
+    mlm_weight: float = 0.0
+    kd_weight: float = 0.0
+    # Masking: the share of tokens predicted, of those [MASK] and random, whole words, and
+    # DistilBERT's frequency smoothing (targets weighted by count^-smoothing; null: uniform).
+    mask_probability: float = 0.15
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+    whole_word: bool = False
+    mlm_smoothing: float | None = None
+
+    def masking(self) -> MaskingConfig:
+        return MaskingConfig(probability=self.mask_probability, mask_fraction=self.mask_fraction,
+                             random_fraction=self.random_fraction, whole_word=self.whole_word,
+                             smoothing=self.mlm_smoothing)
+
+
+CONFIG = GeneralConfig
+
+
+def check(cfg: GeneralConfig) -> None:
+    if cfg.metric is not None and cfg.metric not in METRICS:
+        raise DataError(f"unknown task.metric {cfg.metric!r}{data_lib.nearest(cfg.metric, METRICS)}; "
+                        f"known: {', '.join(METRICS)}")
+    if cfg.documents is not None and cfg.documents not in DOCUMENTS:
+        raise DataError(f"task.documents {cfg.documents!r} is unknown"
+                        f"{data_lib.nearest(cfg.documents, DOCUMENTS)}; use one of "
+                        f"{', '.join(DOCUMENTS)}")
+    for key in ("mlm_weight", "kd_weight"):
+        value = getattr(cfg, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise DataError(f"task.{key} must be a number >= 0, got {value!r}")
+    cfg.masking()  # validates the masking keys
+
+
+def check_run(cfg: GeneralConfig, distill, teacher) -> None:
+    """What the kind needs of the other sections: some objective, no teacher fine-tuning, no
+    labels-only baseline or search."""
+    if not (cfg.mlm_weight or cfg.kd_weight or distill.any_intermediate):
+        raise DataError(f"{TYPE} distillation has no objective: set task.mlm_weight, "
+                        f"task.kd_weight or a distill.*_weight (relation_weight for MiniLM-v2, "
+                        f"cosine_weight for DistilBERT's cosine)")
+    if teacher.finetune.steps:
+        raise DataError(f"{TYPE} distillation has no labels to fine-tune a teacher on: remove "
+                        f"teacher.finetune.steps")
+    for key in ("baseline", "search"):
+        if getattr(distill, key):
+            raise DataError(f"{TYPE} distillation has no labels: distill.{key} does not apply; "
+                            f"remove it")
+
+
+# ----------------------------------------------------------------------------- on device
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralObjective(Objective):
+    """The masked-LM objectives on logits at the masked positions ([B, P, V], labels [B, P] with
+    -1 in unused slots), plus the intermediate terms in use."""
+
+    per_token: bool = True
+    mlm_weight: float = 0.0
+    kd_weight: float = 0.0
+    hard_metric_names: ClassVar[tuple[str, ...]] = ("mlm_accuracy",)
+
+    @property
+    def hard_loss_name(self) -> str:
+        return "loss/mlm"
+
+    def hard_loss(self, logits, batch):
+        return losses.ce_loss(logits, batch["labels"], self.weights(batch))
+
+    def distill_loss(self, loss_cfg: losses.LossConfig, student_out, teacher_out, proj_params,
+                     batch, student_encoder, teacher_encoder):
+        weights = self.weights(batch)
+        terms = []
+        if self.mlm_weight > 0:
+            terms.append(("loss/mlm", self.mlm_weight, self.hard_loss(student_out.logits, batch)))
+        if self.kd_weight > 0:
+            terms.append(("loss/kd", self.kd_weight, losses.kd_loss(
+                student_out.logits, teacher_out.logits, weights, loss_cfg.temperature)))
+        loss, metrics = losses.weighted_sum(terms)
+        if loss_cfg.any_intermediate:
+            inter, inter_metrics = losses.intermediate_loss(
+                loss_cfg, student_out, teacher_out, proj_params, batch["attention_mask"],
+                batch["weights"], student_encoder, teacher_encoder)
+            loss = loss + inter
+            metrics.update(inter_metrics)
+        metrics["loss/total"] = loss
+        return loss, metrics
+
+    def metrics(self, logits, batch, teacher_logits=None):
+        """The student's masked-LM accuracy on the targets (meaningful where its head trains)."""
+        weights = self.weights(batch)
+        right = jnp.argmax(logits, axis=-1) == batch["labels"]
+        return {"mlm_accuracy": jnp.sum(weights * right) / jnp.maximum(jnp.sum(weights), 1e-9)}
+
+
+def objective(head: HeadConfig) -> Objective:
+    """A masked-LM head's objective with no weights set (the task's weighs its terms)."""
+    return GeneralObjective()
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralTask(Task):
+    type: ClassVar[str] = TYPE
+    head_kind: ClassVar[str] = HEAD.kind
+    outputs_per_token: ClassVar[bool] = True
+    finetunes: ClassVar[bool] = False
+
+    name: str
+    label_names: tuple[str, ...]
+    metrics: tuple[str, ...]
+    documents: str
+    text_column: str
+    mlm_weight: float
+    kd_weight: float
+    masking: MaskingConfig
+
+    @property
+    def num_labels(self) -> int:
+        return 1
+
+    def id2label(self):
+        return None
+
+    def describe_outputs(self) -> str:
+        return "masked-LM predictions"
+
+    def describe_loss(self, distill) -> str:
+        parts = [f"mlm {self.mlm_weight:g}"] if self.mlm_weight else []
+        if self.kd_weight:
+            parts.append(f"masked-LM KD {self.kd_weight:g} at T={distill.temperature:g}")
+        named = {"relation_weight": "MiniLM-v2 relations", "cosine_weight": "cosine",
+                 "hidden_weight": "hidden MSE", "attention_score_weight": "attention scores",
+                 "attention_kl_weight": "attention KL", "value_relation_weight": "value relation",
+                 "embedding_weight": "embedding MSE"}
+        parts += [f"{words} {getattr(distill, key):g}" for key, words in named.items()
+                  if getattr(distill, key)]
+        return ", ".join(parts)
+
+    def is_model_of(self, hf_config: dict) -> bool:
+        """Any encoder teaches as it is: general distillation never fine-tunes its teacher."""
+        return True
+
+    def objective(self, head: HeadConfig) -> Objective:
+        return GeneralObjective(mlm_weight=self.mlm_weight, kd_weight=self.kd_weight)
+
+
+def resolve(cfg: GeneralConfig, data_cfg: DataConfig | None = None) -> GeneralTask:
+    preset = PRESETS.get(cfg.name, PRESETS["text"])
+    primary = cfg.metric or METRICS[0]
+    return GeneralTask(name=cfg.name, label_names=("token",),
+                       metrics=(primary,) + tuple(m for m in METRICS if m != primary),
+                       documents=cfg.documents or preset.documents, text_column=cfg.text_column,
+                       mlm_weight=float(cfg.mlm_weight), kd_weight=float(cfg.kd_weight),
+                       masking=cfg.masking())
+
+
+def exported_config(label_names, regression, flags: dict) -> GeneralConfig:
+    raise DataError("a masked language model is scored by its general distillation run "
+                    "(report.json), not by jaxkd predict or evaluate; fine-tune it on a task "
+                    "first (student.init: pretrained)")
+
+
+def with_model_labels(cfg: GeneralConfig, label_names, regression: bool) -> GeneralConfig:
+    return cfg
+
+
+INPUT_FLAGS = ("text",)
+MODELS = "masked language models"
+INPUT_HINT = "use --text"
