@@ -112,7 +112,8 @@ def _forward(model: Model, params: Any, batch: Batch, *, loss_cfg: LossConfig | 
                      output_queries_keys=loss_cfg.needs_queries_keys)
     return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                        batch.get("token_type_ids"), deterministic=rng is None,
-                       rngs=None if rng is None else {"dropout": rng}, **flags)
+                       rngs=None if rng is None else {"dropout": rng},
+                       positions=batch.get("positions"), **flags)
 
 
 def _share(loss_weights: jax.Array, axis_name: str | None) -> jax.Array | float:

@@ -55,3 +55,50 @@ def test_intermediate_terms_are_added():
     np.testing.assert_allclose(loss, 3.0 * float(expected), rtol=1e-6)
     assert "loss/mlm" not in metrics and "loss/kd" not in metrics
 
+
+
+def test_general_step_is_the_same_on_1_and_4_devices():
+    """The jitted distillation step with the masked-LM objective and MiniLM-v2 relations over a
+    4-device mesh equals the one-device step (masked-LM teacher and student, masked rows)."""
+    import jax
+
+    from helpers import compile_mesh_step, run_mesh_steps, tiny_model_config
+    from jaxkd import sharding, steps
+    from jaxkd.data.masked import MaskedBatches, Vocabulary
+    from jaxkd.data.masking import MaskingConfig
+    from jaxkd.model import init_params
+    from jaxkd.optim import OptimConfig, make_optimizer
+
+    student = tiny_model_config("masked_lm", 1, vocab_size=60, hidden_size=32, num_layers=1,
+                                num_heads=4, intermediate_size=64, max_position_embeddings=32,
+                                hidden_dropout=0.0, attention_dropout=0.0)
+    teacher = student.replace(hidden_size=48, num_layers=2, intermediate_size=96, num_heads=6)
+    loss_cfg = LossConfig(temperature=2.0, relation_weight=1.0, relation_heads=4)
+    objective = general.GeneralObjective(mlm_weight=1.0, kd_weight=2.0)
+    step = steps.make_distill_step(student, teacher, loss_cfg, teacher="live", objective=objective)
+    state = steps.TrainState.create(init_params(student, jax.random.key(0)),
+                                    make_optimizer(OptimConfig(learning_rate=1e-2, eps=1e-4), 10))
+    teacher_params = init_params(teacher, jax.random.key(1))
+
+    class Rows:
+        def __len__(self):
+            return 64
+
+        def rows(self, idx):
+            return (5 + (np.asarray(idx)[:, None] * 3 + np.arange(16)) % 55).astype(np.int32)
+
+    it = MaskedBatches(Rows(), 8, cfg=MaskingConfig(), seed=0,
+                       vocab=Vocabulary(mask_id=4, special_ids=(0, 1, 2, 3, 4), size=60))
+    batches = [next(it) for _ in range(3)]
+    losses_by_mesh = []
+    for devices in (1, 4):
+        mesh = sharding.make_mesh(jax.devices()[:devices])
+        _, history = run_mesh_steps(compile_mesh_step(step, mesh, state, teacher_params), mesh,
+                                    state, teacher_params, batches)
+        losses_by_mesh.append([{k: float(v) for k, v in m.items()} for m in history])
+    one, four = losses_by_mesh
+    assert {"loss/mlm", "loss/kd", "loss/relation", "mlm_accuracy"} <= set(one[0])
+    for a, b in zip(one, four):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    assert one[2]["loss/total"] != one[0]["loss/total"]
