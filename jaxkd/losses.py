@@ -272,16 +272,23 @@ def _project(x_BxLxH: Array, proj: Any) -> Array:
     return x_BxLxH @ _f32(kernel) + _f32(bias)
 
 
-def hidden_mse(s_hidden_BxLxHs: Array, t_hidden_BxLxHt: Array, mask_BxL: Array, weights_B: Array,
-               proj: Any = None) -> Array:
-    """MSE over real tokens (mean over the width); `proj` maps the student width to the teacher's."""
+def _hidden_pair(what: str, s_hidden_BxLxHs: Array, t_hidden_BxLxHt: Array,
+                 proj: Any) -> tuple[Array, Array]:
+    """fp32 student states (mapped by `proj` to the teacher's width) and the fixed teacher states."""
     s_BxLxH = _f32(s_hidden_BxLxHs)
     if proj is not None:
         s_BxLxH = _project(s_BxLxH, proj)
     t_BxLxH = _target(t_hidden_BxLxHt)
     if s_BxLxH.shape != t_BxLxH.shape:
-        raise ValueError(f"hidden_mse: student {tuple(s_BxLxH.shape)} (after projection) and teacher "
+        raise ValueError(f"{what}: student {tuple(s_BxLxH.shape)} (after projection) and teacher "
                          f"{tuple(t_BxLxH.shape)} differ; widths that differ need a projection")
+    return s_BxLxH, t_BxLxH
+
+
+def hidden_mse(s_hidden_BxLxHs: Array, t_hidden_BxLxHt: Array, mask_BxL: Array, weights_B: Array,
+               proj: Any = None) -> Array:
+    """MSE over real tokens (mean over the width); `proj` maps the student width to the teacher's."""
+    s_BxLxH, t_BxLxH = _hidden_pair("hidden_mse", s_hidden_BxLxHs, t_hidden_BxLxHt, proj)
     sq_BxL = jnp.mean((s_BxLxH - t_BxLxH) ** 2, axis=-1)
     return _weighted_mean(sq_BxL, _token_weights(mask_BxL, weights_B))
 
@@ -365,13 +372,7 @@ def hidden_cosine(s_hidden_BxLxHs: Array, t_hidden_BxLxHt: Array, mask_BxL: Arra
                   weights_B: Array, proj: Any = None) -> Array:
     """DistilBERT: 1 - cos(student, teacher) per real token, then the weighted mean; `proj` maps
     the student width to the teacher's."""
-    s_BxLxH = _f32(s_hidden_BxLxHs)
-    if proj is not None:
-        s_BxLxH = _project(s_BxLxH, proj)
-    t_BxLxH = _target(t_hidden_BxLxHt)
-    if s_BxLxH.shape != t_BxLxH.shape:
-        raise ValueError(f"hidden_cosine: student {tuple(s_BxLxH.shape)} (after projection) and "
-                         f"teacher {tuple(t_BxLxH.shape)} differ; widths that differ need a projection")
+    s_BxLxH, t_BxLxH = _hidden_pair("hidden_cosine", s_hidden_BxLxHs, t_hidden_BxLxHt, proj)
     norms = jnp.linalg.norm(s_BxLxH, axis=-1) * jnp.linalg.norm(t_BxLxH, axis=-1)
     cos_BxL = jnp.sum(s_BxLxH * t_BxLxH, axis=-1) / jnp.maximum(norms, 1e-8)
     return _weighted_mean(1.0 - cos_BxL, _token_weights(mask_BxL, weights_B))

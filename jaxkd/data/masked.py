@@ -66,6 +66,15 @@ class Vocabulary:
     counts: np.ndarray | None = None  # int64 [V]
 
 
+def _local_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    """This process's places in a global batch: [i*B/P, (i+1)*B/P)."""
+    if batch_size < 1 or batch_size % process_count:
+        raise DataError(f"the global batch size {batch_size} must be a positive multiple of "
+                        f"the process count {process_count}")
+    share = batch_size // process_count
+    return np.arange(process_index * share, (process_index + 1) * share)
+
+
 def _masked(ids_BxL: np.ndarray, rows_B: np.ndarray, cfg: MaskingConfig, vocab: Vocabulary,
             seed: int, step: int, weights_B: np.ndarray) -> Batch:
     masked, positions, labels = mask_batch(
@@ -85,13 +94,9 @@ class MaskedBatches(Iterator[Batch]):
     def __init__(self, rows, batch_size: int, *, cfg: MaskingConfig, vocab: Vocabulary, seed: int,
                  position: Mapping[str, Any] | None = None, process_index: int = 0,
                  process_count: int = 1):
-        if batch_size < 1 or batch_size % process_count:
-            raise DataError(f"the global batch size {batch_size} must be a positive multiple of "
-                            f"the process count {process_count}")
+        self._local = _local_rows(batch_size, process_index, process_count)
         self._rows, self._cfg, self._vocab, self._seed = rows, cfg, vocab, seed
         self._batch_size = batch_size
-        share = batch_size // process_count
-        self._local = np.arange(process_index * share, (process_index + 1) * share)
         self.epoch_steps = len(rows) // batch_size
         if self.epoch_steps == 0:
             raise DataError(f"{len(rows)} corpus rows do not fill one batch of {batch_size}")
@@ -126,13 +131,9 @@ class MaskedEvalBatches(Iterable[Batch]):
 
     def __init__(self, rows, batch_size: int, *, cfg: MaskingConfig, vocab: Vocabulary,
                  seed: int, process_index: int = 0, process_count: int = 1):
-        if batch_size < 1 or batch_size % process_count:
-            raise DataError(f"the global batch size {batch_size} must be a positive multiple of "
-                            f"the process count {process_count}")
+        self._local = _local_rows(batch_size, process_index, process_count)
         self._rows, self._cfg, self._vocab, self._seed = rows, cfg, vocab, seed
         self._batch_size = batch_size
-        share = batch_size // process_count
-        self._local = np.arange(process_index * share, (process_index + 1) * share)
 
     def __len__(self) -> int:
         return -(-len(self._rows) // self._batch_size)

@@ -328,6 +328,18 @@ def _weighted_mean(values: Array, weights: Array) -> Array:
 # ----------------------------------------------------------------------------- host helpers
 
 
+def refuse_label_settings(type_: str, distill, teacher) -> None:
+    """For kinds without labels: refuse teacher fine-tuning, the labels-only baseline and the
+    temperature and alpha search (a kind's `check_run`)."""
+    if teacher.finetune.steps:
+        raise DataError(f"{type_} tasks have no labels to fine-tune a teacher on: the teacher is "
+                        f"used as it is; remove teacher.finetune.steps")
+    for key in ("baseline", "search"):
+        if getattr(distill, key):
+            raise DataError(f"{type_} tasks have no labels: distill.{key} (a labels-only student, "
+                            f"the KD term's temperature and alpha) does not apply; remove it")
+
+
 class BadRow(Exception):
     """A row that fails validation; `kind` counts it in `skipped`."""
 

@@ -29,7 +29,7 @@ from jaxkd import model as model_lib
 from jaxkd.data import DataConfig, DataError, Encoded, Table
 from jaxkd.model import BertConfig, HeadConfig
 from jaxkd.tasks import sbert, similarity
-from jaxkd.tasks.base import Objective, Task, TaskConfig
+from jaxkd.tasks.base import Objective, Task, TaskConfig, refuse_label_settings
 
 TYPE = "sentence_embedding"
 TRANSFER = {"data.unlabeled": None,
@@ -457,13 +457,7 @@ def check_run(cfg: EmbeddingConfig, distill, teacher) -> None:
         raise DataError(f"{TYPE} tasks learn from the teacher's embeddings alone: distill.alpha "
                         f"must be > 0 (it is not otherwise read: the terms are weighed by "
                         f"task.mse_weight, task.cosine_weight and task.similarity_weight)")
-    if teacher.finetune.steps:
-        raise DataError(f"{TYPE} tasks have no labels to fine-tune a teacher on: the teacher is "
-                        f"used as it is; remove teacher.finetune.steps")
-    for key in ("baseline", "search"):
-        if getattr(distill, key):
-            raise DataError(f"{TYPE} tasks have no labels: distill.{key} (a labels-only student, "
-                            f"the KD term's temperature and alpha) does not apply; remove it")
+    refuse_label_settings(TYPE, distill, teacher)
 
 
 def directory_head(directory: pathlib.Path, hf_config: dict) -> HeadConfig | None:

@@ -28,7 +28,7 @@ from jaxkd.data import DataConfig, DataError
 from jaxkd.data.masking import MaskingConfig
 from jaxkd.model import HeadConfig
 from jaxkd.tasks import masked_lm
-from jaxkd.tasks.base import Objective, Task, TaskConfig
+from jaxkd.tasks.base import Objective, Task, TaskConfig, refuse_label_settings
 
 TYPE = "general"
 HEAD = masked_lm.HEAD
@@ -103,13 +103,7 @@ def check_run(cfg: GeneralConfig, distill, teacher) -> None:
         raise DataError(f"{TYPE} distillation has no objective: set task.mlm_weight, "
                         f"task.kd_weight or a distill.*_weight (relation_weight for MiniLM-v2, "
                         f"cosine_weight for DistilBERT's cosine)")
-    if teacher.finetune.steps:
-        raise DataError(f"{TYPE} distillation has no labels to fine-tune a teacher on: remove "
-                        f"teacher.finetune.steps")
-    for key in ("baseline", "search"):
-        if getattr(distill, key):
-            raise DataError(f"{TYPE} distillation has no labels: distill.{key} does not apply; "
-                            f"remove it")
+    refuse_label_settings(TYPE, distill, teacher)
 
 
 # ----------------------------------------------------------------------------- on device
