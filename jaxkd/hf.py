@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import pathlib
-import pickle
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd import families
+from jaxkd import families, weights
+from jaxkd.weights import read_tensor_file  # noqa: F401  (re-exported)
 from jaxkd.families import CheckpointError
 from jaxkd.model import DTYPES, HEADS, BertConfig, HeadConfig, Model, ModelConfig, default_head_kind, head_spec
 
@@ -206,62 +206,15 @@ def read_hf_config(directory: pathlib.Path) -> dict:
         return json.load(f)
 
 
-def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (directory / single).is_file():
-            return [directory / single]
-        if (directory / index).is_file():
-            with open(directory / index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            absent = [s for s in shards if not (directory / s).is_file()]
-            if absent:
-                raise FileNotFoundError(f"{directory / index} lists shards that are missing: {absent}")
-            return [directory / s for s in shards]
-    raise FileNotFoundError(f"no weights in {directory}: expected model.safetensors, "
-                            "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
-
-
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="np") as f:
-        keys = list(f.keys())
-        # NumPy has no bfloat16: those tensors go through JAX, which has.
-        bf16 = {k for k in keys if f.get_slice(k).get_dtype() == "BF16"}
-        out = {k: f.get_tensor(k) for k in keys if k not in bf16}
-    if bf16:
-        with safe_open(str(path), framework="flax") as f:
-            out.update({k: np.asarray(f.get_tensor(k), np.float32) for k in bf16})
-    return out
-
-
-def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(f"{path} is a PyTorch pickle and reading it needs torch: pip install "
-                          "torch==2.13.0, or convert the checkpoint to model.safetensors") from err
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path} is a pickle that holds more than tensors (Python objects or code) and was not "
-            "loaded: jaxkd never runs code from a model directory. Convert the checkpoint to "
-            "model.safetensors with a tool you trust") from None
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
-
-
-def read_tensor_file(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """The tensors of one weights file: safetensors, or a PyTorch file read with weights_only."""
-    return _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path)
-
-
-def _read_tensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    for path in files:
-        tensors.update(read_tensor_file(path))
-    return tensors
+def checkpoint_has_head(path_or_hub_id: str | os.PathLike, kind: str) -> bool:
+    """Whether a checkpoint holds every weight of a head of `kind` (read from the weight files'
+    key names; a safetensors file's header alone)."""
+    directory = resolve_dir(path_or_hub_id)
+    cfg = model_config_from_hf(read_hf_config(directory), head=kind)
+    family = families.of(cfg)
+    keys = {family.canonical_name(k) for k in weights.tensor_names(weights.weight_files(directory))}
+    names, _ = _param_table(cfg)
+    return all(hf in keys for p, (hf, _) in names.items() if p[0] == "head")
 
 
 # ----------------------------------------------------------------------------- load
@@ -286,8 +239,8 @@ def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
     cfg = model_config_from_hf(hf_dict, head=head, num_labels=num_labels)
     if dtype is not None:
         cfg = cfg.replace(dtype=_dtype_name(dtype))
-    files = _weight_files(directory)
-    tensors = _read_tensors(files)
+    files = weights.weight_files(directory)
+    tensors = weights.read_tensors(files)
     own_head = checkpoint_head_kind(hf_dict) in (None, cfg.head.kind)
     head_requested = num_labels is not None or isinstance(head, HeadConfig)
     params, fresh, ignored = _params_from_tensors(cfg, tensors, own_head, head_requested, rng)

@@ -198,7 +198,7 @@ def describe(cfg: Config, plan: Plan) -> str:
     distill = cfg.distill
     total = 0 if distill.steps == 0 else total_steps(distill.steps, distill.epochs,
                                                       distill_epoch_steps)
-    source = teacher_source(distill)
+    source = teacher_source(distill, plan.task)
     source = "cached (logits on disk)" if source == "cached" else source
     grid = [] if distill.search is None else distill.search.candidates(distill.temperature, distill.alpha)
     pairs = ", ".join(f"{c['temperature']:g}/{c['alpha']:g}" for c in grid)
@@ -259,7 +259,7 @@ def _describe_transfer(transfer: dict | None) -> list[str]:
     return lines
 
 
-def teacher_source(distill: DistillConfig) -> str:
+def teacher_source(distill: DistillConfig, task: tasks.Task | None = None) -> str:
     """Where the distillation step gets the teacher's logits, for a run: the step's own default
     (`steps.default_teacher_source`: "none" for labels only, else "live"), turned into
     "cached" (computed once, on disk) when only logit terms are on and the cache is enabled;
@@ -267,6 +267,8 @@ def teacher_source(distill: DistillConfig) -> str:
     labels only.
     """
     source = steps.default_teacher_source(distill)
+    if task is not None and task.heldout:  # scored by losses: the teacher runs in every step
+        return "live"
     if source == "live" and distill.teacher_cache and not distill.any_intermediate:
         return "cached"
     return source

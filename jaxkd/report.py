@@ -196,7 +196,8 @@ def build_report(cfg, task, models: dict, agreement: dict, distill_steps: int | 
     """teacher/student entries with metrics, retention, agreement (per split) and speed-up;
     `distill_steps`: the steps the distill stage ran."""
     teacher, student = models["teacher"], models["student"]
-    retention = {k: (student["metrics"][k] / teacher["metrics"][k] if teacher["metrics"].get(k) else None)
+    retention = {k: (student["metrics"][k] / teacher["metrics"][k]
+                     if teacher["metrics"].get(k) and student["metrics"][k] is not None else None)
                  for k in student["metrics"]}
     return {
         "task": task.name,
@@ -255,6 +256,9 @@ def report_markdown(report: dict) -> str:
         lines += [report["kd_verdict"], "KD gain over the baseline: " + "; ".join(
             f"{split} " + ", ".join(f"{k} {v:+.4f}" for k, v in gains.items())
             for split, gains in report["kd_gain"].items()), ""]
+    for split, terms in (report.get("heldout") or {}).items():
+        lines += [f"Held-out distillation terms ({split}): "
+                  + ", ".join(f"{k.removeprefix('loss/')} {_fmt(v)}" for k, v in terms.items()), ""]
     for note in report.get("teacher_readiness", []):
         lines += [f"Teacher: {note}", ""]
     if report.get("search"):

@@ -24,8 +24,8 @@ from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
 from jaxkd import compare
 from jaxkd import search as search_lib
-from jaxkd import (exported, losses, manifest, report as report_lib, sharding, steps, tasks,
-                   util)
+from jaxkd import (exported, heldout, losses, manifest, report as report_lib, sharding, steps,
+                   tasks, util)
 from jaxkd import transfer as transfer_lib
 from jaxkd.config import Config, DistillConfig, ExportConfig, StudentConfig, TeacherConfig, dump_config
 from jaxkd.loop import Runtime, mark_stage, read_stages, restore_best, total_steps, train_loop
@@ -58,6 +58,24 @@ def _eval_fn(rt: Runtime, plan: Plan, model_cfg: ModelConfig):
     def scores(state):
         return evaluate(rt, plan.task, model_cfg, state.params, plan.splits["eval"])[0]
     return scores
+
+
+def heldout_scores(rt: Runtime, plan: Plan, split: Split, student_cfg: ModelConfig, params,
+                   terms: tuple | None = None) -> dict[str, float]:
+    """A held-out task's figures of a model on `split` (`jaxkd.heldout`): masked-LM accuracy
+    and perplexity where its head means something, and with `terms` = (jitted term eval,
+    proj_params, placed teacher params) every distillation term and the selection score."""
+    task = plan.task
+    batches = task.eval_batches(split.encoded, rt.data)
+    out = {}
+    if terms is not None:
+        fn, proj_params, teacher_params = terms
+        out.update(heldout.term_scores(fn, params, proj_params, teacher_params, batches, rt.mesh))
+    is_teacher = student_cfg is plan.teacher_config
+    if task.teacher_has_head if is_teacher else task.trains_head:
+        out.update(heldout.mlm_scores(jax.jit(heldout.make_mlm_eval(student_cfg)), params,
+                                      batches, rt.mesh))
+    return out
 
 
 # ---------------------------------------------------------------- stages
@@ -180,11 +198,11 @@ def train_student(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
                   total: int | None = None, evaluate_during: bool = True):
     """Train the student with `distill`'s loss as stage `stage` (its checkpoints, metric rows
     and resume); `total`: steps (default: distill.steps or epochs). Returns (params, the
-    stage's record: steps and selected step)."""
+    stage's record: steps and selected step, the trained loss projections)."""
     teacher_cfg = plan.teacher_config
     student_cfg, params = build_student(run_.student, teacher_cfg, run_.teacher_params,
                                         jax.random.key(run_.seed + 1), plan.task)
-    make_batches = rt.batches(run_.train, run_.seed + 1)
+    make_batches = plan.task.batches(run_.train, rt.data, run_.seed + 1)
     epoch_steps = make_batches(None).epoch_steps
     if total is None:
         total = 0 if distill.steps == 0 else total_steps(distill.steps, distill.epochs, epoch_steps)
@@ -196,7 +214,7 @@ def train_student(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
     state = sharding.place(state, state_shardings)
     best = None
     if total > 0:
-        source = teacher_source(distill)
+        source = teacher_source(distill, plan.task)
         prepare_batch = lambda b: b  # noqa: E731
         if source == "cached":
             prepare_batch = teacher_logits_cache(rt, plan, run_.teacher_params, run_.cache_dir,
@@ -210,6 +228,12 @@ def train_student(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
             rt.mesh, state_shardings, teacher_shardings if source == "live" else None)
         step_fn = lambda state, batch, rng: jitted(state, placed_teacher, batch, rng)  # noqa: E731
         eval_fn = _eval_fn(rt, plan, student_cfg) if evaluate_during else None
+        if plan.task.heldout and eval_fn is not None:
+            term_eval = jax.jit(heldout.make_terms_eval(student_cfg, teacher_cfg, distill,
+                                                        plan.task.objective(student_cfg.head)))
+            eval_fn = lambda state: heldout_scores(  # noqa: E731
+                rt, plan, plan.splits["eval"], student_cfg, state.params,
+                (term_eval, state.proj_params, placed_teacher))
         state, ckpt = train_loop(rt, stage, state=state, step_fn=step_fn,
                                  make_batches=make_batches, total_steps=total,
                                  epoch_steps=epoch_steps, eval_every=distill.eval_every,
@@ -217,17 +241,19 @@ def train_student(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
                                  seed_offset=1)
         state, best = restore_best(ckpt, state, rt.checkpoint.keep_best and eval_fn is not None)
         ckpt.close()
-    return jax.device_get(state.params), {"steps": total, "selected_step": best}
+    return (jax.device_get(state.params), {"steps": total, "selected_step": best},
+            jax.device_get(state.proj_params))
 
 
 def stage_distill(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillConfig):
     """Distil the student (config: `plan.student_config`), with the temperature and alpha that
-    `distill.search` chooses on the eval split where it is set; returns its params."""
+    `distill.search` chooses on the eval split where it is set; returns its params and the
+    trained loss projections."""
     record = {}
     if distill.search is not None and distill.steps != 0:
         def candidate(i: int, setting: dict) -> tuple[dict, float]:
             started = time.perf_counter()
-            params, _ = train_student(rt, plan, run_, dataclasses.replace(distill, search=None, **setting),
+            params, _, _ = train_student(rt, plan, run_, dataclasses.replace(distill, search=None, **setting),
                                       search_lib.stage_name(i), total=distill.search.steps,
                                       evaluate_during=False)
             scores = evaluate(rt, plan.task, plan.student_config, params, plan.splits["eval"])[0]
@@ -238,9 +264,9 @@ def stage_distill(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
                                           workdir=rt.workdir, train=candidate, write=rt.is_main)
         log.info("search: chose %s", record["search"]["setting"])
         distill = dataclasses.replace(distill, search=None, **record["search"]["setting"])
-    params, info = train_student(rt, plan, run_, distill, "distill")
+    params, info, proj = train_student(rt, plan, run_, distill, "distill")
     mark_stage(rt, "distill", {**info, "rows": len(run_.train), **record})
-    return params
+    return params, proj
 
 
 def stage_baseline(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillConfig):
@@ -248,7 +274,7 @@ def stage_baseline(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCo
     batches as the distill stage, trained on the hard labels alone; its params (None when off)."""
     if not distill.baseline:
         return None
-    params, info = train_student(rt, plan, run_, distill.labels_only(), "baseline")
+    params, info, _ = train_student(rt, plan, run_, distill.labels_only(), "baseline")
     mark_stage(rt, "baseline", info)
     return params
 
@@ -356,6 +382,47 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
     return report
 
 
+def stage_report_heldout(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_params,
+                         proj_params) -> dict:
+    """The report of a task scored on held-out text: per split, masked-LM accuracy and perplexity
+    of each model where its head means something, the student's held-out distillation terms,
+    sizes and speed."""
+    models, terms = {}, {}
+    term_eval = jax.jit(heldout.make_terms_eval(plan.student_config, plan.teacher_config,
+                                                cfg.distill, plan.task.objective(plan.student_config.head)))
+    for name, model_cfg, params in (("teacher", plan.teacher_config, teacher_params),
+                                    ("student", plan.student_config, student_params)):
+        entry = {"params": param_count(params), "layers": model_cfg.encoder.num_layers,
+                 "hidden_size": model_cfg.encoder.hidden_size, "size_mb": param_mib(params),
+                 "splits": {}}
+        for split in ("eval", "test"):
+            if split in plan.splits:
+                extra = (term_eval, proj_params, teacher_params) if name == "student" else None
+                scores = heldout_scores(rt, plan, plan.splits[split], model_cfg, params, extra)
+                if extra is not None:
+                    terms[split] = {k: v for k, v in scores.items() if k.startswith("loss/")}
+                entry["splits"][split] = {k: v for k, v in scores.items()
+                                          if k in ("mlm_accuracy", "perplexity")}
+        report_split = "test" if "test" in plan.splits else "eval"
+        entry["metrics"] = entry["splits"].get(report_split, {})
+        entry.update(report_lib.measure_speed(steps.make_logits_fn(model_cfg), params,
+                                              rt.data.batch_size, rt.data.max_seq_len))
+        models[name] = entry
+    for split in models["student"]["splits"]:  # a model without a head has no masked-LM figures
+        for name in ("mlm_accuracy", "perplexity"):
+            for who in ("teacher", "student"):
+                models[who]["splits"][split].setdefault(name, None)
+    stages = read_stages(rt.workdir)
+    report = report_lib.build_report(cfg, plan.task, models, {},
+                                     distill_steps=stages.get("distill", {}).get("steps"))
+    report.update(heldout=terms, stages=stages, data=plan.data_stats,
+                  teacher_has_masked_lm_head=plan.task.teacher_has_head,
+                  student_trains_masked_lm_head=plan.task.trains_head)
+    if rt.is_main:
+        report_lib.write_report(report, rt.workdir, plots=rt.log.plots)
+    return report
+
+
 def use_compilation_cache(directory: str) -> None:
     """Store and look up compiled programs in `directory` from the next compilation on."""
     from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
@@ -405,7 +472,7 @@ def run(cfg: Config, restart: str | None = None) -> dict:
             run_ = StudentRun(cfg.student, cfg.optim, teacher_params,
                               distillation_set(rt, plan, cfg.distill.augment, teacher_params, cache),
                               cfg.seed, dist.fsdp, cache)
-            student_params = stage_distill(rt, plan, run_, cfg.distill)
+            student_params, proj_params = stage_distill(rt, plan, run_, cfg.distill)
             rt.check_stop("distill")
             baseline_params = stage_baseline(rt, plan, run_, cfg.distill)
             export_dir = workdir / "student"
@@ -416,6 +483,11 @@ def run(cfg: Config, restart: str | None = None) -> dict:
                 onnx_files = export_onnx(cfg.export, plan.student_config, student_params, export_dir)
             mark_stage(rt, "export", {"dir": str(export_dir), "onnx": [p.name for p in onnx_files]})
             rt.check_stop("export")
-            report = stage_report(rt, plan, cfg, teacher_params, student_params, baseline_params)
+            if plan.task.heldout:
+                report = stage_report_heldout(rt, plan, cfg, teacher_params, student_params,
+                                              proj_params)
+            else:
+                report = stage_report(rt, plan, cfg, teacher_params, student_params,
+                                      baseline_params)
             mark_stage(rt, "report", {})
     return report

@@ -25,7 +25,7 @@ def _record_trainings(monkeypatch) -> dict:
 
     def recording_train(rt, plan, run_, distill, stage, **kw):
         before = len(seen.get("init", []))
-        params, info = train_student(rt, plan, run_, distill, stage, **kw)
+        params, info, _ = train_student(rt, plan, run_, distill, stage, **kw)
         seen[stage] = {"init": seen["init"][before], "final": params, "info": info}
         return params, info
 

@@ -134,7 +134,7 @@ def check_sources(srcs: Sequence[Source], skip_invalid: bool = False) -> None:
                 codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
             except UnicodeDecodeError as err:
                 raise DataError(f"{src.path}: not UTF-8 at byte offset {err.start}; convert the file "
-                                f"to UTF-8, or set skip_invalid to skip such lines") from err
+                                f"to UTF-8, or set data.skip_invalid: true to skip such lines") from err
         if src.kind == "jsonl":
             _check_first_json(src)
 
@@ -173,7 +173,7 @@ def _decoded_lines(src: Source, skip_invalid: bool,
                 if not skip_invalid:
                     raise DataError(f"{src.path} line {number}: not UTF-8 at byte offset "
                                     f"{offset + err.start}; convert the file to UTF-8, or set "
-                                    f"skip_invalid to skip such lines") from err
+                                    f"data.skip_invalid: true to skip such lines") from err
                 counts["not utf-8"] += 1
                 text = None
             offset += len(raw)
@@ -210,7 +210,7 @@ def _jsonl(src: Source, skip_invalid: bool, counts: collections.Counter) -> Iter
         except ValueError as err:
             if not skip_invalid:
                 raise DataError(f"{src.path} line {number}: not JSON ({err}); fix the line, or set "
-                                f"skip_invalid to skip such lines") from err
+                                f"data.skip_invalid: true to skip such lines") from err
             counts["not json"] += 1
             continue
         text = obj.get(column) if isinstance(obj, dict) else None
@@ -221,7 +221,7 @@ def _jsonl(src: Source, skip_invalid: bool, counts: collections.Counter) -> Iter
             if not skip_invalid:
                 raise DataError(f"{src.path} line {number}: no text in field {column!r} (the line "
                                 f"holds {type(obj).__name__} {line[:80]!r}); fix the line, or set "
-                                f"skip_invalid to skip such lines")
+                                f"data.skip_invalid: true to skip such lines")
             counts[f"no text in {column!r}"] += 1
 
 

@@ -14,10 +14,10 @@ import dataclasses
 from jaxkd.data import DataConfig, DataError, nearest
 from jaxkd.model import HeadConfig
 # Importing a kind registers its head: in this order, the order of KINDS (and of model.HEADS).
-from jaxkd.tasks import sequence, token, qa, embedding, masked_lm  # isort: skip
+from jaxkd.tasks import sequence, token, qa, embedding, general  # isort: skip
 from jaxkd.tasks.base import Objective, Task, TaskConfig
 
-KINDS = {module.TYPE: module for module in (sequence, token, qa, embedding)}
+KINDS = {module.TYPE: module for module in (sequence, token, qa, embedding, general)}
 DEFAULT_TYPE = sequence.TYPE
 _BY_HEAD = {module.HEAD.kind: module for module in KINDS.values()}
 

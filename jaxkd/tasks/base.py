@@ -94,6 +94,10 @@ class Task:
     torch_embeddings: ClassVar[bool] = False
     # Whether a teacher of this kind can be fine-tuned on its labels (a teacher stage).
     finetunes: ClassVar[bool] = True
+    # Scored on held-out text by losses (`jaxkd.heldout`: `eval_batches`, selection by the
+    # held-out total) instead of by per-row predictions (`scores`); the teacher runs in every
+    # step (no teacher-logit cache).
+    heldout: ClassVar[bool] = False
     name: str
     label_names: tuple[str, ...]
     metrics: tuple[str, ...]
@@ -170,6 +174,13 @@ class Task:
 
     def id2label(self) -> dict[int, str] | None:
         return dict(enumerate(self.label_names)) or None
+
+    def batches(self, encoded, data_cfg: DataConfig, seed: int) -> Callable:
+        """position -> this process's training batches of `encoded` from that position (None:
+        the start); by default `jaxkd.loop.train_batches`."""
+        from jaxkd import loop  # pylint: disable=import-outside-toplevel
+
+        return loop.train_batches(encoded, data_cfg, seed)
 
     def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True):
         """Validated examples of one split (a file or a Hub split); `len()` and `.skipped`."""

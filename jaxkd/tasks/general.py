@@ -16,18 +16,25 @@ none; asking for kd_weight with one is refused before any work.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import pathlib
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd import losses
 from jaxkd.data import DataConfig, DataError
-from jaxkd.data.masking import MaskingConfig
+from jaxkd.data import corpus as corpus_lib
+from jaxkd.data.masked import MaskedBatches, MaskedEvalBatches, Vocabulary
+from jaxkd.data.masking import MaskingConfig, token_counts
+from jaxkd.data.packed import PackedRows, word_starts
 from jaxkd.model import HeadConfig
-from jaxkd.tasks import masked_lm
+from jaxkd.tasks import embedding, masked_lm
 from jaxkd.tasks.base import Objective, Task, TaskConfig, refuse_label_settings
 
 TYPE = "general"
@@ -39,6 +46,11 @@ TRANSFER = {"data.unlabeled": "the training text is already unlabelled: add it t
 # Held-out figures: the selection score first (the checkpoint with the highest is kept).
 METRICS = ("heldout_score", "mlm_accuracy", "perplexity")
 DOCUMENTS = ("lines", "paragraphs")
+EVAL_MASK_SEED = 0  # held-out masks: the same for every run, so runs compare on equal terms
+# What works without a masked-LM head on the teacher (kd_weight needs one).
+HEADLESS = ("distill.relation_weight", "distill.cosine_weight", "distill.hidden_weight",
+            "distill.attention_kl_weight", "distill.value_relation_weight",
+            "distill.attention_score_weight", "task.mlm_weight (the student's own head)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +169,39 @@ def objective(head: HeadConfig) -> Objective:
     return GeneralObjective()
 
 
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class CorpusFiles:
+    """A split's text files, checked (`jaxkd.data.corpus.check_sources`); `skipped` counts the
+    invalid lines tokenization skipped (data.skip_invalid)."""
+
+    sources: tuple[corpus_lib.Source, ...]
+    skip_invalid: bool
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedCorpus:
+    """A split as training reads it: packed rows of exactly `max_seq_len` tokens, and what
+    masking needs of the tokenizer."""
+
+    rows: PackedRows
+    vocab: Vocabulary
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Every row's length ([N], one shared value: no memory per row)."""
+        return np.broadcast_to(np.int64(self.rows.seq_len), (len(self.rows),))
+
+
 # ----------------------------------------------------------------------------- the task
 
 
@@ -175,10 +220,18 @@ class GeneralTask(Task):
     mlm_weight: float
     kd_weight: float
     masking: MaskingConfig
+    teacher_has_head: bool | None = None  # known once the teacher is (`for_teacher`)
+
+    heldout: ClassVar[bool] = True
 
     @property
     def num_labels(self) -> int:
         return 1
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether the student's masked-LM head learns (else it is left out of the export)."""
+        return bool(self.mlm_weight or self.kd_weight)
 
     def id2label(self):
         return None
@@ -202,11 +255,90 @@ class GeneralTask(Task):
         """Any encoder teaches as it is: general distillation never fine-tunes its teacher."""
         return True
 
+    def for_teacher(self, directory: pathlib.Path) -> GeneralTask:
+        """This task knowing whether the teacher has a masked-LM head; task.kd_weight with a
+        teacher without one is refused, naming what works without it."""
+        from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+        has_head = hf.checkpoint_has_head(directory, HEAD.kind)
+        if self.kd_weight and not has_head:
+            raise DataError(f"{directory} has no masked-LM head (it is not a *ForMaskedLM "
+                            f"checkpoint), so task.kd_weight (KD on the teacher's masked-LM "
+                            f"distribution) cannot be computed; set it to 0 and use what works "
+                            f"without a head: {', '.join(HEADLESS)}")
+        return dataclasses.replace(self, teacher_has_head=has_head)
+
     def objective(self, head: HeadConfig) -> Objective:
         return GeneralObjective(mlm_weight=self.mlm_weight, kd_weight=self.kd_weight)
 
+    def export(self, config, params, out_dir: pathlib.Path, tokenizer, settings: dict):
+        """A `*ForMaskedLM` directory when the student's head learned, else the bare encoder
+        (`*Model`): either loads in transformers and as `student.init: pretrained`."""
+        from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+        if not self.trains_head:
+            config = dataclasses.replace(config, head=HeadConfig(kind=embedding.HEAD.kind,
+                                                                 num_labels=1))
+            params = {"encoder": params["encoder"]}
+        return hf.save_hf(config, params, out_dir, tokenizer=tokenizer, settings=settings)
+
+    # --- data
+
+    def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True) -> CorpusFiles:
+        """The text files of a split (data.train may list several), checked before any work."""
+        sources = corpus_lib.sources(_paths(source), self.documents, self.text_column)
+        corpus_lib.check_sources(sources, data_cfg.skip_invalid)
+        return CorpusFiles(sources, data_cfg.skip_invalid)
+
+    def encode(self, examples: CorpusFiles, tokenizer, max_seq_len: int,
+               cache_dir=None) -> MaskedCorpus:
+        """The split tokenized once into shards under `cache_dir/corpus` (resumed if it was
+        interrupted) and packed into rows of `max_seq_len`."""
+        if cache_dir is None:
+            raise DataError("general distillation tokenizes its corpus into the cache directory; "
+                            "it cannot be planned without writing one")
+        tokenized = corpus_lib.tokenize(examples.sources, tokenizer,
+                                        pathlib.Path(cache_dir) / "corpus",
+                                        skip_invalid=examples.skip_invalid,
+                                        progress=jax.process_index() == 0)
+        examples.skipped.update(tokenized.manifest.get("skipped", {}))
+        rows = PackedRows.of(tokenized, tokenizer, max_seq_len)
+        if len(rows) == 0:
+            raise DataError(f"{', '.join(s.path for s in examples.sources)}: {tokenized.tokens} "
+                            f"tokens do not fill one row of {max_seq_len}")
+        size = len(tokenizer)
+        vocab = Vocabulary(
+            mask_id=tokenizer.mask_token_id, special_ids=tuple(tokenizer.all_special_ids), size=size,
+            word_starts=word_starts(tokenizer)[:size] if self.masking.whole_word else None,
+            counts=(token_counts(tokenized.shards, size) if self.masking.smoothing is not None
+                    else None))
+        return MaskedCorpus(rows, vocab)
+
+    def batches(self, encoded: MaskedCorpus, data_cfg: DataConfig, seed: int):
+        geometry = dict(cfg=self.masking, vocab=encoded.vocab, seed=seed,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+        return lambda position: MaskedBatches(encoded.rows, data_cfg.batch_size, position=position,
+                                              **geometry)
+
+    def eval_batches(self, encoded: MaskedCorpus, data_cfg: DataConfig) -> MaskedEvalBatches:
+        """Every held-out row once, masked from `EVAL_MASK_SEED`."""
+        return MaskedEvalBatches(encoded.rows, data_cfg.eval_batch_size or data_cfg.batch_size,
+                                 cfg=self.masking, vocab=encoded.vocab, seed=EVAL_MASK_SEED,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
+
+def _paths(source: str | list | tuple) -> list[str]:
+    """A split's files: one path, a list, or several joined by commas."""
+    if isinstance(source, (list, tuple)):
+        return [str(s) for s in source]
+    return [part.strip() for part in str(source).split(",") if part.strip()]
+
 
 def resolve(cfg: GeneralConfig, data_cfg: DataConfig | None = None) -> GeneralTask:
+    if data_cfg is not None and data_cfg.eval_fraction is not None:
+        raise DataError("general distillation holds out text by file: set data.eval to a "
+                        "held-out text file instead of data.eval_fraction")
     preset = PRESETS.get(cfg.name, PRESETS["text"])
     primary = cfg.metric or METRICS[0]
     return GeneralTask(name=cfg.name, label_names=("token",),

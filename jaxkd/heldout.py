@@ -1,0 +1,83 @@
+"""Held-out evaluation by losses, for tasks scored on held-out text rather than on per-row
+predictions (`Task.heldout`, general distillation): masked-LM accuracy and perplexity of a
+model at fixed masks, and the held-out value of every distillation term.
+
+Each figure is a weighted mean over the split's masked targets (or rows, for the terms), summed
+on the device batch by batch (`Task.eval_batches`: every row once, fixed masks) and divided at
+the end, so the result does not depend on the batch size or the process count.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxkd import losses, sharding, steps
+from jaxkd.model import Model, ModelConfig
+
+# The selection score: minus the held-out total, so the highest is best (as for task metrics).
+SCORE = "heldout_score"
+
+
+def make_mlm_eval(cfg: ModelConfig) -> Callable:
+    """(params, batch) -> sums {nll, correct, targets} of the model's masked-LM head over the
+    batch's targets (labels >= 0 of weighted rows)."""
+    model = Model(cfg)
+
+    def mlm_sums(params, batch):
+        logits = steps._forward(model, params, batch).logits  # pylint: disable=protected-access
+        weights = batch["weights"][:, None] * (batch["labels"] >= 0)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.maximum(batch["labels"], 0)[..., None], -1)[..., 0]
+        right = jnp.argmax(logits, axis=-1) == batch["labels"]
+        return {"nll": -jnp.sum(weights * picked), "correct": jnp.sum(weights * right),
+                "targets": jnp.sum(weights)}
+
+    return mlm_sums
+
+
+def make_terms_eval(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg: losses.LossConfig,
+                    objective) -> Callable:
+    """(params, proj_params, teacher_params, batch) -> each distillation term of the batch times
+    the batch's weight (its weighted targets), and that weight: deterministic, no update."""
+    student, teacher = Model(student_cfg), Model(teacher_cfg)
+
+    def term_sums(params, proj_params, teacher_params, batch):
+        s_out = steps._forward(student, params, batch, loss_cfg=loss_cfg)  # pylint: disable=protected-access
+        t_out = steps._forward(teacher, teacher_params, batch, loss_cfg=loss_cfg)  # pylint: disable=protected-access
+        _, terms = objective.distill_loss(loss_cfg, s_out, t_out, proj_params, batch,
+                                          student_cfg.encoder, teacher_cfg.encoder)
+        weight = jnp.sum(objective.weights(batch))
+        return {**{k: v * weight for k, v in terms.items()}, "weight": weight}
+
+    return term_sums
+
+
+def _summed(fn: Callable, args: tuple, batches: Iterable, mesh) -> dict[str, float]:
+    total: dict[str, Any] = {}
+    for local in batches:
+        out = fn(*args, sharding.global_batch(local, mesh))
+        total = out if not total else jax.tree.map(jnp.add, total, out)
+    return {k: float(v) for k, v in jax.device_get(total).items()}
+
+
+def mlm_scores(fn: Callable, params, batches: Iterable, mesh) -> dict[str, float]:
+    """Masked-LM accuracy and perplexity (exp of the mean target NLL) of `fn` (a jitted
+    `make_mlm_eval`) over `batches`."""
+    sums = _summed(fn, (params,), batches, mesh)
+    targets = max(sums["targets"], 1e-9)
+    return {"mlm_accuracy": sums["correct"] / targets,
+            "perplexity": float(math.exp(min(sums["nll"] / targets, 700.0)))}
+
+
+def term_scores(fn: Callable, params, proj_params, teacher_params, batches: Iterable,
+                mesh) -> dict[str, float]:
+    """Each distillation term's held-out mean (`loss/...`) and `SCORE`, minus the total."""
+    sums = _summed(fn, (params, proj_params, teacher_params), batches, mesh)
+    weight = max(sums.pop("weight"), 1e-9)
+    means = {k: v / weight for k, v in sums.items()}
+    return {SCORE: -means["loss/total"], **means}
+

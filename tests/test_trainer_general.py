@@ -1,0 +1,128 @@
+"""General distillation through train.py's pipeline on tiny models: a corpus of raw text, a
+masked-LM teacher (and one without a head), the export loaded by transformers, the two-stage
+recipe (a task student from the general student), refusals before any work, kill -9 resume."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+from jaxkd import hf, model
+from jaxkd.config import ConfigError
+from jaxkd.model import HeadConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def mlm_teacher(tmp_path_factory, minilm_dir):
+    """helpers.TINY_TEACHER's encoder with a masked-LM head, as a BertForMaskedLM directory."""
+    out = tmp_path_factory.mktemp("mlm_teacher")
+    cfg = helpers.TINY_TEACHER.replace(kind="masked_lm", num_labels=1)
+    hf.save_hf(cfg, model.init_params(cfg, jax.random.key(0)), out, tokenizer=minilm_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """SST-2 sentences (shipped in data/) as raw text, one document a line: train and eval."""
+    out = tmp_path_factory.mktemp("corpus")
+    lines = [row.split("\t")[0] for row in (helpers.ROOT / "data" / "sst2" / "glue_dev.tsv")
+             .read_text(encoding="utf-8").splitlines()[1:]]
+    (out / "train.txt").write_text("\n".join(lines[:600]) + "\n", encoding="utf-8")
+    (out / "eval.txt").write_text("\n".join(lines[600:760]) + "\n", encoding="utf-8")
+    return out
+
+
+def general_config(workdir, teacher, corpus, **over) -> dict:
+    cfg = {
+        "workdir": str(workdir), "seed": 1,
+        "task": {"type": "general", "mlm_weight": 1.0, "kd_weight": 1.0},
+        "data": {"train": str(corpus / "train.txt"), "eval": str(corpus / "eval.txt"),
+                 "batch_size": 8, "max_seq_len": 32},
+        "teacher": {"model": str(teacher)},
+        "student": {"layers": [1, 3]},
+        **helpers.tiny_run_sections(),
+    }
+    cfg["distill"] = {"steps": 12, "eval_every": 6, "relation_weight": 1.0, "relation_heads": 4}
+    return helpers.with_overrides(cfg, over)
+
+
+@pytest.mark.slow
+def test_general_run_reports_and_exports_a_masked_lm(tmp_path, mlm_teacher, corpus,
+                                                       tiny_teacher, sst2_small):
+    report = helpers.run_in_process(general_config(tmp_path / "run", mlm_teacher, corpus))
+    assert report["task_type"] == "general" and report["teacher_has_masked_lm_head"]
+    student, teacher = report["student"]["splits"]["eval"], report["teacher"]["splits"]["eval"]
+    assert 0 <= student["mlm_accuracy"] <= 1 and student["perplexity"] > 1
+    assert teacher["perplexity"] > 1
+    assert set(report["heldout"]["eval"]) == {"loss/mlm", "loss/kd", "loss/relation", "loss/total"}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(r["heldout_score"] == -r["loss/total"] for r in evals)
+
+    # The export is a BertForMaskedLM whose logits are jaxkd's.
+    out = tmp_path / "run" / "student"
+    torch_model = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+    cfg, params = hf.load_hf(out)
+    assert cfg.head.kind == "masked_lm" and cfg.encoder.num_layers == 2
+    ids = np.array([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.no_grad():
+        expected = torch_model(input_ids=torch.tensor(ids)).logits.numpy()
+    got = np.asarray(model.apply_model(cfg, params, ids, np.ones_like(ids)).logits)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+    # The two-stage recipe: the general student initialises a task student.
+    task_report = helpers.run_in_process(helpers.tiny_config(
+        tmp_path / "sst2", tiny_teacher, sst2_small,
+        **{"student": {"init": "pretrained", "pretrained": str(out)}, "distill.steps": 4,
+           "distill.eval_every": 4}))
+    assert task_report["student"]["layers"] == 2 and task_report["student"]["init"] == "pretrained"
+
+
+def test_headless_teacher_with_masked_lm_kd_is_refused_before_any_work(tmp_path, tiny_teacher,
+                                                                       corpus):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no masked-LM head.*task.kd_weight.*relation_weight"):
+        helpers.run_in_process(general_config(workdir, tiny_teacher, corpus))
+    assert not (workdir / "cache").exists() and not (workdir / "stages.json").exists()
+
+
+@pytest.mark.slow
+def test_headless_teacher_teaches_relations_and_exports_the_bare_encoder(tmp_path, tiny_teacher,
+                                                                         corpus):
+    report = helpers.run_in_process(general_config(
+        tmp_path / "run", tiny_teacher, corpus, **{"task.mlm_weight": 0.0, "task.kd_weight": 0.0}))
+    assert report["teacher_has_masked_lm_head"] is False
+    assert report["student"]["splits"]["eval"]["mlm_accuracy"] is None
+    assert set(report["heldout"]["eval"]) == {"loss/relation", "loss/total"}
+    config = json.loads((tmp_path / "run" / "student" / "config.json").read_text())
+    assert config["architectures"] == ["BertModel"]
+    bare = transformers.AutoModel.from_pretrained(tmp_path / "run" / "student")
+    assert bare.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"data.eval_fraction": 0.1, "data.eval": None}, "holds out text by file: set data.eval"),
+    ({"task.mlm_weight": 0.0, "task.kd_weight": 0.0, "distill.relation_weight": 0.0},
+     "no objective"),
+    ({"data.max_seq_len": 4096}, "max_seq_len=4096 exceeds"),
+    ({"teacher.finetune.steps": 3}, "no labels to fine-tune"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, mlm_teacher, corpus, over, match):
+    workdir = tmp_path / "run"
+    with pytest.raises((ConfigError, ValueError), match=match):
+        helpers.run_in_process(general_config(workdir, mlm_teacher, corpus, **over))
+    assert not (workdir / "cache").exists()
+
+
+def test_a_corpus_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path, mlm_teacher,
+                                                                      corpus):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"good line\n" + b"caf\xe9 au lait\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: not UTF-8 at byte offset 13.*data.skip_invalid"):
+        helpers.run_in_process(general_config(tmp_path / "run", mlm_teacher, corpus,
+                                              **{"data.train": str(bad)}))
