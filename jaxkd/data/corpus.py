@@ -1,23 +1,20 @@
-"""Raw-text corpora for general (task-agnostic) distillation, larger than memory.
+"""Tokenized raw-text corpora for general (task-agnostic) distillation, larger than memory.
 
-Pipeline: `sources` (files -> `Source`, kind by suffix) -> `check_sources` (cheap, before any
-work) -> `tokenize` (documents in read order, grouped into chunks of about `chunk_bytes` of
-text; chunk i tokenized by a spawned worker process into the memory-mapped shard i, resumable)
--> `Corpus` (the shards as one token stream, read by position) -> `PackedRows` (fixed-length
-[CLS] window [SEP] rows, read by index). `documents` streams one source's documents;
-`word_starts` marks the tokens that begin a word (whole-word masking).
+Pipeline: `jaxkd.data.rawtext` (files -> `Source`s, checked, streamed as documents) ->
+`tokenize` (documents in read order, grouped into chunks of about `chunk_bytes` of text; chunk
+i tokenized by a spawned worker process into the memory-mapped shard i, resumable) -> `Corpus`
+(the shards as one token stream, read by position) -> `PackedRows` (fixed-length [CLS] window
+[SEP] rows, read by index). `word_starts` marks the tokens that begin a word (whole-word masking).
 
-Owns the source kinds (`KINDS`, `SUFFIXES`) and the writing of a tokenized corpus (a keyed
-directory of `shard-<i>.npy` files and, written last, `corpus.json`); reading it and the
-packing are `jaxkd.data.packed`'s (re-exported here).
+Owns the on-disk layout of a tokenized corpus (a keyed directory, `corpus_key`, of
+`shard-<i>.npy` files and, written last, `corpus.json`) and the packing. Imports from
+`jaxkd.util` and `jaxkd.data.config` / `.encoded` / `.rawtext` only.
 """
 from __future__ import annotations
 
-import codecs
 import collections
 import concurrent.futures
 import dataclasses
-import gzip
 import json
 import logging
 import multiprocessing
@@ -26,227 +23,20 @@ import pathlib
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import BinaryIO
+from typing import Any
 
 import numpy as np
 
 from jaxkd import util
-from jaxkd.data.config import DataError, nearest
+from jaxkd.data.config import DataError
 from jaxkd.data.encoded import tokenizer_fingerprint
-from jaxkd.data.packed import MANIFEST, Corpus, PackedRows, backend_spec, word_starts  # noqa: F401
+from jaxkd.data.rawtext import Source, check_sources, documents
 
 log = logging.getLogger(__name__)
 
-KINDS = ("lines", "paragraphs", "jsonl", "parquet")
-# Suffix -> kind; "text" is the `documents` argument of `sources` (lines or paragraphs).
-SUFFIXES = {".txt": "text", ".txt.gz": "text", ".jsonl": "jsonl", ".jsonl.gz": "jsonl",
-            ".json": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet"}
+MANIFEST = "corpus.json"
 _FORMAT_VERSION = 1  # bump when shards or corpus.json change meaning
-_HEAD_BYTES = 1 << 20  # check_sources reads this much of each text file
-_PARQUET_BATCH = 8192  # rows per parquet read
 _PROGRESS_EVERY_S = 5.0
-
-
-# ----------------------------------------------------------------------------- sources
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One file of raw text. kind: lines (a document per line), paragraphs (documents separated
-    by blank lines, their lines joined with "\\n"), jsonl (a JSON object per line, the text in
-    `text_column`) or parquet (the text in `text_column`). A .gz suffix: gzip (text kinds)."""
-
-    path: str
-    kind: str
-    text_column: str = "text"
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise DataError(f"{self.path}: source kind {self.kind!r} is unknown"
-                            f"{nearest(self.kind, KINDS)}; use one of {', '.join(KINDS)}")
-
-    @property
-    def gzipped(self) -> bool:
-        return self.path.endswith(".gz")
-
-
-def _suffix(path: str) -> str:
-    name = pathlib.Path(path).name.lower()
-    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
-
-
-def sources(paths: str | Iterable[str], documents: str = "lines",
-            text_column: str = "text") -> tuple[Source, ...]:
-    """A `Source` per path, its kind from the suffix: .txt / .txt.gz -> `documents` ("lines" or
-    "paragraphs"), .jsonl / .jsonl.gz / .json / .json.gz -> jsonl, .parquet -> parquet."""
-    if documents not in ("lines", "paragraphs"):
-        raise DataError(f"documents={documents!r}: plain-text documents are 'lines' (one per line) "
-                        f"or 'paragraphs' (separated by blank lines)")
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not paths:
-        raise DataError("no corpus files given: name at least one file of raw text")
-    out = []
-    for path in map(str, paths):
-        kind = SUFFIXES.get(_suffix(path))
-        if kind is None:
-            raise DataError(f"{path}: unknown corpus file suffix; use one of {', '.join(SUFFIXES)}")
-        out.append(Source(path, documents if kind == "text" else kind, text_column))
-    return tuple(out)
-
-
-def _open_binary(src: Source) -> BinaryIO:
-    return gzip.open(src.path, "rb") if src.gzipped else open(src.path, "rb")
-
-
-def _schema_text_field(src: Source):
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-
-    schema = pq.read_schema(src.path)
-    if src.text_column not in schema.names:
-        raise DataError(f"{src.path}: no column {src.text_column!r}{nearest(src.text_column, schema.names)}; "
-                        f"its columns: {schema.names}. Set the text column to one of them.")
-    return schema.field(src.text_column)
-
-
-def check_sources(srcs: Sequence[Source], skip_invalid: bool = False) -> None:
-    """Cheap checks before any work, each a DataError naming the file: it exists and is not
-    empty; its first MiB (decompressed) is UTF-8 (unless `skip_invalid`); jsonl: the first
-    non-blank line is a JSON object with the text column; parquet: the schema has it as text."""
-    for src in srcs:
-        path = pathlib.Path(src.path)
-        if not path.is_file():
-            raise DataError(f"{src.path}: corpus file not found")
-        if path.stat().st_size == 0:
-            raise DataError(f"{src.path}: the corpus file is empty")
-        if src.kind == "parquet":
-            field = _schema_text_field(src)
-            if str(field.type) not in ("string", "large_string", "string_view"):
-                raise DataError(f"{src.path}: column {src.text_column!r} holds {field.type}, not text")
-            continue
-        try:
-            with _open_binary(src) as f:
-                head = f.read(_HEAD_BYTES)
-        except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-            raise DataError(f"{src.path}: cannot be read ({err})") from err
-        if not head:
-            raise DataError(f"{src.path}: the corpus file is empty")
-        if not skip_invalid:
-            try:  # final=False: a character cut at the end of the head is not an error
-                codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-            except UnicodeDecodeError as err:
-                raise DataError(f"{src.path}: not UTF-8 at byte offset {err.start}; convert the file "
-                                f"to UTF-8, or set data.skip_invalid: true to skip such lines") from err
-        if src.kind == "jsonl":
-            _check_first_json(src)
-
-
-def _check_first_json(src: Source) -> None:
-    with _open_binary(src) as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError as err:
-                raise DataError(f"{src.path} line {number}: not JSON ({err})") from err
-            if not isinstance(obj, dict):
-                raise DataError(f"{src.path} line {number}: a JSON {type(obj).__name__}, "
-                                f"not an object with a {src.text_column!r} field")
-            if src.text_column not in obj:
-                raise DataError(f"{src.path} line {number}: no field {src.text_column!r}"
-                                f"{nearest(src.text_column, obj)}; its fields: {list(obj)}. "
-                                f"Set the text column to one of them.")
-            return
-
-
-# ----------------------------------------------------------------------------- documents
-
-def _decoded_lines(src: Source, skip_invalid: bool,
-                   counts: collections.Counter) -> Iterator[tuple[int, str | None]]:
-    """(line number, text without its line ending) of every line; text None for a line that
-    is not UTF-8 and is skipped (counted in counts["not utf-8"])."""
-    offset = 0  # of the line, in the decompressed bytes
-    with _open_binary(src) as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                if not skip_invalid:
-                    raise DataError(f"{src.path} line {number}: not UTF-8 at byte offset "
-                                    f"{offset + err.start}; convert the file to UTF-8, or set "
-                                    f"data.skip_invalid: true to skip such lines") from err
-                counts["not utf-8"] += 1
-                text = None
-            offset += len(raw)
-            yield number, None if text is None else text.rstrip("\r\n")
-
-
-def _lines(src: Source, skip_invalid: bool, counts: collections.Counter) -> Iterator[str]:
-    for _, line in _decoded_lines(src, skip_invalid, counts):
-        if line is not None and line.strip():
-            yield line
-
-
-def _paragraphs(src: Source, skip_invalid: bool, counts: collections.Counter) -> Iterator[str]:
-    paragraph: list[str] = []
-    for _, line in _decoded_lines(src, skip_invalid, counts):
-        if line is None:
-            continue
-        if line.strip():
-            paragraph.append(line)
-        elif paragraph:
-            yield "\n".join(paragraph)
-            paragraph = []
-    if paragraph:
-        yield "\n".join(paragraph)
-
-
-def _jsonl(src: Source, skip_invalid: bool, counts: collections.Counter) -> Iterator[str]:
-    column = src.text_column
-    for number, line in _decoded_lines(src, skip_invalid, counts):
-        if line is None or not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as err:
-            if not skip_invalid:
-                raise DataError(f"{src.path} line {number}: not JSON ({err}); fix the line, or set "
-                                f"data.skip_invalid: true to skip such lines") from err
-            counts["not json"] += 1
-            continue
-        text = obj.get(column) if isinstance(obj, dict) else None
-        if isinstance(text, str):
-            if text.strip():
-                yield text
-        elif not (isinstance(obj, dict) and column in obj and text is None):  # null: blank
-            if not skip_invalid:
-                raise DataError(f"{src.path} line {number}: no text in field {column!r} (the line "
-                                f"holds {type(obj).__name__} {line[:80]!r}); fix the line, or set "
-                                f"data.skip_invalid: true to skip such lines")
-            counts[f"no text in {column!r}"] += 1
-
-
-def _parquet(src: Source) -> Iterator[str]:
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-
-    _schema_text_field(src)
-    with pq.ParquetFile(src.path) as f:
-        for batch in f.iter_batches(batch_size=_PARQUET_BATCH, columns=[src.text_column]):
-            for text in batch.column(0).to_pylist():
-                if text is not None and text.strip():
-                    yield text
-
-
-def documents(src: Source, skip_invalid: bool, counts: collections.Counter) -> Iterator[str]:
-    """Every non-blank document of `src`, in file order, streamed (memory of one document).
-
-    A line that is not UTF-8 (jsonl: not JSON, or without text) is a DataError naming the file,
-    line and byte offset (in the decompressed bytes of a .gz), or with `skip_invalid` skipped and
-    counted in `counts` ("not utf-8", "not json", "no text in 'text'"). Blank documents and null
-    texts are skipped uncounted."""
-    if src.kind == "parquet":
-        return _parquet(src)
-    read = {"lines": _lines, "paragraphs": _paragraphs, "jsonl": _jsonl}[src.kind]
-    return read(src, skip_invalid, counts)
 
 
 def _chunks(srcs: Sequence[Source], chunk_bytes: int, skip_invalid: bool,
@@ -278,6 +68,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.npy"
+
+
+def _backend_spec(tokenizer) -> str:
+    """The fast (Rust) tokenizer's JSON; a slow tokenizer is converted."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        from transformers.convert_slow_tokenizer import \
+            convert_slow_tokenizer  # pylint: disable=import-outside-toplevel
+        backend = convert_slow_tokenizer(tokenizer)
+    return backend.to_str()
 
 
 def corpus_key(srcs: Sequence[Source], tokenizer, chunk_bytes: int, skip_invalid: bool) -> str:
@@ -365,7 +165,7 @@ def tokenize(srcs: Sequence[Source], tokenizer, out_dir: str | os.PathLike, *,
     started = time.perf_counter()
     counts: collections.Counter = collections.Counter()
     shards, tokenized = _tokenize_chunks(
-        _chunks(srcs, chunk_bytes, skip_invalid, counts), backend_spec(tokenizer),
+        _chunks(srcs, chunk_bytes, skip_invalid, counts), _backend_spec(tokenizer),
         tokenizer.sep_token_id, dtype, directory, workers, progress)
     manifest = {
         "version": _FORMAT_VERSION, "dtype": dtype.name,
@@ -446,3 +246,127 @@ class _Rate:
     def close(self) -> None:
         if self.enabled:
             self.line()
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A tokenized corpus: its shards memory-mapped, read as one stream of token ids (documents
+    each followed by [SEP]). Holds O(#shards) in memory, never O(tokens)."""
+
+    directory: pathlib.Path
+    shards: tuple[np.ndarray, ...]  # uint16 / uint32 [tokens of shard i], memory-mapped
+    offsets: np.ndarray  # int64 [#shards + 1]: shard i holds stream positions offsets[i]:offsets[i+1]
+    manifest: dict[str, Any]  # corpus.json
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> Corpus:
+        """The corpus in `directory` (a `tokenize` output: shards and corpus.json)."""
+        directory = pathlib.Path(directory)
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except FileNotFoundError as err:
+            raise DataError(f"{directory}: no {MANIFEST}, so not a complete tokenized corpus; run "
+                            f"tokenize again (it resumes)") from err
+        shards = tuple(np.load(directory / s["file"], mmap_mode="r") for s in manifest["shards"])
+        for shard, record in zip(shards, manifest["shards"]):
+            if shard.shape != (record["tokens"],) or shard.dtype != np.dtype(manifest["dtype"]):
+                raise DataError(f"{directory / record['file']}: {shard.dtype}{shard.shape}, but "
+                                f"{MANIFEST} says {manifest['dtype']}({record['tokens']},); delete "
+                                f"the directory and tokenize again")
+        offsets = np.concatenate([[0], np.cumsum([len(s) for s in shards], dtype=np.int64)])
+        return cls(directory, shards, offsets, manifest)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def documents(self) -> int:
+        return int(self.manifest["documents"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """int32 [count]: the stream's tokens start..start+count, across shard boundaries."""
+        if start < 0 or count < 0 or start + count > self.tokens:
+            raise IndexError(f"tokens {start}..{start + count} are outside the corpus "
+                             f"(0..{self.tokens})")
+        out = np.empty(count, np.int32)
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        at = 0
+        while at < count:
+            begin = start + at - int(self.offsets[shard])
+            take = min(count - at, len(self.shards[shard]) - begin)
+            out[at:at + take] = self.shards[shard][begin:begin + take]
+            at += take
+            shard += 1
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+    """RoBERTa's "full sentences" rows over a corpus: the token stream is cut into consecutive
+    windows of seq_len - 2 tokens, row r = [CLS] window r [SEP]; the last partial window is
+    dropped. Every row is `seq_len` long; a row may span documents (joined by [SEP])."""
+
+    corpus: Corpus
+    seq_len: int
+    cls_id: int
+    sep_id: int
+
+    def __post_init__(self):
+        if not isinstance(self.seq_len, int) or self.seq_len < 3:
+            raise DataError(f"seq_len must be an integer >= 3 ([CLS] token [SEP]), got {self.seq_len!r}")
+
+    @classmethod
+    def of(cls, corpus: Corpus, tokenizer, seq_len: int) -> PackedRows:
+        """The rows of `corpus` with the tokenizer's [CLS] and [SEP]."""
+        return cls(corpus, seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+
+    @property
+    def window(self) -> int:
+        return self.seq_len - 2
+
+    def __len__(self) -> int:
+        return self.corpus.tokens // self.window
+
+    def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """int32 [len(indices), seq_len]: the rows at `indices` (each in 0..len-1)."""
+        indices = np.asarray(indices, np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"row indices must be in 0..{len(self) - 1}, got "
+                             f"{indices.min()}..{indices.max()}")
+        out = np.empty((len(indices), self.seq_len), np.int32)
+        out[:, 0], out[:, -1] = self.cls_id, self.sep_id
+        for i, row in enumerate(indices):
+            out[i, 1:-1] = self.corpus.read(int(row) * self.window, self.window)
+        return out
+
+
+def word_starts(tokenizer) -> np.ndarray:
+    """bool [len(tokenizer)]: whether each token id begins a word (for whole-word masking).
+
+    WordPiece (BERT): tokens without the continuing-subword prefix ("##"). Byte-level BPE
+    (RoBERTa) and SentencePiece: tokens starting with "Ġ" or "▁". Special and added tokens
+    always begin a word. (A document's first BPE token has no "Ġ", so it reads as continuing
+    the [SEP] before it, a special token: a masker never joins a word to a special token.)"""
+    model = json.loads(_backend_spec(tokenizer))["model"]
+    vocab = tokenizer.get_vocab()
+    starts = np.zeros(max(len(tokenizer), max(vocab.values()) + 1), bool)
+    if model["type"] == "WordPiece":
+        prefix = model.get("continuing_subword_prefix") or "##"
+        for token, index in vocab.items():
+            starts[index] = not token.startswith(prefix)
+    elif model["type"] in ("BPE", "Unigram"):
+        for token, index in vocab.items():
+            starts[index] = token.startswith(("Ġ", "▁"))
+    else:
+        raise DataError(f"word_starts: tokenizer model {model['type']!r} is not supported "
+                        f"(WordPiece, BPE, Unigram)")
+    added = {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    starts[sorted(i for i in set(tokenizer.all_special_ids) | added if 0 <= i < len(starts))] = True
+    return starts

@@ -30,9 +30,10 @@ from jaxkd import data as data_lib
 from jaxkd import losses
 from jaxkd.data import DataConfig, DataError
 from jaxkd.data import corpus as corpus_lib
+from jaxkd.data import rawtext
 from jaxkd.data.masked import MaskedBatches, MaskedEvalBatches, Vocabulary
 from jaxkd.data.masking import MaskingConfig, token_counts
-from jaxkd.data.packed import PackedRows, word_starts
+from jaxkd.data.corpus import PackedRows, word_starts
 from jaxkd.model import HeadConfig
 from jaxkd.tasks import embedding, masked_lm
 from jaxkd.tasks.base import Objective, Task, TaskConfig, refuse_label_settings
@@ -177,7 +178,7 @@ class CorpusFiles:
     """A split's text files, checked (`jaxkd.data.corpus.check_sources`); `skipped` counts the
     invalid lines tokenization skipped (data.skip_invalid)."""
 
-    sources: tuple[corpus_lib.Source, ...]
+    sources: tuple[rawtext.Source, ...]
     skip_invalid: bool
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -286,8 +287,8 @@ class GeneralTask(Task):
 
     def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True) -> CorpusFiles:
         """The text files of a split (data.train may list several), checked before any work."""
-        sources = corpus_lib.sources(_paths(source), self.documents, self.text_column)
-        corpus_lib.check_sources(sources, data_cfg.skip_invalid)
+        sources = rawtext.sources(_paths(source), self.documents, self.text_column)
+        rawtext.check_sources(sources, data_cfg.skip_invalid)
         return CorpusFiles(sources, data_cfg.skip_invalid)
 
     def encode(self, examples: CorpusFiles, tokenizer, max_seq_len: int,

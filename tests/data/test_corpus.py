@@ -1,4 +1,4 @@
-"""Tests for jaxkd.data.corpus: every source kind reads the documents a plain split gives, shards
+"""Tests for jaxkd.data.rawtext and jaxkd.data.corpus: every source kind reads the documents a plain split gives, shards
 hold what the tokenizer gives each document (+ [SEP]), resume after a lost shard or a kill -9,
 packed rows against a NumPy reference, and errors that say what to fix."""
 import collections
@@ -17,6 +17,7 @@ import pytest
 
 import helpers
 from jaxkd.data import corpus as C
+from jaxkd.data import rawtext as R
 from jaxkd.data.config import DataError
 
 # helpers.TRANSFER_VOCAB, plus single letters and digits so that any word has wordpieces
@@ -57,26 +58,26 @@ def write_text(path, text: str) -> str:
     return str(path)
 
 def read_all(src) -> list[str]:
-    return list(C.documents(src, False, collections.Counter()))
+    return list(R.documents(src, False, collections.Counter()))
 
 # ----------------------------------------------------------------------------- sources and documents
 
 def test_sources_kind_by_suffix():
-    srcs = C.sources(["a.txt", "b.txt.gz", "c.jsonl", "d.jsonl.gz", "e.json", "f.parquet"],
+    srcs = R.sources(["a.txt", "b.txt.gz", "c.jsonl", "d.jsonl.gz", "e.json", "f.parquet"],
                      documents="paragraphs", text_column="body")
     assert [s.kind for s in srcs] == ["paragraphs"] * 2 + ["jsonl"] * 3 + ["parquet"]
     assert all(s.text_column == "body" for s in srcs)
     with pytest.raises(DataError, match=r"a\.csv: unknown corpus file suffix; use one of \.txt"):
-        C.sources(["a.csv"])
+        R.sources(["a.csv"])
     with pytest.raises(DataError, match="'lines'"):
-        C.sources(["a.txt"], documents="sentences")
+        R.sources(["a.txt"], documents="sentences")
 
 @pytest.mark.parametrize("name", ["c.txt", "c.txt.gz"])
 def test_lines_and_paragraphs_match_a_plain_split(tmp_path, name):
     text = "first doc\r\nsecond  doc \n\n   \nthird\nfourth é 中\n\n\nlast line no newline"
     path = write_text(tmp_path / name, text)
     lines = [line.rstrip("\r") for line in text.split("\n")]
-    assert read_all(C.Source(path, "lines")) == [line for line in lines if line.strip()]
+    assert read_all(R.Source(path, "lines")) == [line for line in lines if line.strip()]
     paragraphs, current = [], []
     for line in lines + [""]:
         if line.strip():
@@ -84,7 +85,7 @@ def test_lines_and_paragraphs_match_a_plain_split(tmp_path, name):
         elif current:
             paragraphs.append("\n".join(current))
             current = []
-    assert read_all(C.Source(path, "paragraphs")) == paragraphs == [
+    assert read_all(R.Source(path, "paragraphs")) == paragraphs == [
         "first doc\nsecond  doc ", "third\nfourth é 中", "last line no newline"]
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.parquet"])
@@ -98,8 +99,8 @@ def test_jsonl_and_parquet_read_the_text_column(tmp_path, name):
         path = str(tmp_path / name)
     else:
         path = write_text(tmp_path / name, "".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    (src,) = C.sources([path], text_column="body")
-    C.check_sources([src])
+    (src,) = R.sources([path], text_column="body")
+    R.check_sources([src])
     assert read_all(src) == [r["body"] for r in rows if r["body"]]
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -112,7 +113,7 @@ def small_corpus(tmp_path_factory, tokenizer):
     docs_a, docs_b = random_docs(0, 150), random_docs(1, 120)
     a = write_text(directory / "a.txt", "\n".join(docs_a) + "\n")
     b = write_text(directory / "b.jsonl.gz", "".join(json.dumps({"text": d}) + "\n" for d in docs_b))
-    srcs = C.sources([a, b])
+    srcs = R.sources([a, b])
     return srcs, docs_a + docs_b, C.tokenize(srcs, tokenizer, directory / "out", workers=2,
                                              chunk_bytes=1024, progress=False)
 
@@ -172,9 +173,9 @@ def test_key_follows_tokenizer_chunking_and_file(small_corpus, tokenizer, tmp_pa
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, transformers
-    from jaxkd.data import corpus as C
+    from jaxkd.data import corpus as C, rawtext as R
     tok = transformers.BertTokenizerFast.from_pretrained(sys.argv[1])
-    C.tokenize(C.sources([sys.argv[2]]), tok, sys.argv[3], workers=1, chunk_bytes=16 << 10,
+    C.tokenize(R.sources([sys.argv[2]]), tok, sys.argv[3], workers=1, chunk_bytes=16 << 10,
                progress=False)
 """)
 
@@ -184,7 +185,7 @@ def test_kill9_then_rerun_equals_an_uninterrupted_run(tokenizer, tmp_path):
     vocab.mkdir()
     (vocab / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     path = write_text(tmp_path / "big.txt", "\n".join(random_docs(2, 40_000)) + "\n")  # ~2.4 MB
-    srcs = C.sources([path])
+    srcs = R.sources([path])
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(helpers.ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(vocab), path, str(out)], env=env)
@@ -233,20 +234,35 @@ def test_word_starts_wordpiece(tokenizer):
     assert starts.shape == (len(VOCAB),) and starts.dtype == bool
     assert starts.tolist() == [not token.startswith("##") for token in VOCAB]
 
+def test_word_starts_byte_level_bpe():
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "Ġthe": 4, "the": 5, "Ġfilm": 6, "s": 7,
+             "Ġ": 8, "<mask>": 9}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [], unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+        cls_token="<s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    starts = C.word_starts(tokenizer)
+    assert [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if starts[i]] == [
+        "<s>", "<pad>", "</s>", "<unk>", "Ġthe", "Ġfilm", "Ġ", "<mask>"]
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_missing_empty_and_blank_sources(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"nope\.txt: corpus file not found"):
-        C.check_sources(C.sources([str(tmp_path / "nope.txt")]))
+        R.check_sources(R.sources([str(tmp_path / "nope.txt")]))
     empty = write_text(tmp_path / "empty.txt", "")
     with pytest.raises(DataError, match=r"empty\.txt: the corpus file is empty"):
-        C.check_sources(C.sources([empty]))
+        R.check_sources(R.sources([empty]))
     empty_gz = write_text(tmp_path / "empty.txt.gz", "")
     with pytest.raises(DataError, match=r"empty\.txt\.gz: the corpus file is empty"):
-        C.check_sources(C.sources([empty_gz]))
+        R.check_sources(R.sources([empty_gz]))
     blank = write_text(tmp_path / "blank.txt", "\n  \n\n")
     with pytest.raises(DataError, match=r"empty corpus: no document in .*blank\.txt"):
-        C.tokenize(C.sources([blank]), tokenizer, tmp_path / "out", workers=1, progress=False)
+        C.tokenize(R.sources([blank]), tokenizer, tmp_path / "out", workers=1, progress=False)
 
 @pytest.mark.parametrize("name", ["bad.txt", "bad.txt.gz"])
 def test_non_utf8_names_file_and_byte_offset(tmp_path, tokenizer, name):
@@ -259,14 +275,14 @@ def test_non_utf8_names_file_and_byte_offset(tmp_path, tokenizer, name):
             f.write(data)
     else:
         path.write_bytes(data)
-    srcs = C.sources([str(path)])
+    srcs = R.sources([str(path)])
     with pytest.raises(DataError, match=rf"{name}: not UTF-8 at byte offset {offset};"):
-        C.check_sources(srcs)
+        R.check_sources(srcs)
     with pytest.raises(DataError, match=rf"{name} line 3: not UTF-8 at byte offset {offset};"):
         read_all(srcs[0])
-    C.check_sources(srcs, skip_invalid=True)
+    R.check_sources(srcs, skip_invalid=True)
     counts = collections.Counter()
-    assert list(C.documents(srcs[0], True, counts)) == ["fine line", "another é line", "last line"]
+    assert list(R.documents(srcs[0], True, counts)) == ["fine line", "another é line", "last line"]
     assert counts == {"not utf-8": 1}
     corpus = C.tokenize(srcs, tokenizer, tmp_path / "out", workers=1, skip_invalid=True,
                         progress=False)
@@ -274,18 +290,18 @@ def test_non_utf8_names_file_and_byte_offset(tmp_path, tokenizer, name):
 
 def test_check_accepts_a_character_cut_at_the_head_end(tmp_path):
     text = "a" * ((1 << 20) - 1) + "é tail\n"  # é's two bytes straddle the first MiB
-    C.check_sources(C.sources([write_text(tmp_path / "cut.txt", text)]))
+    R.check_sources(R.sources([write_text(tmp_path / "cut.txt", text)]))
 
 def test_jsonl_missing_column_names_the_columns(tmp_path):
     path = write_text(tmp_path / "x.jsonl", '\n{"txt": "hello", "id": 1}\n')
     with pytest.raises(DataError, match=r"x\.jsonl line 2: no field 'text' \(did you mean 'txt'\?\); "
                                          r"its fields: \['txt', 'id'\]"):
-        C.check_sources(C.sources([path]))
+        R.check_sources(R.sources([path]))
     later = write_text(tmp_path / "y.jsonl", '{"text": "hello"}\n{"txt": "x"}\nnot json\n')
     with pytest.raises(DataError, match=r"y\.jsonl line 2: no text in field 'text'"):
-        read_all(C.sources([later])[0])
+        read_all(R.sources([later])[0])
     counts = collections.Counter()
-    assert list(C.documents(C.sources([later])[0], True, counts)) == ["hello"]
+    assert list(R.documents(R.sources([later])[0], True, counts)) == ["hello"]
     assert counts == {"no text in 'text'": 1, "not json": 1}
 
 def test_parquet_missing_column_names_the_columns(tmp_path):
@@ -294,6 +310,6 @@ def test_parquet_missing_column_names_the_columns(tmp_path):
     pq.write_table(pa.table({"texts": ["a"], "n": [1]}), tmp_path / "p.parquet")
     with pytest.raises(DataError, match=r"p\.parquet: no column 'text' \(did you mean 'texts'\?\); "
                                          r"its columns: \['texts', 'n'\]"):
-        C.check_sources(C.sources([str(tmp_path / "p.parquet")]))
+        R.check_sources(R.sources([str(tmp_path / "p.parquet")]))
     with pytest.raises(DataError, match="holds int64, not text"):
-        C.check_sources(C.sources([str(tmp_path / "p.parquet")], text_column="n"))
+        R.check_sources(R.sources([str(tmp_path / "p.parquet")], text_column="n"))
