@@ -164,10 +164,12 @@ def wait_for_distill_step(workdir: pathlib.Path, proc: subprocess.Popen, step: i
 
 
 def assert_kill_resume_matches(make_config: Callable[..., dict], tmp_path: pathlib.Path, over: dict,
-                               kill_at: int, stage: str = "distill") -> dict:
+                               kill_at: int, stage: str = "distill", rtol: float = 0.0) -> dict:
     """A run killed (-9) at step `kill_at` of `stage` (default: distillation) and started again
-    ends as one that was never stopped: the same scores, the same student.
-    `make_config(workdir, **over)`. Returns the resumed run's report."""
+    ends as one that was never stopped: the same scores (within `rtol`: the reference runs in
+    this process over 4 simulated devices, the resumed run over one, so sums of floats may be
+    ordered differently), the same student. `make_config(workdir, **over)`. Returns the resumed
+    run's report."""
     reference = run_in_process(make_config(tmp_path / "ref", **over))
     workdir = tmp_path / "run"
     cfg = make_config(workdir, **over)
@@ -179,7 +181,14 @@ def assert_kill_resume_matches(make_config: Callable[..., dict], tmp_path: pathl
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     resumed = json.loads((workdir / "report.json").read_text())
-    assert resumed["student"]["splits"] == reference["student"]["splits"]
+    if rtol:
+        assert resumed["student"]["splits"].keys() == reference["student"]["splits"].keys()
+        for split, scores in reference["student"]["splits"].items():
+            for name, value in scores.items():
+                np.testing.assert_allclose(resumed["student"]["splits"][split][name], value,
+                                           rtol=rtol, err_msg=f"{split} {name}")
+    else:
+        assert resumed["student"]["splits"] == reference["student"]["splits"]
     assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
     return resumed
 

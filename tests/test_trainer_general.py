@@ -126,3 +126,14 @@ def test_a_corpus_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path, 
     with pytest.raises(ValueError, match=r"bad\.txt: not UTF-8 at byte offset 13.*data.skip_invalid"):
         helpers.run_in_process(general_config(tmp_path / "run", mlm_teacher, corpus,
                                               **{"data.train": str(bad)}))
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_resumes_to_the_same_student(tmp_path, mlm_teacher, corpus):
+    """Killed at step 5 of 12 and run again: the same held-out figures (to float rounding: the
+    reference ran over 4 devices), the same student (the data position and the masks, keyed by
+    step, resume with the checkpoint of step 4)."""
+    def make(workdir, **over):
+        return general_config(workdir, mlm_teacher, corpus, **over)
+    resumed = helpers.assert_kill_resume_matches(make, tmp_path, {}, kill_at=5, rtol=1e-5)
+    assert resumed["heldout"]["eval"]["loss/total"] > 0
