@@ -3,7 +3,8 @@
 Run as `python tests/_multiprocess_steps.py PROCESS_ID PORT OUT.npz KIND`: two processes with two
 CPU devices each run `helpers.STEPS` distillation steps on one 4-device mesh; process 0 saves the
 losses and the final student params. KIND is the head: sequence (a label per row), token (a label
-per token) or span (start and end positions per row).
+per token), span (start and end positions per row), or general (masked-LM rows,
+helpers.general_world).
 """
 from __future__ import annotations
 
@@ -23,10 +24,16 @@ def main(process_id: int, port: int, out: str, kind: str) -> None:
     jax.config.update("jax_num_cpu_devices", 2)
     from jaxkd import sharding, steps
     sharding.init_distributed(f"127.0.0.1:{port}", 2, process_id)
-    student_cfg, teacher_cfg, loss_cfg, _, state, teacher_params, batches = helpers.build_world(kind)
+    if kind == "general":
+        student_cfg, teacher_cfg, loss_cfg, objective, state, teacher_params, batches = \
+            helpers.general_world()
+    else:
+        student_cfg, teacher_cfg, loss_cfg, _, state, teacher_params, batches = helpers.build_world(kind)
+        objective = None
     mesh = sharding.make_mesh()
-    step = helpers.compile_mesh_step(steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg), mesh,
-                                     state, teacher_params)
+    step = helpers.compile_mesh_step(
+        steps.make_distill_step(student_cfg, teacher_cfg, loss_cfg, teacher="live", objective=objective),
+        mesh, state, teacher_params)
     state, history = helpers.run_mesh_steps(step, mesh, state, teacher_params, batches)
     flat = {jax.tree_util.keystr(p): _local(x)
             for p, x in jax.tree_util.tree_leaves_with_path(state.params)}

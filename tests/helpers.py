@@ -332,6 +332,42 @@ def build_world(kind: str = "sequence"):
     return student_cfg, teacher_cfg, loss_cfg, optim_cfg, state, teacher_params, batches
 
 
+def general_world():
+    """(student_cfg, teacher_cfg, loss_cfg, objective, state, teacher_params, batches) of
+    general distillation: masked-LM student and teacher of different widths and head counts,
+    the masked-LM objectives with MiniLM-v2 relations, STEPS masked batches of 8 packed rows."""
+    import jax
+
+    from jaxkd import steps
+    from jaxkd.data.masked import MaskedBatches, Vocabulary
+    from jaxkd.data.masking import MaskingConfig
+    from jaxkd.losses import LossConfig
+    from jaxkd.model import init_params
+    from jaxkd.optim import OptimConfig, make_optimizer
+    from jaxkd.tasks import general
+
+    student = tiny_model_config("masked_lm", 1, vocab_size=60, hidden_size=32, num_layers=1,
+                                num_heads=4, intermediate_size=64, max_position_embeddings=32,
+                                hidden_dropout=0.0, attention_dropout=0.0)
+    teacher = student.replace(hidden_size=48, num_layers=2, intermediate_size=96, num_heads=6)
+    loss_cfg = LossConfig(temperature=2.0, relation_weight=1.0, relation_heads=4)
+    objective = general.GeneralObjective(mlm_weight=1.0, kd_weight=2.0)
+    state = steps.TrainState.create(init_params(student, jax.random.key(0)),
+                                    make_optimizer(OptimConfig(learning_rate=1e-2, eps=1e-4), 10))
+
+    class Rows:
+        def __len__(self):
+            return 64
+
+        def rows(self, idx):
+            return (5 + (np.asarray(idx)[:, None] * 3 + np.arange(16)) % 55).astype(np.int32)
+
+    it = MaskedBatches(Rows(), 8, cfg=MaskingConfig(), seed=0,
+                       vocab=Vocabulary(mask_id=4, special_ids=(0, 1, 2, 3, 4), size=60))
+    return (student, teacher, loss_cfg, objective, state, init_params(teacher, jax.random.key(1)),
+            [next(it) for _ in range(STEPS)])
+
+
 def compile_mesh_step(step_fn, mesh, state, teacher_params):
     """The distillation step jitted for `mesh`: state and teacher replicated, rows sharded."""
     from jaxkd import sharding

@@ -1,6 +1,7 @@
 """General distillation's objective against NumPy references: the masked-LM cross-entropy and KD
 at the masked positions, and the intermediate terms added as configured."""
 import numpy as np
+import pytest
 from jaxkd import losses
 from jaxkd.losses import LossConfig
 from jaxkd.model import ModelOutput
@@ -57,48 +58,55 @@ def test_intermediate_terms_are_added():
 
 
 
-def test_general_step_is_the_same_on_1_and_4_devices():
-    """The jitted distillation step with the masked-LM objective and MiniLM-v2 relations over a
-    4-device mesh equals the one-device step (masked-LM teacher and student, masked rows)."""
+def _mesh_history(devices: int):
     import jax
 
-    from helpers import compile_mesh_step, run_mesh_steps, tiny_model_config
+    from helpers import compile_mesh_step, general_world, run_mesh_steps
     from jaxkd import sharding, steps
-    from jaxkd.data.masked import MaskedBatches, Vocabulary
-    from jaxkd.data.masking import MaskingConfig
-    from jaxkd.model import init_params
-    from jaxkd.optim import OptimConfig, make_optimizer
 
-    student = tiny_model_config("masked_lm", 1, vocab_size=60, hidden_size=32, num_layers=1,
-                                num_heads=4, intermediate_size=64, max_position_embeddings=32,
-                                hidden_dropout=0.0, attention_dropout=0.0)
-    teacher = student.replace(hidden_size=48, num_layers=2, intermediate_size=96, num_heads=6)
-    loss_cfg = LossConfig(temperature=2.0, relation_weight=1.0, relation_heads=4)
-    objective = general.GeneralObjective(mlm_weight=1.0, kd_weight=2.0)
+    student, teacher, loss_cfg, objective, state, teacher_params, batches = general_world()
     step = steps.make_distill_step(student, teacher, loss_cfg, teacher="live", objective=objective)
-    state = steps.TrainState.create(init_params(student, jax.random.key(0)),
-                                    make_optimizer(OptimConfig(learning_rate=1e-2, eps=1e-4), 10))
-    teacher_params = init_params(teacher, jax.random.key(1))
-
-    class Rows:
-        def __len__(self):
-            return 64
-
-        def rows(self, idx):
-            return (5 + (np.asarray(idx)[:, None] * 3 + np.arange(16)) % 55).astype(np.int32)
-
-    it = MaskedBatches(Rows(), 8, cfg=MaskingConfig(), seed=0,
-                       vocab=Vocabulary(mask_id=4, special_ids=(0, 1, 2, 3, 4), size=60))
-    batches = [next(it) for _ in range(3)]
-    losses_by_mesh = []
-    for devices in (1, 4):
-        mesh = sharding.make_mesh(jax.devices()[:devices])
-        _, history = run_mesh_steps(compile_mesh_step(step, mesh, state, teacher_params), mesh,
+    mesh = sharding.make_mesh(jax.devices()[:devices])
+    final, history = run_mesh_steps(compile_mesh_step(step, mesh, state, teacher_params), mesh,
                                     state, teacher_params, batches)
-        losses_by_mesh.append([{k: float(v) for k, v in m.items()} for m in history])
-    one, four = losses_by_mesh
+    return final, [{k: float(v) for k, v in m.items()} for m in history]
+
+
+def test_general_step_is_the_same_on_1_and_4_devices():
+    """The jitted distillation step with the masked-LM objectives and MiniLM-v2 relations over a
+    4-device mesh equals the one-device step (masked-LM teacher and student, masked rows)."""
+    (_, one), (_, four) = _mesh_history(1), _mesh_history(4)
     assert {"loss/mlm", "loss/kd", "loss/relation", "mlm_accuracy"} <= set(one[0])
     for a, b in zip(one, four):
         for key in a:
             np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=key)
     assert one[2]["loss/total"] != one[0]["loss/total"]
+
+
+@pytest.mark.slow  # two processes start and compile
+def test_general_step_is_the_same_over_2_processes(tmp_path):
+    """Two processes of two devices each, one 4-device mesh, each feeding its rows: the same
+    losses and student as the 4-device step in this process."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import jax
+
+    import helpers
+
+    out, port = tmp_path / "result.npz", helpers.free_port()
+    env = {**os.environ, "PYTHONPATH": str(helpers.ROOT), "XLA_FLAGS": ""}
+    script = pathlib.Path(helpers.__file__).with_name("_multiprocess_steps.py")
+    procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out), "general"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for pid in (0, 1)]
+    for proc in procs:
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log.decode()[-3000:]
+    result = np.load(out)
+    state, history = _mesh_history(4)
+    np.testing.assert_allclose(result["losses"], [m["loss/total"] for m in history], rtol=2e-5)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+        np.testing.assert_allclose(result[jax.tree_util.keystr(path)], leaf, rtol=1e-4, atol=1e-5)
