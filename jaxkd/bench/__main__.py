@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import jaxkd.bench
 from jaxkd import hostenv
-from jaxkd.bench import deploy, epoch, mfu, step
+from jaxkd.bench import deploy, epoch, general, mfu, step
 from jaxkd.bench.common import DEFAULT_RNG_IMPL, MINILM, RANDOM_BASE, TORCH_STEP_SCRIPT
 from jaxkd.bench.epoch import EPOCH_TASKS
 
@@ -39,8 +39,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("step", help="median seconds of one distillation step")
     _add_step_flags(s, 32, 128, 3, "float32", MINILM)
     s.add_argument("--vs-torch", action="store_true", help="alternate with the PyTorch reference")
+    s.add_argument("--general", action="store_true",
+                   help="general distillation's step on masked rows (DistilBERT's objectives: KD on "
+                        "the masked-LM distributions, masked-LM CE, cosine), against its own "
+                        "PyTorch reference (jaxkd/bench/torch_general.py)")
     s.add_argument("--rounds", type=int, default=3, help="alternations with --vs-torch")
-    s.add_argument("--torch-script", type=pathlib.Path, default=TORCH_STEP_SCRIPT)
+    s.add_argument("--torch-script", type=pathlib.Path, default=None,
+                   help=f"default: {TORCH_STEP_SCRIPT}, or with --general "
+                        f"{general.TORCH_SCRIPT.name} beside this module")
     s.add_argument("--torch-dtype", default="float32",
                    choices=("float32", "bfloat16", "float32,bfloat16", "bfloat16,float32"),
                    help="the reference as is (float32) and/or inside torch.autocast('cpu', bfloat16); "
@@ -101,11 +107,15 @@ def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
         # backend starts, so it has no effect if this process has already used JAX.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     if a.command == "step":
+        if a.torch_script is None:
+            a.torch_script = general.TORCH_SCRIPT if a.general else TORCH_STEP_SCRIPT
         if a.vs_torch:
             if not a.torch_script.is_file():
                 raise FileNotFoundError(f"PyTorch reference {a.torch_script} not found; "
                                         "pass --torch-script")
             step.step_vs_torch(a)
+        elif a.general:
+            general.run_general_step(step.setup_from_args(a))
         else:
             step.run_step(step.setup_from_args(a), a.breakdown, a.profile)
     elif a.command == "epoch":

@@ -150,11 +150,13 @@ def step_vs_torch(a: argparse.Namespace) -> float:
     """Alternate jaxkd and PyTorch runs (fresh processes) and print the ratio of medians: to
     each PyTorch dtype asked for, the first of them printed last."""
     shapes = ["--student-layers", str(a.student_layers), "--batch", str(a.batch), "--seq", str(a.seq),
-              "--steps", str(a.steps), "--warmup", str(a.warmup),
-              "--temperature", str(a.temperature), "--alpha", str(a.alpha)]
+              "--steps", str(a.steps), "--warmup", str(a.warmup), "--temperature", str(a.temperature)]
+    if not a.general:  # general distillation's terms have their own weights
+        shapes += ["--alpha", str(a.alpha)]
     contenders = {"jaxkd": [sys.executable, "-m", "jaxkd.bench", "step", "--teacher", a.teacher, *shapes,
                             "--dtype", a.dtype, "--rng-impl", a.rng_impl,
-                            *(["--breakdown"] if a.breakdown else [])]}
+                            *(["--breakdown"] if a.breakdown else []),
+                            *(["--general"] if a.general else [])]}
     torch_args = ["--teacher", str(hf.resolve_dir(a.teacher)), *shapes, "--threads", str(threads())]
     torch_dtypes = a.torch_dtype.split(",")
     for dtype in torch_dtypes:
