@@ -23,6 +23,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 TRANSFER_START, TRANSFER_END = "<!-- transfer:start -->", "<!-- transfer:end -->"
 EMBEDDING_START, EMBEDDING_END = "<!-- embedding:start -->", "<!-- embedding:end -->"
 SEARCH_START, SEARCH_END = "<!-- search:start -->", "<!-- search:end -->"
+GENERAL_START, GENERAL_END = "<!-- general:start -->", "<!-- general:end -->"
 
 
 def load_reports(results: pathlib.Path) -> dict[str, dict]:
@@ -48,8 +49,8 @@ def _describe(report: dict) -> str:
         init += f", {s['export_as']} architecture"
     terms = [name.replace("_weight", "") for name in
              ("hidden_weight", "embedding_weight", "attention_score_weight", "attention_kl_weight",
-              "value_relation_weight") if d.get(name)]
-    if report.get("task_type") == "sentence_embedding":  # no KD on logits: the task's own terms
+              "value_relation_weight", "relation_weight", "cosine_weight") if d.get(name)]
+    if report.get("task_type") in ("sentence_embedding", "general"):  # the kind's own terms
         loss = report.get("loss", "embedding loss (not recorded by this report's code)")
     elif d.get("steps") == 0:
         loss = "none (teacher layers, untrained)"
@@ -106,7 +107,7 @@ def teacher_table(reports: dict[str, dict], results: pathlib.Path) -> str:
 def table(reports: dict[str, dict]) -> str:
     groups: dict[str, list[tuple[str, dict]]] = {}
     for name, report in reports.items():
-        if not _is_teacher_run(report):
+        if not _is_teacher_run(report) and report.get("task_type") != "general":
             groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((name, report))
     lines = ["| run | task | student | metric (split) | student | teacher | retention % | params (M) "
              "| latency b1 (ms) | distill steps | distill wall (s) | seeds |",
@@ -240,6 +241,48 @@ def search_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _figure(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+
+def general_table(reports: dict[str, dict]) -> str:
+    """General-distillation runs (results/general_<student>): the stage's steps and wall time,
+    its held-out terms and masked-LM figures on the reported split; then each task run from a
+    general student (<task>_<student>_general_s<seed>) beside the same student without the
+    general stage (<task>_<student>_taskonly_s<seed>), mean +- sd over seeds."""
+    lines = ["| general run | student | steps | wall (s) | held-out terms (split) | student masked-LM "
+             "accuracy / perplexity | teacher's | params (M) |", "|---|---|---|---|---|---|---|---|"]
+    for name, report in reports.items():
+        if report.get("task_type") != "general":
+            continue
+        split = report["report_split"]
+        distill = report["stages"].get("distill", {})
+        terms = ", ".join(f"{k.removeprefix('loss/')} {v:.4f}"
+                          for k, v in report["heldout"].get(split, {}).items())
+        figures = {who: report[who]["metrics"] for who in ("student", "teacher")}
+        shown = {who: f"{_figure(f.get('mlm_accuracy'))} / {_figure(f.get('perplexity'), 1.0)}"
+                 for who, f in figures.items()}
+        lines.append(f"| {name} | {_describe(report)} | {distill.get('steps', 0)} "
+                     f"| {distill.get('seconds', 0.0):.0f} | {terms} ({split}) | {shown['student']} "
+                     f"| {shown['teacher']} | {report['student']['params'] / 1e6:.1f} |")
+    lines += ["", "| task | student | metric (split) | from the general student | without it | "
+              "lift | seeds |", "|---|---|---|---|---|---|---|"]
+    pairs: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+    for name, report in reports.items():
+        match = re.fullmatch(r"(.+)_(.+)_general_s(\d+)", name)
+        other = match and reports.get(f"{match[1]}_{match[2]}_taskonly_s{match[3]}")
+        if other:
+            pairs.setdefault((match[1], match[2]), []).append((report, other))
+    for (task, student), members in pairs.items():
+        metric = members[0][0]["metric_names"][0]
+        general = [g["student"]["metrics"][metric] for g, _ in members]
+        alone = [t["student"]["metrics"][metric] for _, t in members]
+        lines.append(f"| {task} | {student} | {metric} ({members[0][0]['report_split']}) "
+                     f"| {_stat(general)} | {_stat(alone)} "
+                     f"| {_stat([g - t for g, t in zip(general, alone)])} | {len(members)} |")
+    return "\n".join(lines)
+
+
 def render(page: str, body: str, start: str = START, end: str = END, name: str = "the page") -> str:
     if start not in page or end not in page:
         raise SystemExit(f"{name} lacks the {start} ... {end} markers")
@@ -263,6 +306,8 @@ def main(argv=None) -> int:
         wanted = render(wanted, embedding_table(reports), EMBEDDING_START, EMBEDDING_END, name)
     if SEARCH_START in page:
         wanted = render(wanted, search_table(reports), SEARCH_START, SEARCH_END, name)
+    if GENERAL_START in page:
+        wanted = render(wanted, general_table(reports), GENERAL_START, GENERAL_END, name)
     experiments = load_experiments(args.results)
     if experiments:
         wanted = render(wanted, transfer_table(experiments), TRANSFER_START, TRANSFER_END, name)
