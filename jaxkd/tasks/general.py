@@ -296,8 +296,10 @@ class GeneralTask(Task):
         """The split tokenized once into shards under `cache_dir/corpus` (resumed if it was
         interrupted) and packed into rows of `max_seq_len`."""
         if cache_dir is None:
-            raise DataError("general distillation tokenizes its corpus into the cache directory; "
-                            "it cannot be planned without writing one")
+            raise DataError("general distillation tokenizes its corpus into the cache directory "
+                            "first, which a plan that writes nothing (train.py --check) cannot "
+                            "do: run train.py itself (tokenizing is its first step, resumable; "
+                            "the files were checked already)")
         tokenized = corpus_lib.tokenize(examples.sources, tokenizer,
                                         pathlib.Path(cache_dir) / "corpus",
                                         skip_invalid=examples.skip_invalid,
