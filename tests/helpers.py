@@ -368,6 +368,21 @@ def general_world():
             [next(it) for _ in range(STEPS)])
 
 
+def two_process_result(kind: str, tmp_path: pathlib.Path):
+    """tests/_multiprocess_steps.py run as 2 processes x 2 CPU devices for `kind`: process 0's
+    saved losses and final student params (an npz)."""
+    out, port = tmp_path / "result.npz", free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
+    script = pathlib.Path(__file__).with_name("_multiprocess_steps.py")
+    procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out), kind],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for pid in (0, 1)]
+    for proc in procs:
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log.decode()[-3000:]
+    return np.load(out)
+
+
 def compile_mesh_step(step_fn, mesh, state, teacher_params):
     """The distillation step jitted for `mesh`: state and teacher replicated, rows sharded."""
     from jaxkd import sharding

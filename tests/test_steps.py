@@ -1,10 +1,6 @@
 """Training steps: placement-independence (jit, devices, pmap, processes), accumulation, frozen
 teacher, one compile per shape, teacher-logit cache, bf16, and a PyTorch reference update."""
 import dataclasses
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +15,6 @@ from jaxkd.model import init_params
 from jaxkd.optim import make_optimizer, make_schedule
 
 TOL = 1e-5
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # The tests take `world` for a label per row (sequence head), a label per token (token head) and
@@ -142,17 +137,7 @@ def test_pmap_equals_mesh_jit(world, transfer):
 @pytest.mark.slow
 @each_head
 def test_two_processes_equal_one(world, four_device_run, tmp_path):
-    out, port = tmp_path / "result.npz", helpers.free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
-    script = pathlib.Path(__file__).with_name("_multiprocess_steps.py")
-    procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out),
-                               world["kind"]],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for pid in (0, 1)]
-    for proc in procs:
-        log, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, log.decode()[-3000:]
-    result = np.load(out)
+    result = helpers.two_process_result(world["kind"], tmp_path)
     state, history = four_device_run
     assert_close(result["losses"], [m["loss/total"] for m in history])
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):

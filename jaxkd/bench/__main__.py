@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
         # backend starts, so it has no effect if this process has already used JAX.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     if a.command == "step":
+        if a.general and a.breakdown:
+            raise SystemExit("--breakdown times logit KD's parts (the teacher-logit cache); it does "
+                             "not apply to --general")
         if a.torch_script is None:
             a.torch_script = general.TORCH_SCRIPT if a.general else TORCH_STEP_SCRIPT
         if a.vs_torch:
@@ -114,10 +117,9 @@ def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
                 raise FileNotFoundError(f"PyTorch reference {a.torch_script} not found; "
                                         "pass --torch-script")
             step.step_vs_torch(a)
-        elif a.general:
-            general.run_general_step(step.setup_from_args(a))
         else:
-            step.run_step(step.setup_from_args(a), a.breakdown, a.profile)
+            step.run_step(step.setup_from_args(a), a.breakdown, a.profile,
+                          general.prepare_general if a.general else step.prepare_step)
     elif a.command == "epoch":
         setup = epoch.setup_from_args(a)
         if a.impl == "both":

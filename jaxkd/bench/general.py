@@ -6,15 +6,12 @@ alternated with its PyTorch reference (`jaxkd.bench.torch_general`) with `--vs-t
 from __future__ import annotations
 
 import pathlib
-import statistics
-import time
 
-import jax
 import numpy as np
 
 from jaxkd import hf, sharding, steps, tasks
-from jaxkd.bench.common import StepSetup, adamw, memory_line, spread_layers, step_keys
-from jaxkd.bench.step import Prepared, time_step
+from jaxkd.bench.common import StepSetup, adamw, spread_layers, step_keys
+from jaxkd.bench.step import Prepared
 from jaxkd.bench.torch_general import COSINE_WEIGHT, KD_WEIGHT, MLM_WEIGHT, random_masked
 from jaxkd.data import make_batch
 from jaxkd.losses import LossConfig
@@ -64,16 +61,3 @@ def prepare_general(setup: StepSetup, arrays: dict[str, np.ndarray] | None = Non
                     keys=step_keys(setup.rng_impl, setup.warmup + setup.steps),
                     student_cfg=student_cfg, teacher_cfg=teacher_cfg, loss_cfg=loss_cfg)
 
-
-def run_general_step(setup: StepSetup) -> float:
-    t0 = time.perf_counter()
-    p = prepare_general(setup)
-    times = time_step(p, setup)
-    median = statistics.median(times)
-    print(f"jaxkd {jax.__version__} {jax.devices()[0].device_kind} x{jax.device_count()} "
-          f"batch={setup.batch} seq={setup.seq} student_layers={setup.student_layers} "
-          f"dtype={setup.dtype} general min={min(times):.4f}s "
-          f"(setup+compile+timing {time.perf_counter() - t0:.1f}s)")
-    print(memory_line())
-    print(f"{median:.4f}")
-    return median

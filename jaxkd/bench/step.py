@@ -126,9 +126,12 @@ def profile_step(p: Prepared, setup: StepSetup, directory: pathlib.Path, steps_t
         print(f"  {secs:8.4f}  {name}")
 
 
-def run_step(setup: StepSetup, breakdown: bool, profile: pathlib.Path | None = None) -> float:
+def run_step(setup: StepSetup, breakdown: bool, profile: pathlib.Path | None = None,
+             prepare: Callable[[StepSetup], Prepared] = prepare_step) -> float:
+    """Time the step `prepare` builds (default: logit KD; `jaxkd.bench.general`'s for general
+    distillation) and print its line, digest, memory and median."""
     t0 = time.perf_counter()
-    p = prepare_step(setup)
+    p = prepare(setup)
     times = time_step(p, setup)
     median = statistics.median(times)
     print(f"jaxkd {jax.__version__} {jax.devices()[0].device_kind} x{jax.device_count()} "

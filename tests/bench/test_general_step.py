@@ -52,7 +52,7 @@ def test_cli_times_the_general_step(mlm_teacher, capsys):
     assert main(["step", "--general", "--teacher", str(mlm_teacher), "--student-layers", "1",
                  "--batch", "4", "--seq", "16", "--steps", "1", "--warmup", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert "general" in lines[0] and float(lines[-1]) > 0
+    assert "batch=4 seq=16 student_layers=1" in lines[0] and float(lines[-1]) > 0
 
 
 @pytest.mark.slow  # starts three processes

@@ -87,25 +87,11 @@ def test_general_step_is_the_same_on_1_and_4_devices():
 def test_general_step_is_the_same_over_2_processes(tmp_path):
     """Two processes of two devices each, one 4-device mesh, each feeding its rows: the same
     losses and student as the 4-device step in this process."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
     import jax
 
     import helpers
 
-    out, port = tmp_path / "result.npz", helpers.free_port()
-    env = {**os.environ, "PYTHONPATH": str(helpers.ROOT), "XLA_FLAGS": ""}
-    script = pathlib.Path(helpers.__file__).with_name("_multiprocess_steps.py")
-    procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(out), "general"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for pid in (0, 1)]
-    for proc in procs:
-        log, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, log.decode()[-3000:]
-    result = np.load(out)
+    result = helpers.two_process_result("general", tmp_path)
     state, history = _mesh_history(4)
     np.testing.assert_allclose(result["losses"], [m["loss/total"] for m in history], rtol=2e-5)
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
