@@ -131,7 +131,7 @@ def main(argv=None, *, reexec: bool = False) -> int:
             os._exit(code)
         return code
     print(f"report: {os.path.join(cfg.workdir, 'report.json')}")
-    s, t = report["student"]["metrics"], report["teacher"]["metrics"]
-    print("teacher " + " ".join(f"{k}={v:.4f}" for k, v in t.items()))
-    print("student " + " ".join(f"{k}={v:.4f}" for k, v in s.items()))
+    for who in ("teacher", "student"):  # a figure a model does not have (no head) is n/a
+        print(who + " " + " ".join(f"{k}={'n/a' if v is None else format(v, '.4f')}"
+                                   for k, v in report[who]["metrics"].items()))
     return 0

@@ -410,8 +410,9 @@ def stage_report_heldout(rt: Runtime, plan: Plan, cfg: Config, teacher_params, s
         models[name] = entry
     for split in models["student"]["splits"]:  # a model without a head has no masked-LM figures
         for name in ("mlm_accuracy", "perplexity"):
-            for who in ("teacher", "student"):
-                models[who]["splits"][split].setdefault(name, None)
+            if any(name in models[who]["splits"][split] for who in models):
+                for who in models:
+                    models[who]["splits"][split].setdefault(name, None)
     stages = read_stages(rt.workdir)
     report = report_lib.build_report(cfg, plan.task, models, {},
                                      distill_steps=stages.get("distill", {}).get("steps"))
