@@ -13,7 +13,12 @@ Modules, each importing only those above it:
   read      Table and the readers: read_split -> read_file (local) or read_hub
   encoded   Encoded, with_transfer, tokenizer facts, the token cache (content_key, cached_arrays)
   batches   the batch layout, bucket lengths, TrainBatches, MixedBatches, EvalBatches
-This package re-exports their public names: import from `jaxkd.data`.
+Raw text for general distillation (imported by their module name, not re-exported):
+  rawtext   text files as sources of documents (plain, gzip, JSONL, Parquet), checked up front
+  corpus    tokenized once into memory-mapped shards (resumable), packed into fixed-length rows
+  masking   masked-LM targets drawn from (seed, step, row)
+  masked    masked training and held-out batches of packed rows
+This package re-exports the public names of the first four: import them from `jaxkd.data`.
 """
 from jaxkd.data.config import FORMATS, DataConfig, DataError, holdout, nearest
 from jaxkd.data.read import (LOCAL_SUFFIXES, Table, check_columns, file_format, is_local_path,
