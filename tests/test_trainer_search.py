@@ -25,9 +25,9 @@ def _record_trainings(monkeypatch) -> dict:
 
     def recording_train(rt, plan, run_, distill, stage, **kw):
         before = len(seen.get("init", []))
-        params, info, _ = train_student(rt, plan, run_, distill, stage, **kw)
+        params, info, proj = train_student(rt, plan, run_, distill, stage, **kw)
         seen[stage] = {"init": seen["init"][before], "final": params, "info": info}
-        return params, info
+        return params, info, proj
 
     monkeypatch.setattr(steps.TrainState, "create", staticmethod(recording_create))
     monkeypatch.setattr(trainer, "train_student", recording_train)
