@@ -8,6 +8,7 @@ the end, so the result does not depend on the batch size or the process count.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,6 +38,12 @@ def make_mlm_eval(cfg: ModelConfig) -> Callable:
                 "targets": jnp.sum(weights)}
 
     return mlm_sums
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_mlm_eval(cfg: ModelConfig) -> Callable:
+    """`make_mlm_eval(cfg)` jitted once per model config, so evaluations reuse one program."""
+    return jax.jit(make_mlm_eval(cfg))
 
 
 def make_terms_eval(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg: losses.LossConfig,

@@ -122,10 +122,6 @@ class Runtime:
             progress=lambda it: report_lib.progress_iter(it, desc, show),
             check_stop=lambda: self.check_stop(desc))
 
-    def batches(self, encoded: data_lib.Encoded, seed: int) -> Callable:
-        """`train_batches` of `encoded` with this run's batch geometry."""
-        return train_batches(encoded, self.data, seed)
-
 
 # ---------------------------------------------------------------- stage records
 

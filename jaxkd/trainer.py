@@ -60,22 +60,27 @@ def _eval_fn(rt: Runtime, plan: Plan, model_cfg: ModelConfig):
     return scores
 
 
-def heldout_scores(rt: Runtime, plan: Plan, split: Split, student_cfg: ModelConfig, params,
-                   terms: tuple | None = None) -> dict[str, float]:
+def heldout_scores(rt: Runtime, plan: Plan, split: Split, model_cfg: ModelConfig, params,
+                   has_head: bool, terms: tuple | None = None) -> dict[str, float]:
     """A held-out task's figures of a model on `split` (`jaxkd.heldout`): masked-LM accuracy
-    and perplexity where its head means something, and with `terms` = (jitted term eval,
-    proj_params, placed teacher params) every distillation term and the selection score."""
-    task = plan.task
-    batches = task.eval_batches(split.encoded, rt.data)
+    and perplexity where its head means something (`has_head`), and with `terms` = (jitted term
+    eval, proj_params, placed teacher params) every distillation term and the selection score."""
+    batches = plan.task.eval_batches(split.encoded, rt.data)
     out = {}
     if terms is not None:
         fn, proj_params, teacher_params = terms
         out.update(heldout.term_scores(fn, params, proj_params, teacher_params, batches, rt.mesh))
-    is_teacher = student_cfg is plan.teacher_config
-    if task.teacher_has_head if is_teacher else task.trains_head:
-        out.update(heldout.mlm_scores(jax.jit(heldout.make_mlm_eval(student_cfg)), params,
-                                      batches, rt.mesh))
+    if has_head:
+        out.update(heldout.mlm_scores(heldout.jitted_mlm_eval(model_cfg), params, batches, rt.mesh))
     return out
+
+
+def _model_entry(rt: Runtime, model_cfg: ModelConfig, params) -> dict:
+    """A report's entry of one model: its size and shape and its speed (`measure_speed`)."""
+    return {"params": param_count(params), "layers": model_cfg.encoder.num_layers,
+            "hidden_size": model_cfg.encoder.hidden_size, "size_mb": param_mib(params),
+            **report_lib.measure_speed(steps.make_logits_fn(model_cfg), params,
+                                       rt.data.batch_size, rt.data.max_seq_len)}
 
 
 # ---------------------------------------------------------------- stages
@@ -116,7 +121,7 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
     if plan.finetune_steps == 0:
         return params
     train = plan.splits["train"].encoded
-    make_batches = rt.batches(train, seed)
+    make_batches = plan.task.batches(train, rt.data, seed)
     epoch_steps = make_batches(None).epoch_steps
     total = total_steps(plan.finetune_steps, ft.epochs, epoch_steps)
     tx, schedule = _optimizer(dataclasses.replace(optim_cfg, learning_rate=ft.learning_rate), total)
@@ -232,7 +237,7 @@ def train_student(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
             term_eval = jax.jit(heldout.make_terms_eval(student_cfg, teacher_cfg, distill,
                                                         plan.task.objective(student_cfg.head)))
             eval_fn = lambda state: heldout_scores(  # noqa: E731
-                rt, plan, plan.splits["eval"], student_cfg, state.params,
+                rt, plan, plan.splits["eval"], student_cfg, state.params, plan.task.trains_head,
                 (term_eval, state.proj_params, placed_teacher))
         state, ckpt = train_loop(rt, stage, state=state, step_fn=step_fn,
                                  make_batches=make_batches, total_steps=total,
@@ -330,10 +335,7 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
     models, outputs = {}, {}
     for name, model_cfg, params in (("teacher", plan.teacher_config, teacher_params),
                                     ("student", plan.student_config, student_params)):
-        entry = {"params": param_count(params), "layers": model_cfg.encoder.num_layers,
-                 "hidden_size": model_cfg.encoder.hidden_size,
-                 "size_mb": param_mib(params),
-                 "metrics": {}, "splits": {}}
+        entry = {**_model_entry(rt, model_cfg, params), "metrics": {}, "splits": {}}
         for split in ("eval", "test"):
             if split in plan.splits:
                 scores, outputs[(name, split)] = evaluate(rt, task, model_cfg, params,
@@ -341,8 +343,6 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
                 entry["splits"][split] = scores
         report_split = "test" if "test" in plan.splits else "eval"
         entry["metrics"] = entry["splits"].get(report_split, {})
-        entry.update(report_lib.measure_speed(steps.make_logits_fn(model_cfg), params,
-                                              rt.data.batch_size, rt.data.max_seq_len))
         models[name] = entry
     agreement = {split: task.agreement(outputs[("student", split)], outputs[("teacher", split)],
                                        plan.splits[split].encoded, plan.splits[split].examples)
@@ -390,23 +390,21 @@ def stage_report_heldout(rt: Runtime, plan: Plan, cfg: Config, teacher_params, s
     models, terms = {}, {}
     term_eval = jax.jit(heldout.make_terms_eval(plan.student_config, plan.teacher_config,
                                                 cfg.distill, plan.task.objective(plan.student_config.head)))
-    for name, model_cfg, params in (("teacher", plan.teacher_config, teacher_params),
-                                    ("student", plan.student_config, student_params)):
-        entry = {"params": param_count(params), "layers": model_cfg.encoder.num_layers,
-                 "hidden_size": model_cfg.encoder.hidden_size, "size_mb": param_mib(params),
-                 "splits": {}}
+    for name, model_cfg, params, has_head in (
+            ("teacher", plan.teacher_config, teacher_params, plan.task.teacher_has_head),
+            ("student", plan.student_config, student_params, plan.task.trains_head)):
+        entry = {**_model_entry(rt, model_cfg, params), "splits": {}}
         for split in ("eval", "test"):
             if split in plan.splits:
                 extra = (term_eval, proj_params, teacher_params) if name == "student" else None
-                scores = heldout_scores(rt, plan, plan.splits[split], model_cfg, params, extra)
+                scores = heldout_scores(rt, plan, plan.splits[split], model_cfg, params, has_head,
+                                        extra)
                 if extra is not None:
                     terms[split] = {k: v for k, v in scores.items() if k.startswith("loss/")}
                 entry["splits"][split] = {k: v for k, v in scores.items()
                                           if k in ("mlm_accuracy", "perplexity")}
         report_split = "test" if "test" in plan.splits else "eval"
         entry["metrics"] = entry["splits"].get(report_split, {})
-        entry.update(report_lib.measure_speed(steps.make_logits_fn(model_cfg), params,
-                                              rt.data.batch_size, rt.data.max_seq_len))
         models[name] = entry
     for split in models["student"]["splits"]:  # a model without a head has no masked-LM figures
         for name in ("mlm_accuracy", "perplexity"):
