@@ -139,11 +139,9 @@ def prepare(cfg: Config, write_cache: bool = True,
     if cfg.distill.augment is not None:
         task.check_augmentable(loaded["train"][1])
     if cfg.data.eval_fraction is not None:
-        source, train = loaded["train"]
-        kept, held = data_lib.holdout(len(train), cfg.data.eval_fraction, cfg.seed)
-        where = f"{source} ({len(held)} of {len(train)} held out, seed {cfg.seed})"
-        loaded = {"train": (source, train.subset(kept, train.source)),
-                  "eval": (where, train.subset(held, where)),
+        kept, held = task.hold_out(loaded["train"][1], loaded["train"][0],
+                                   cfg.data.eval_fraction, cfg.seed)
+        loaded = {"train": kept, "eval": held,
                   **{name: split for name, split in loaded.items() if name == "test"}}
     token_cache = cache_dir(cfg) if write_cache else None
     splits = {name: Split(source, examples,

@@ -106,7 +106,6 @@ def test_headless_teacher_teaches_relations_and_exports_the_bare_encoder(tmp_pat
 
 
 @pytest.mark.parametrize("over, match", [
-    ({"data.eval_fraction": 0.1, "data.eval": None}, "holds out text by file: set data.eval"),
     ({"task.mlm_weight": 0.0, "task.kd_weight": 0.0, "distill.relation_weight": 0.0},
      "no objective"),
     ({"data.max_seq_len": 4096}, "max_seq_len=4096 exceeds"),
@@ -117,6 +116,28 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, mlm_teacher, corpus,
     with pytest.raises((ConfigError, ValueError), match=match):
         helpers.run_in_process(general_config(workdir, mlm_teacher, corpus, **over))
     assert not (workdir / "cache").exists()
+
+
+def test_eval_fraction_holds_out_the_last_packed_rows(tmp_path, mlm_teacher, corpus):
+    """data.eval_fraction on a corpus: training keeps the first rows of the packing, the
+    held-out split is the rest, row for row (the same text, one contiguous stretch)."""
+    from jaxkd import config as config_lib
+    from jaxkd import plan as plan_lib
+
+    def prepared(**over):
+        cfg = general_config(tmp_path / "run", mlm_teacher, corpus, **over)
+        return plan_lib.prepare(config_lib.from_dict(cfg)).splits
+
+    whole = prepared(**{"data.eval": None})["train"].encoded.rows
+    splits = prepared(**{"data.eval": None, "data.eval_fraction": 0.1})
+    kept, held = splits["train"].encoded.rows, splits["eval"].encoded.rows
+    assert len(held) == round(0.1 * len(whole)) and len(kept) + len(held) == len(whole)
+    np.testing.assert_array_equal(kept.rows(range(len(kept))), whole.rows(range(len(kept))))
+    np.testing.assert_array_equal(held.rows(range(len(held))),
+                                  whole.rows(range(len(kept), len(whole))))
+    assert "the last 0.1 of its packed rows held out" in splits["eval"].source
+    with pytest.raises(IndexError):
+        kept.rows([len(kept)])
 
 
 def test_a_corpus_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path, mlm_teacher,

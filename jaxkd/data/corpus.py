@@ -311,12 +311,15 @@ class Corpus:
 class PackedRows:
     """RoBERTa's "full sentences" rows over a corpus: the token stream is cut into consecutive
     windows of seq_len - 2 tokens, row r = [CLS] window r [SEP]; the last partial window is
-    dropped. Every row is `seq_len` long; a row may span documents (joined by [SEP])."""
+    dropped. Every row is `seq_len` long; a row may span documents (joined by [SEP]). `start`
+    and `stop` select a contiguous range of those rows (`split`); None: to the end."""
 
     corpus: Corpus
     seq_len: int
     cls_id: int
     sep_id: int
+    start: int = 0
+    stop: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.seq_len, int) or self.seq_len < 3:
@@ -332,7 +335,19 @@ class PackedRows:
         return self.seq_len - 2
 
     def __len__(self) -> int:
-        return self.corpus.tokens // self.window
+        stop = self.corpus.tokens // self.window if self.stop is None else self.stop
+        return stop - self.start
+
+    def split(self, fraction: float) -> tuple[PackedRows, PackedRows]:
+        """(kept, held out): the last `fraction` of the rows (at least one) held out. A
+        contiguous tail, so held-out text shares at most the one document that straddles the
+        cut with training, where seeded rows would hold out pieces of many training documents."""
+        held = max(1, round(len(self) * fraction))
+        if held >= len(self):
+            raise DataError(f"{len(self)} rows of {self.seq_len} tokens cannot give "
+                            f"{fraction:g} of them to held-out text and keep some for training")
+        cut = self.start + len(self) - held
+        return dataclasses.replace(self, stop=cut), dataclasses.replace(self, start=cut)
 
     def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """int32 [len(indices), seq_len]: the rows at `indices` (each in 0..len-1)."""
@@ -343,7 +358,7 @@ class PackedRows:
         out = np.empty((len(indices), self.seq_len), np.int32)
         out[:, 0], out[:, -1] = self.cls_id, self.sep_id
         for i, row in enumerate(indices):
-            out[i, 1:-1] = self.corpus.read(int(row) * self.window, self.window)
+            out[i, 1:-1] = self.corpus.read((self.start + int(row)) * self.window, self.window)
         return out
 
 

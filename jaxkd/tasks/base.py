@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import losses
-from jaxkd.data import DataConfig, DataError, Encoded
+from jaxkd.data import DataConfig, DataError, Encoded, holdout
 from jaxkd.model import HeadConfig
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,13 @@ class Task:
 
     def encode(self, examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
         raise NotImplementedError
+
+    def hold_out(self, examples, source: str, fraction: float, seed: int):
+        """((kept source, kept examples), (held-out source, held-out examples)): the training
+        split cut for data.eval_fraction; by default a seeded `fraction` of its examples."""
+        kept, held = holdout(len(examples), fraction, seed)
+        where = f"{source} ({len(held)} of {len(examples)} held out, seed {seed})"
+        return (source, examples.subset(kept, examples.source)), (where, examples.subset(held, where))
 
     def load_unlabeled(self, data_cfg: DataConfig, source: str):
         """Examples of transfer text (data.unlabeled): the text columns only, labels ignored.

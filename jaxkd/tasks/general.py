@@ -181,6 +181,10 @@ class CorpusFiles:
     sources: tuple[rawtext.Source, ...]
     skip_invalid: bool
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # data.eval_fraction: which part of the packed rows this split is ("kept" or "held", the
+    # last `fraction` of them: `PackedRows.split`); None: all of them.
+    part: str | None = None
+    fraction: float = 0.0
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -291,6 +295,14 @@ class GeneralTask(Task):
         rawtext.check_sources(sources, data_cfg.skip_invalid)
         return CorpusFiles(sources, data_cfg.skip_invalid)
 
+    def hold_out(self, examples: CorpusFiles, source: str, fraction: float, seed: int):
+        """The last `fraction` of the packed rows as held-out text (`PackedRows.split`: one
+        contiguous stretch, not seeded rows, so held-out documents are not also trained on)."""
+        where = f"{source} (the last {fraction:g} of its packed rows held out)"
+        return ((source, dataclasses.replace(examples, part="kept", fraction=fraction)),
+                (where, dataclasses.replace(examples, part="held", fraction=fraction,
+                                            skipped=collections.Counter())))
+
     def encode(self, examples: CorpusFiles, tokenizer, max_seq_len: int,
                cache_dir=None) -> MaskedCorpus:
         """The split tokenized once into shards under `cache_dir/corpus` (resumed if it was
@@ -309,6 +321,8 @@ class GeneralTask(Task):
         if len(rows) == 0:
             raise DataError(f"{', '.join(s.path for s in examples.sources)}: {tokenized.tokens} "
                             f"tokens do not fill one row of {max_seq_len}")
+        if examples.part is not None:
+            rows = rows.split(examples.fraction)[examples.part == "held"]
         size = len(tokenizer)
         vocab = Vocabulary(
             mask_id=tokenizer.mask_token_id, special_ids=tuple(tokenizer.all_special_ids), size=size,
@@ -339,9 +353,6 @@ def _paths(source: str | list | tuple) -> list[str]:
 
 
 def resolve(cfg: GeneralConfig, data_cfg: DataConfig | None = None) -> GeneralTask:
-    if data_cfg is not None and data_cfg.eval_fraction is not None:
-        raise DataError("general distillation holds out text by file: set data.eval to a "
-                        "held-out text file instead of data.eval_fraction")
     preset = PRESETS.get(cfg.name, PRESETS["text"])
     primary = cfg.metric or METRICS[0]
     return GeneralTask(name=cfg.name, label_names=("token",),
