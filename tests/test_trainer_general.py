@@ -140,6 +140,28 @@ def test_eval_fraction_holds_out_the_last_packed_rows(tmp_path, mlm_teacher, cor
         kept.rows([len(kept)])
 
 
+def test_a_hub_split_trains_as_its_text_file_would(tmp_path, mlm_teacher, corpus):
+    """data.train as hub:<dataset>:<split> (a local dataset directory, opened as a Hub name is):
+    the same packed rows as the text file holding the same documents."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from jaxkd import config as config_lib
+    from jaxkd import plan as plan_lib
+
+    lines = (corpus / "train.txt").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "hubset" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"text": line} for line in lines]),
+                   tmp_path / "hubset" / "data" / "train-00000-of-00001.parquet")
+
+    def rows(train):
+        cfg = general_config(tmp_path / "run", mlm_teacher, corpus, **{"data.train": train})
+        packed = plan_lib.prepare(config_lib.from_dict(cfg)).splits["train"].encoded.rows
+        return packed.rows(range(len(packed)))
+
+    np.testing.assert_array_equal(rows(f"hub:{tmp_path / 'hubset'}:train"),
+                                  rows(str(corpus / "train.txt")))
+
+
 def test_a_corpus_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path, mlm_teacher,
                                                                       corpus):
     bad = tmp_path / "bad.txt"

@@ -1,8 +1,11 @@
 """Raw text files as streams of documents: the input of general distillation's corpus.
 
-Owns `Source` (a file and how its documents are laid out), the kinds (`KINDS`) and suffixes
-(`SUFFIXES`) it knows, `sources` (files -> sources by suffix), `check_sources` (cheap checks
-before any work) and `documents` (one source's documents, streamed in constant memory).
+Owns `Source` (a file, or a Hub dataset split, and how its documents are laid out), the kinds
+(`KINDS`) and suffixes (`SUFFIXES`) it knows, `sources` (paths -> sources by suffix),
+`check_sources` (cheap checks before any work) and `documents` (one source's documents,
+streamed in constant memory). A Hub split is named `hub:<dataset>:<split>` or
+`hub:<dataset>:<config>:<split>` and read with `datasets.load_dataset(..., streaming=True)`:
+nothing of it is downloaded beyond what is read.
 Tokenizing them is `jaxkd.data.corpus`'s. Imports from `jaxkd.data.config` only.
 """
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import BinaryIO
 
 from jaxkd.data.config import DataError, nearest
 
-KINDS = ("lines", "paragraphs", "jsonl", "parquet")
+KINDS = ("lines", "paragraphs", "jsonl", "parquet", "hub")
+HUB = "hub:"  # the prefix of a Hub dataset split: hub:<dataset>[:<config>]:<split>
 # Suffix -> kind; "text" is the `documents` argument of `sources` (lines or paragraphs).
 SUFFIXES = {".txt": "text", ".txt.gz": "text", ".jsonl": "jsonl", ".jsonl.gz": "jsonl",
             ".json": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet"}
@@ -33,7 +37,9 @@ _PARQUET_BATCH = 8192  # rows per parquet read
 class Source:
     """One file of raw text. kind: lines (a document per line), paragraphs (documents separated
     by blank lines, their lines joined with "\\n"), jsonl (a JSON object per line, the text in
-    `text_column`) or parquet (the text in `text_column`). A .gz suffix: gzip (text kinds)."""
+    `text_column`), parquet (the text in `text_column`) or hub (a Hub dataset split streamed,
+    `path` being `hub:<dataset>[:<config>]:<split>`, the text in `text_column`). A .gz suffix:
+    gzip (text kinds)."""
 
     path: str
     kind: str
@@ -43,10 +49,22 @@ class Source:
         if self.kind not in KINDS:
             raise DataError(f"{self.path}: source kind {self.kind!r} is unknown"
                             f"{nearest(self.kind, KINDS)}; use one of {', '.join(KINDS)}")
+        if self.kind == "hub":
+            _ = self.hub  # a malformed name is refused now
 
     @property
     def gzipped(self) -> bool:
         return self.path.endswith(".gz")
+
+    @property
+    def hub(self) -> tuple[str, str | None, str]:
+        """(dataset, config or None, split) of a hub source."""
+        parts = self.path[len(HUB):].split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise DataError(f"{self.path}: a Hub split is named hub:<dataset>:<split> or "
+                            f"hub:<dataset>:<config>:<split>, e.g. "
+                            f"hub:wikitext:wikitext-103-raw-v1:train")
+        return parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
 
 
 def _suffix(path: str) -> str:
@@ -57,7 +75,8 @@ def _suffix(path: str) -> str:
 def sources(paths: str | Iterable[str], documents: str = "lines",
             text_column: str = "text") -> tuple[Source, ...]:
     """A `Source` per path, its kind from the suffix: .txt / .txt.gz -> `documents` ("lines" or
-    "paragraphs"), .jsonl / .jsonl.gz / .json / .json.gz -> jsonl, .parquet -> parquet."""
+    "paragraphs"), .jsonl / .jsonl.gz / .json / .json.gz -> jsonl, .parquet -> parquet; a path
+    starting `hub:` -> hub."""
     if documents not in ("lines", "paragraphs"):
         raise DataError(f"documents={documents!r}: plain-text documents are 'lines' (one per line) "
                         f"or 'paragraphs' (separated by blank lines)")
@@ -66,6 +85,9 @@ def sources(paths: str | Iterable[str], documents: str = "lines",
         raise DataError("no corpus files given: name at least one file of raw text")
     out = []
     for path in map(str, paths):
+        if path.startswith(HUB):
+            out.append(Source(path, "hub", text_column))
+            continue
         kind = SUFFIXES.get(_suffix(path))
         if kind is None:
             raise DataError(f"{path}: unknown corpus file suffix; use one of {', '.join(SUFFIXES)}")
@@ -92,6 +114,9 @@ def check_sources(srcs: Sequence[Source], skip_invalid: bool = False) -> None:
     empty; its first MiB (decompressed) is UTF-8 (unless `skip_invalid`); jsonl: the first
     non-blank line is a JSON object with the text column; parquet: the schema has it as text."""
     for src in srcs:
+        if src.kind == "hub":
+            _check_hub(src)
+            continue
         path = pathlib.Path(src.path)
         if not path.is_file():
             raise DataError(f"{src.path}: corpus file not found")
@@ -117,6 +142,37 @@ def check_sources(srcs: Sequence[Source], skip_invalid: bool = False) -> None:
                                 f"to UTF-8, or set data.skip_invalid: true to skip such lines") from err
         if src.kind == "jsonl":
             _check_first_json(src)
+
+
+def _open_hub(src: Source):
+    """The split streamed (`datasets.load_dataset(..., streaming=True)`); a DataError saying
+    what to do when it cannot be opened (offline, a wrong name)."""
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    dataset, config, split = src.hub
+    try:
+        return datasets.load_dataset(dataset, config, split=split, streaming=True)
+    except Exception as err:  # the Hub raises many types; all mean "not available here"
+        raise DataError(f"{src.path}: cannot open the Hub split ({type(err).__name__}: {err}); "
+                        f"check the dataset, config and split names, or offline "
+                        f"(HF_DATASETS_OFFLINE) give local files instead") from err
+
+
+def _check_hub(src: Source) -> None:
+    """The split opens, has a first row, and that row has the text column as text."""
+    stream = _open_hub(src)
+    try:
+        first = next(iter(stream), None)
+    except Exception as err:  # reading the first shard failed (network, format)
+        raise DataError(f"{src.path}: cannot read the Hub split ({type(err).__name__}: {err})") from err
+    if first is None:
+        raise DataError(f"{src.path}: the Hub split has no rows")
+    if src.text_column not in first:
+        raise DataError(f"{src.path}: no column {src.text_column!r}{nearest(src.text_column, first)}; "
+                        f"its columns: {list(first)}. Set the text column to one of them.")
+    if not isinstance(first[src.text_column], (str, type(None))):
+        raise DataError(f"{src.path}: column {src.text_column!r} holds "
+                        f"{type(first[src.text_column]).__name__}, not text")
 
 
 def _check_first_json(src: Source) -> None:
@@ -216,6 +272,20 @@ def _parquet(src: Source) -> Iterator[str]:
                     yield text
 
 
+def _hub(src: Source, skip_invalid: bool, counts: collections.Counter) -> Iterator[str]:
+    column = src.text_column
+    for number, row in enumerate(_open_hub(src), 1):
+        text = row.get(column)
+        if isinstance(text, str):
+            if text.strip():
+                yield text
+        elif text is not None:
+            if not skip_invalid:
+                raise DataError(f"{src.path} row {number}: no text in column {column!r} (it holds "
+                                f"{type(text).__name__}); set data.skip_invalid: true to skip such rows")
+            counts[f"no text in {column!r}"] += 1
+
+
 def documents(src: Source, skip_invalid: bool, counts: collections.Counter) -> Iterator[str]:
     """Every non-blank document of `src`, in file order, streamed (memory of one document).
 
@@ -225,5 +295,5 @@ def documents(src: Source, skip_invalid: bool, counts: collections.Counter) -> I
     texts are skipped uncounted."""
     if src.kind == "parquet":
         return _parquet(src)
-    read = {"lines": _lines, "paragraphs": _paragraphs, "jsonl": _jsonl}[src.kind]
+    read = {"lines": _lines, "paragraphs": _paragraphs, "jsonl": _jsonl, "hub": _hub}[src.kind]
     return read(src, skip_invalid, counts)

@@ -103,6 +103,42 @@ def test_jsonl_and_parquet_read_the_text_column(tmp_path, name):
     R.check_sources([src])
     assert read_all(src) == [r["body"] for r in rows if r["body"]]
 
+def hub_dir(tmp_path, rows) -> str:
+    """A dataset directory as the Hub lays one out (data/<split>-*.parquet), opened offline by
+    `datasets.load_dataset(<directory>, streaming=True)`: the code path of a Hub name."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("datasets")
+    data = tmp_path / "hubset" / "data"
+    data.mkdir(parents=True)
+    half = len(rows) // 2
+    pq.write_table(pa.Table.from_pylist(rows[:half]), data / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[half:]), data / "train-00001-of-00002.parquet")
+    return str(tmp_path / "hubset")
+
+def test_a_hub_split_streams_the_text_column_in_order(tmp_path, tokenizer):
+    rows = [{"body": doc, "id": i} for i, doc in enumerate(random_docs(5, 40))]
+    rows[3]["body"] = ""
+    (src,) = R.sources([f"hub:{hub_dir(tmp_path, rows)}:train"], text_column="body")
+    assert src.kind == "hub" and src.hub[1:] == (None, "train")
+    R.check_sources([src])
+    docs = [r["body"] for r in rows if r["body"]]
+    assert read_all(src) == docs
+    corpus = C.tokenize([src], tokenizer, tmp_path / "out", workers=1, chunk_bytes=256,
+                        progress=False)
+    np.testing.assert_array_equal(corpus.read(0, corpus.tokens), reference_ids(tokenizer, docs))
+
+def test_hub_names_and_columns_are_checked_before_any_work(tmp_path):
+    directory = hub_dir(tmp_path, [{"body": "one doc"}, {"body": "two"}])
+    with pytest.raises(DataError, match="hub:<dataset>:<split> or hub:<dataset>:<config>:<split>"):
+        R.sources(["hub:only-a-name"])
+    (src,) = R.sources([f"hub:{directory}:train"], text_column="bodi")
+    with pytest.raises(DataError, match="no column 'bodi' .did you mean 'body'.*Set the text column"):
+        R.check_sources([src])
+    (src,) = R.sources([f"hub:{directory}:nosuchsplit"], text_column="body")
+    with pytest.raises(DataError, match="nosuchsplit: cannot (open|read) the Hub split"):
+        R.check_sources([src])
+
 # ----------------------------------------------------------------------------- tokenizing
 
 @pytest.fixture(scope="module")
