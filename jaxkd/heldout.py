@@ -63,28 +63,29 @@ def make_terms_eval(student_cfg: ModelConfig, teacher_cfg: ModelConfig, loss_cfg
     return term_sums
 
 
-def _summed(fn: Callable, args: tuple, batches: Iterable, mesh) -> dict[str, float]:
-    total: dict[str, Any] = {}
+def scores(batches: Iterable, mesh, mlm: tuple | None = None,
+           terms: tuple | None = None) -> dict[str, float]:
+    """A model's held-out figures over `batches`, in one pass (each batch masked and placed
+    once): with `mlm` = (jitted `make_mlm_eval`, params) masked-LM accuracy and perplexity (exp
+    of the mean target NLL); with `terms` = (jitted `make_terms_eval`, params, proj_params,
+    teacher_params) each distillation term's mean (`loss/...`) and `SCORE`, minus the total."""
+    calls = {name: (call[0], call[1:]) for name, call in (("mlm", mlm), ("terms", terms))
+             if call is not None}
+    sums: dict[str, dict[str, Any]] = {name: {} for name in calls}
     for local in batches:
-        out = fn(*args, sharding.global_batch(local, mesh))
-        total = out if not total else jax.tree.map(jnp.add, total, out)
-    return {k: float(v) for k, v in jax.device_get(total).items()}
-
-
-def mlm_scores(fn: Callable, params, batches: Iterable, mesh) -> dict[str, float]:
-    """Masked-LM accuracy and perplexity (exp of the mean target NLL) of `fn` (a jitted
-    `make_mlm_eval`) over `batches`."""
-    sums = _summed(fn, (params,), batches, mesh)
-    targets = max(sums["targets"], 1e-9)
-    return {"mlm_accuracy": sums["correct"] / targets,
-            "perplexity": float(math.exp(min(sums["nll"] / targets, 700.0)))}
-
-
-def term_scores(fn: Callable, params, proj_params, teacher_params, batches: Iterable,
-                mesh) -> dict[str, float]:
-    """Each distillation term's held-out mean (`loss/...`) and `SCORE`, minus the total."""
-    sums = _summed(fn, (params, proj_params, teacher_params), batches, mesh)
-    weight = max(sums.pop("weight"), 1e-9)
-    means = {k: v / weight for k, v in sums.items()}
-    return {SCORE: -means["loss/total"], **means}
-
+        batch = sharding.global_batch(local, mesh)
+        for name, (fn, args) in calls.items():
+            out = fn(*args, batch)
+            sums[name] = out if not sums[name] else jax.tree.map(jnp.add, sums[name], out)
+    sums = {name: {k: float(v) for k, v in jax.device_get(total).items()}
+            for name, total in sums.items()}
+    out: dict[str, float] = {}
+    if "terms" in sums:
+        weight = max(sums["terms"].pop("weight"), 1e-9)
+        means = {k: v / weight for k, v in sums["terms"].items()}
+        out.update({SCORE: -means["loss/total"], **means})
+    if "mlm" in sums:
+        targets = max(sums["mlm"]["targets"], 1e-9)
+        out.update({"mlm_accuracy": sums["mlm"]["correct"] / targets,
+                    "perplexity": float(math.exp(min(sums["mlm"]["nll"] / targets, 700.0)))})
+    return out

@@ -65,14 +65,10 @@ def heldout_scores(rt: Runtime, plan: Plan, split: Split, model_cfg: ModelConfig
     """A held-out task's figures of a model on `split` (`jaxkd.heldout`): masked-LM accuracy
     and perplexity where its head means something (`has_head`), and with `terms` = (jitted term
     eval, proj_params, placed teacher params) every distillation term and the selection score."""
-    batches = plan.task.eval_batches(split.encoded, rt.data)
-    out = {}
-    if terms is not None:
-        fn, proj_params, teacher_params = terms
-        out.update(heldout.term_scores(fn, params, proj_params, teacher_params, batches, rt.mesh))
-    if has_head:
-        out.update(heldout.mlm_scores(heldout.jitted_mlm_eval(model_cfg), params, batches, rt.mesh))
-    return out
+    return heldout.scores(
+        plan.task.eval_batches(split.encoded, rt.data), rt.mesh,
+        mlm=(heldout.jitted_mlm_eval(model_cfg), params) if has_head else None,
+        terms=None if terms is None else (terms[0], params, *terms[1:]))
 
 
 def _model_entry(rt: Runtime, model_cfg: ModelConfig, params) -> dict:
