@@ -112,7 +112,8 @@ def _init_worker(spec: str) -> None:
 def _encode_chunk(docs: list[str], sep_id: int, dtype: str, path: str) -> int:
     """Writes the token ids of `docs` (no special tokens), each followed by `sep_id`, to the .npy
     `path` (atomically); returns the token count. Runs in a worker process."""
-    encodings = _worker_tokenizer.encode_batch(docs, add_special_tokens=False)
+    # encode_batch_fast: the same ids without the character offsets, which nothing here reads
+    encodings = _worker_tokenizer.encode_batch_fast(docs, add_special_tokens=False)
     lengths = np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings))
     ids = np.empty(int(lengths.sum()), dtype)
     at = 0
