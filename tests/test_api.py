@@ -3,11 +3,13 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 
 import jaxkd
 from jaxkd import sharding
 
 
+@pytest.mark.slow
 def test_readme_embedding_example(tmp_path):
     teacher_cfg = jaxkd.ModelConfig(
         jaxkd.BertConfig(vocab_size=100, hidden_size=32, num_layers=4, num_heads=4,
@@ -47,6 +49,7 @@ def test_readme_embedding_example(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_apply_model_for_every_head(tmp_path):
     """`apply_model` runs encoder and head; a token head gives logits per token."""
     encoder = jaxkd.BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4,

@@ -61,6 +61,7 @@ def test_fixed_batches_hold_each_row_once_padded_to_its_bucket():
     assert [len(b["index"]) for b in batches] == [6, 6, 6, 2]
 
 
+@pytest.mark.slow
 def test_metrics_and_agreement_are_the_task_figures_of_every_row():
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

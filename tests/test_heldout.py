@@ -69,6 +69,7 @@ def test_mlm_figures_equal_a_pytorch_count(tmp_path, setting):
     np.testing.assert_allclose(got["perplexity"], np.exp(nll / targets), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_one_pass_gives_what_each_evaluation_gives_alone(setting):
     teacher_params, batches = setting
     student = MLM.replace(num_layers=2)

@@ -104,6 +104,7 @@ needs_madvise_thp = pytest.mark.skipif(
            "accelerator plugin")
 
 
+@pytest.mark.slow
 @needs_madvise_thp
 def test_reexec_keeps_the_pid_and_gives_a_large_malloc_huge_pages():
     lines = _run_child({})
@@ -114,6 +115,7 @@ def test_reexec_keeps_the_pid_and_gives_a_large_malloc_huge_pages():
     assert huge_kb >= 64 * 1024, lines  # most of the 128 MiB
 
 
+@pytest.mark.slow
 @needs_madvise_thp
 def test_the_opt_out_runs_once_without_huge_pages():
     lines = _run_child({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
@@ -121,6 +123,7 @@ def test_the_opt_out_runs_once_without_huge_pages():
     assert "huge_kb 0" in lines, lines
 
 
+@pytest.mark.slow
 @needs_madvise_thp
 def test_a_program_read_from_stdin_is_not_run_twice():
     out = subprocess.run([sys.executable, "-"], input=_CHILD, env=_child_env({}),

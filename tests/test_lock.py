@@ -71,6 +71,7 @@ def _contend(workdir, start, results):
         results.put(str(e))
 
 
+@pytest.mark.slow
 def test_of_processes_started_together_exactly_one_holds_the_lock(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()

@@ -58,6 +58,7 @@ def test_global_batch_splits_rows_and_names_bad_keys(mesh):
         sharding.global_batch({**batch, "labels": batch["labels"][:7]}, mesh)
 
 
+@pytest.mark.slow
 def test_fsdp_finetune_equals_replicated(mesh):
     student_cfg, _, _, optim_cfg = helpers.distill_configs()
     state = steps.TrainState.create(init_params(student_cfg, jax.random.key(0)),

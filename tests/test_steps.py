@@ -144,6 +144,7 @@ def test_two_processes_equal_one(world, four_device_run, tmp_path):
         np.testing.assert_allclose(result[jax.tree_util.keystr(path)], leaf, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.slow
 @sequence_fast
 def test_accumulation_equals_union_batch(world):
     k, updates = 2, 3
@@ -214,6 +215,7 @@ def test_teacher_logit_cache_equals_in_step_teacher(world):
     assert_close(cached_state.params, in_step_state.params)
 
 
+@pytest.mark.slow
 @sequence_fast
 def test_compiles_once_per_batch_shape(world):
     mesh = sharding.make_mesh()

@@ -118,6 +118,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, mlm_teacher, corpus,
     assert not (workdir / "cache").exists()
 
 
+@pytest.mark.slow
 def test_eval_fraction_holds_out_the_last_packed_rows(tmp_path, mlm_teacher, corpus):
     """data.eval_fraction on a corpus: training keeps the first rows of the packing, the
     held-out split is the rest, row for row (the same text, one contiguous stretch)."""
@@ -140,6 +141,7 @@ def test_eval_fraction_holds_out_the_last_packed_rows(tmp_path, mlm_teacher, cor
         kept.rows([len(kept)])
 
 
+@pytest.mark.slow
 def test_a_hub_split_trains_as_its_text_file_would(tmp_path, mlm_teacher, corpus):
     """data.train as hub:<dataset>:<split> (a local dataset directory, opened as a Hub name is):
     the same packed rows as the text file holding the same documents."""

@@ -85,6 +85,7 @@ def test_epoch_squad_cli_same_windows_on_both_sides(tiny_teacher, tiny_squad, ca
     assert counts["jaxkd"] == counts["torch"] >= 3
 
 
+@pytest.mark.slow
 def test_jaxkd_epoch_runs_the_trainers_step_loop(tiny_teacher, tiny_tsv, capsys, monkeypatch):
     """The jaxkd side times jaxkd.loop.run_steps over one epoch of jaxkd.loop.train_batches, as
     the distill stage runs them; compilation falls inside the epoch, so warm and cold are data,

@@ -31,6 +31,7 @@ def mlm_teacher(tmp_path_factory, tiny_teacher):
     return out
 
 
+@pytest.mark.slow
 def test_first_step_terms_equal_the_pytorch_reference(mlm_teacher, tmp_path):
     setup = common.StepSetup(teacher=str(mlm_teacher), student_layers=1, batch=4, seq=16, steps=1,
                              warmup=0, temperature=2.0, alpha=0.5)

@@ -56,6 +56,7 @@ def test_step_and_breakdown_cli(tiny_teacher, capsys):
     assert float(out.strip().splitlines()[-1]) > 0
 
 
+@pytest.mark.slow
 def test_step_prints_the_same_digest_for_the_same_flags(tiny_teacher, capsys):
     """The digest that shows a flag or environment leaves the results alone is reproducible."""
     digests = []

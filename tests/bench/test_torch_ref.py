@@ -10,6 +10,7 @@ def test_first_subtoken_labels_mask_the_rest():
     assert torch_ref.first_subtoken_labels([None, 0, 1, 1, 2, None], [5, 3, 0]) == [-100, 5, 3, -100, 0, -100]
 
 
+@pytest.mark.slow
 def test_torch_autocast_command_runs_the_script_under_bf16_autocast(tmp_path):
     pytest.importorskip("torch")
     import subprocess

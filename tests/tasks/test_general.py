@@ -72,6 +72,7 @@ def _mesh_history(devices: int):
     return final, [{k: float(v) for k, v in m.items()} for m in history]
 
 
+@pytest.mark.slow
 def test_general_step_is_the_same_on_1_and_4_devices():
     """The jitted distillation step with the masked-LM objectives and MiniLM-v2 relations over a
     4-device mesh equals the one-device step (masked-LM teacher and student, masked rows)."""

@@ -3,6 +3,7 @@ positions asked for, and its decoder is the word-embedding table itself."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from helpers import tiny_model_config
 from jaxkd.model import Model, init_params
@@ -29,6 +30,7 @@ def test_positions_score_only_those_positions():
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_decoder_is_the_word_embedding_table():
     cfg, params, ids, mask = _setup()
     assert set(params["head"]) == {"transform", "transform_LayerNorm", "bias"}
