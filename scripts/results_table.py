@@ -249,7 +249,9 @@ def general_table(reports: dict[str, dict]) -> str:
     """General-distillation runs (results/general_<student>): the stage's steps and wall time,
     its held-out terms and masked-LM figures on the reported split; then each task run from a
     general student (<task>_<student>_general_s<seed>) beside the same student without the
-    general stage (<task>_<student>_taskonly_s<seed>), mean +- sd over seeds."""
+    general stage (<task>_<student>_taskonly_s<seed>), mean +- sd over seeds. A variant of a
+    general stage for the same student (<student>-<variant>) is compared with that student's
+    taskonly runs."""
     lines = ["| general run | student | steps | wall (s) | held-out terms (split) | student masked-LM "
              "accuracy / perplexity | teacher's | params (M) |", "|---|---|---|---|---|---|---|---|"]
     for name, report in reports.items():
@@ -270,7 +272,8 @@ def general_table(reports: dict[str, dict]) -> str:
     pairs: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
     for name, report in reports.items():
         match = re.fullmatch(r"(.+)_(.+)_general_s(\d+)", name)
-        other = match and reports.get(f"{match[1]}_{match[2]}_taskonly_s{match[3]}")
+        student = match and match[2].split("-")[0]
+        other = match and reports.get(f"{match[1]}_{student}_taskonly_s{match[3]}")
         if other:
             pairs.setdefault((match[1], match[2]), []).append((report, other))
     for (task, student), members in pairs.items():
