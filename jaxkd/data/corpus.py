@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -99,8 +100,17 @@ def corpus_key(srcs: Sequence[Source], tokenizer, chunk_bytes: int, skip_invalid
 _worker_tokenizer = None  # the worker process's tokenizer, built once by _init_worker
 
 
+def _exit_with(parent: int) -> None:
+    """Ends this worker once the process that started it is gone: a parent killed with SIGKILL
+    cannot stop its pool, and the workers would otherwise wait on it for ever."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)  # pylint: disable=protected-access
+
+
 def _init_worker(spec: str) -> None:
     global _worker_tokenizer  # pylint: disable=global-statement
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import tokenizers  # pylint: disable=import-outside-toplevel
 

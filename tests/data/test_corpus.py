@@ -5,6 +5,7 @@ import collections
 import gzip
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -215,6 +216,21 @@ KILL_SCRIPT = textwrap.dedent("""
                progress=False)
 """)
 
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc)."""
+    found = []
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
 @pytest.mark.slow
 def test_kill9_then_rerun_equals_an_uninterrupted_run(tokenizer, tmp_path):
     vocab = tmp_path / "vocab"
@@ -230,9 +246,15 @@ def test_kill9_then_rerun_equals_an_uninterrupted_run(tokenizer, tmp_path):
     while not (directory / C.shard_name(0)).is_file():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first shard"
         time.sleep(0.005)
+    workers = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert not (directory / C.MANIFEST).exists(), "the run finished before it was killed"
+    # Its spawned workers (and multiprocessing's resource tracker) end with it.
+    deadline = time.time() + 20
+    while [pid for pid in workers if _running(pid)] and time.time() < deadline:
+        time.sleep(0.1)
+    assert workers and not [pid for pid in workers if _running(pid)]
     kept = sorted(p.name for p in directory.glob("shard-*[0-9].npy"))
     resumed = C.tokenize(srcs, tokenizer, out, workers=2, chunk_bytes=16 << 10, progress=False)
     reference = C.tokenize(srcs, tokenizer, tmp_path / "whole", workers=2, chunk_bytes=16 << 10,
