@@ -75,8 +75,8 @@ def scores(batches: Iterable, mesh, mlm: tuple | None = None,
     for local in batches:
         batch = sharding.global_batch(local, mesh)
         for name, (fn, args) in calls.items():
-            out = fn(*args, batch)
-            sums[name] = out if not sums[name] else jax.tree.map(jnp.add, sums[name], out)
+            part = fn(*args, batch)
+            sums[name] = part if not sums[name] else jax.tree.map(jnp.add, sums[name], part)
     sums = {name: {k: float(v) for k, v in jax.device_get(total).items()}
             for name, total in sums.items()}
     out: dict[str, float] = {}

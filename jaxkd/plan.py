@@ -139,8 +139,7 @@ def prepare(cfg: Config, write_cache: bool = True,
     if cfg.distill.augment is not None:
         task.check_augmentable(loaded["train"][1])
     if cfg.data.eval_fraction is not None:
-        kept, held = task.hold_out(loaded["train"][1], loaded["train"][0],
-                                   cfg.data.eval_fraction, cfg.seed)
+        kept, held = task.hold_out(*loaded["train"], cfg.data.eval_fraction, cfg.seed)
         loaded = {"train": kept, "eval": held,
                   **{name: split for name, split in loaded.items() if name == "test"}}
     token_cache = cache_dir(cfg) if write_cache else None

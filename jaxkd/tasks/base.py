@@ -189,7 +189,7 @@ class Task:
     def encode(self, examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
         raise NotImplementedError
 
-    def hold_out(self, examples, source: str, fraction: float, seed: int):
+    def hold_out(self, source: str, examples, fraction: float, seed: int):
         """((kept source, kept examples), (held-out source, held-out examples)): the training
         split cut for data.eval_fraction; by default a seeded `fraction` of its examples."""
         kept, held = holdout(len(examples), fraction, seed)

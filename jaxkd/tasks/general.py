@@ -295,7 +295,7 @@ class GeneralTask(Task):
         rawtext.check_sources(sources, data_cfg.skip_invalid)
         return CorpusFiles(sources, data_cfg.skip_invalid)
 
-    def hold_out(self, examples: CorpusFiles, source: str, fraction: float, seed: int):
+    def hold_out(self, source: str, examples: CorpusFiles, fraction: float, seed: int):
         """The last `fraction` of the packed rows as held-out text (`PackedRows.split`: one
         contiguous stretch, not seeded rows, so held-out documents are not also trained on)."""
         where = f"{source} (the last {fraction:g} of its packed rows held out)"
