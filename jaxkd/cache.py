@@ -1,9 +1,11 @@
 """Teacher-logit cache: the teacher's outputs for the training set, computed once, kept on disk.
 
 The file name is a hash of everything the logits depend on (teacher weights and config, the
-encoded training data, the compute dtype), so a changed teacher, data set or tokenisation never
-reads a stale cache. Rows are stored as the prediction path gives them (`jaxkd.inference`):
-[N, C] per example, or [T, C] per token back to back (no padding), and read memory-mapped.
+encoded training data, the compute dtype, the storage dtype), so a changed teacher, data set or
+tokenisation never reads a stale cache. Rows are stored as the prediction path gives them
+(`jaxkd.inference`): [N, C] per example, or [T, C] per token back to back (no padding), in
+float32 or, to halve the file (`distill.teacher_cache_dtype: float16`), rounded to float16;
+read memory-mapped, and widened to float32 as each batch is attached.
 """
 from __future__ import annotations
 
@@ -37,15 +39,23 @@ def cache_path(cache_dir: str | pathlib.Path, key: str) -> pathlib.Path:
     return pathlib.Path(cache_dir) / f"teacher_logits-{key}.npy"
 
 
+STORAGE = ("float32", "float16")
+
+
 def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
-                    compute: Callable[[], np.ndarray], write: bool = True) -> tuple[np.ndarray, bool]:
-    """Return (logits, hit): [num_rows, C], memory-mapped when read from disk.
+                    compute: Callable[[], np.ndarray], write: bool = True,
+                    dtype: str = "float32") -> tuple[np.ndarray, bool]:
+    """Return (logits, hit): [num_rows, C] of `dtype`, memory-mapped when read from disk.
 
     A file on disk is used only when it is whole: its shape, dtype and checksum match the
     record written after it (`util.write_check`); otherwise a warning names it and the logits
-    are computed again. Computed logits that are not all finite are an error naming the cache,
-    never written; on a miss they are stored atomically (when `write`), then their record.
+    are computed again. Computed logits that are not all finite, before or after rounding to
+    `dtype`, are an error naming the cache, never written; on a miss they are stored atomically
+    (when `write`), then their record, and returned as stored (a hit and a miss give the same
+    values).
     """
+    if dtype not in STORAGE:
+        raise ValueError(f"teacher cache dtype must be one of {STORAGE}, got {dtype!r}")
     path = cache_path(cache_dir, key)
     if path.is_file():
         try:
@@ -54,6 +64,8 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
             problem = f"it is unreadable ({err})"
         else:
             problem = util.check_problem(path, {"logits": logits})
+            if problem is None and logits.dtype != np.dtype(dtype):
+                problem = f"it holds {logits.dtype}, not {dtype}"
             if problem is None and logits.shape[0] != num_rows:
                 problem = f"it holds {logits.shape[0]} rows, the split has {num_rows}"
             if problem is None and not np.isfinite(logits).all():
@@ -66,6 +78,11 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
     if logits.shape[0] != num_rows:
         raise ValueError(f"teacher cache: computed {logits.shape[0]} rows for {num_rows}")
     check_finite(logits, path)
+    if dtype != "float32":
+        with np.errstate(over="ignore"):  # values past the range are reported just below
+            logits = logits.astype(dtype)
+        check_finite(logits, path, f" once rounded to {dtype}, beyond whose range they are: "
+                                   f"store them as float32 (distill.teacher_cache_dtype: float32)")
     if write:
         util.write_atomic(path, lambda tmp: np.save(tmp, logits))
         util.write_check(path, {"logits": logits})
@@ -76,15 +93,19 @@ class NonFiniteTeacher(ValueError):
     """The teacher's outputs hold NaN or infinite values: nothing can be distilled from them."""
 
 
-def check_finite(logits: np.ndarray, path: pathlib.Path) -> None:
+def check_finite(logits: np.ndarray, path: pathlib.Path, rounded: str = "") -> None:
+    """Raises `NonFiniteTeacher` where `logits` hold NaN or infinite values; `rounded`: the
+    values were finite before a rounding to the storage dtype, which says so and what to do."""
     bad = ~np.isfinite(logits)
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=tuple(range(1, logits.ndim))))
+        cause = rounded or ("; the teacher has diverged or its weights are broken: check "
+                            "teacher.model, or fine-tune it with a lower "
+                            "teacher.finetune.learning_rate")
         raise NonFiniteTeacher(
-            f"the teacher's outputs for {path} are NaN or infinite in {len(rows)} of "
-            f"{len(logits)} rows (first: row {rows[0]}); the teacher has diverged or its weights "
-            "are broken: check teacher.model, or fine-tune it with a lower "
-            "teacher.finetune.learning_rate. Nothing was written to the cache.")
+            f"the teacher's outputs for {path} are NaN or infinite in {len(rows)} "
+            f"of {len(logits)} rows (first: row {rows[0]}){cause}. Nothing was written to the "
+            "cache.")
 
 
 class TeacherLogits:

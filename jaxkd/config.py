@@ -111,6 +111,9 @@ class DistillConfig(LossConfig):
     steps: int | None = None  # None: derive from epochs; 0: no distillation training
     epochs: float = 1.0
     teacher_cache: bool = True  # record teacher logits once, on disk, and stream them
+    # How the cache stores them: float32, or float16 (half the file, values rounded to fp16;
+    # widened to float32 in each batch).
+    teacher_cache_dtype: str = "float32"
     eval_every: int | None = None  # None: once per epoch and at the end
     # Variants of the labelled examples (masked, replaced, n-gram-cut words: jaxkd.transfer),
     # labelled by the teacher and trained with the KD term only, for the task kinds that take
@@ -127,6 +130,8 @@ class DistillConfig(LossConfig):
         super().__post_init__()
         _check(self.steps is None or self.steps >= 0, "distill.steps", "must be >= 0")
         _check(self.epochs > 0, "distill.epochs", "must be > 0")
+        _check(self.teacher_cache_dtype in ("float32", "float16"), "distill.teacher_cache_dtype",
+               f"must be float32 or float16, got {self.teacher_cache_dtype!r}")
         _check(not self.baseline or self.alpha > 0 or self.any_intermediate, "distill.baseline",
                "compares KD with training on the labels alone, but this distill section already "
                "trains on the labels alone (alpha 0, no intermediate terms): remove "

@@ -161,20 +161,22 @@ def distillation_set(rt: Runtime, plan: Plan, augment: transfer_lib.AugmentConfi
 
 
 def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_params, cache_dir,
-                         enc: data_lib.Encoded) -> cache_lib.TeacherLogits:
+                         enc: data_lib.Encoded, dtype: str = "float32") -> cache_lib.TeacherLogits:
     """The teacher's outputs on the distillation set `enc` (the training split and any transfer
-    rows), from the disk cache or computed once; the key covers every row, so another transfer
-    set has another cache."""
+    rows), from the disk cache (stored as `dtype`) or computed once; the key covers every row
+    and the storage dtype, so another transfer set has another cache."""
     per_token = plan.task.outputs_per_token
     key = cache_lib.fingerprint(teacher_params, dataclasses.asdict(plan.teacher_config),
                                 (enc.input_ids, enc.token_type_ids, enc.offsets),
-                                rt.data.max_seq_len, per_token)
+                                rt.data.max_seq_len, per_token,
+                                # float32 caches keep the keys they had before the option
+                                *([] if dtype == "float32" else [dtype]))
     log.info("teacher cache %s: %d training rows", key, len(enc))
     table, hit = cache_lib.load_or_compute(
         cache_dir, key, enc.output_rows(per_token),
         lambda: rt.predict(plan.teacher_config, teacher_params, enc, per_token,
                            desc="teacher cache"),
-        write=rt.is_main)
+        write=rt.is_main, dtype=dtype)
     log.info("teacher cache %s (%s)", "hit" if hit else "computed", key)
     return cache_lib.TeacherLogits(table, enc, per_token)
 
@@ -219,7 +221,7 @@ def train_student(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
         prepare_batch = lambda b: b  # noqa: E731
         if source == "cached":
             prepare_batch = teacher_logits_cache(rt, plan, run_.teacher_params, run_.cache_dir,
-                                                 run_.train).attach
+                                                 run_.train, distill.teacher_cache_dtype).attach
         teacher_shardings = sharding.tree_shardings(rt.mesh, run_.teacher_params, run_.fsdp)
         placed_teacher = (sharding.place(run_.teacher_params, teacher_shardings)
                           if source == "live" else None)

@@ -82,3 +82,34 @@ def test_a_damaged_token_cache_is_tokenised_again(tmp_path, caplog, damage):
         np.testing.assert_array_equal(out[name], value)
     cached_arrays(tmp_path, "k", compute)
     assert compute.count == 2
+
+
+def test_a_float16_cache_stores_the_outputs_rounded_and_reads_them_back(tmp_path):
+    compute = Calls(_logits() * 100)
+    stored, hit = cache.load_or_compute(tmp_path, "k", 6, compute, dtype="float16")
+    on_disk = np.load(cache.cache_path(tmp_path, "k"))
+    assert not hit and on_disk.dtype == np.float16
+    np.testing.assert_array_equal(on_disk, compute.value.astype(np.float16))
+    np.testing.assert_array_equal(stored, on_disk)  # a miss gives what a hit will
+    again, hit = cache.load_or_compute(tmp_path, "k", 6, compute, dtype="float16")
+    assert hit and compute.count == 1
+    np.testing.assert_array_equal(again, on_disk)
+
+
+def test_a_cache_of_another_dtype_under_the_key_is_recomputed(tmp_path, caplog):
+    compute = Calls(_logits())
+    cache.load_or_compute(tmp_path, "k", 6, compute)
+    with caplog.at_level(logging.WARNING, logger="jaxkd.cache"):
+        out, hit = cache.load_or_compute(tmp_path, "k", 6, compute, dtype="float16")
+    assert not hit and out.dtype == np.float16 and "float32, not float16" in caplog.text
+
+
+def test_outputs_beyond_float16_are_an_error_that_says_to_store_float32(tmp_path):
+    big = _logits()
+    big[2, 0] = 7e4  # finite in float32, infinite in float16
+    with pytest.raises(cache.NonFiniteTeacher,
+                       match=r"row 2\) once rounded to float16.*teacher_cache_dtype: float32"):
+        cache.load_or_compute(tmp_path, "k", 6, Calls(big), dtype="float16")
+    assert not cache.cache_path(tmp_path, "k").exists()
+    with pytest.raises(ValueError, match="float64"):
+        cache.load_or_compute(tmp_path, "k", 6, Calls(big), dtype="float64")

@@ -146,6 +146,29 @@ def test_pipeline_scores_as_sentence_transformers_and_scipy_do(tmp_path, st_teac
     assert set(formats["onnx_fp32"]["agreement"]) == {"recall@10", "mean_cosine"}
 
 
+@pytest.mark.slow
+def test_a_student_pooling_of_its_own_is_trained_and_exported(tmp_path, st_teacher, sts_data):
+    """task.student_pooling [cls, max] under a mean-pooling teacher: the student's embeddings
+    (twice its width: a projection to the teacher's) are what sentence-transformers computes
+    from the exported directory, whose Pooling module says cls and max."""
+    report = run_in_process(embed_config(tmp_path / "run", st_teacher, sts_data, **{
+        "task.student_pooling": ["cls", "max"], "distill.steps": 4, "distill.eval_every": 0}))
+    student = tmp_path / "run" / "student"
+    found = sbert.read_modules(student)
+    assert found.pooling == ("cls", "max") and found.normalize
+    assert found.dense_width == 32  # 2 x 32 pooled, projected to the teacher's 32
+    assert sbert.read_modules(st_teacher).pooling == ("mean",)
+    assert report["student"]["metrics"]["spearman"] == pytest.approx(
+        _st_spearman(student, sts_data / "test.csv"), abs=1e-3)
+
+
+def test_an_unknown_student_pooling_is_named_before_work(tmp_path, st_teacher, sts_data):
+    cfg = embed_config(tmp_path / "run", st_teacher, sts_data, **{"task.student_pooling": "avg"})
+    with pytest.raises(ConfigError, match="task.student_pooling: pooling mode 'avg'"):
+        run_in_process(cfg)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
 def test_a_width_mismatch_without_a_projection_is_refused_before_work(tmp_path, st_teacher, sts_data):
     cfg = embed_config(tmp_path / "run", st_teacher, sts_data, **{
         "task.projection": False,
@@ -195,6 +218,30 @@ def test_the_embedding_cache_is_keyed_by_teacher_and_pooling(tmp_path, sts_data,
     logits = sorted(p.name for p in cache.iterdir() if p.name.startswith("teacher_logits-")
                     and not p.name.endswith(".check.json"))
     assert len(logits) == 3, logits
+
+
+@pytest.mark.slow
+def test_a_float16_embedding_cache_holds_the_teachers_embeddings_rounded(tmp_path, st_teacher,
+                                                                           sts_data):
+    """distill.teacher_cache_dtype float16: a cache of its own, holding the float32 cache's
+    rows rounded to float16, and training that sees no more than that rounding (the same
+    first-step loss and eval scores to float16's precision)."""
+    cache = tmp_path / "cache"
+    short = {"distill.steps": 4, "distill.eval_every": 0, "data.cache_dir": str(cache),
+             "data.test": None, "log.every_steps": 1}
+    reports, first = {}, {}
+    for dtype in ("float32", "float16"):
+        reports[dtype] = run_in_process(embed_config(
+            tmp_path / dtype, st_teacher, sts_data, **{**short, "distill.teacher_cache_dtype": dtype}))
+        rows = [json.loads(line) for line in (tmp_path / dtype / "metrics.jsonl").open()]
+        first[dtype] = next(r for r in rows if r.get("step") == 1 and "loss" in r)
+    tables = {str(t.dtype): t for t in (np.load(p) for p in cache.glob("teacher_logits-*.npy"))}
+    assert sorted(tables) == ["float16", "float32"]
+    np.testing.assert_array_equal(tables["float16"], tables["float32"].astype(np.float16))
+    assert first["float16"]["loss"] == pytest.approx(first["float32"]["loss"], rel=0.02)
+    assert first["float16"]["mean_cosine"] == pytest.approx(first["float32"]["mean_cosine"], abs=1e-4)
+    assert (reports["float16"]["student"]["splits"]["eval"]
+            == pytest.approx(reports["float32"]["student"]["splits"]["eval"], abs=1e-3))
 
 
 @pytest.mark.slow

@@ -69,6 +69,10 @@ class EmbeddingConfig(TaskConfig):
     # an error.
     pooling: str | tuple[str, ...] | None = None
     normalize: bool | None = None
+    # How the student pools; None: as the teacher does. Another pooling changes what the
+    # student's embeddings are made of, not their space: the MSE and cosine terms still compare
+    # them with the teacher's (through the projection where the widths differ).
+    student_pooling: str | tuple[str, ...] | None = None
     # A student whose embedding width differs from the teacher's learns a dense map to it
     # (exported as a sentence-transformers Dense module). false: no map, then only
     # similarity_weight (which compares each model's own similarities) may be set.
@@ -80,7 +84,7 @@ class EmbeddingConfig(TaskConfig):
     neighbours: int = 10  # k of the recall@k agreement with the teacher's nearest neighbours
 
     def __post_init__(self):
-        for key in ("text", "pooling"):
+        for key in ("text", "pooling", "student_pooling"):
             value = getattr(self, key)
             if isinstance(value, str):
                 object.__setattr__(self, key, (value,))
@@ -222,6 +226,7 @@ class EmbeddingTask(Task):
     score_range: tuple[float, float]
     pooling: tuple[str, ...] | None  # None until the teacher is read (`for_teacher`)
     normalize: bool | None
+    student_pooling: tuple[str, ...] | None  # None: the teacher's
     projection: bool
     weights: tuple[float, float, float]  # mse, cosine, similarity
     neighbours: int
@@ -288,7 +293,10 @@ class EmbeddingTask(Task):
         return (config, params, *loaded[2:])
 
     def student_model(self, student, teacher):
-        """The student with a projection to the teacher's width where the widths differ."""
+        """The student pooling as `student_pooling` says, with a projection to the teacher's
+        width where the widths differ."""
+        if self.student_pooling is not None:
+            student = student.replace(pooling=self.student_pooling)
         s_width = output_width(student.encoder, dataclasses.replace(student.head, projection=0))
         t_width = output_width(teacher.encoder, teacher.head)
         if s_width == t_width:
@@ -419,8 +427,8 @@ def resolve(cfg: EmbeddingConfig, data_cfg: DataConfig | None = None) -> Embeddi
         name=cfg.name, text=cfg.text or preset.text, text_pair=cfg.text_pair or preset.pair,
         score=cfg.score or preset.score,
         score_range=similarity.check_score_range(cfg.score_range or preset.score_range),
-        pooling=cfg.pooling, normalize=cfg.normalize, projection=cfg.projection,
-        weights=(cfg.mse_weight, cfg.cosine_weight, cfg.similarity_weight),
+        pooling=cfg.pooling, normalize=cfg.normalize, student_pooling=cfg.student_pooling,
+        projection=cfg.projection, weights=(cfg.mse_weight, cfg.cosine_weight, cfg.similarity_weight),
         neighbours=cfg.neighbours, metrics=_metrics(cfg))
 
 
@@ -433,8 +441,12 @@ def check(cfg: EmbeddingConfig) -> None:
     if cfg.metric is not None and cfg.metric not in METRICS:
         raise DataError(f"unknown task.metric {cfg.metric!r}{data_lib.nearest(cfg.metric, METRICS)}; "
                         f"known: {', '.join(METRICS)}")
-    if cfg.pooling is not None:
-        sbert.Layout(pathlib.Path("."), cfg.pooling)  # validates the modes
+    for key in ("pooling", "student_pooling"):
+        if getattr(cfg, key) is not None:
+            try:
+                sbert.Layout(pathlib.Path("."), getattr(cfg, key))  # validates the modes
+            except DataError as e:
+                raise DataError(f"task.{key}: {e}") from e
     if cfg.text_pair is not None and len(cfg.text_pair) != 2:
         raise DataError(f"task.text_pair must name two columns, got {list(cfg.text_pair)}")
     if cfg.score_range is not None:
