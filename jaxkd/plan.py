@@ -83,7 +83,8 @@ def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks
 def prepare(cfg: Config, write_cache: bool = True,
             teacher_dir: pathlib.Path | None = None) -> Plan:
     """Resolve and validate everything; raises before any output is written. Without
-    `write_cache` nothing at all is written (the tokenised splits are not cached).
+    `write_cache` nothing at all is written (the tokenised splits already in the cache are read,
+    the rest tokenised in memory).
     `teacher_dir`: `resolve_teacher(cfg.teacher)`, when the caller has it already."""
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give a split name or a training file")
@@ -142,7 +143,7 @@ def prepare(cfg: Config, write_cache: bool = True,
         kept, held = task.hold_out(*loaded["train"], cfg.data.eval_fraction, cfg.seed)
         loaded = {"train": kept, "eval": held,
                   **{name: split for name, split in loaded.items() if name == "test"}}
-    token_cache = cache_dir(cfg) if write_cache else None
+    token_cache = cache_dir(cfg) if write_cache else data_lib.ReadOnlyDir(cache_dir(cfg))
     splits = {name: Split(source, examples,
                           task.encode(examples, tokenizer, cfg.data.max_seq_len, token_cache))
               for name, (source, examples) in loaded.items()}

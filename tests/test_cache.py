@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxkd import cache, util
-from jaxkd.data import cached_arrays
+from jaxkd.data import ReadOnlyDir, cached_arrays
 
 
 def _logits(rows=6, classes=3, seed=0):
@@ -113,3 +113,18 @@ def test_outputs_beyond_float16_are_an_error_that_says_to_store_float32(tmp_path
     assert not cache.cache_path(tmp_path, "k").exists()
     with pytest.raises(ValueError, match="float64"):
         cache.load_or_compute(tmp_path, "k", 6, Calls(big), dtype="float64")
+
+
+def test_a_read_only_cache_is_read_but_never_written(tmp_path):
+    arrays = {"ids": np.arange(6, dtype=np.int32)}
+    compute = Calls(arrays)
+    out = cached_arrays(ReadOnlyDir(tmp_path / "none"), "k", compute)  # missing: computed
+    assert compute.count == 1 and not (tmp_path / "none").exists()
+    np.testing.assert_array_equal(out["ids"], arrays["ids"])
+    cached_arrays(tmp_path, "k", compute)  # written by a run
+    before = sorted(tmp_path.iterdir())
+    out = cached_arrays(ReadOnlyDir(tmp_path), "k", compute)
+    assert compute.count == 2 and sorted(tmp_path.iterdir()) == before
+    np.testing.assert_array_equal(out["ids"], arrays["ids"])
+    cached_arrays(ReadOnlyDir(tmp_path), "other", compute)
+    assert compute.count == 3 and sorted(tmp_path.iterdir()) == before

@@ -164,6 +164,33 @@ def test_a_hub_split_trains_as_its_text_file_would(tmp_path, mlm_teacher, corpus
                                   rows(str(corpus / "train.txt")))
 
 
+def test_check_describes_a_tokenized_corpus_and_names_one_that_is_not(tmp_path, mlm_teacher,
+                                                                     corpus, capsys):
+    """train.py --check writes nothing: before the corpus is tokenized it says so (exit 2);
+    once a run has tokenized it, it reads the shards and prints the whole plan."""
+    import yaml
+
+    from jaxkd import config as config_lib
+    from jaxkd import launch
+    from jaxkd import plan as plan_lib
+
+    cfg = general_config(tmp_path / "run", mlm_teacher, corpus,
+                         **{"data.cache_dir": str(tmp_path / "cache")})
+    path = tmp_path / "general.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert launch.main(["--config", str(path), "--check"]) == 2
+    assert "train.txt is not tokenized yet" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+    plan_lib.prepare(config_lib.from_dict(cfg))  # what a run does first: tokenize
+    written = sorted(p for p in (tmp_path / "cache").rglob("*"))
+    assert launch.main(["--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "stage distill: 12 steps" in out
+    assert sorted(p for p in (tmp_path / "cache").rglob("*")) == written
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_corpus_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path, mlm_teacher,
                                                                       corpus):
     bad = tmp_path / "bad.txt"

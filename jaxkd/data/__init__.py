@@ -23,9 +23,9 @@ This package re-exports the public names of the first four: import them from `ja
 from jaxkd.data.config import FORMATS, DataConfig, DataError, holdout, nearest
 from jaxkd.data.read import (LOCAL_SUFFIXES, Table, check_columns, file_format, is_local_path,
                              read_file, read_hub, read_split)
-from jaxkd.data.encoded import (Encoded, cached_arrays, content_key, flatten, gives_token_types,
-                                offsets_of, special_tokens_around, tokenize_rows, tokenizer_fingerprint,
-                                with_transfer)
+from jaxkd.data.encoded import (Encoded, ReadOnlyDir, cache_location, cached_arrays, content_key,
+                                flatten, gives_token_types, offsets_of, special_tokens_around,
+                                tokenize_rows, tokenizer_fingerprint, with_transfer)
 from jaxkd.data.batches import (Batch, EvalBatches, MixedBatches, PaddingStats, TokenGather,
                                 TrainBatches, batch_rows, bucket_lengths, epoch_order, make_batch,
                                 padded_batch, padding_stats, transfer_batch_size)
@@ -34,8 +34,8 @@ __all__ = [
     "FORMATS", "DataConfig", "DataError", "holdout", "nearest",
     "LOCAL_SUFFIXES", "Table", "check_columns", "file_format", "is_local_path", "read_file",
     "read_hub", "read_split",
-    "Encoded", "cached_arrays", "content_key", "flatten", "gives_token_types", "offsets_of",
-    "special_tokens_around", "tokenize_rows", "tokenizer_fingerprint", "with_transfer",
+    "Encoded", "ReadOnlyDir", "cache_location", "cached_arrays", "content_key", "flatten",
+    "gives_token_types", "offsets_of", "special_tokens_around", "tokenize_rows", "tokenizer_fingerprint", "with_transfer",
     "Batch", "EvalBatches", "MixedBatches", "PaddingStats", "TokenGather", "TrainBatches",
     "batch_rows", "bucket_lengths", "epoch_order", "make_batch", "padded_batch", "padding_stats",
     "transfer_batch_size",

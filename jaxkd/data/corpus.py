@@ -143,6 +143,14 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def finished(srcs: Sequence[Source], tokenizer, out_dir: str | os.PathLike, *,
+             chunk_bytes: int = 4 << 20, skip_invalid: bool = False) -> Corpus | None:
+    """The corpus `tokenize` with these arguments gives, if it is complete on disk under
+    `out_dir` (its corpus.json written); None otherwise. Reads only."""
+    directory = pathlib.Path(out_dir) / corpus_key(tuple(srcs), tokenizer, chunk_bytes, skip_invalid)
+    return Corpus.open(directory) if (directory / MANIFEST).is_file() else None
+
+
 def tokenize(srcs: Sequence[Source], tokenizer, out_dir: str | os.PathLike, *,
              workers: int | None = None, chunk_bytes: int = 4 << 20, skip_invalid: bool = False,
              progress: bool = True) -> Corpus:

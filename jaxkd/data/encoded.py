@@ -5,7 +5,8 @@ Owns `Encoded` (and `with_transfer`, the distillation set of labelled and transf
 flat-array helpers `flatten` / `offsets_of`, the tokenizer facts the tasks encode with
 (`tokenizer_fingerprint`, `gives_token_types`, `special_tokens_around`), tokenising rows of
 text (`tokenize_rows`, what sentence tasks share) and the token cache:
-`content_key` names a cache file, `cached_arrays` reads it or computes and writes it.
+`content_key` names a cache file, `cached_arrays` reads it or computes and writes it (only
+reads it in a `ReadOnlyDir`).
 Laying tokens out for a task is each task's (`jaxkd.tasks`).
 """
 from __future__ import annotations
@@ -183,14 +184,31 @@ def _key_chunks(parts: Sequence[Any]) -> Iterator[bytes | np.ndarray]:
                 yield b"\x00"
 
 
-def cached_arrays(cache_dir: str | os.PathLike | None, key: str,
+@dataclasses.dataclass(frozen=True)
+class ReadOnlyDir:
+    """A cache directory to read what it already holds from, never to write: what a plan that
+    writes nothing (`train.py --check`) passes where a run passes the directory itself."""
+
+    path: pathlib.Path
+
+
+def cache_location(cache_dir: str | os.PathLike | ReadOnlyDir | None
+                   ) -> tuple[pathlib.Path | None, bool]:
+    """(the directory or None, whether it may be written) of a cache_dir argument."""
+    if isinstance(cache_dir, ReadOnlyDir):
+        return pathlib.Path(cache_dir.path), False
+    return (None, False) if cache_dir is None else (pathlib.Path(cache_dir), True)
+
+
+def cached_arrays(cache_dir: str | os.PathLike | ReadOnlyDir | None, key: str,
                   compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """`compute()`'s arrays, kept in `cache_dir/tokens-<key>.npz`, so a second run (or another
-    process) does not tokenise again; no caching without a directory. Several processes may
-    write the same key at once: each writes the whole file atomically (`util.write_atomic`),
-    then its record (`util.write_check`); a file whose record is missing or does not match is
-    tokenised again, with a warning naming it."""
-    path = None if cache_dir is None else pathlib.Path(cache_dir) / f"tokens-{key}.npz"
+    process) does not tokenise again; no caching without a directory, and nothing written to
+    a `ReadOnlyDir`. Several processes may write the same key at once: each writes the whole
+    file atomically (`util.write_atomic`), then its record (`util.write_check`); a file whose
+    record is missing or does not match is tokenised again, with a warning naming it."""
+    directory, writable = cache_location(cache_dir)
+    path = None if directory is None else directory / f"tokens-{key}.npz"
     if path is not None and path.is_file():
         try:
             with np.load(path) as cached:
@@ -203,7 +221,7 @@ def cached_arrays(cache_dir: str | os.PathLike | None, key: str,
             return arrays
         log.warning("token cache %s is not used: %s; tokenising again", path, problem)
     arrays = dict(compute())
-    if path is not None:
+    if path is not None and writable:
         util.write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
         util.write_check(path, arrays)
     return arrays

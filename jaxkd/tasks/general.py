@@ -306,16 +306,22 @@ class GeneralTask(Task):
     def encode(self, examples: CorpusFiles, tokenizer, max_seq_len: int,
                cache_dir=None) -> MaskedCorpus:
         """The split tokenized once into shards under `cache_dir/corpus` (resumed if it was
-        interrupted) and packed into rows of `max_seq_len`."""
-        if cache_dir is None:
-            raise DataError("general distillation tokenizes its corpus into the cache directory "
-                            "first, which a plan that writes nothing (train.py --check) cannot "
-                            "do: run train.py itself (tokenizing is its first step, resumable; "
-                            "the files were checked already)")
-        tokenized = corpus_lib.tokenize(examples.sources, tokenizer,
-                                        pathlib.Path(cache_dir) / "corpus",
-                                        skip_invalid=examples.skip_invalid,
-                                        progress=jax.process_index() == 0)
+        interrupted) and packed into rows of `max_seq_len`; from a `data_lib.ReadOnlyDir`
+        only a corpus tokenized already."""
+        directory, writable = data_lib.cache_location(cache_dir)
+        if writable:
+            tokenized = corpus_lib.tokenize(examples.sources, tokenizer, directory / "corpus",
+                                            skip_invalid=examples.skip_invalid,
+                                            progress=jax.process_index() == 0)
+        else:
+            tokenized = None if directory is None else corpus_lib.finished(
+                examples.sources, tokenizer, directory / "corpus", skip_invalid=examples.skip_invalid)
+            if tokenized is None:
+                raise DataError(
+                    f"{', '.join(s.path for s in examples.sources)} is not tokenized yet, and a "
+                    "plan that writes nothing (train.py --check) cannot tokenize it: run "
+                    "train.py itself (tokenizing is its first step, resumable; the files were "
+                    "checked already), then --check describes the whole run")
         examples.skipped.update(tokenized.manifest.get("skipped", {}))
         rows = PackedRows.of(tokenized, tokenizer, max_seq_len)
         if len(rows) == 0:
