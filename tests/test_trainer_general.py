@@ -10,7 +10,6 @@ import pytest
 import helpers
 from jaxkd import hf, model
 from jaxkd.config import ConfigError
-from jaxkd.model import HeadConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxkd.data.batches import Batch, make_batch
 from jaxkd.data.config import DataError
-from jaxkd.data.masking import MaskingConfig, mask_batch, max_predictions
+from jaxkd.data.masking import MaskingConfig, mask_batch
 
 _MASK64 = (1 << 64) - 1
 
@@ -146,8 +146,3 @@ class MaskedEvalBatches(Iterable[Batch]):
             rows_B = np.where(real_B, rows_B, k * self._batch_size)
             yield _masked(self._rows.rows(rows_B[self._local]), self._local, self._cfg,
                           self._vocab, self._seed, k, real_B[self._local].astype(np.float32))
-
-
-def prediction_slots(seq_len: int, cfg: MaskingConfig) -> int:
-    """P, the masked positions a row of `seq_len` tokens carries."""
-    return max_predictions(seq_len, cfg.probability)

@@ -108,11 +108,10 @@ class EmbeddingHead(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxH, deterministic: bool, mask_BxL):
         del deterministic  # no dropout after the encoder, as sentence-transformers has none
-        out = jnp.concatenate([sbert.pool(x_BxLxH, mask_BxL, m) for m in self.head.pooling], axis=-1)
-        if self.head.projection:
-            out = model_lib.dense(self.encoder, self.head.projection, "projection",
-                                  dtype=jnp.float32)(out)
-        return sbert.l2_normalize(out) if self.head.normalize else out
+        dense = (model_lib.dense(self.encoder, self.head.projection, "projection", dtype=jnp.float32)
+                 if self.head.projection else None)
+        return sbert.sentence_embeddings(x_BxLxH, mask_BxL, self.head.pooling, self.head.normalize,
+                                         dense)
 
 
 def onnx_head(g, encoder: BertConfig, head: HeadConfig, params, hidden, mask):

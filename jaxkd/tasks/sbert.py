@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,11 +91,14 @@ def l2_normalize(x_BxD: Array) -> Array:
 
 
 def sentence_embeddings(hidden_BxLxH: Array, mask_BxL: Array, pooling: Sequence[str] | str,
-                        normalize: bool) -> Array:
-    """The embeddings [B, len(pooling) * H]: each mode's vectors concatenated in order, then
-    normalised if asked."""
+                        normalize: bool, dense: Callable[[Array], Array] | None = None) -> Array:
+    """The embeddings: each mode's vectors concatenated in order ([B, len(pooling) * H]), the
+    `dense` map where there is one, then normalised if asked: a sentence-transformers model's
+    Pooling, (Dense,) (Normalize)."""
     modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
     out = jnp.concatenate([pool(hidden_BxLxH, mask_BxL, m) for m in modes], axis=-1)
+    if dense is not None:
+        out = dense(out)
     return l2_normalize(out) if normalize else out
 
 

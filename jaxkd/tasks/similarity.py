@@ -31,36 +31,18 @@ _COS_EPS = 1e-8  # torch's cosine_similarity clamp of each norm
 # ----------------------------------------------------------------------------- losses (on device)
 
 
-def init_projection(rng: jax.Array, student_width: int, teacher_width: int) -> dict[str, Array] | None:
-    """A learned student -> teacher width map {"kernel" [S, T], "bias" [T]}; None when the widths
-    are the same (no projection)."""
-    if student_width == teacher_width:
-        return None
-    kernel = jax.nn.initializers.lecun_normal()(rng, (student_width, teacher_width), jnp.float32)
-    return {"kernel": kernel, "bias": jnp.zeros((teacher_width,), jnp.float32)}
-
-
-def project(x_BxS: Array, proj: Any) -> Array:
-    """`x @ kernel + bias`, or `x` itself without a projection."""
-    x = jnp.asarray(x_BxS, jnp.float32)
-    if proj is None:
-        return x
-    return x @ jnp.asarray(proj["kernel"], jnp.float32) + jnp.asarray(proj["bias"], jnp.float32)
-
-
 def _weighted_mean(values: Array, weights: Array) -> Array:
     weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), values.shape)
     values = jnp.where(weights > 0, values, 0.0)  # a weight-0 row counts for nothing, even if NaN
     return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), _EPS)
 
 
-def _pair(student_BxS: Array, teacher_BxT: Array, proj: Any, what: str) -> tuple[Array, Array]:
-    s = project(student_BxS, proj)
+def _pair(student_BxS: Array, teacher_BxT: Array, what: str) -> tuple[Array, Array]:
+    s = jnp.asarray(student_BxS, jnp.float32)
     t = jax.lax.stop_gradient(jnp.asarray(teacher_BxT, jnp.float32))
     if s.shape != t.shape:
-        raise ValueError(f"{what}: student {tuple(s.shape)} (after projection) and teacher "
-                         f"{tuple(t.shape)} differ; widths that differ need a projection "
-                         f"(init_projection)")
+        raise ValueError(f"{what}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ; "
+                         f"widths that differ need the head's projection (task.projection)")
     return s, t
 
 
@@ -68,16 +50,16 @@ def _unit(x: Array) -> Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _COS_EPS)
 
 
-def embedding_mse(student_BxS: Array, teacher_BxT: Array, weights_B: Array, proj: Any = None) -> Array:
-    """Squared error of each row's (projected) student embedding to the teacher's, averaged over
-    the width, then the weighted mean over rows. The teacher's side gets no gradient."""
-    s, t = _pair(student_BxS, teacher_BxT, proj, "embedding_mse")
+def embedding_mse(student_BxS: Array, teacher_BxT: Array, weights_B: Array) -> Array:
+    """Squared error of each row's student embedding to the teacher's, averaged over the width,
+    then the weighted mean over rows. The teacher's side gets no gradient."""
+    s, t = _pair(student_BxS, teacher_BxT, "embedding_mse")
     return _weighted_mean(jnp.mean((s - t) ** 2, axis=-1), weights_B)
 
 
-def cosine_distance(student_BxS: Array, teacher_BxT: Array, weights_B: Array, proj: Any = None) -> Array:
-    """1 - cos(student, teacher) per row (student projected), the weighted mean over rows."""
-    s, t = _pair(student_BxS, teacher_BxT, proj, "cosine_distance")
+def cosine_distance(student_BxS: Array, teacher_BxT: Array, weights_B: Array) -> Array:
+    """1 - cos(student, teacher) per row, the weighted mean over rows."""
+    s, t = _pair(student_BxS, teacher_BxT, "cosine_distance")
     return _weighted_mean(1.0 - jnp.sum(_unit(s) * _unit(t), axis=-1), weights_B)
 
 

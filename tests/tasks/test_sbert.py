@@ -2,7 +2,6 @@
 sentence-transformers computes it (NumPy references; the real all-MiniLM-L6-v2 in PyTorch)."""
 import json
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
@@ -186,6 +185,13 @@ def test_embeddings_concatenate_then_normalise():
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
     assert got.shape == (3, 10)
     np.testing.assert_allclose(np.asarray(sbert.l2_normalize(np.zeros((1, 3)))), 0.0)
+    # A Dense module sits between the pooling and the normalisation.
+    kernel, bias = rng.normal(size=(10, 4)).astype(np.float32), np.arange(4, dtype=np.float32)
+    got = np.asarray(sbert.sentence_embeddings(x, mask, ("cls", "mean"), normalize=True,
+                                               dense=lambda v: v @ kernel + bias))
+    mapped = joined @ kernel + bias
+    np.testing.assert_allclose(got, mapped / np.linalg.norm(mapped, axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- against PyTorch
