@@ -4,7 +4,7 @@ The logic lives in `jaxkd.launch` (also the installed `jaxkd train`); see --help
 """
 import sys
 
-from jaxkd.launch import main
+if __name__ == "__main__":  # imported only here: spawned worker processes re-import this file
+    from jaxkd.launch import main
 
-if __name__ == "__main__":
     sys.exit(main(reexec=True))

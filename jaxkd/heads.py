@@ -4,7 +4,8 @@ these names), the family adapters and the Hugging Face names read it from there.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import importlib
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 
@@ -62,10 +63,42 @@ class HeadSpec:
         return self.dropout_keys.get(base, "classifier_dropout")
 
 
-# Head kind -> its descriptor, filled by the task kinds when `jaxkd.tasks` is imported (which
-# importing any part of jaxkd does). The first one registered with default=True is the head of
-# a checkpoint that has none (a bare encoder).
-HEADS: dict[str, HeadSpec] = {}
+def _load_kinds() -> None:
+    """Imports the task kinds, which register their heads (a dict lookup once imported, or
+    while being imported)."""
+    importlib.import_module("jaxkd.tasks")
+
+
+class _Registry(MutableMapping):
+    """Head kind -> its descriptor, in registration order. The task kinds register theirs when
+    `jaxkd.tasks` is imported, which any read of the registry does first (so a process that
+    imports only `jaxkd.model` still sees every kind); writing does not."""
+
+    def __init__(self):
+        self._specs: dict[str, HeadSpec] = {}
+
+    def __getitem__(self, kind: str) -> HeadSpec:
+        _load_kinds()
+        return self._specs[kind]
+
+    def __iter__(self):
+        _load_kinds()
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        _load_kinds()
+        return len(self._specs)
+
+    def __setitem__(self, kind: str, spec: HeadSpec) -> None:
+        self._specs[kind] = spec
+
+    def __delitem__(self, kind: str) -> None:
+        del self._specs[kind]
+
+
+# The first kind registered with default=True is the head of a checkpoint that has none (a bare
+# encoder).
+HEADS = _Registry()
 _DEFAULT_HEAD: list[str] = []
 
 
@@ -85,4 +118,5 @@ def head_spec(kind: str) -> HeadSpec:
 
 def default_head_kind() -> str:
     """The head kind given to a checkpoint that has no head of its own."""
+    _load_kinds()
     return _DEFAULT_HEAD[0]

@@ -126,3 +126,24 @@ def test_no_module_reads_a_config_section_that_is_not_its_own():
                     and node.attr not in allowed:
                 found.append(f"{module}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not found, "\n".join(found)
+
+
+def test_importing_the_corpus_reader_does_not_import_jax():
+    """The tokenizer's spawned workers import jaxkd.data.corpus: the package's public names are
+    imported on first use, so a worker loads neither JAX nor the models (nor does train.py's
+    re-import as the workers' __main__)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy; import jaxkd.data.corpus; "
+            "runpy.run_path('train.py', run_name='__mp_main__'); "
+            "print(sorted(m for m in ('jax', 'flax', 'optax', 'jaxkd.model', 'jaxkd.tasks') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    # and the names stay reachable: the first use imports them
+    code = "import jaxkd; print(jaxkd.BertConfig.__module__, jaxkd.resolve_task.__name__, jaxkd.data.Encoded.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["jaxkd.model", "resolve", "Encoded"]
