@@ -166,7 +166,8 @@ def tokenize(srcs: Sequence[Source], tokenizer, out_dir: str | os.PathLike, *,
     only the missing chunks are tokenized, giving the same shards as one uninterrupted run.
     corpus.json's "tokenized_shards" lists the shards the finishing run tokenized itself.
     Workers are spawned, so a script that calls this needs the `if __name__ == "__main__":`
-    guard; each worker imports jaxkd (and so JAX) to unpickle its task.
+    guard; each worker imports `jaxkd.data` to unpickle its task (not JAX: jaxkd's public names
+    are imported on first use).
     """
     srcs = tuple(srcs)
     if not srcs:
