@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from jaxkd import util
+from jaxkd.cache import STORAGE as CACHE_STORAGE
 from jaxkd.data import DataConfig, nearest
 from jaxkd.losses import LossConfig
 from jaxkd.optim import OptimConfig
@@ -130,8 +131,8 @@ class DistillConfig(LossConfig):
         super().__post_init__()
         _check(self.steps is None or self.steps >= 0, "distill.steps", "must be >= 0")
         _check(self.epochs > 0, "distill.epochs", "must be > 0")
-        _check(self.teacher_cache_dtype in ("float32", "float16"), "distill.teacher_cache_dtype",
-               f"must be float32 or float16, got {self.teacher_cache_dtype!r}")
+        _check(self.teacher_cache_dtype in CACHE_STORAGE, "distill.teacher_cache_dtype",
+               f"must be one of {', '.join(CACHE_STORAGE)}, got {self.teacher_cache_dtype!r}")
         _check(not self.baseline or self.alpha > 0 or self.any_intermediate, "distill.baseline",
                "compares KD with training on the labels alone, but this distill section already "
                "trains on the labels alone (alpha 0, no intermediate terms): remove "
