@@ -169,6 +169,23 @@ def test_an_unknown_student_pooling_is_named_before_work(tmp_path, st_teacher, s
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 
+def test_raw_text_trains_a_sentence_a_row(tmp_path, st_teacher, sts_data):
+    """data.train as raw text (a general-distillation corpus file): a row per sentence, with
+    task.split_sentences cutting each line's document."""
+    from jaxkd import config as config_lib
+    from jaxkd import plan as plan_lib
+
+    corpus = tmp_path / "wiki.txt"
+    corpus.write_text("Anarchism is a philosophy. It has many forms.\n\nAutism is a condition.\n",
+                      encoding="utf-8")
+    for split, rows in ((False, 2), (True, 3)):
+        cfg = embed_config(tmp_path / "run", st_teacher, sts_data, **{
+            "data.train": str(corpus), "task.split_sentences": split})
+        plan = plan_lib.prepare(config_lib.from_dict(cfg), write_cache=False)
+        assert len(plan.splits["train"].encoded) == rows
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_width_mismatch_without_a_projection_is_refused_before_work(tmp_path, st_teacher, sts_data):
     cfg = embed_config(tmp_path / "run", st_teacher, sts_data, **{
         "task.projection": False,

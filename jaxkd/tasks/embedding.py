@@ -3,8 +3,8 @@
 The teacher is a sentence-transformers directory (its pooling, normalisation and window are
 read from `modules.json`, `jaxkd.tasks.sbert`) or a plain Hugging Face encoder given
 `task.pooling` and `task.normalize`. Training text is unlabelled: the sentences of any file the
-readers take (a `sentence` or `text` column, or both sentences of an STS file, whose scores are
-not read). The head pools the encoder's last states over the real tokens (no weights of its
+readers take (a `sentence` or `text` column, both sentences of an STS file, whose scores are
+not read, or raw text: a sentence per line, or documents cut into sentences). The head pools the encoder's last states over the real tokens (no weights of its
 own), maps them to the teacher's width with a learned dense `projection` where the two differ,
 and normalises. The loss is a weighted sum of the embedding MSE, the cosine distance and the
 relation of the in-batch similarity matrices (`jaxkd.tasks.similarity`), plus any intermediate
@@ -82,6 +82,9 @@ class EmbeddingConfig(TaskConfig):
     cosine_weight: float = 0.0
     similarity_weight: float = 0.0
     neighbours: int = 10  # k of the recall@k agreement with the teacher's nearest neighbours
+    # Raw text files (.txt, .txt.gz) hold a sentence per line; true: a document per line (a
+    # general-distillation corpus), cut into sentences by punctuation.
+    split_sentences: bool = False
 
     def __post_init__(self):
         for key in ("text", "pooling", "student_pooling"):
@@ -229,6 +232,7 @@ class EmbeddingTask(Task):
     projection: bool
     weights: tuple[float, float, float]  # mse, cosine, similarity
     neighbours: int
+    split_sentences: bool = False
     metrics: tuple[str, ...] = METRICS
     label_names: tuple[str, ...] = ()
     lowercase: bool = False
@@ -327,8 +331,11 @@ class EmbeddingTask(Task):
 
     def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True):
         """A scored pairs file (both sentence columns and the score: every score a number
-        inside task.score_range) or a file of sentences (the first `task.text` column it has).
-        Bad rows are a `DataError` naming the file and line, or skipped with data.skip_invalid."""
+        inside task.score_range), a file of sentences (the first `task.text` column it has), or
+        raw text (.txt, .txt.gz: `similarity.read_raw_text`, task.split_sentences). Bad rows are
+        a `DataError` naming the file and line, or skipped with data.skip_invalid."""
+        if data_lib.is_local_path(source) and similarity.is_raw_text(source):
+            return similarity.read_raw_text(source, data_cfg, self.split_sentences)
         table = self.read(data_cfg, source)
         first, second = self.text_pair
         if first in table.columns and second in table.columns:
@@ -428,7 +435,7 @@ def resolve(cfg: EmbeddingConfig, data_cfg: DataConfig | None = None) -> Embeddi
         score_range=similarity.check_score_range(cfg.score_range or preset.score_range),
         pooling=cfg.pooling, normalize=cfg.normalize, student_pooling=cfg.student_pooling,
         projection=cfg.projection, weights=(cfg.mse_weight, cfg.cosine_weight, cfg.similarity_weight),
-        neighbours=cfg.neighbours, metrics=_metrics(cfg))
+        neighbours=cfg.neighbours, split_sentences=cfg.split_sentences, metrics=_metrics(cfg))
 
 
 def _metrics(cfg: EmbeddingConfig) -> tuple[str, ...]:

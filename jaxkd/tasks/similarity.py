@@ -1,14 +1,16 @@
 """What sentence-embedding distillation computes on arrays (`jaxkd.tasks.embedding` is the
 kind): the embedding losses (pure JAX: MSE, cosine distance, the in-batch similarity relation),
 the metrics (host NumPy: STS correlations of cosine similarity with gold scores, agreement with
-the teacher's neighbours) and the STS reader.
+the teacher's neighbours), the STS reader and the raw-text sentence reader.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import math
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -182,6 +184,42 @@ def read_sts_release(path: str | pathlib.Path) -> Table:
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     return Table(str(path), columns, lines, tuple(malformed))
+
+
+RAW_TEXT_SUFFIXES = (".txt", ".txt.gz")  # raw text: a sentence (or a document) per line
+# The end of a sentence: . ! or ?, any closing quotes or brackets, then (not taken) white space
+# and what starts a sentence: a capital or a digit, perhaps after an opening quote or bracket.
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s+[\"'(\[]?[A-Z0-9])")
+
+
+def is_raw_text(source: str) -> bool:
+    return str(source).lower().endswith(RAW_TEXT_SUFFIXES)
+
+
+def split_sentences(document: str) -> list[str]:
+    """The sentences of a document by punctuation (approximate: "Mr. Smith" is cut too)."""
+    cuts = [0, *(m.end() for m in _SENTENCE_END.finditer(document)), len(document)]
+    return [s for a, b in zip(cuts, cuts[1:]) if (s := document[a:b].strip())]
+
+
+def read_raw_text(path: str, data_cfg: DataConfig, split: bool) -> Examples:
+    """Unlabelled sentences of a raw text file (.txt, .txt.gz; UTF-8, no header): each non-blank
+    line a sentence, or with `split` each line a document cut into its sentences
+    (`split_sentences`), as general distillation's corpora are laid out. A line that is not
+    UTF-8 is a `DataError` naming the file, line and byte offset, or skipped and counted with
+    data.skip_invalid."""
+    from jaxkd.data import rawtext  # pylint: disable=import-outside-toplevel
+
+    source = rawtext.Source(str(path), "lines")
+    rawtext.check_sources([source], data_cfg.skip_invalid)
+    counts: collections.Counter = collections.Counter()
+    texts = [sentence for document in rawtext.documents(source, data_cfg.skip_invalid, counts)
+             for sentence in (split_sentences(document) if split else [document.strip()])]
+    if not texts:
+        raise DataError(f"{path}: no sentences (every line is blank"
+                        f"{' or skipped' if counts else ''})")
+    return Examples(str(path), texts, None, np.full(len(texts), np.nan, np.float32), False,
+                    dict(counts))
 
 
 def check_score_range(score_range: Sequence[float]) -> tuple[float, float]:

@@ -195,3 +195,45 @@ def test_rows_of_other_files_and_unscored_rows(tmp_path):
     assert not unscored.has_labels and np.isnan(unscored.scores).all()
     with pytest.raises(DataError, match="task.score_range must be finite with low < high"):
         embedding.sts_examples(read_file(path), DataConfig(), "a", "b", "sim", (1, 0))
+
+
+# ----------------------------------------------------------------------------- raw text
+
+
+@pytest.mark.parametrize("document, sentences", [
+    ("The cat sat. It was \"happy.\" Then 3 dogs came! Why? (Nobody knew.)",
+     ["The cat sat.", "It was \"happy.\"", "Then 3 dogs came!", "Why?", "(Nobody knew.)"]),
+    ("A value of 3.5 stays whole. e.g. this too. So does a.b.c here.",
+     ["A value of 3.5 stays whole. e.g. this too.", "So does a.b.c here."]),
+    ("No final stop", ["No final stop"]),
+    ("   ", []),
+])
+def test_documents_are_cut_into_sentences_at_their_ends(document, sentences):
+    assert embedding.split_sentences(document) == sentences
+
+
+def test_raw_text_is_a_sentence_a_line_or_documents_cut_into_sentences(tmp_path):
+    import gzip
+
+    text = "First line. Second sentence!\n\n  \nOnly one here\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    for name in ("a.txt", "a.txt.gz"):
+        lines = embedding.read_raw_text(str(tmp_path / name), DataConfig(), split=False)
+        assert lines.texts == ["First line. Second sentence!", "Only one here"]
+        assert lines.pairs is None and not lines.has_labels and np.isnan(lines.scores).all()
+        cut = embedding.read_raw_text(str(tmp_path / name), DataConfig(), split=True)
+        assert cut.texts == ["First line.", "Second sentence!", "Only one here"]
+
+
+def test_raw_text_that_is_not_utf8_is_named_or_skipped_and_counted(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"good line\ncaf\xe9 au lait\nlast line\n")
+    with pytest.raises(DataError, match=r"bad\.txt.*not UTF-8 at byte offset 13"):
+        embedding.read_raw_text(str(path), DataConfig(), split=False)
+    kept = embedding.read_raw_text(str(path), DataConfig(skip_invalid=True), split=False)
+    assert kept.texts == ["good line", "last line"] and kept.skipped == {"not utf-8": 1}
+    (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"blank\.txt: no sentences"):
+        embedding.read_raw_text(str(tmp_path / "blank.txt"), DataConfig(), split=False)
