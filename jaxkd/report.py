@@ -280,7 +280,9 @@ def _search_markdown(search: dict, metric: str) -> list[str]:
              f"{len(search['candidates'])} candidates of {search['steps_per_candidate']} steps each, "
              f"{search['seconds']:.0f} s in all"
              + (f" ({search['cost_ratio']:.2f}x the chosen setting's full run, "
-                f"{search['full_run_seconds']:.0f} s)" if search.get("cost_ratio") else "") + ".", "",
+                f"{search['full_run_seconds']:.0f} s)" if search.get("cost_ratio") else "") + "."
+             + (f" The distill section's own setting is kept unless a candidate scores more than "
+                f"{search['min_gain']:g} above it." if search.get("min_gain") else ""), "",
              f"| temperature | alpha | eval {metric} | |", "|---|---|---|---|"]
     for i, c in enumerate(search["candidates"]):
         lines.append(f"| {c['temperature']:g} | {c['alpha']:g} | {c['eval'][metric]:.4f} | "

@@ -3,8 +3,11 @@
 Every candidate (the grid of the listed temperatures and alphas) trains the same student from
 the same init, seed and data order for `steps` steps, on the same teacher outputs (the logit
 cache is computed once for all of them); each is scored on the eval split once, at its last
-step; the best by the task's primary metric is chosen (the first in grid order on a tie), and
-the distill stage then trains it for its full length. Nothing reads the test split.
+step; the best by the task's primary metric is chosen (the first in grid order on a tie), unless
+`min_gain` is set and the distill section's own setting is a candidate: then the best replaces it
+only when it scores more than `min_gain` above it (differences inside the eval split's noise
+keep the setting the config names). The distill stage then trains the choice for its full
+length. Nothing reads the test split.
 
 The search's record, `workdir/search.json`, gains a candidate's figures as soon as it
 finishes: a resumed run skips finished candidates and resumes the unfinished one from its
@@ -37,12 +40,14 @@ def owner_stage(stage: str | None) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    """`distill.search`: the values tried (empty: the distill section's own) and each
-    candidate's training steps (its budget: the search costs about candidates x steps steps)."""
+    """`distill.search`: the values tried (empty: the distill section's own), each candidate's
+    training steps (its budget: the search costs about candidates x steps steps), and the
+    eval-metric margin a candidate must beat the section's own setting by to replace it."""
 
     temperature: tuple[float, ...] = ()
     alpha: tuple[float, ...] = ()
     steps: int = 100
+    min_gain: float = 0.0
 
     def __post_init__(self):
         for t in self.temperature:
@@ -54,6 +59,9 @@ class SearchConfig:
                                  f"labels-only baseline: distill.baseline), got {a}")
         if self.steps < 1:
             raise ValueError(f"distill.search.steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.min_gain) and self.min_gain >= 0):
+            raise ValueError(f"distill.search.min_gain must be >= 0 (in the eval metric's units, "
+                             f"e.g. 0.003 for 0.3 points of accuracy), got {self.min_gain}")
 
     def candidates(self, temperature: float, alpha: float) -> list[dict[str, float]]:
         """The grid in order (temperature outer), the distill section's value where a key lists
@@ -63,13 +71,20 @@ class SearchConfig:
                                               self.alpha or (alpha,))]
 
 
-def choose(results: Sequence[dict[str, Any]], metric: str) -> int:
-    """Index of the candidate with the highest eval `metric` (the first on a tie; NaN never)."""
+def choose(results: Sequence[dict[str, Any]], metric: str, default: int | None = None,
+           min_gain: float = 0.0) -> int:
+    """Index of the candidate with the highest eval `metric` (the first on a tie; NaN never);
+    with `default` (the section's own setting's index) and `min_gain`, `default` unless the
+    best scores more than `min_gain` above it."""
     values = [r["eval"][metric] for r in results]
     finite = [i for i, v in enumerate(values) if v is not None and math.isfinite(v)]
     if not finite:
         raise ValueError(f"no search candidate has a finite eval {metric}: {values}")
-    return max(finite, key=lambda i: (values[i], -i))
+    best = max(finite, key=lambda i: (values[i], -i))
+    if default is not None and default in finite and min_gain > 0 \
+            and values[best] - values[default] <= min_gain:
+        return default
+    return best
 
 
 def read_record(workdir: pathlib.Path) -> list[dict[str, Any]]:
@@ -104,9 +119,10 @@ def run(search: SearchConfig, *, temperature: float, alpha: float, metric: str,
                         "seconds": round(seconds, 1)})
         if write:
             write_record(workdir, results)
-    chosen = choose(results, metric)
+    own = {"temperature": temperature, "alpha": alpha}
+    chosen = choose(results, metric, grid.index(own) if own in grid else None, search.min_gain)
     if write:
         write_record(workdir, results, chosen)
     return {"candidates": results, "chosen": chosen, "setting": grid[chosen],
-            "steps_per_candidate": search.steps,
+            "steps_per_candidate": search.steps, "min_gain": search.min_gain,
             "seconds": round(sum(r["seconds"] for r in results), 1)}

@@ -24,11 +24,29 @@ def test_choose_takes_the_highest_the_first_on_a_tie_and_never_nan():
         search.choose([{"eval": {"f1": math.nan}}], "f1")
 
 
+def test_min_gain_keeps_the_sections_setting_unless_a_candidate_beats_it_by_more():
+    results = [{"eval": {"f1": v}} for v in (0.850, 0.853, 0.8545, math.nan)]
+    assert search.choose(results, "f1", default=1, min_gain=0.002) == 1  # 0.0015 above: kept
+    assert search.choose(results, "f1", default=0, min_gain=0.002) == 2  # 0.0045 above: replaced
+    assert search.choose(results, "f1", default=1) == 2  # no margin: the best
+    assert search.choose(results, "f1", default=None, min_gain=0.01) == 2  # not in the grid
+    assert search.choose(results, "f1", default=3, min_gain=0.01) == 2  # the section's is NaN
+
+
+def test_run_keeps_the_sections_setting_within_min_gain(tmp_path):
+    cfg = search.SearchConfig(temperature=(1.0, 2.0, 4.0), steps=3, min_gain=0.05)
+    scores = {1.0: 0.60, 2.0: 0.70, 4.0: 0.74}
+    out = search.run(cfg, temperature=2.0, alpha=0.5, metric="accuracy", workdir=tmp_path,
+                     train=lambda i, s: ({"accuracy": scores[s["temperature"]]}, 1.0))
+    assert out["setting"] == {"temperature": 2.0, "alpha": 0.5} and out["min_gain"] == 0.05
+
+
 @pytest.mark.parametrize("section, message", [
     ({"search": {"steps": 10}}, "distill.search lists no candidates"),
     ({"search": {"alpha": [0.0, 0.5]}}, r"alpha values must be in \(0, 1\]"),
     ({"search": {"temperature": [-1.0]}}, "temperature values must be positive"),
     ({"search": {"temperature": [1.0], "steps": 0}}, "steps must be >= 1"),
+    ({"search": {"temperature": [1.0], "min_gain": -0.1}}, "min_gain must be >= 0"),
     ({"search": {"temprature": [1.0]}}, "did you mean 'temperature'"),
     ({"alpha": 0.0, "search": {"temperature": [1.0]}}, "distill.alpha is 0"),
     ({"alpha": 0.0, "baseline": True}, "distill.baseline compares KD with training on the labels alone"),
