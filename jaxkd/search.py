@@ -81,8 +81,7 @@ def choose(results: Sequence[dict[str, Any]], metric: str, default: int | None =
     if not finite:
         raise ValueError(f"no search candidate has a finite eval {metric}: {values}")
     best = max(finite, key=lambda i: (values[i], -i))
-    if default is not None and default in finite and min_gain > 0 \
-            and values[best] - values[default] <= min_gain:
+    if default in finite and min_gain > 0 and values[best] - values[default] <= min_gain:
         return default
     return best
 

@@ -147,7 +147,12 @@ def finished(srcs: Sequence[Source], tokenizer, out_dir: str | os.PathLike, *,
              chunk_bytes: int = 4 << 20, skip_invalid: bool = False) -> Corpus | None:
     """The corpus `tokenize` with these arguments gives, if it is complete on disk under
     `out_dir` (its corpus.json written); None otherwise. Reads only."""
-    directory = pathlib.Path(out_dir) / corpus_key(tuple(srcs), tokenizer, chunk_bytes, skip_invalid)
+    return _complete(pathlib.Path(out_dir) / corpus_key(tuple(srcs), tokenizer, chunk_bytes,
+                                                         skip_invalid))
+
+
+def _complete(directory: pathlib.Path) -> Corpus | None:
+    """The corpus in `directory` if its corpus.json, written last, is there; else None."""
     return Corpus.open(directory) if (directory / MANIFEST).is_file() else None
 
 
@@ -182,8 +187,9 @@ def tokenize(srcs: Sequence[Source], tokenizer, out_dir: str | os.PathLike, *,
                         "joined by it; use a BERT-family tokenizer")
     check_sources(srcs, skip_invalid)
     directory = pathlib.Path(out_dir) / corpus_key(srcs, tokenizer, chunk_bytes, skip_invalid)
-    if (directory / MANIFEST).is_file():
-        return Corpus.open(directory)
+    done = _complete(directory)
+    if done is not None:
+        return done
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(len(tokenizer))
     started = time.perf_counter()

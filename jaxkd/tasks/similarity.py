@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd import metrics as metrics_lib
-from jaxkd.data import DataConfig, DataError, Table
+from jaxkd.data import DataConfig, DataError, Table, rawtext
 from jaxkd.tasks.base import BadRow, Problems, text_value
 
 Array = jax.Array
@@ -186,7 +186,8 @@ def read_sts_release(path: str | pathlib.Path) -> Table:
     return Table(str(path), columns, lines, tuple(malformed))
 
 
-RAW_TEXT_SUFFIXES = (".txt", ".txt.gz")  # raw text: a sentence (or a document) per line
+# Raw text: a sentence (or a document) per line; the suffixes the corpus reader takes as text.
+RAW_TEXT_SUFFIXES = tuple(s for s, kind in rawtext.SUFFIXES.items() if kind == "text")
 # The end of a sentence: . ! or ?, any closing quotes or brackets, then (not taken) white space
 # and what starts a sentence: a capital or a digit, perhaps after an opening quote or bracket.
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s+[\"'(\[]?[A-Z0-9])")
@@ -208,8 +209,6 @@ def read_raw_text(path: str, data_cfg: DataConfig, split: bool) -> Examples:
     (`split_sentences`), as general distillation's corpora are laid out. A line that is not
     UTF-8 is a `DataError` naming the file, line and byte offset, or skipped and counted with
     data.skip_invalid."""
-    from jaxkd.data import rawtext  # pylint: disable=import-outside-toplevel
-
     source = rawtext.Source(str(path), "lines")
     rawtext.check_sources([source], data_cfg.skip_invalid)
     counts: collections.Counter = collections.Counter()
