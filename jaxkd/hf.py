@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import families, weights
-from jaxkd.weights import read_tensor_file  # noqa: F401  (re-exported)
 from jaxkd.families import CheckpointError
 from jaxkd.model import DTYPES, HEADS, BertConfig, HeadConfig, Model, ModelConfig, default_head_kind, head_spec
 

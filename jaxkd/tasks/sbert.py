@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd import weights
 from jaxkd.data import DataError
 
 Array = jax.Array
@@ -224,12 +225,10 @@ def _dense_width(path: pathlib.Path) -> int:
 def read_dense(path: pathlib.Path, in_features: int) -> dict[str, np.ndarray]:
     """A Dense module's weights as the embedding head's `projection` {"kernel" [in, out],
     "bias" [out]} (safetensors; a PyTorch file is read with weights_only)."""
-    from jaxkd import hf  # pylint: disable=import-outside-toplevel
-
     files = [f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.is_file()]
     if not files:
         raise DataError(f"{path}: the Dense module has no model.safetensors or pytorch_model.bin")
-    tensors = hf.read_tensor_file(files[0])
+    tensors = weights.read_tensor_file(files[0])
     weight, bias = (np.asarray(tensors[k], np.float32) for k in ("linear.weight", "linear.bias"))
     if weight.shape[1] != in_features:
         raise DataError(f"{path}: the Dense module maps {weight.shape[1]} features, but the pooling "
