@@ -36,6 +36,7 @@ FREE = ("workdir", "compilation_cache", "log.", "distributed.", "data.eval_batch
         "data.cache_dir", "checkpoint.every_steps", "checkpoint.keep")
 # The first stage that reads a key, for keys not read by the teacher stage (the rest are).
 _LATER = {"student.": "distill", "content.student": "distill", "distill.": "distill", "data.unlabeled": "distill", "data.unlabeled_ratio": "distill",
+          "data.unlabeled_max_rows": "distill",
           "content.data.unlabeled": "distill", "distill.baseline": "baseline",
           "student.export_as": "export",
           "export.": "export", "export.deployment": "report", "export.latency_inputs": "report",

@@ -137,6 +137,8 @@ def prepare(cfg: Config, write_cache: bool = True,
                           "there is none: set data.eval or data.eval_fraction (never the test "
                           "split: it is what the report states)")
     unlabeled = [(source, task.load_unlabeled(cfg.data, source)) for source in cfg.data.unlabeled or ()]
+    if cfg.data.unlabeled_max_rows is not None:
+        unlabeled = _capped(unlabeled, cfg.data.unlabeled_max_rows)
     if cfg.distill.augment is not None:
         task.check_augmentable(loaded["train"][1])
     if cfg.data.eval_fraction is not None:
@@ -152,6 +154,22 @@ def prepare(cfg: Config, write_cache: bool = True,
                 for source, examples in unlabeled]
     return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune, transfer,
                 teacher_dir=teacher_dir)
+
+
+def _capped(unlabeled: list[tuple[str, Any]], limit: int) -> list[tuple[str, Any]]:
+    """data.unlabeled's (source, examples) with at most `limit` rows in all
+    (`data_lib.sample_rows`); a source left with none is dropped, one cut is named "(k of n
+    rows)". The examples keep the counts of rows skipped when the source was read."""
+    kept = data_lib.sample_rows([len(examples) for _, examples in unlabeled], limit)
+    out = []
+    for (source, examples), rows in zip(unlabeled, kept):
+        if len(rows) == len(examples):
+            out.append((source, examples))
+        elif len(rows):
+            where = f"{source} ({len(rows)} of {len(examples)} rows)"
+            out.append((where, dataclasses.replace(examples.subset(rows, where),
+                                                   skipped=examples.skipped)))
+    return out
 
 
 def transfer_summary(cfg: Config, plan: Plan) -> dict | None:

@@ -284,6 +284,9 @@ def test_transfer_rows_weigh_zero_in_the_hard_loss_and_fully_in_kd(regression):
     ({"distill": {"augment": {"factor": 0}}}, "factor must be a positive integer"),
     ({"data": {"unlabeled": "more.tsv", "unlabeled_ratio": 1.0}}, r"unlabeled_ratio must be in \(0, 1\)"),
     ({"data": {"unlabeled": []}}, "at least one file"),
+    ({"data": {"unlabeled_max_rows": 10}}, "caps the rows of data.unlabeled, which is not set"),
+    ({"data": {"unlabeled": "more.tsv", "unlabeled_max_rows": 0}},
+     "unlabeled_max_rows must be a positive integer"),
 ])
 def test_bad_transfer_config_is_refused_when_read(mapping, message):
     with pytest.raises(ConfigError, match=message):
@@ -307,6 +310,55 @@ def _unlabeled_file(directory: pathlib.Path) -> pathlib.Path:
     path = directory / "more.tsv"
     path.write_text("\n".join([lines[0]] + lines[300:340]) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.mark.parametrize("sizes, limit", [((40, 60), 50), ((5, 0, 300), 17), ((3, 4), 7), ((3, 4), 100)])
+def test_sample_rows_is_a_uniform_sample_of_all_sources_together(sizes, limit):
+    kept = data.sample_rows(sizes, limit)
+    assert [k.dtype.kind for k in kept] == ["i"] * len(sizes)
+    assert sum(map(len, kept)) == min(limit, sum(sizes))
+    for rows, n in zip(kept, sizes):
+        assert np.all(np.diff(rows) > 0) and (len(rows) == 0 or 0 <= rows[0] <= rows[-1] < n)
+    again = data.sample_rows(sizes, limit)
+    assert all(np.array_equal(a, b) for a, b in zip(kept, again))
+
+
+def test_sample_rows_shares_follow_the_source_sizes():
+    """Each source keeps about its share of the rows: within 4 sd of the hypergeometric
+    count of a uniform draw without replacement."""
+    sizes, limit = (1_000, 3_000, 6_000), 2_000
+    kept = data.sample_rows(sizes, limit)
+    total = sum(sizes)
+    for rows, n in zip(kept, sizes):
+        mean = limit * n / total
+        sd = np.sqrt(limit * n / total * (1 - n / total) * (total - limit) / (total - 1))
+        assert abs(len(rows) - mean) < 4 * sd
+
+
+def test_unlabeled_max_rows_keeps_the_same_rows_in_file_order_for_every_seed(
+        tmp_path, tiny_teacher, sst2_small):
+    lines = (ROOT / "data" / "sst2" / "glue_dev.tsv").read_text(encoding="utf-8").splitlines()
+    files = []
+    for name, part in (("a.tsv", lines[300:340]), ("b.tsv", lines[340:400])):
+        files.append(tmp_path / name)
+        files[-1].write_text("\n".join([lines[0]] + part) + "\n", encoding="utf-8")
+    texts = {str(f): [row.split("\t")[0] for row in f.read_text().splitlines()[1:]] for f in files}
+
+    def transfer_rows(seed):
+        cfg = config_lib.from_dict(tiny_config(tmp_path / f"run{seed}", tiny_teacher, sst2_small, **{
+            "seed": seed, "data.unlabeled": [str(f) for f in files], "data.unlabeled_max_rows": 50}))
+        prepared = plan.prepare(cfg, write_cache=False)
+        return prepared, [(s.source, s.examples.texts) for s in prepared.unlabeled]
+
+    prepared, rows = transfer_rows(0)
+    assert rows == transfer_rows(1)[1]
+    assert sum(len(kept) for _, kept in rows) == 50
+    for (source, kept), path in zip(rows, files):
+        whole = texts[str(path)]
+        assert source == f"{path} ({len(kept)} of {len(whole)} rows)"
+        positions = [whole.index(text) for text in kept]
+        assert positions == sorted(positions)  # a subset, in file order
+    assert sum(len(s.encoded) for s in prepared.unlabeled) == 50
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ transfer rows in every batch) or `EvalBatches` (every row once) ->
 The keys, shapes and dtypes of a batch are in `jaxkd.data.batches`.
 
 Modules, each importing only those above it:
-  config    DataConfig (YAML section `data`), DataError, FORMATS, nearest, holdout
+  config    DataConfig (YAML section `data`), DataError, FORMATS, nearest, holdout, sample_rows
   read      Table and the readers: read_split -> read_file (local) or read_hub
   encoded   Encoded, with_transfer, tokenizer facts, the token cache (content_key, cached_arrays)
   batches   the batch layout, bucket lengths, TrainBatches, MixedBatches, EvalBatches
@@ -20,7 +20,7 @@ Raw text for general distillation (imported by their module name, not re-exporte
   masked    masked training and held-out batches of packed rows
 This package re-exports the public names of the first four: import them from `jaxkd.data`.
 """
-from jaxkd.data.config import FORMATS, DataConfig, DataError, holdout, nearest
+from jaxkd.data.config import FORMATS, DataConfig, DataError, holdout, nearest, sample_rows
 from jaxkd.data.read import (LOCAL_SUFFIXES, Table, check_columns, file_format, is_local_path,
                              read_file, read_hub, read_split)
 from jaxkd.data.encoded import (Encoded, ReadOnlyDir, cache_location, cached_arrays, content_key,
@@ -31,7 +31,7 @@ from jaxkd.data.batches import (Batch, EvalBatches, MixedBatches, PaddingStats, 
                                 padded_batch, padding_stats, transfer_batch_size)
 
 __all__ = [
-    "FORMATS", "DataConfig", "DataError", "holdout", "nearest",
+    "FORMATS", "DataConfig", "DataError", "holdout", "nearest", "sample_rows",
     "LOCAL_SUFFIXES", "Table", "check_columns", "file_format", "is_local_path", "read_file",
     "read_hub", "read_split",
     "Encoded", "ReadOnlyDir", "cache_location", "cached_arrays", "content_key", "flatten",

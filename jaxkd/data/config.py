@@ -9,7 +9,7 @@ of `data.format`), `nearest` (the " (did you mean ...?)" hint of its messages) a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -58,6 +58,10 @@ class DataConfig:
     # Share of every distillation batch taken by transfer rows (unlabeled and augmented), when
     # there are any; an epoch stays one pass over the labelled rows (see `MixedBatches`).
     unlabeled_ratio: float = 0.5
+    # At most this many transfer rows, drawn from all data.unlabeled sources together (each
+    # source keeps its rows in file order; `sample_rows`): the same rows for every seed, so the
+    # seeds of an experiment share the teacher's cache. None: every row.
+    unlabeled_max_rows: int | None = None
 
     @property
     def window_stride(self) -> int:
@@ -72,9 +76,12 @@ class DataConfig:
         if not 0.0 < self.unlabeled_ratio < 1.0:
             raise DataError(f"data.unlabeled_ratio must be in (0, 1) (the transfer rows' share of "
                             f"a batch), got {self.unlabeled_ratio}")
-        for key in ("batch_size", "max_seq_len", "bucket_multiple", "doc_stride"):
+        if self.unlabeled_max_rows is not None and self.unlabeled is None:
+            raise DataError("data.unlabeled_max_rows caps the rows of data.unlabeled, which is "
+                            "not set: name the unlabelled sources, or remove the cap")
+        for key in ("batch_size", "max_seq_len", "bucket_multiple", "doc_stride", "unlabeled_max_rows"):
             value = getattr(self, key)
-            if key == "doc_stride" and value is None:
+            if key in ("doc_stride", "unlabeled_max_rows") and value is None:
                 continue
             if not isinstance(value, int) or value < 1:
                 raise DataError(f"data.{key} must be a positive integer, got {value!r}")
@@ -100,6 +107,18 @@ def holdout(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarray, 
     held = max(1, round(num_examples * fraction))
     order = np.random.default_rng((seed, 0x5EED)).permutation(num_examples)
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def sample_rows(sizes: Sequence[int], limit: int) -> list[np.ndarray]:
+    """For sources of `sizes` rows, the sorted row indices each keeps so that `limit` rows are
+    kept in all (every row when there are no more): a uniform sample of the rows of all sources
+    together, with a fixed seed, so it is the same for every run seed."""
+    total = sum(sizes)
+    if total <= limit:
+        return [np.arange(n) for n in sizes]
+    chosen = np.sort(np.random.default_rng(0x5A3B1E).permutation(total)[:limit])
+    bounds = np.cumsum([0, *sizes])
+    return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def nearest(name: str, choices: Iterable[str]) -> str:
