@@ -205,19 +205,21 @@ def embedding_table(reports: dict[str, dict]) -> str:
 
 
 def search_table(reports: dict[str, dict]) -> str:
-    """Runs <task>_search_s<seed> (distill.search and distill.baseline) beside <task>_fixed_s<seed>
-    (the same data and seed, the fixed T and alpha): one row per seed, then mean +- sd."""
-    lines = ["| task | seed | chosen T / alpha | searched (test) | fixed T=2, alpha=0.5 (test) "
+    """Runs <task>_search[-<variant>]_s<seed> (distill.search and distill.baseline) beside
+    <task>_fixed_s<seed> (the same data and seed, the fixed T and alpha): one row per seed, then
+    mean +- sd, for each task and variant; `min gain` is the search's `min_gain`."""
+    lines = ["| task | min gain (points) | seed | chosen T / alpha | searched (test) | fixed T=2, alpha=0.5 (test) "
              "| labels-only baseline (test) | KD gain over baseline (eval) | search cost (s; x full run) |",
-             "|---|---|---|---|---|---|---|---|"]
-    groups: dict[str, list[tuple[str, dict, dict | None]]] = {}
+             "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[tuple[str, dict, dict | None]]] = {}
     for name, report in reports.items():
-        match = re.fullmatch(r"(.+)_search_s(\d+)", name)
+        match = re.fullmatch(r"(.+?)_search(-[\w-]+)?_s(\d+)", name)
         if match and "search" in report:
-            fixed = reports.get(f"{match[1]}_fixed_s{match[2]}")
-            groups.setdefault(match[1], []).append((match[2], report, fixed))
-    for task, members in groups.items():
+            fixed = reports.get(f"{match[1]}_fixed_s{match[3]}")
+            groups.setdefault((match[1], match[2] or ""), []).append((match[3], report, fixed))
+    for (task, _), members in sorted(groups.items()):
         metric = members[0][1]["metric_names"][0]
+        margin = f"{100 * members[0][1]['search'].get('min_gain', 0.0):g}"
         columns: dict[str, list[float]] = {"searched": [], "fixed": [], "baseline": [], "gain": []}
         for seed, report, fixed in members:
             search = report["search"]
@@ -230,12 +232,12 @@ def search_table(reports: dict[str, dict]) -> str:
                     columns[key].append(value)
             shown = {k: "n/a" if v is None else f"{100 * v:.1f}" for k, v in values.items()}
             lines.append(
-                f"| {task} ({metric}) | {seed} | {search['setting']['temperature']:g} / "
+                f"| {task} ({metric}) | {margin} | {seed} | {search['setting']['temperature']:g} / "
                 f"{search['setting']['alpha']:g} | {shown['searched']} | {shown['fixed']} "
                 f"| {shown['baseline']} | {100 * values['gain']:+.1f} | {search['seconds']:.0f}; "
                 f"{search['cost_ratio']:.1f}x |")
         if len(members) > 1:
-            lines.append(f"| {task} ({metric}) | mean ± sd | | {_stat(columns['searched'])} "
+            lines.append(f"| {task} ({metric}) | {margin} | mean ± sd | | {_stat(columns['searched'])} "
                          f"| {_stat(columns['fixed']) if columns['fixed'] else 'n/a'} "
                          f"| {_stat(columns['baseline'])} | {_stat(columns['gain'])} | |")
     return "\n".join(lines)
