@@ -1,7 +1,7 @@
 """The `jaxkd` command: one entry point for the repository's tools.
 
     jaxkd train --config configs/sst2.yaml [key=value ...]   distil (train.py)
-    jaxkd predict MODEL_DIR INPUT [--output OUT.jsonl]       run an exported classifier
+    jaxkd predict MODEL_DIR INPUT [--output OUT.jsonl]       run an exported model
     jaxkd evaluate MODEL_DIR --config X.yaml | --task NAME --data FILE   its task metrics
     jaxkd export MODEL_DIR --onnx [--int8] [--output DIR]    ONNX files of a model directory
     jaxkd bench step|epoch|mfu ...                           benchmarks (jaxkd.bench)
@@ -46,8 +46,8 @@ def _bench(argv: list[str], reexec: bool) -> int:
 # only when `jaxkd` itself is the program, never when main() is called with an argv.
 COMMANDS: dict[str, tuple[Callable[[list[str], bool], int], str]] = {
     "train": (_train, "distil a teacher into a student (train.py)"),
-    "predict": (_predict, "predictions of an exported classifier, one JSON line per row"),
-    "evaluate": (_evaluate, "task metrics of an exported classifier on labelled data"),
+    "predict": (_predict, "predictions or embeddings of an exported model, one JSON line per row (or .npy)"),
+    "evaluate": (_evaluate, "task metrics of an exported model on labelled (or STS-scored) data"),
     "export": (_export, "ONNX (fp32, int8) files of a model directory"),
     "bench": (_bench, "benchmarks: step, epoch, mfu (jaxkd.bench)"),
 }
