@@ -221,8 +221,8 @@ def describe(cfg: Config, plan: Plan) -> str:
     lines = [f"task: {plan.task.name} ({plan.task.type}), {plan.task.describe_outputs()}, "
              f"metrics {', '.join(plan.task.metrics)}"]
     for name, split in plan.splits.items():
-        lines.append(f"data.{name}: {split.source}: {len(split.examples)} examples, "
-                     f"{len(split.encoded)} rows, skipped {dict(split.examples.skipped) or 'none'}")
+        lines.append(f"data.{name}: {split.source}: {plan.task.describe_split(split.examples, split.encoded)}, "
+                     f"skipped {dict(split.examples.skipped) or 'none'}")
     for who, mc in (("teacher", t), ("student", s)):
         enc = mc.encoder
         lines.append(f"{who}: {hf.architecture(mc)}, {enc.num_layers} layers x {enc.hidden_size} "

@@ -181,11 +181,13 @@ def test_check_describes_a_tokenized_corpus_and_names_one_that_is_not(tmp_path, 
     assert "train.txt is not tokenized yet" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
-    plan_lib.prepare(config_lib.from_dict(cfg))  # what a run does first: tokenize
+    prepared = plan_lib.prepare(config_lib.from_dict(cfg))  # what a run does first: tokenize
     written = sorted(p for p in (tmp_path / "cache").rglob("*"))
     assert launch.main(["--config", str(path), "--check"]) == 0
     out = capsys.readouterr().out
     assert "stage distill: 12 steps" in out
+    rows = len(prepared.splits["train"].encoded)
+    assert f"train.txt: 1 text file, {rows} packed rows of {cfg['data']['max_seq_len']} tokens" in out
     assert sorted(p for p in (tmp_path / "cache").rglob("*")) == written
     assert not (tmp_path / "run").exists()
 

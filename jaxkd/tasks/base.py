@@ -117,6 +117,10 @@ class Task:
         """The distillation loss's settings, in words (`train.py --check`)."""
         return f"T={distill.temperature:g}, alpha={distill.alpha:g}"
 
+    def describe_split(self, examples, encoded) -> str:
+        """A split's size, in words (`train.py --check`): its examples and the rows they give."""
+        return f"{len(examples)} examples, {len(encoded)} rows"
+
     # --- the teacher, its head and its export (what `jaxkd.plan` and the trainer ask)
 
     def for_teacher(self, directory: pathlib.Path) -> Task:

@@ -244,6 +244,11 @@ class GeneralTask(Task):
     def describe_outputs(self) -> str:
         return "masked-LM predictions"
 
+    def describe_split(self, examples: CorpusFiles, encoded: MaskedCorpus) -> str:
+        files = len(examples.sources)
+        return (f"{files} text file{'' if files == 1 else 's'}, {len(encoded)} packed rows of "
+                f"{encoded.rows.seq_len} tokens")
+
     def describe_loss(self, distill) -> str:
         parts = [f"mlm {self.mlm_weight:g}"] if self.mlm_weight else []
         if self.kd_weight:
