@@ -65,13 +65,14 @@ def teacher_readiness(curve: Sequence[tuple[int, float]], metric: str,
 
 def search_cost(distill_stage: Mapping) -> dict | None:
     """The search's record with its cost beside the run it chose: seconds of all candidates,
-    seconds of the chosen setting's full training (the distill stage's rest) and their ratio."""
+    seconds of the chosen setting's full training and their ratio. Each is timed by the process
+    that ran it: after an interruption, the interrupted piece counts from its resumption."""
     search = distill_stage.get("search")
     if not search:
         return None
-    full = distill_stage.get("seconds", 0.0) - search["seconds"]
-    return {**search, "full_run_seconds": round(full, 1),
-            "cost_ratio": search["seconds"] / full if full > 0 else None}
+    full = search.get("full_run_seconds")  # absent from records older than its timing
+    return {**search, "full_run_seconds": full,
+            "cost_ratio": search["seconds"] / full if full else None}
 
 
 def report_sections(*, metric: str, student: Mapping[str, Scores], teacher: Mapping[str, Scores],

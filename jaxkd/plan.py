@@ -15,6 +15,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd import deploy, hf, losses, steps, tasks
@@ -143,6 +144,11 @@ def prepare(cfg: Config, write_cache: bool = True,
         task.check_augmentable(loaded["train"][1])
     if cfg.data.eval_fraction is not None:
         kept, held = task.hold_out(*loaded["train"], cfg.data.eval_fraction, cfg.seed)
+        try:
+            task.check_split("eval", held[1])
+        except data_lib.DataError as e:
+            raise ConfigError(f"data.eval_fraction holds out part of data.train as the eval "
+                              f"split, which this task cannot use: {e}; set data.eval") from e
         loaded = {"train": kept, "eval": held,
                   **{name: split for name, split in loaded.items() if name == "test"}}
     token_cache = cache_dir(cfg) if write_cache else data_lib.ReadOnlyDir(cache_dir(cfg))
@@ -368,14 +374,22 @@ def build_student(s: StudentConfig, teacher_cfg: ModelConfig, teacher_params,
 
 
 def _with_fresh_head(config: ModelConfig, params, rng: jax.Array):
-    """`params` with the head modules `config` has and `params` lacks freshly initialised
-    (and none it does not have)."""
+    """`params` with the head modules `config` has and `params` lacks (or holds in other
+    shapes, such as a projection from a narrower pooling) freshly initialised, and none it does
+    not have."""
     shapes = jax.eval_shape(lambda: init_params(config, rng))
     wanted = shapes.get("head", {})
     have = params.get("head", {})
-    if set(wanted) == set(have):
+
+    def fits(name: str) -> bool:
+        return name in have and jax.tree.structure(have[name]) == jax.tree.structure(wanted[name]) \
+            and all(np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(have[name]),
+                                                           jax.tree.leaves(wanted[name])))
+
+    kept = {name for name in wanted if fits(name)}
+    if kept == set(wanted) == set(have):
         return params
     fresh = init_params(config, rng)["head"]
-    head = {name: have[name] if name in have else fresh[name] for name in wanted}
+    head = {name: have[name] if name in kept else fresh[name] for name in wanted}
     out = {k: v for k, v in params.items() if k != "head"}
     return {**out, "head": head} if head else out

@@ -81,7 +81,8 @@ def choose(results: Sequence[dict[str, Any]], metric: str, default: int | None =
     if not finite:
         raise ValueError(f"no search candidate has a finite eval {metric}: {values}")
     best = max(finite, key=lambda i: (values[i], -i))
-    if default in finite and min_gain > 0 and values[best] - values[default] <= min_gain:
+    # "more than min_gain", read past float rounding (0.903 - 0.900 is 0.0030000000000000027)
+    if default in finite and min_gain > 0 and values[best] - values[default] <= min_gain + 1e-9:
         return default
     return best
 

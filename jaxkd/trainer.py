@@ -254,6 +254,10 @@ def stage_distill(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
     trained loss projections."""
     record = {}
     if distill.search is not None and distill.steps != 0:
+        if teacher_source(distill, plan.task) == "cached":  # built once, before any is timed
+            teacher_logits_cache(rt, plan, run_.teacher_params, run_.cache_dir, run_.train,
+                                 distill.teacher_cache_dtype)
+
         def candidate(i: int, setting: dict) -> tuple[dict, float]:
             started = time.perf_counter()
             params, _, _ = train_student(rt, plan, run_, dataclasses.replace(distill, search=None, **setting),
@@ -267,7 +271,10 @@ def stage_distill(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
                                           workdir=rt.workdir, train=candidate, write=rt.is_main)
         log.info("search: chose %s", record["search"]["setting"])
         distill = dataclasses.replace(distill, search=None, **record["search"]["setting"])
+    started = time.perf_counter()
     params, info, proj = train_student(rt, plan, run_, distill, "distill")
+    if record:  # the chosen setting's full run, timed as the candidates are (this process's part)
+        record["search"]["full_run_seconds"] = round(time.perf_counter() - started, 1)
     mark_stage(rt, "distill", {**info, "rows": len(run_.train), **record})
     return params, proj
 

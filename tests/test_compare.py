@@ -55,7 +55,7 @@ def test_report_sections_with_and_without_a_baseline_and_search():
         "candidates": [{"temperature": 1.0, "alpha": 0.5, "eval": {"accuracy": 0.7}, "seconds": 20.0},
                        {"temperature": 4.0, "alpha": 0.5, "eval": {"accuracy": 0.8}, "seconds": 10.0}],
         "chosen": 1, "setting": {"temperature": 4.0, "alpha": 0.5}, "steps_per_candidate": 10,
-        "seconds": 30.0}}}
+        "seconds": 30.0, "full_run_seconds": 100.0}}}
     out = compare.report_sections(metric="accuracy", student={"eval": {"accuracy": 0.8}, "test": {"accuracy": 0.7}},
                                   teacher={"eval": {"accuracy": 0.9}},
                                   baseline={"eval": {"accuracy": 0.75}, "test": {"accuracy": 0.72}},
@@ -64,6 +64,12 @@ def test_report_sections_with_and_without_a_baseline_and_search():
     assert out["kd_gain"]["test"]["accuracy"] == pytest.approx(-0.02)
     assert out["kd_verdict"].startswith("KD beats") and out["teacher_readiness"] == []
     assert out["search"]["full_run_seconds"] == 100.0 and out["search"]["cost_ratio"] == pytest.approx(0.3)
+    # a record from before the full run was timed on its own: no ratio rather than a guess
+    old = {"distill": {"seconds": 130.0, "search": {k: v for k, v in stages["distill"]["search"].items()
+                                                    if k != "full_run_seconds"}}}
+    earlier = compare.report_sections(metric="accuracy", student={"eval": {"accuracy": 0.8}},
+                                      teacher={}, baseline=None, teacher_curve=[], stages=old)
+    assert earlier["search"]["full_run_seconds"] is None and earlier["search"]["cost_ratio"] is None
     bare = compare.report_sections(metric="accuracy", student={"eval": {"accuracy": 0.8}}, teacher={},
                                    baseline=None, teacher_curve=[], stages={"distill": {"seconds": 5}})
     assert bare == {}

@@ -31,6 +31,10 @@ def test_min_gain_keeps_the_sections_setting_unless_a_candidate_beats_it_by_more
     assert search.choose(results, "f1", default=1) == 2  # no margin: the best
     assert search.choose(results, "f1", default=None, min_gain=0.01) == 2  # not in the grid
     assert search.choose(results, "f1", default=3, min_gain=0.01) == 2  # the section's is NaN
+    # exactly min_gain above is not more, float rounding notwithstanding (0.903 - 0.9 > 0.003)
+    assert 0.903 - 0.900 > 0.003
+    assert search.choose([{"eval": {"f1": v}} for v in (0.900, 0.903)], "f1", default=0,
+                         min_gain=0.003) == 0
 
 
 def test_run_keeps_the_sections_setting_within_min_gain(tmp_path):

@@ -108,3 +108,19 @@ def test_student_from_pretrained_mismatched_vocab(tmp_path):
     directory, _ = _write_checkpoint(tmp_path, vocab_size=41)
     with pytest.raises(ValueError, match="vocab_size 41 but the teacher has 40.*tokenizers must agree"):
         student_from_pretrained(directory, TEACHER, num_labels=3)
+
+
+def test_a_head_module_of_another_shape_is_fresh_and_one_that_fits_is_kept():
+    """A teacher's projection from a narrower pooling (a Dense module after mean pooling) cannot
+    serve a student pooling [mean, max]: it is initialised afresh at the wider shape."""
+    from jaxkd.plan import _with_fresh_head
+
+    narrow = tiny_model_config("sentence_embedding", 1).replace(pooling=("mean",), projection=8)
+    wide = narrow.replace(pooling=("mean", "max"))
+    params = init_params(narrow, jax.random.key(0))
+    hidden = narrow.encoder.hidden_size
+    assert params["head"]["projection"]["kernel"].shape == (hidden, 8)
+    assert _with_fresh_head(narrow, params, jax.random.key(1)) is params
+    widened = _with_fresh_head(wide, params, jax.random.key(1))
+    assert widened["head"]["projection"]["kernel"].shape == (2 * hidden, 8)
+    assert widened["encoder"] is params["encoder"]

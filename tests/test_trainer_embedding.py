@@ -218,6 +218,32 @@ def test_unscored_eval_sentences_are_refused(tmp_path, st_teacher, sts_data):
         run_in_process(cfg)
 
 
+def test_an_eval_fraction_of_unscored_sentences_is_refused_before_work(tmp_path, st_teacher, sts_data):
+    cfg = embed_config(tmp_path / "run", st_teacher, sts_data,
+                       **{"data.eval": None, "data.eval_fraction": 0.2})
+    with pytest.raises(ConfigError, match=r"data.eval_fraction .* is not scored sentence pairs.*set data.eval"):
+        run_in_process(cfg)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_task_metric_orders_the_scores_so_selection_reads_it(st_teacher):
+    from jaxkd.tasks import similarity
+
+    outputs = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    gold = np.linspace(0.0, 5.0, 6)
+    examples = similarity.Examples("s", [f"a{i}" for i in range(6)], [f"b{i}" for i in range(6)],
+                                   gold, True, {})
+    for metric in ("spearman", "pearson"):
+        task = embedding.resolve(embedding.EmbeddingConfig(metric=metric))
+        scores = task.scores(outputs, None, examples)
+        cos = np.sum(outputs[:6] * outputs[6:], 1) / (np.linalg.norm(outputs[:6], axis=1)
+                                                      * np.linalg.norm(outputs[6:], axis=1))
+        reference = {"spearman": scipy_stats.spearmanr(cos, gold).statistic,
+                     "pearson": scipy_stats.pearsonr(cos, gold).statistic}
+        assert list(scores)[0] == metric  # the first is what the loop selects on
+        assert scores == pytest.approx(reference)
+
+
 @pytest.mark.slow
 def test_the_embedding_cache_is_keyed_by_teacher_and_pooling(tmp_path, sts_data, minilm_dir):
     """A plain encoder teacher under two poolings, and another teacher, give three caches."""

@@ -54,7 +54,7 @@ class Source:
 
     @property
     def gzipped(self) -> bool:
-        return self.path.endswith(".gz")
+        return self.path.lower().endswith(".gz")  # as the suffix is matched
 
     @property
     def hub(self) -> tuple[str, str | None, str]:

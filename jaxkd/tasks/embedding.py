@@ -234,6 +234,7 @@ class EmbeddingTask(Task):
     neighbours: int
     split_sentences: bool = False
     metrics: tuple[str, ...] = METRICS
+    max_seq_len: int | None = None  # data.max_seq_len; None where no data section is given
     label_names: tuple[str, ...] = ()
     lowercase: bool = False
     teacher_dir: pathlib.Path | None = None  # the Hugging Face encoder's own directory
@@ -260,6 +261,11 @@ class EmbeddingTask(Task):
 
     def for_teacher(self, directory: pathlib.Path) -> EmbeddingTask:
         found = sbert.layout(directory, self.pooling, self.normalize)
+        if self.max_seq_len and found.max_seq_length and self.max_seq_len > found.max_seq_length:
+            raise DataError(f"data.max_seq_len {self.max_seq_len} is beyond the teacher's window of "
+                            f"{found.max_seq_length} tokens (max_seq_length, "
+                            f"sentence_bert_config.json): it embeds no longer inputs, so set "
+                            f"data.max_seq_len <= {found.max_seq_length}")
         return dataclasses.replace(self, pooling=found.pooling, normalize=found.normalize,
                                    lowercase=found.lowercase, teacher_dir=found.encoder_dir,
                                    dense_dir=found.dense_dir, dense_width=found.dense_width)
@@ -300,6 +306,7 @@ class EmbeddingTask(Task):
         width where the widths differ."""
         if self.student_pooling is not None:
             student = student.replace(pooling=self.student_pooling)
+        sbert.check_writable(student.head.pooling)  # it is exported as a Pooling module
         s_width = output_width(student.encoder, dataclasses.replace(student.head, projection=0))
         t_width = output_width(teacher.encoder, teacher.head)
         if s_width == t_width:
@@ -320,7 +327,7 @@ class EmbeddingTask(Task):
         return EmbeddingObjective(mse_weight=mse, cosine_weight=cosine, similarity_weight=sim)
 
     def export(self, config, params, out_dir, tokenizer, settings):
-        return sbert.save(out_dir, config, params, tokenizer, settings)
+        return sbert.save(out_dir, config, params, tokenizer, settings, lowercase=self.lowercase)
 
     # --- data
 
@@ -378,7 +385,8 @@ class EmbeddingTask(Task):
         if examples.pairs is None or not examples.has_labels:
             return {}
         n = len(examples)
-        return similarity.sts_scores(outputs[:n], outputs[n:2 * n], examples.scores)
+        found = similarity.sts_scores(outputs[:n], outputs[n:2 * n], examples.scores)
+        return {name: found[name] for name in self.metrics}  # the primary (task.metric) first
 
     def agreement(self, student: np.ndarray, teacher: np.ndarray, encoded: Encoded,
                   examples) -> dict[str, float]:
@@ -435,7 +443,8 @@ def resolve(cfg: EmbeddingConfig, data_cfg: DataConfig | None = None) -> Embeddi
         score_range=similarity.check_score_range(cfg.score_range or preset.score_range),
         pooling=cfg.pooling, normalize=cfg.normalize, student_pooling=cfg.student_pooling,
         projection=cfg.projection, weights=(cfg.mse_weight, cfg.cosine_weight, cfg.similarity_weight),
-        neighbours=cfg.neighbours, split_sentences=cfg.split_sentences, metrics=_metrics(cfg))
+        neighbours=cfg.neighbours, split_sentences=cfg.split_sentences, metrics=_metrics(cfg),
+        max_seq_len=None if data_cfg is None else data_cfg.max_seq_len)
 
 
 def _metrics(cfg: EmbeddingConfig) -> tuple[str, ...]:
@@ -451,6 +460,8 @@ def check(cfg: EmbeddingConfig) -> None:
         if getattr(cfg, key) is not None:
             try:
                 sbert.Layout(pathlib.Path("."), getattr(cfg, key))  # validates the modes
+                if key == "student_pooling" or cfg.student_pooling is None:  # the student's
+                    sbert.check_writable(getattr(cfg, key))
             except DataError as e:
                 raise DataError(f"task.{key}: {e}") from e
     if cfg.text_pair is not None and len(cfg.text_pair) != 2:

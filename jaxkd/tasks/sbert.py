@@ -283,22 +283,31 @@ def _max_seq_length(encoder_dir: pathlib.Path, settings: dict) -> int | None:
     return None
 
 
+def check_writable(modes: Sequence[str]) -> None:
+    """Refuses pooling modes that a sentence-transformers Pooling config cannot say: its flags
+    name each mode once, concatenated in its own order (cls, max, mean, mean_sqrt_len_tokens)."""
+    order = [mode for mode in _LEGACY_FLAGS.values() if mode in modes]
+    if list(modes) != order:
+        raise DataError(f"pooling modes {list(modes)} cannot be written as a sentence-transformers "
+                        f"Pooling, which concatenates each mode once in the order "
+                        f"{[m for m in _LEGACY_FLAGS.values() if m in POOLING_MODES]}: "
+                        f"use {order}")
+
+
 def write_modules(out_dir: str | pathlib.Path, pooling: Sequence[str], normalize: bool,
                   width: int, max_seq_length: int,
-                  dense: dict[str, np.ndarray] | None = None) -> pathlib.Path:
+                  dense: dict[str, np.ndarray] | None = None, lowercase: bool = False) -> pathlib.Path:
     """The sentence-transformers files of a directory whose root holds the Hugging Face encoder
     (`jaxkd.hf.save_hf`): modules.json, sentence_bert_config.json, 1_Pooling/config.json, with
     `dense` (a projection {"kernel" [in, out], "bias"}) 2_Dense/ and with `normalize` a
-    Normalize module after it. `width` is the encoder's hidden size."""
+    Normalize module after it. `width` is the encoder's hidden size; `lowercase`: the text is
+    lower-cased before tokenising (sentence_bert_config's do_lower_case)."""
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out_dir)
     modes = tuple(pooling)
     Layout(out, modes, normalize)  # validates the modes before anything is written
-    order = [mode for mode in _LEGACY_FLAGS.values() if mode in modes]
-    if list(modes) != order:  # the flags can only say sentence-transformers' own order
-        raise DataError(f"pooling modes {list(modes)} cannot be written as a sentence-transformers "
-                        f"Pooling; it concatenates them in the order {order}")
+    check_writable(modes)
     modules = [("", "Transformer"), ("1_Pooling", "Pooling")]
     if dense is not None:
         modules.append(("2_Dense", "Dense"))
@@ -319,7 +328,7 @@ def write_modules(out_dir: str | pathlib.Path, pooling: Sequence[str], normalize
                    "linear.bias": np.asarray(dense["bias"], np.float32)},
                   str(out / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "sentence_bert_config.json",
-                {"max_seq_length": int(max_seq_length), "do_lower_case": False})
+                {"max_seq_length": int(max_seq_length), "do_lower_case": bool(lowercase)})
     _write_json(out / "modules.json",
                 [{"idx": i, "name": str(i), "path": path,
                   "type": f"sentence_transformers.models.{kind}"}
@@ -332,13 +341,13 @@ def _write_json(path: pathlib.Path, value) -> None:
 
 
 def save(out_dir: str | pathlib.Path, config, params, tokenizer,
-         settings: dict | None = None) -> pathlib.Path:
+         settings: dict | None = None, lowercase: bool = False) -> pathlib.Path:
     """A sentence-transformers directory of a model with the embedding head (`config`, a
     `ModelConfig`, and its `params`) that `SentenceTransformer(out_dir)` loads: the encoder as
     its family's bare model (`BertModel`, `RobertaModel`, ...: `jaxkd.hf.save_hf`, with
     `settings` in its config.json), the tokenizer, and the module files (`write_modules`: the
     head's pooling, its projection as a Dense module, its normalisation; the window
-    `settings["max_seq_len"]`, else the encoder's)."""
+    `settings["max_seq_len"]`, else the encoder's; `lowercase` as the teacher's)."""
     from jaxkd import hf  # pylint: disable=import-outside-toplevel
 
     head = config.head
@@ -353,5 +362,6 @@ def save(out_dir: str | pathlib.Path, config, params, tokenizer,
         raw.pop(key, None)
     _write_json(out / "config.json", raw)
     window = (settings or {}).get("max_seq_len") or config.encoder.max_length
-    write_modules(out, head.pooling, head.normalize, config.encoder.hidden_size, window, dense)
+    write_modules(out, head.pooling, head.normalize, config.encoder.hidden_size, window, dense,
+                  lowercase)
     return out

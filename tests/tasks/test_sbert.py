@@ -136,8 +136,40 @@ def test_written_modules_read_back(tmp_path):
         out = tmp_path / "_".join(modes)
         sbert.write_modules(out, modes, normalize, width=16, max_seq_length=96)
         assert sbert.read_modules(out) == sbert.Layout(out, modes, normalize, 96, False, True)
-    with pytest.raises(DataError, match=r"in the order \['cls', 'mean'\]"):
+    with pytest.raises(DataError, match=r"use \['cls', 'mean'\]"):
         sbert.write_modules(tmp_path / "bad", ("mean", "cls"), False, 16, 96)
+    with pytest.raises(DataError, match=r"each mode once"):
+        sbert.check_writable(("mean", "mean"))
+    sbert.write_modules(tmp_path / "lower", ("mean",), True, 16, 96, lowercase=True)
+    assert sbert.read_modules(tmp_path / "lower").lowercase
+
+
+def test_a_student_pooling_that_cannot_be_exported_is_refused_when_the_config_is_read():
+    from jaxkd import config as config_lib
+
+    for key, modes in (("student_pooling", ["mean", "max"]), ("pooling", ["mean", "cls"]),
+                       ("student_pooling", ["cls", "cls"])):
+        with pytest.raises(config_lib.ConfigError, match=f"task.{key}: pooling modes"):
+            config_lib.from_dict({"task": {"type": "sentence_embedding", key: modes}})
+    # a teacher pooling the student does not use is not exported
+    config_lib.from_dict({"task": {"type": "sentence_embedding", "pooling": ["mean", "cls"],
+                                   "student_pooling": ["cls", "mean"]}})
+
+
+def test_a_window_beyond_the_teachers_is_refused(minilm_dir):
+    from jaxkd.data import DataConfig
+    from jaxkd.tasks import resolve, task_config
+
+    window = sbert.layout(minilm_dir).max_seq_length
+    assert window == json.loads((minilm_dir / "sentence_bert_config.json").read_text())["max_seq_length"]
+    cfg = task_config("sts", type="sentence_embedding")
+    for length, refused in ((window, False), (window + 1, True)):
+        task = resolve(cfg, DataConfig(max_seq_len=length))
+        if refused:
+            with pytest.raises(DataError, match=f"beyond the teacher's window of {window} tokens"):
+                task.for_teacher(minilm_dir)
+        else:
+            assert task.for_teacher(minilm_dir).pooling == ("mean",)
 
 
 # ----------------------------------------------------------------------------- pooling
