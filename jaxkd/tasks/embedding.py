@@ -14,7 +14,6 @@ directories.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import pathlib
 from typing import Any, ClassVar
@@ -191,24 +190,7 @@ def objective(head: HeadConfig) -> Objective:
     return EmbeddingObjective()
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def is_sts_release(path: str | pathlib.Path) -> bool:
-    """Whether a local file is an STS Benchmark file as released: tab-separated without a
-    header, its first line's fifth field a score (`similarity.read_sts_release`)."""
-    path = pathlib.Path(path)
-    if not path.is_file() or path.suffix.lower() not in (".csv", ".tsv", ".txt"):
-        return False
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        first = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), [])
-    if len(first) < similarity.STS_FIELDS:
-        return False
-    try:
-        float(first[4])
-    except ValueError:
-        return False
-    return True
+# ----------------------------------------------------------------------------- the task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +314,7 @@ class EmbeddingTask(Task):
     # --- data
 
     def read(self, data_cfg: DataConfig, source: str) -> Table:
-        if data_lib.is_local_path(source) and is_sts_release(source):
+        if data_lib.is_local_path(source) and similarity.is_sts_release(source):
             return similarity.read_sts_release(source)
         return data_lib.read_split(data_cfg, source, None)
 

@@ -157,6 +157,23 @@ class Examples:
                         self.scores[indices], self.has_labels, {})
 
 
+def is_sts_release(path: str | pathlib.Path) -> bool:
+    """Whether a local file is an STS Benchmark file as released: tab-separated without a
+    header, its first line's fifth field a score (`read_sts_release`)."""
+    path = pathlib.Path(path)
+    if not path.is_file() or path.suffix.lower() not in (".csv", ".tsv", ".txt"):
+        return False
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        first = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), [])
+    if len(first) < STS_FIELDS:
+        return False
+    try:
+        float(first[4])
+    except ValueError:
+        return False
+    return True
+
+
 def read_sts_release(path: str | pathlib.Path) -> Table:
     """An STS Benchmark file as released (sts-train/dev/test.csv): tab-separated, no header,
     quoting off (sentences hold unmatched quotes), the first seven fields `genre, file, year, id,
