@@ -381,12 +381,8 @@ def _with_fresh_head(config: ModelConfig, params, rng: jax.Array):
     wanted = shapes.get("head", {})
     have = params.get("head", {})
 
-    def fits(name: str) -> bool:
-        return name in have and jax.tree.structure(have[name]) == jax.tree.structure(wanted[name]) \
-            and all(np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(have[name]),
-                                                           jax.tree.leaves(wanted[name])))
-
-    kept = {name for name in wanted if fits(name)}
+    kept = {name for name in wanted if name in have and
+            jax.tree.map(np.shape, have[name]) == jax.tree.map(np.shape, wanted[name])}
     if kept == set(wanted) == set(have):
         return params
     fresh = init_params(config, rng)["head"]
