@@ -148,14 +148,13 @@ def augment_words(words: Sequence[str], rng: np.random.Generator, cfg: AugmentCo
     out = []
     for i, (word, u) in enumerate(zip(words, draws)):
         near = table.neighbours.get(word, ())
-        if keep is not None and keep[i]:
-            out.append(word)
-        elif u < cfg.mask_prob:
-            out.append(table.mask_token)
+        if u < cfg.mask_prob:
+            new = table.mask_token
         elif u < cfg.mask_prob + cfg.replace_prob and near:
-            out.append(near[rng.integers(len(near))])
+            new = near[rng.integers(len(near))]  # drawn for a kept word too: same stream
         else:
-            out.append(word)
+            new = word
+        out.append(word if keep is not None and keep[i] else new)
     if out and rng.random() < cfg.ngram_prob:
         n = min(int(rng.integers(1, NGRAM_MAX + 1)), len(out))
         start = int(rng.integers(len(out) - n + 1))

@@ -80,6 +80,23 @@ def test_whole_word_vocabulary_leaves_out_pieces_and_specials(small_tokenizer):
     assert [VOCAB[i] for i in ids] == texts
 
 
+def test_kept_words_change_no_other_words_fate():
+    """A kept word still takes its draws, so every other word (and the n-gram) comes out as it
+    would without `keep`."""
+    words = [f"w{i}" for i in range(40)]
+    table = transfer.WordTable("[MASK]", {w: tuple(f"{w}-{j}" for j in range(7)) for w in words})
+    cfg = transfer.AugmentConfig(mask_prob=0.2, replace_prob=0.6, ngram_prob=0.5)
+    keep = [i % 3 == 0 for i in range(len(words))]
+    for seed in range(20):
+        free = transfer.augment_words(words, np.random.default_rng(seed), cfg, table)
+        kept = transfer.augment_words(words, np.random.default_rng(seed), cfg, table, keep)
+        assert len(kept) == len(free)  # the same n-gram
+        for a, b in zip(free, kept):
+            if a != b:  # only a kept word differs, and it is the word its draw would change
+                assert b in words and keep[words.index(b)]
+                assert a == "[MASK]" or a.startswith(b + "-")
+
+
 def test_ngrams_are_contiguous_runs_of_the_original_words(small_tokenizer, embeddings):
     texts, _ = augment(SENTENCES, None, small_tokenizer, embeddings, mask_prob=0.0,
                        replace_prob=0.0, ngram_prob=1.0)

@@ -164,7 +164,7 @@ class EmbeddingObjective(Objective):
         s, t, w = student_out.logits, teacher_out.logits, batch["weights"]
         terms = []
         for name, weight, fn in (("loss/embedding_mse", self.mse_weight, similarity.embedding_mse),
-                                 ("loss/cosine", self.cosine_weight, similarity.cosine_distance)):
+                                 ("loss/embedding_cosine", self.cosine_weight, similarity.cosine_distance)):
             if weight > 0:
                 terms.append((name, weight, fn(s, t, w)))
         if self.similarity_weight > 0:
