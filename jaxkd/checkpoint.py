@@ -57,15 +57,19 @@ class Checkpointer:
         """`stage`: the pipeline stage these checkpoints are of, for messages (the checkpoint
         folder's name when not given)."""
         policies = [pp.LatestN(n=keep)]
+        best = {}
         if keep_best:
             policies.append(pp.BestN(get_metric_fn=_metric, n=1,
                                      keep_checkpoints_without_metrics=False))
+            # best_fn makes orbax write each step's metrics to disk: without them a reopened
+            # manager knows no metric of the older steps, and LatestN drops the best one.
+            best = {"best_fn": _metric, "best_mode": "max"}
         self.directory = pathlib.Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=pp.AnyPreservationPolicy(policies),
-                cleanup_tmp_directories=True, create=True),
+                cleanup_tmp_directories=True, create=True, **best),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
         self.stage = stage or self.directory.name

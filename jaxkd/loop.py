@@ -325,11 +325,11 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
                 "stage again with these")
         state = restored
         start, position = int(meta["batches"]), meta["data"]
-        rt.sink.truncate(stage, start)
         log.info("%s: resuming at step %d from %s", stage, start, ckpt.directory)
     elif saved:
         log.warning("%s: no usable checkpoint in %s (each was moved to %s); starting the stage "
                     "from scratch", stage, ckpt.directory, ckpt.directory / UNUSABLE)
+    rt.sink.truncate(stage, start)  # rows after the restored step (all, from scratch) go
     batches = make_batches(position)
     evals = _eval_points(total_steps, epoch_steps, eval_every)
     bar = report_lib.progress(stage, total_steps, start, enabled=rt.is_main and rt.log.progress)

@@ -3,6 +3,7 @@ deployment table of the student's formats where the run measured one (`jaxkd.dep
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 import statistics
@@ -14,8 +15,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxkd import util
 from jaxkd.data import make_batch
 from jaxkd.deploy import table as deploy_table
+
+log = logging.getLogger("jaxkd")
 
 
 METRICS = "metrics.jsonl"  # a workdir's metric rows, one JSON object a line
@@ -49,7 +53,8 @@ class MetricsSink:
             return
         keep = [r for r in read_metrics(self.path.parent)
                 if r.get("stage") != stage or r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        util.write_atomic(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -296,9 +301,23 @@ def _cell(text: str, width: int = 160) -> str:
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
-    """The rows of workdir/metrics.jsonl ([] before the first)."""
+    """The rows of workdir/metrics.jsonl ([] before the first). A last line cut short (a run
+    killed while appending it) is dropped with a warning; a bad line elsewhere is an error."""
     path = pathlib.Path(workdir) / METRICS
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not a JSON object ({e}); "
+                                 "remove or mend it") from None
+            log.warning("%s: its last line is cut short (a run killed while writing it); "
+                        "ignored", path)
+    return rows
 
 
 def eval_curve(workdir: pathlib.Path, stage: str, metric: str) -> list[tuple[int, float]]:

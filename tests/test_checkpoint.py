@@ -63,6 +63,22 @@ def test_best_step_is_the_highest_eval_metric_and_is_kept(tmp_path):
     ckpt.close()
 
 
+def test_the_best_step_survives_a_resume(tmp_path):
+    """A reopened Checkpointer (a resumed run) still knows the older steps' metrics: the best
+    one is kept while newer, worse steps are saved, and steps without a metric do not evict it."""
+    ckpt = Checkpointer(tmp_path, keep=1)
+    ckpt.save(1, _tree(1), {}, eval_metric=0.9)
+    ckpt.save(2, _tree(2), {}, eval_metric=0.5)
+    ckpt.close()
+    again = Checkpointer(tmp_path, keep=1)
+    for step, value in ((3, 0.4), (4, None), (5, 0.3)):
+        again.save(step, _tree(step), {}, eval_metric=value)
+    again.wait()
+    assert sorted(again.all_steps()) == [1, 5] and again.best_step() == 1
+    _assert_same(again.restore(1, _tree(0.0))[0], _tree(1))
+    again.close()
+
+
 def test_best_step_prefers_the_latest_of_ties_and_skips_steps_without_a_metric(tmp_path):
     ckpt = Checkpointer(tmp_path, keep=5, keep_best=False)
     for step, value in ((1, 0.8), (2, None), (3, 0.8), (4, None)):

@@ -1,6 +1,7 @@
 """jaxkd.report: the record of the code that wrote a report (against throwaway git repositories),
 build_report's entries and ratios, the Markdown report, and the metric sinks, each against values
 computed here."""
+import json
 import shutil
 import subprocess
 
@@ -198,6 +199,21 @@ def test_metrics_sink_appends_one_json_row_per_write_and_truncates_a_stage(tmp_p
     again = MetricsSink(tmp_path, tensorboard=False)
     again.write({"stage": "distill", "step": 6, "loss": 0.1})
     assert _rows(tmp_path / "metrics.jsonl")[-1] == {"stage": "distill", "step": 6, "loss": 0.1}
+
+
+def test_a_cut_short_last_metrics_row_is_dropped_and_a_bad_row_elsewhere_named(tmp_path):
+    from jaxkd.report import MetricsSink, read_metrics
+
+    rows = [{"stage": "distill", "step": s, "loss": 1.0} for s in (1, 2)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "disti')
+    assert read_metrics(tmp_path) == rows
+    # A resumed stage rewrites the file whole: the broken tail is gone, nothing else lost.
+    MetricsSink(tmp_path, tensorboard=False).truncate("distill", 1)
+    assert _rows(path) == rows[:1]
+    path.write_text('{"stage": "disti\n' + json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 1 is not a JSON object"):
+        read_metrics(tmp_path)
 
 
 def test_disabled_sink_writes_nothing(tmp_path):

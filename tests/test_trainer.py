@@ -143,6 +143,22 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_teacher, sst2
     assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
 
 
+@pytest.mark.slow
+def test_a_stage_started_afresh_drops_its_old_metric_rows(tmp_path, tiny_teacher, sst2_small):
+    """A run killed before its first checkpoint leaves logged rows; the stage that then starts
+    from scratch writes them again instead of adding a second copy."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    stale = [{"stage": "distill", "step": s, "loss": -1.0} for s in (2, 4, 6)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    run_in_process(tiny_config(workdir, tiny_teacher, sst2_small, **{
+        "teacher.finetune.steps": 0, "distill.steps": 6, "log.every_steps": 2}))
+    rows = report_lib.read_metrics(workdir)
+    keys = [(r["stage"], r["step"], r.get("split")) for r in rows]
+    assert len(keys) == len(set(keys)) and ("distill", 6, None) in keys
+    assert all(r["loss"] != -1.0 for r in rows if "loss" in r)
+
+
 def _snapshot(workdir: pathlib.Path) -> dict:
     return {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
 
