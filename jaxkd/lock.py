@@ -3,7 +3,7 @@
 `WorkdirLock(workdir)` creates `workdir/.lock` atomically (a hard link of a complete
 temporary file, which fails when the lock exists) holding the holder's host, PID, start time
 and lease. A lock is stale, and is taken over with a warning, when its process is gone (same
-host) or its lease has expired (another host: the holder renews the lease every third of
+host), when it names this process's PID without being held by it, or its lease has expired (another host: the holder renews the lease every third of
 `LEASE_S` while it runs). Otherwise `LockError` names the holder. On a multi-process run
 process 0 holds the lock for all, and every process learns whether it was taken.
 """
@@ -26,6 +26,8 @@ log = logging.getLogger("jaxkd")
 
 LEASE_S = 300.0
 NAME = ".lock"
+_HELD: set[str] = set()  # lock files this process holds: a record with its PID and no entry here
+#                          is a leftover of an earlier process that had the same PID
 
 
 class LockError(RuntimeError):
@@ -51,13 +53,18 @@ def _read(path: pathlib.Path) -> dict | None:
         return {}
 
 
-def stale_reason(holder: dict, now: float | None = None) -> str | None:
-    """Why the lock described by `holder` no longer holds (None: it holds)."""
+def stale_reason(holder: dict, now: float | None = None,
+                 path: pathlib.Path | None = None) -> str | None:
+    """Why the lock described by `holder` (read from `path`) no longer holds (None: it holds)."""
     now = time.time() if now is None else now
     if not holder:
         return "its lock file is unreadable"
     if holder.get("host") == socket.gethostname():
-        if not _alive(int(holder.get("pid", -1))):
+        pid = int(holder.get("pid", -1))
+        if pid == os.getpid() and path is not None and str(path.absolute()) not in _HELD:
+            return (f"it names this process's PID {pid}, left by an earlier process "
+                    "(a restarted container reuses PIDs)")
+        if not _alive(pid):
             return f"process {holder.get('pid')} is gone"
         return None
     if float(holder.get("lease_until", 0)) < now:
@@ -94,28 +101,41 @@ class WorkdirLock:
             tmp.unlink(missing_ok=True)
 
     def acquire(self) -> None:
-        if not self.workdir.exists():
+        try:
             self.workdir.mkdir(parents=True)
             self._created_dir = True
+        except FileExistsError:  # there already (or made by a run starting beside this one)
+            pass
         for _ in range(3):
             if self._try_create():
                 self._held = True
+                _HELD.add(str(self.path.absolute()))
                 self._start_renewing()
                 return
             holder = _read(self.path)
             if holder is None:  # released meanwhile
                 continue
-            reason = stale_reason(holder)
+            reason = stale_reason(holder, path=self.path)
             if reason is None:
                 raise LockError(
                     f"workdir {self.workdir} is in use by process {holder.get('pid')} on host "
                     f"{holder.get('host')} (since {time.ctime(float(holder.get('started', 0)))}); "
                     "wait for that run to finish, or use another workdir")
-            # Take over: of several processes doing this at once, one rename succeeds.
+            # Take over: move the stale file aside, then make sure it was the one judged stale.
+            # Of several processes doing this at once, one may have taken over already and
+            # made a fresh lock, which a later rename moved: that one goes back.
             aside = self.path.with_name(f"{NAME}.stale.{os.getpid()}")
             try:
                 os.rename(self.path, aside)
             except FileNotFoundError:
+                continue
+            if _read(aside) != holder:
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    log.warning("workdir %s: a lock taken over at the same time as another "
+                                "run's could not be put back", self.workdir)
+                aside.unlink(missing_ok=True)
                 continue
             aside.unlink(missing_ok=True)
             log.warning("workdir %s: taking over a stale lock (%s)", self.workdir, reason)
@@ -146,6 +166,7 @@ class WorkdirLock:
             if holder and holder.get("pid") == os.getpid() \
                     and holder.get("host") == socket.gethostname():
                 self.path.unlink(missing_ok=True)
+            _HELD.discard(str(self.path.absolute()))
             self._held = False
         if self._created_dir:
             try:

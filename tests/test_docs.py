@@ -1,6 +1,6 @@
 """The manual matches the code: every config key on docs/configuration.md with its default, the
-registries (task kinds, head kinds, families) as the docs list them, and no broken relative link
-in README.md or docs/*.md."""
+registries (task kinds, head kinds, families) as the docs list them, no broken relative link
+in README.md or docs/*.md, and every test the docs cite."""
 from __future__ import annotations
 
 import dataclasses
@@ -307,3 +307,15 @@ def test_every_docs_page_is_linked_from_the_readme_and_the_contents():
             continue
         assert f"docs/{page.name}" in readme, page.name
         assert f"]({page.name}" in contents, page.name
+
+
+def test_tests_named_in_the_docs_exist():
+    """A `file.py::test_name` the manual cites as the proof of a behaviour is a test there."""
+    missing = []
+    for page in _pages():
+        for file, name in re.findall(r"([\w/]+\.py)::(test_\w+)", page.read_text(encoding="utf-8")):
+            found = [p for p in (ROOT / "tests").rglob(pathlib.Path(file).name)
+                     if re.search(rf"^def {name}\(", p.read_text(encoding="utf-8"), re.M)]
+            if not found:
+                missing.append(f"{page.relative_to(ROOT)}: {file}::{name}")
+    assert not missing, "\n".join(missing)

@@ -44,6 +44,34 @@ def test_the_lock_of_a_process_that_is_gone_is_taken_over(tmp_path, caplog):
     assert f"process {dead} is gone" in caplog.text
 
 
+def test_a_lock_naming_this_process_but_not_held_by_it_is_taken_over(tmp_path, caplog):
+    """A restarted container reuses PIDs: the lock its killed run left can name the new run."""
+    _write_holder(tmp_path, host=socket.gethostname(), pid=os.getpid(), lease_until=0)
+    with caplog.at_level("WARNING", logger="jaxkd"), lock.WorkdirLock(tmp_path):
+        with pytest.raises(lock.LockError, match="in use by process"):  # held now: it holds
+            lock.WorkdirLock(tmp_path).acquire()
+    assert "names this process's PID" in caplog.text
+
+
+def test_a_takeover_never_moves_a_lock_another_run_just_took(tmp_path, monkeypatch):
+    """Two runs judge the same lock stale; the first takes it over and makes its own. The
+    second, moving what is there now, finds another record and puts it back."""
+    _write_holder(tmp_path, host="elsewhere", pid=1, lease_until=0)
+    fresh = {"host": "elsewhere", "pid": 2, "started": time.time(), "lease_until": time.time() + 60}
+    judge = lock.stale_reason
+
+    def judged_then_taken_over(holder, now=None, path=None):
+        reason = judge(holder, now, path)
+        if holder.get("pid") == 1:  # meanwhile the other run took over
+            (tmp_path / ".lock").write_text(json.dumps(fresh))
+        return reason
+    monkeypatch.setattr(lock, "stale_reason", judged_then_taken_over)
+    with pytest.raises(lock.LockError, match="in use by process 2 on host elsewhere"):
+        lock.WorkdirLock(tmp_path).acquire()
+    assert json.loads((tmp_path / ".lock").read_text()) == fresh
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
 def test_another_hosts_lock_holds_until_its_lease_expires(tmp_path):
     _write_holder(tmp_path, host="elsewhere", pid=1, lease_until=time.time() + 60)
     with pytest.raises(lock.LockError, match="on host elsewhere"):
