@@ -38,7 +38,7 @@ FREE = ("workdir", "compilation_cache", "log.", "distributed.", "data.eval_batch
 _LATER = {"student.": "distill", "content.student": "distill", "distill.": "distill", "data.unlabeled": "distill", "data.unlabeled_ratio": "distill",
           "data.unlabeled_max_rows": "distill",
           "content.data.unlabeled": "distill", "distill.baseline": "baseline",
-          "student.export_as": "export",
+          "optim.learning_rate": "distill",  # the teacher's is teacher.finetune.learning_rate
           "export.": "export", "export.deployment": "report", "export.latency_inputs": "report",
           "export.throughput_batch": "report",
           "data.test": "report", "content.data.test": "report"}

@@ -12,13 +12,13 @@ from jaxkd import launch, manifest
 
 @pytest.mark.parametrize("key, stage", [
     ("teacher.model", "teacher"), ("teacher.finetune.learning_rate", "teacher"),
-    ("optim.learning_rate", "teacher"), ("seed", "teacher"), ("data.train", "teacher"),
+    ("optim.learning_rate", "distill"), ("optim.warmup_ratio", "teacher"), ("seed", "teacher"), ("data.train", "teacher"),
     ("content.teacher", "teacher"), ("content.data.train", "teacher"), ("code.version", "teacher"),
     ("student.layers", "distill"), ("content.student", "distill"), ("distill.temperature", "distill"),
     ("distill.augment.seed", "distill"), ("data.unlabeled", "distill"),
     ("data.unlabeled_ratio", "distill"), ("data.unlabeled_max_rows", "distill"),
     ("content.data.unlabeled[0]", "distill"),
-    ("student.export_as", "export"), ("data.test", "report"), ("content.data.test", "report"),
+    ("student.export_as", "distill"), ("data.test", "report"), ("content.data.test", "report"),
     ("log.every_steps", None), ("compilation_cache", None), ("data.eval_batch_size", None),
     ("checkpoint.every_steps", None), ("distributed.cpu_devices", None), ("workdir", None),
 ])
