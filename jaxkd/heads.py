@@ -38,6 +38,8 @@ class HeadSpec:
                   tied to it: masked-LM heads)
     reads_positions   the module also takes `positions` [B, P] (the batch's), the positions it
                   scores, or None for every position
+    tied_decoder  family base -> the checkpoint key of the decoder matrix a tied head stands in
+                  for: a checkpoint whose decoder is not its word-embedding table is refused
     """
 
     kind: str
@@ -54,6 +56,7 @@ class HeadSpec:
     onnx_output: str = "logits"
     ties_word_embeddings: bool = False
     reads_positions: bool = False
+    tied_decoder: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def modules(self, base: str) -> tuple[tuple[str, str], ...]:
         """The head's (Flax module, checkpoint module) pairs in the family whose base is `base`."""

@@ -242,6 +242,8 @@ def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
     tensors = weights.read_tensors(files)
     own_head = checkpoint_head_kind(hf_dict) in (None, cfg.head.kind)
     head_requested = num_labels is not None or isinstance(head, HeadConfig)
+    if own_head:
+        _check_tied_decoder(directory, hf_dict, cfg, tensors)
     params, fresh, ignored = _params_from_tensors(cfg, tensors, own_head, head_requested, rng)
     report = LoadReport(weights=tuple(str(f) for f in files), fresh=tuple(fresh), ignored=tuple(ignored))
     if fresh:
@@ -249,6 +251,31 @@ def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
     if ignored:
         log.info("%s: ignored checkpoint keys %s", directory, ", ".join(ignored))
     return (cfg, params, report) if return_report else (cfg, params)
+
+
+def _check_tied_decoder(directory, hf_dict: Mapping, cfg: ModelConfig,
+                        raw: Mapping[str, np.ndarray]) -> None:
+    """A head whose decoder is the word-embedding table (`HeadSpec.tied_decoder`) cannot stand
+    in for a checkpoint's decoder matrix of its own: refuse that checkpoint rather than drop it."""
+    spec, family = cfg.head.spec, families.of(cfg)
+    key = spec.tied_decoder.get(family.base)
+    if key is None:
+        return
+    fix = (f"jaxkd's {spec.kind} head ties its decoder to the word embeddings; use a checkpoint "
+           "with tied embeddings, or load this one with another head (the encoder alone)")
+    if hf_dict.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(f"{directory}: config.json sets tie_word_embeddings false (its "
+                              f"decoder {key} is a matrix of its own): {fix}")
+    tensors = {family.canonical_name(k): v for k, v in raw.items()}
+    names, _ = _param_table(cfg)
+    table = next(hf for path, (hf, _) in names.items() if path[-2:] == ("word_embeddings", "embedding"))
+    decoder = tensors.get(family.canonical_name(key))
+    if decoder is not None and table in tensors and not (
+            np.shape(decoder) == np.shape(tensors[table])
+            and np.allclose(np.asarray(decoder, np.float32), np.asarray(tensors[table], np.float32),
+                            rtol=0, atol=1e-6)):
+        raise CheckpointError(f"{directory}: its decoder {key} differs from the word embeddings "
+                              f"{table}: {fix}")
 
 
 def _dtype_name(dtype: Any) -> str:

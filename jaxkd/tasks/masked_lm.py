@@ -55,4 +55,6 @@ HEAD = model_lib.register_head(model_lib.HeadSpec(
                     ("transform_LayerNorm", "generator_predictions.LayerNorm"),
                     ("bias", "generator_lm_head.bias")),
     },
+    tied_decoder={"bert": "cls.predictions.decoder.weight", "roberta": "lm_head.decoder.weight",
+                  "distilbert": "vocab_projector.weight", "electra": "generator_lm_head.weight"},
     num_labels=1, ties_word_embeddings=True, reads_positions=True))

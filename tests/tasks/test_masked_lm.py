@@ -48,3 +48,25 @@ def test_decoder_is_the_word_embedding_table():
     # The gradient reaches rows of the table that are no input token (the decoder's use of it).
     unused = sorted(set(range(40)) - set(ids.ravel().tolist()))
     assert float(jnp.abs(grads["encoder"]["embeddings"]["word_embeddings"]["embedding"][np.array(unused)]).sum()) > 0
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "electra"])
+def test_a_checkpoint_with_a_decoder_of_its_own_is_refused_not_dropped(model_type, tmp_path):
+    """The head ties its decoder to the word embeddings: a checkpoint whose decoder is another
+    matrix would be scored with the wrong one, so it is refused naming the fix; its encoder
+    alone still loads."""
+    pytest.importorskip("torch")
+    import json
+
+    from helpers import torch_model
+    from jaxkd import hf
+    from jaxkd.families import CheckpointError
+
+    torch_model(model_type, "masked_lm", 1, tie_word_embeddings=False).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="tie_word_embeddings false.*ties its decoder"):
+        hf.load_hf(tmp_path, head="masked_lm")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match="differs from the word embeddings"):
+        hf.load_hf(tmp_path, head="masked_lm")
+    hf.load_hf(tmp_path, head="sequence", num_labels=2)  # the encoder alone
