@@ -197,12 +197,20 @@ def _distill_summary(distill, steps_run: int | None) -> dict:
     return out
 
 
+def _retention(teacher: float | None, student: float | None, lower_is_better: bool) -> float | None:
+    """student / teacher (teacher / student where lower is better): below 1, a worse student."""
+    if teacher is None or student is None:
+        return None
+    over, under = (teacher, student) if lower_is_better else (student, teacher)
+    return over / under if under else None
+
+
 def build_report(cfg, task, models: dict, agreement: dict, distill_steps: int | None = None) -> dict:
     """teacher/student entries with metrics, retention, agreement (per split) and speed-up;
     `distill_steps`: the steps the distill stage ran."""
     teacher, student = models["teacher"], models["student"]
-    retention = {k: (student["metrics"][k] / teacher["metrics"][k]
-                     if teacher["metrics"].get(k) and student["metrics"][k] is not None else None)
+    retention = {k: _retention(teacher["metrics"].get(k), student["metrics"][k],
+                               k in task.lower_is_better)
                  for k in student["metrics"]}
     return {
         "task": task.name,
@@ -355,13 +363,16 @@ def _plots(report: dict, workdir: pathlib.Path) -> None:
         fig.savefig(workdir / "training_curves.png", dpi=100)
         plt.close(fig)
 
-    name = report["metric_names"][0]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     who = ["teacher", "student"]
-    axes[0].bar(who, [report[w]["metrics"].get(name, 0.0) for w in who], color=["#888", "#3a7"])
-    axes[0].set(title=f"{name} ({report['report_split']})")
-    axes[1].bar(who, [report[w]["latency_ms"] for w in who], color=["#888", "#3a7"])
-    axes[1].set(title="latency, batch 1 (ms)")
+    # The first metric both models have (a held-out run without masked-LM heads has none).
+    name = next((m for m in report["metric_names"]
+                 if all(report[w]["metrics"].get(m) is not None for w in who)), None)
+    fig, axes = plt.subplots(1, 2 if name else 1, figsize=(8 if name else 4, 3.5), squeeze=False)
+    if name:
+        axes[0][0].bar(who, [report[w]["metrics"][name] for w in who], color=["#888", "#3a7"])
+        axes[0][0].set(title=f"{name} ({report['report_split']})")
+    axes[0][-1].bar(who, [report[w]["latency_ms"] for w in who], color=["#888", "#3a7"])
+    axes[0][-1].set(title="latency, batch 1 (ms)")
     fig.tight_layout()
     fig.savefig(workdir / "teacher_vs_student.png", dpi=100)
     plt.close(fig)

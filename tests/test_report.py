@@ -113,6 +113,29 @@ def test_build_report_derives_its_ratios_from_the_entries(built):
     assert report["code"] == code_version()
 
 
+def test_retention_below_one_is_a_worse_student_for_perplexity_too():
+    from jaxkd.report import _retention
+
+    assert _retention(0.8, 0.6, False) == pytest.approx(0.75)
+    assert _retention(10.0, 20.0, True) == pytest.approx(0.5)  # the student's perplexity doubled
+    assert _retention(0.0, 0.5, False) is None and _retention(10.0, 0.0, True) is None
+    assert _retention(None, 0.5, False) is None and _retention(0.5, None, True) is None
+
+
+def test_report_plot_of_a_run_without_shared_metrics(tmp_path, built):
+    """A held-out run whose models have no masked-LM heads has no metric to set side by side:
+    the plot shows the latency alone (it drew bars of 0 under the first metric's name)."""
+    pytest.importorskip("matplotlib")
+    from jaxkd.report import _plots
+
+    _, _, report = built
+    report = {**report, "metric_names": ["mlm_accuracy", "perplexity"],
+              "teacher": {**report["teacher"], "metrics": {"mlm_accuracy": None}},
+              "student": {**report["student"], "metrics": {}}}
+    _plots(report, tmp_path)
+    assert (tmp_path / "teacher_vs_student.png").stat().st_size > 0
+
+
 def test_report_split_is_eval_without_a_test_split(built):
     from jaxkd.report import build_report
 

@@ -98,6 +98,9 @@ class Task:
     # held-out total) instead of by per-row predictions (`scores`); the teacher runs in every
     # step (no teacher-logit cache).
     heldout: ClassVar[bool] = False
+    # Metrics where lower is better (perplexity): their retention is teacher / student, so that
+    # below 1 means a worse student for every metric.
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
     name: str
     label_names: tuple[str, ...]
     metrics: tuple[str, ...]

@@ -44,7 +44,8 @@ TRANSFER = {"data.unlabeled": "the training text is already unlabelled: add it t
                               "(a list of files)",
             "distill.augment": "general distillation masks its own text; there is nothing to "
                                "augment"}
-# Held-out figures: the selection score first (the checkpoint with the highest is kept).
+# Held-out figures: the selection score first. The checkpoint with the highest held-out score
+# (minus the held-out total) is kept whichever task.metric heads the report.
 METRICS = ("heldout_score", "mlm_accuracy", "perplexity")
 DOCUMENTS = ("lines", "paragraphs")
 EVAL_MASK_SEED = 0  # held-out masks: the same for every run, so runs compare on equal terms
@@ -228,6 +229,7 @@ class GeneralTask(Task):
     teacher_has_head: bool | None = None  # known once the teacher is (`for_teacher`)
 
     heldout: ClassVar[bool] = True
+    lower_is_better: ClassVar[tuple[str, ...]] = ("perplexity",)
 
     @property
     def num_labels(self) -> int:
