@@ -13,6 +13,7 @@ Owns the on-disk layout of a tokenized corpus (a keyed directory, `corpus_key`, 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import concurrent.futures
 import dataclasses
 import json
@@ -280,13 +281,49 @@ class _Rate:
 
 # ----------------------------------------------------------------------------- reading
 
+def _shard_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:
+    """A .npy file's shape and dtype (its map closed again at once)."""
+    shard = np.load(path, mmap_mode="r")
+    return shard.shape, shard.dtype
+
+
+class _Shards(collections.abc.Sequence):
+    """A corpus's shard files as a sequence of memory maps, opened when read and at most
+    `OPEN_SHARDS` open at once (each map holds a file descriptor: a corpus of thousands of
+    shards must not exhaust the process's limit)."""
+
+    OPEN_SHARDS = 64
+
+    def __init__(self, paths: Sequence[pathlib.Path]):
+        self._paths = tuple(paths)
+        self._open: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]
+        with self._lock:
+            shard = self._open.pop(index, None)
+            if shard is None:
+                shard = np.load(self._paths[index], mmap_mode="r")
+                while len(self._open) >= self.OPEN_SHARDS:
+                    self._open.popitem(last=False)
+            self._open[index] = shard
+        return shard
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """A tokenized corpus: its shards memory-mapped, read as one stream of token ids (documents
-    each followed by [SEP]). Holds O(#shards) in memory, never O(tokens)."""
+    """A tokenized corpus: its shards memory-mapped when read, read as one stream of token ids
+    (documents each followed by [SEP]). Holds O(#shards) in memory, never O(tokens), and keeps
+    at most `_Shards.OPEN_SHARDS` files open."""
 
     directory: pathlib.Path
-    shards: tuple[np.ndarray, ...]  # uint16 / uint32 [tokens of shard i], memory-mapped
+    shards: Sequence[np.ndarray]  # uint16 / uint32 [tokens of shard i], memory-mapped
     offsets: np.ndarray  # int64 [#shards + 1]: shard i holds stream positions offsets[i]:offsets[i+1]
     manifest: dict[str, Any]  # corpus.json
 
@@ -299,14 +336,16 @@ class Corpus:
         except FileNotFoundError as err:
             raise DataError(f"{directory}: no {MANIFEST}, so not a complete tokenized corpus; run "
                             f"tokenize again (it resumes)") from err
-        shards = tuple(np.load(directory / s["file"], mmap_mode="r") for s in manifest["shards"])
-        for shard, record in zip(shards, manifest["shards"]):
-            if shard.shape != (record["tokens"],) or shard.dtype != np.dtype(manifest["dtype"]):
-                raise DataError(f"{directory / record['file']}: {shard.dtype}{shard.shape}, but "
-                                f"{MANIFEST} says {manifest['dtype']}({record['tokens']},); delete "
-                                f"the directory and tokenize again")
-        offsets = np.concatenate([[0], np.cumsum([len(s) for s in shards], dtype=np.int64)])
-        return cls(directory, shards, offsets, manifest)
+        paths = [directory / record["file"] for record in manifest["shards"]]
+        for path, record in zip(paths, manifest["shards"]):
+            shape, dtype = _shard_header(path)
+            if shape != (record["tokens"],) or dtype != np.dtype(manifest["dtype"]):
+                raise DataError(f"{path}: {dtype}{shape}, but {MANIFEST} says "
+                                f"{manifest['dtype']}({record['tokens']},); delete the directory "
+                                f"and tokenize again")
+        sizes = [record["tokens"] for record in manifest["shards"]]
+        offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        return cls(directory, _Shards(paths), offsets, manifest)
 
     @property
     def tokens(self) -> int:
@@ -330,7 +369,7 @@ class Corpus:
         at = 0
         while at < count:
             begin = start + at - int(self.offsets[shard])
-            take = min(count - at, len(self.shards[shard]) - begin)
+            take = min(count - at, int(self.offsets[shard + 1] - self.offsets[shard]) - begin)
             out[at:at + take] = self.shards[shard][begin:begin + take]
             at += take
             shard += 1
@@ -378,6 +417,12 @@ class PackedRows:
                             f"{fraction:g} of them to held-out text and keep some for training")
         cut = self.start + len(self) - held
         return dataclasses.replace(self, stop=cut), dataclasses.replace(self, start=cut)
+
+    def token_chunks(self, size: int = 1 << 22) -> Iterator[np.ndarray]:
+        """The tokens of these rows' windows (no [CLS] / [SEP] added), `size` at a time."""
+        begin, end = self.start * self.window, (self.start + len(self)) * self.window
+        for at in range(begin, end, size):
+            yield self.corpus.read(at, min(size, end - at))
 
     def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """int32 [len(indices), seq_len]: the rows at `indices` (each in 0..len-1)."""

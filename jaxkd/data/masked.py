@@ -76,7 +76,7 @@ def _local_rows(batch_size: int, process_index: int, process_count: int) -> np.n
 
 
 def _masked(ids_BxL: np.ndarray, rows_B: np.ndarray, cfg: MaskingConfig, vocab: Vocabulary,
-            seed: int, step: int, weights_B: np.ndarray) -> Batch:
+            seed: int, step, weights_B: np.ndarray) -> Batch:
     masked, positions, labels = mask_batch(
         ids_BxL, cfg=cfg, seed=seed, step=step, rows_B=rows_B, mask_id=vocab.mask_id,
         special_ids=vocab.special_ids, vocab_size=vocab.size, word_starts_V=vocab.word_starts,
@@ -125,9 +125,14 @@ class MaskedBatches(Iterator[Batch]):
         return batch
 
 
+EVAL_MASK_BLOCK = 32  # held-out row g draws its masks from (seed, g // 32, g % 32)
+
+
 class MaskedEvalBatches(Iterable[Batch]):
-    """Every row once, in order, masked from (seed, batch number): the same masks on every pass
-    and for every model. The last batch is filled with copies of its first row at weight 0."""
+    """Every row once, in order, each masked from its own index g: `default_rng((seed, g //
+    EVAL_MASK_BLOCK, g % EVAL_MASK_BLOCK))`, so the masks are the same on every pass, for every
+    model, and whatever the batch size or process count. The last batch is filled with copies
+    of its first row at weight 0."""
 
     def __init__(self, rows, batch_size: int, *, cfg: MaskingConfig, vocab: Vocabulary,
                  seed: int, process_index: int = 0, process_count: int = 1):
@@ -143,6 +148,6 @@ class MaskedEvalBatches(Iterable[Batch]):
         for k in range(len(self)):
             rows_B = np.arange(k * self._batch_size, (k + 1) * self._batch_size)
             real_B = rows_B < n
-            rows_B = np.where(real_B, rows_B, k * self._batch_size)
-            yield _masked(self._rows.rows(rows_B[self._local]), self._local, self._cfg,
-                          self._vocab, self._seed, k, real_B[self._local].astype(np.float32))
+            rows_B = np.where(real_B, rows_B, k * self._batch_size)[self._local]
+            yield _masked(self._rows.rows(rows_B), rows_B % EVAL_MASK_BLOCK, self._cfg, self._vocab,
+                          self._seed, rows_B // EVAL_MASK_BLOCK, real_B[self._local].astype(np.float32))

@@ -94,7 +94,7 @@ def token_counts(token_arrays: Iterable[np.ndarray], vocab_size: int) -> np.ndar
     return counts_V
 
 
-def mask_batch(ids_BxL: np.ndarray, *, cfg: MaskingConfig, seed: int, step: int, rows_B: np.ndarray,
+def mask_batch(ids_BxL: np.ndarray, *, cfg: MaskingConfig, seed: int, step, rows_B: np.ndarray,
                mask_id: int, special_ids: Iterable[int], vocab_size: int,
                word_starts_V: np.ndarray | None = None, token_counts_V: np.ndarray | None = None,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,6 +104,7 @@ def mask_batch(ids_BxL: np.ndarray, *, cfg: MaskingConfig, seed: int, step: int,
                    processes)
     rows_B         each row's position in the global batch (0 .. B_global - 1): row r draws
                    from `default_rng((seed, step, r))` alone
+    step           an int, or one per row [B] (held-out masks key each row on its own)
     mask_id        the [MASK] id; never a target, never drawn as a random token
     special_ids    ids that are never targets nor random tokens ([CLS], [SEP], [PAD], ...)
     word_starts_V  bool [vocab_size], True where an id begins a word; needed by cfg.whole_word
@@ -137,7 +138,9 @@ def mask_batch(ids_BxL: np.ndarray, *, cfg: MaskingConfig, seed: int, step: int,
     maskable_BxL = ~np.isin(ids_BxL, specials)
 
     # One draw per row: L selection keys, P actions, P random tokens.
-    u_BxD = np.array([np.random.default_rng((seed, step, int(r))).random(L + 2 * P) for r in rows_B],
+    steps_B = np.broadcast_to(np.asarray(step, np.int64), rows_B.shape)
+    u_BxD = np.array([np.random.default_rng((seed, int(s), int(r))).random(L + 2 * P)
+                      for s, r in zip(steps_B, rows_B)],
                      np.float64).reshape(B, L + 2 * P)  # B may be 0 on a process
     u_BxL, action_BxP, token_BxP = u_BxD[:, :L], u_BxD[:, L:L + P], u_BxD[:, L + P:]
     n_B = np.where(maskable_BxL.any(1), np.maximum(1, np.rint(cfg.probability * maskable_BxL.sum(1))),

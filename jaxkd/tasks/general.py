@@ -337,11 +337,13 @@ class GeneralTask(Task):
         if examples.part is not None:
             rows = rows.split(examples.fraction)[examples.part == "held"]
         size = len(tokenizer)
+        # Smoothing weighs by the training rows' token counts (held-out text is scored at the
+        # default masks, `eval_batches`, and needs none).
+        smoothing = self.masking.smoothing is not None and examples.part != "held"
         vocab = Vocabulary(
             mask_id=tokenizer.mask_token_id, special_ids=tuple(tokenizer.all_special_ids), size=size,
             word_starts=word_starts(tokenizer)[:size] if self.masking.whole_word else None,
-            counts=(token_counts(tokenized.shards, size) if self.masking.smoothing is not None
-                    else None))
+            counts=token_counts(rows.token_chunks(), size) if smoothing else None)
         return MaskedCorpus(rows, vocab)
 
     def batches(self, encoded: MaskedCorpus, data_cfg: DataConfig, seed: int):
@@ -351,9 +353,10 @@ class GeneralTask(Task):
                                               **geometry)
 
     def eval_batches(self, encoded: MaskedCorpus, data_cfg: DataConfig) -> MaskedEvalBatches:
-        """Every held-out row once, masked from `EVAL_MASK_SEED`."""
+        """Every held-out row once, masked from `EVAL_MASK_SEED` by BERT's default masking
+        (`MaskingConfig()`), whatever the run trains with: runs compare on the same masks."""
         return MaskedEvalBatches(encoded.rows, data_cfg.eval_batch_size or data_cfg.batch_size,
-                                 cfg=self.masking, vocab=encoded.vocab, seed=EVAL_MASK_SEED,
+                                 cfg=MaskingConfig(), vocab=encoded.vocab, seed=EVAL_MASK_SEED,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
 

@@ -287,6 +287,44 @@ def test_packed_rows_match_a_numpy_reference(small_corpus, tokenizer, seq_len):
     with pytest.raises(DataError, match="seq_len"):
         C.PackedRows.of(corpus, tokenizer, 2)
 
+def test_token_chunks_are_the_windows_of_the_rows_alone(small_corpus, tokenizer):
+    """Smoothing counts read the training rows' tokens: the kept rows' windows, held-out ones
+    left out, in chunks of any size."""
+    _, docs, corpus = small_corpus
+    ids = np.asarray(reference_ids(tokenizer, docs))
+    kept, held = C.PackedRows.of(corpus, tokenizer, 10).split(0.25)
+    for rows in (kept, held):
+        body = rows.rows(np.arange(len(rows)))[:, 1:-1].reshape(-1)
+        for size in (7, 1 << 22):
+            np.testing.assert_array_equal(np.concatenate(list(rows.token_chunks(size))), body)
+    np.testing.assert_array_equal(np.concatenate(list(kept.token_chunks())), ids[:len(kept) * 8])
+
+
+def test_a_corpus_of_more_shards_than_open_files_allowed_reads_whole(tmp_path):
+    """Shards are mapped when read, a few at a time: 400 shards under a limit of 160 open files."""
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, 1000, rng.integers(1, 20)).astype(np.uint16) for _ in range(400)]
+    for i, shard in enumerate(shards):
+        np.save(tmp_path / C.shard_name(i), shard)
+    (tmp_path / C.MANIFEST).write_text(json.dumps({
+        "dtype": "uint16", "documents": 400,
+        "shards": [{"file": C.shard_name(i), "tokens": len(s)} for i, s in enumerate(shards)]}))
+    np.save(tmp_path / "expected.npy", np.concatenate(shards))
+    script = (
+        "import resource, sys, numpy as np\n"
+        "from jaxkd.data import corpus as C\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (160, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "c = C.Corpus.open(sys.argv[1])\n"
+        "expected = np.load(sys.argv[1] + '/expected.npy')\n"
+        "assert c.tokens == len(expected)\n"
+        "for _ in range(2):\n"
+        "    np.testing.assert_array_equal(c.read(0, c.tokens), expected)\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_word_starts_wordpiece(tokenizer):
     starts = C.word_starts(tokenizer)
     assert starts.shape == (len(VOCAB),) and starts.dtype == bool

@@ -5,7 +5,7 @@ import pytest
 
 from jaxkd.data import DataError
 from jaxkd.data.masked import MaskedBatches, MaskedEvalBatches, Vocabulary, permute
-from jaxkd.data.masking import MaskingConfig
+from jaxkd.data.masking import MaskingConfig, mask_batch
 
 L, V = 16, 50
 VOCAB = Vocabulary(mask_id=4, special_ids=(0, 1, 2, 3, 4), size=V)
@@ -86,6 +86,28 @@ def test_batches_hold_masked_rows_with_their_targets():
                                       batch["labels"][b][real])
 
 
+def test_eval_masks_belong_to_the_row_not_to_the_batch_size():
+    rows = Rows(37)
+
+    def by_row(batch_size, **kw):
+        out = []
+        for b in MaskedEvalBatches(rows, batch_size, cfg=CFG, vocab=VOCAB, seed=5, **kw):
+            out += [(ids, lab) for ids, lab, w in zip(b["input_ids"], b["labels"], b["weights"]) if w]
+        return out
+    reference = by_row(32)  # the block size: batch k's row j is keyed (seed, k, j)
+    assert len(reference) == 37
+    for batch_size in (4, 5, 64):
+        for (ids, lab), (ref_ids, ref_lab) in zip(by_row(batch_size), reference, strict=True):
+            np.testing.assert_array_equal(ids, ref_ids)
+            np.testing.assert_array_equal(lab, ref_lab)
+    first = next(iter(MaskedEvalBatches(rows, 32, cfg=CFG, vocab=VOCAB, seed=5)))
+    masked, _, labels = mask_batch(rows.rows(np.arange(32)), cfg=CFG, seed=5, step=0,
+                                   rows_B=np.arange(32), mask_id=VOCAB.mask_id,
+                                   special_ids=VOCAB.special_ids, vocab_size=VOCAB.size)
+    np.testing.assert_array_equal(first["input_ids"], masked)
+    np.testing.assert_array_equal(first["labels"], labels)
+
+
 def test_eval_batches_cover_every_row_once_with_fixed_masks():
     rows = Rows(11)
     batches = list(MaskedEvalBatches(rows, 4, cfg=CFG, vocab=VOCAB, seed=5))
@@ -100,3 +122,18 @@ def test_eval_batches_cover_every_row_once_with_fixed_masks():
     for k in range(3):
         np.testing.assert_array_equal(batches[k]["labels"],
                                       np.concatenate([halves[0][k]["labels"], halves[1][k]["labels"]]))
+
+
+def test_general_tasks_score_held_out_text_at_the_default_masks_whatever_they_train_with():
+    from jaxkd.data import DataConfig
+    from jaxkd.tasks import general
+
+    task = general.resolve(general.GeneralConfig(name="text", mask_probability=0.4,
+                                                 mlm_smoothing=0.7))
+    assert task.masking != MaskingConfig()
+    rows = Rows(9)
+    got = task.eval_batches(general.MaskedCorpus(rows, VOCAB), DataConfig(batch_size=4))
+    want = MaskedEvalBatches(rows, 4, cfg=MaskingConfig(), vocab=VOCAB, seed=general.EVAL_MASK_SEED)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
