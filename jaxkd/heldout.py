@@ -2,9 +2,14 @@
 predictions (`Task.heldout`, general distillation): masked-LM accuracy and perplexity of a
 model at fixed masks, and the held-out value of every distillation term.
 
-Each figure is a weighted mean over the split's masked targets (or rows, for the terms), summed
-on the device batch by batch (`Task.eval_batches`: every row once, fixed masks) and divided at
-the end, so the result does not depend on the batch size or the process count.
+Masked-LM accuracy and perplexity are means over the split's masked targets, summed on the device
+batch by batch (`Task.eval_batches`: every row once, each row's masks fixed by its index) and
+divided at the end: they do not depend on the batch size or the process count. The distillation
+terms are each batch's value weighted by its targets; the intermediate terms among them are
+means over a batch's rows, so they are exact where every row has as many targets, and otherwise
+move with the batch grouping by far less than their spread: packed rows of one length hold
+round(15% of their maskable tokens) targets, which differs by one only between rows holding
+several document ends.
 """
 from __future__ import annotations
 
