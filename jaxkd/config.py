@@ -238,6 +238,8 @@ class Config:
     export: ExportConfig = ExportConfig()
 
     def __post_init__(self):
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+               "seed", f"must be an integer >= 0, got {self.seed!r}")
         # Transfer rows (teacher-labelled only) have hard-label weight 0: without the KD term
         # they would carry no loss at all.
         for key, given in (("data.unlabeled", self.data.unlabeled),

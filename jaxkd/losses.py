@@ -330,6 +330,22 @@ def relation_layer(layer: int, teacher_layers: int) -> int:
     return layer % teacher_layers
 
 
+def check_relation_heads(cfg: LossConfig, student_width: int, teacher_width: int,
+                         teacher_heads: int) -> None:
+    """Raise ValueError, before any work, when a relation term is on and the relation heads
+    (`relation_heads`, 0: the teacher's head count) do not divide both widths."""
+    if not cfg.needs_values:
+        return
+    heads = cfg.relation_heads or teacher_heads
+    for who, width in (("student", student_width), ("teacher", teacher_width)):
+        if width % heads:
+            given = "distill.relation_heads" if cfg.relation_heads else "the teacher's head count"
+            raise ValueError(f"the relation terms split both widths into {heads} heads ({given}), "
+                             f"and the {who}'s width {width} is not divisible by {heads}: set "
+                             f"distill.relation_heads to a divisor of {student_width} and "
+                             f"{teacher_width}")
+
+
 def _split_relation_heads(values_BxNxLxD: Array, heads: int) -> Array:
     """Concatenate the heads to [B, L, N*D] and split again into `heads` heads (MiniLM-v2)."""
     B, N, L, D = values_BxNxLxD.shape

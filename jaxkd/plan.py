@@ -126,6 +126,9 @@ def prepare(cfg: Config, write_cache: bool = True,
             losses.layer_map(cfg.distill.layer_map, student_cfg.encoder.num_layers,
                              teacher_cfg.encoder.num_layers)
             losses.relation_layer(cfg.distill.relation_layer, teacher_cfg.encoder.num_layers)
+            losses.check_relation_heads(cfg.distill, student_cfg.encoder.hidden_size,
+                                        teacher_cfg.encoder.hidden_size,
+                                        teacher_cfg.encoder.num_heads)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     # Every split is read and validated before anything (even a tokenisation cache) is written.
@@ -151,6 +154,7 @@ def prepare(cfg: Config, write_cache: bool = True,
                               f"split, which this task cannot use: {e}; set data.eval") from e
         loaded = {"train": kept, "eval": held,
                   **{name: split for name, split in loaded.items() if name == "test"}}
+    task.check_tokenizer(tokenizer)
     token_cache = cache_dir(cfg) if write_cache else data_lib.ReadOnlyDir(cache_dir(cfg))
     splits = {name: Split(source, examples,
                           task.encode(examples, tokenizer, cfg.data.max_seq_len, token_cache))

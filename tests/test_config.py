@@ -54,6 +54,8 @@ def test_impossible_values_fail_before_work():
         config_lib.load_config("/no/such/config.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         config_lib.load_config(None, ["distill.alpha"])
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0, got -2"):
+        config_lib.load_config(None, ["seed=-2"])
 
 
 def test_student_export_as_is_checked():

@@ -173,6 +173,7 @@ def _snapshot(workdir: pathlib.Path) -> dict:
     ({"teacher.model": "runs/no/such/teacher"}, "no such directory: runs/no/such/teacher"),
     ({"export.onnx": "always"}, "export.onnx must be true, false or auto"),
     ({"export.onx": True}, "did you mean 'onnx'"),
+    ({"distill.relation_weight": 1.0, "distill.relation_heads": 3}, "width 32 is not divisible by 3"),
 ])
 def test_bad_input_stops_before_work_and_keeps_outputs(tmp_path, tiny_teacher, sst2_small,
                                                         override, message):

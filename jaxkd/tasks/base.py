@@ -193,6 +193,10 @@ class Task:
         """Validated examples of one split (a file or a Hub split); `len()` and `.skipped`."""
         raise NotImplementedError
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise DataError, before any split is tokenized, when the teacher's tokenizer lacks
+        something this kind needs; by default nothing is needed beyond encoding text."""
+
     def encode(self, examples, tokenizer, max_seq_len: int, cache_dir=None) -> Encoded:
         raise NotImplementedError
 

@@ -51,6 +51,7 @@ DOCUMENTS = ("lines", "paragraphs")
 EVAL_MASK_SEED = 0  # held-out masks: the same for every run, so runs compare on equal terms
 # What works without a masked-LM head on the teacher (kd_weight needs one).
 HEADLESS = ("distill.relation_weight", "distill.cosine_weight", "distill.hidden_weight",
+            "distill.embedding_weight",
             "distill.attention_kl_weight", "distill.value_relation_weight",
             "distill.attention_score_weight", "task.mlm_weight (the student's own head)")
 
@@ -309,6 +310,21 @@ class GeneralTask(Task):
         return ((source, dataclasses.replace(examples, part="kept", fraction=fraction)),
                 (where, dataclasses.replace(examples, part="held", fraction=fraction,
                                             skipped=collections.Counter())))
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Packing needs [CLS] and [SEP], masking [MASK]; whole-word masking a tokenizer model
+        whose word starts it can read (`word_starts`)."""
+        missing = [name for name in ("cls_token", "sep_token", "mask_token")
+                   if getattr(tokenizer, f"{name}_id", None) is None]
+        if missing:
+            raise DataError(f"general distillation packs rows as [CLS] text [SEP] and masks with "
+                            f"[MASK]; the teacher's tokenizer has no {', '.join(missing)}: use a "
+                            f"BERT-family tokenizer that defines them")
+        if self.masking.whole_word:
+            try:
+                word_starts(tokenizer)
+            except DataError as e:
+                raise DataError(f"task.whole_word: {e}; set task.whole_word: false") from e
 
     def encode(self, examples: CorpusFiles, tokenizer, max_seq_len: int,
                cache_dir=None) -> MaskedCorpus:

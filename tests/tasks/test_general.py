@@ -97,3 +97,25 @@ def test_general_step_is_the_same_over_2_processes(tmp_path):
     np.testing.assert_allclose(result["losses"], [m["loss/total"] for m in history], rtol=2e-5)
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
         np.testing.assert_allclose(result[jax.tree_util.keystr(path)], leaf, rtol=1e-4, atol=1e-5)
+
+
+def test_a_tokenizer_without_what_packing_and_masking_need_is_refused_before_tokenizing():
+    import types
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxkd.data import DataError
+
+    task = general.resolve(general.GeneralConfig(name="text"))
+    no_mask = types.SimpleNamespace(cls_token_id=1, sep_token_id=2, mask_token_id=None)
+    with pytest.raises(DataError, match="tokenizer has no mask_token"):
+        task.check_tokenizer(no_mask)
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3, "[UNK]": 4, "word": 5}
+    word_level = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")), cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]", unk_token="[UNK]")
+    task.check_tokenizer(word_level)  # token-level masking needs no word starts
+    whole = general.resolve(general.GeneralConfig(name="text", whole_word=True))
+    with pytest.raises(DataError, match="task.whole_word: .*WordLevel"):
+        whole.check_tokenizer(word_level)
