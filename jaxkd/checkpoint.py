@@ -100,6 +100,12 @@ class Checkpointer:
             self._unrecorded.append(step)
         return bool(saved)
 
+    def delete(self, step: int) -> None:
+        """Remove the checkpoint of `step` (to save it again)."""
+        self.wait()
+        self._manager.delete(step)
+        self._proven.discard(step)
+
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict]:
         """Restore into the structure, dtypes and shardings of `like_state`."""
         abstract = jax.tree.map(

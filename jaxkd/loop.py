@@ -345,9 +345,22 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
                 "optim.learning_rate, check the data, or use precision.compute=float32.")
         return loss
 
-    def save(step, state, eval_metric=None):
+    def save(step, state, eval_metric=None, eval_pending=False):
         meta = {"batches": step, "data": batches.position, "seed": seed, "stage": stage}
+        if eval_pending:  # stopped during this step's evaluation: a resume runs it first
+            meta["eval_pending"] = True
         ckpt.save(step, state, meta, eval_metric=eval_metric)
+
+    def evaluate(done: int, state) -> float:
+        scores = eval_fn(state)
+        rt.sink.write({"stage": stage, "step": done, "split": "eval", **scores})
+        return scores[next(iter(scores))]
+
+    if found is not None and meta.get("eval_pending") and eval_fn is not None:
+        log.info("%s: evaluating step %d, interrupted before the stop", stage, start)
+        eval_metric = evaluate(start, state)
+        ckpt.delete(start)  # saved again with its metric: a candidate for the best, as unstopped
+        save(start, state, eval_metric)
 
     def after_step(done: int, state, metrics: StepMetrics) -> None:
         log_now = done % rt.log.every_steps == 0 or done == total_steps
@@ -361,9 +374,14 @@ def train_loop(rt: Runtime, stage: str, *, state, step_fn: Callable, make_batche
             bar.update(done, loss, rate)
         eval_metric = None
         if done in evals and eval_fn is not None:
-            scores = eval_fn(state)
-            eval_metric = scores[next(iter(scores))]
-            rt.sink.write({"stage": stage, "step": done, "split": "eval", **scores})
+            try:
+                eval_metric = evaluate(done, state)
+            except Preempted:  # keep the steps trained since the last checkpoint
+                metrics.flush()
+                save(done, state, eval_pending=True)
+                ckpt.wait()
+                raise Preempted(f"{stage}: SIGTERM received during the evaluation of step {done}; "
+                                f"checkpoint saved at step {done}, evaluated when the run resumes") from None
         if eval_metric is not None or done % ckpt_cfg.every_steps == 0 or done == total_steps:
             save(done, state, eval_metric)
         if rt.should_stop():

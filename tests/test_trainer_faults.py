@@ -16,8 +16,9 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import run_in_process, student_params, tiny_config
+from helpers import assert_trees_close, run_in_process, student_params, tiny_config
 from jaxkd import hf, loop, manifest
+from jaxkd import report as report_lib
 from jaxkd.checkpoint import RECORD, CheckpointError
 
 pytestmark = pytest.mark.slow  # the pipeline end to end (one finished run, then a rerun per test)
@@ -228,3 +229,34 @@ def test_a_resume_with_another_seed_or_batch_size_names_the_key(finished, tmp_pa
                               f"({change}); use a new workdir, or --restart distill to run the "
                               "stage again with these")
     assert _under(_files(workdir), "checkpoints/") == before
+
+
+def test_a_stop_during_an_evaluation_keeps_the_steps_and_evaluates_on_resume(
+        tmp_path, tiny_teacher, sst2_small, monkeypatch):
+    """SIGTERM while the step-12 evaluation runs: the state of step 12 is saved (not the 0 steps
+    of the last checkpoint), the rerun evaluates it first, and the run ends as one never
+    stopped: same student, same selection, each eval row once."""
+    over = {"teacher.finetune.steps": 0, "distill.teacher_cache": False,
+            "checkpoint.every_steps": 1000}
+    reference = run_in_process(tiny_config(tmp_path / "ref", tiny_teacher, sst2_small, **over))
+    workdir = tmp_path / "run"
+    cfg = tiny_config(workdir, tiny_teacher, sst2_small, **over)
+    predict, calls = loop.Runtime.predict, []
+
+    def stopped_in_first_eval(self, *args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        if len(calls) == 1:
+            self.preempt = True  # what the SIGTERM handler sets
+        return predict(self, *args, **kwargs)
+    monkeypatch.setattr(loop.Runtime, "predict", stopped_in_first_eval)
+    with pytest.raises(loop.Preempted, match="during the evaluation of step 12"):
+        run_in_process(cfg)
+    monkeypatch.setattr(loop.Runtime, "predict", predict)
+    meta = json.loads((workdir / "checkpoints" / "distill" / "12" / "meta" / "metadata").read_text())
+    assert meta["eval_pending"] and meta["batches"] == 12
+    resumed = run_in_process(cfg)
+    assert resumed["student"]["metrics"] == reference["student"]["metrics"]
+    assert_trees_close(student_params(workdir), student_params(tmp_path / "ref"), 1e-6)
+    evals = [r["step"] for r in report_lib.read_metrics(workdir)
+             if r.get("stage") == "distill" and r.get("split") == "eval"]
+    assert evals == [12, 24]
