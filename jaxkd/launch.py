@@ -42,8 +42,8 @@ def parser() -> argparse.ArgumentParser:
                    help="validate the config, read the data and the teacher's config, print the "
                         "plan and exit without training or writing anything")
     p.add_argument("--restart", metavar="STAGE",
-                   help="redo this stage (teacher, distill, export, report) and every stage "
-                        "after it: their checkpoints and outputs in the workdir are removed "
+                   help="redo this stage (teacher, distill, baseline, export, report) and every "
+                        "stage after it: their checkpoints and outputs in the workdir are removed "
                         "once the config has been validated")
     p.add_argument("--verbose", action="store_true",
                    help="print the traceback of a failure (also: JAXKD_VERBOSE=1)")

@@ -260,6 +260,10 @@ def report_markdown(report: dict) -> str:
              "|---|---|---|" + ("---|" if b else "")]
     lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} |" + (f" {_fmt(z)} |" if b else "")
               for name, x, y, z in rows]
+    if report["report_split"] == "eval":
+        lines += ["", "No test split: these figures are on the eval split, which also chose the "
+                  "checkpoint (and a search's settings), so they read optimistic. Set data.test "
+                  "for a figure no choice has seen."]
     lines += ["", f"Retention ({report['report_split']}): "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in report["retention"].items()),
               "Agreement with the teacher: "

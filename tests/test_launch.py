@@ -97,3 +97,10 @@ def test_an_unknown_restart_stage_is_refused_before_any_work(tmp_path, capsys, m
     assert code == 2
     assert "--restart 'distil': unknown stage (did you mean 'distill'?)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_restart_help_names_every_stage():
+    from jaxkd import manifest
+
+    text = " ".join(launch.parser().format_help().split())
+    assert f"redo this stage ({', '.join(manifest.STAGES)})" in text

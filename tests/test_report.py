@@ -142,7 +142,12 @@ def test_report_split_is_eval_without_a_test_split(built):
     cfg, task, report = built
     models = {who: {**report[who], "splits": {"eval": report[who]["splits"]["eval"]}}
               for who in ("teacher", "student")}
-    assert build_report(cfg, task, models, {"eval": 0.9})["report_split"] == "eval"
+    from jaxkd.report import report_markdown
+
+    without_test = build_report(cfg, task, models, {"eval": 0.9})
+    assert without_test["report_split"] == "eval"
+    assert "No test split" in report_markdown(without_test)  # says its figures read optimistic
+    assert "No test split" not in report_markdown(report)
 
 
 # ----------------------------------------------------------------------------- markdown
