@@ -162,8 +162,28 @@ def prepare(cfg: Config, write_cache: bool = True,
     transfer = [Split(source, examples, task.encode(examples, tokenizer, cfg.data.max_seq_len,
                                                     token_cache))
                 for source, examples in unlabeled]
-    return Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune, transfer,
+    plan = Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune, transfer,
                 teacher_dir=teacher_dir)
+    _check_transfer_fills_a_batch(cfg, plan)
+    return plan
+
+
+def _check_transfer_fills_a_batch(cfg: Config, plan: Plan) -> None:
+    """With transfer rows, each batch holds `rows_per_batch` of them and the rest labelled rows:
+    both sets must fill their share of one batch (refused now, not when distillation starts)."""
+    summary = transfer_summary(cfg, plan)
+    if summary is None:
+        return
+    labelled = len(plan.splits["train"].encoded)
+    for name, have, need, fix in (
+            ("transfer", summary["rows"], summary["rows_per_batch"],
+             "give more unlabelled text, raise data.unlabeled_max_rows or lower data.unlabeled_ratio"),
+            ("labelled", labelled, summary["labelled_rows_per_batch"],
+             "lower data.batch_size or raise data.unlabeled_ratio")):
+        if have < need:
+            raise ConfigError(f"{have} {name} rows do not fill the {need} {name} rows of one batch "
+                              f"of {cfg.data.batch_size} (data.unlabeled_ratio "
+                              f"{cfg.data.unlabeled_ratio:g}): {fix}")
 
 
 def _capped(unlabeled: list[tuple[str, Any]], limit: int) -> list[tuple[str, Any]]:

@@ -441,3 +441,14 @@ def test_killed_transfer_run_resumes_to_the_same_result(tmp_path, tiny_teacher, 
             "log.every_steps": 2, "teacher.finetune.steps": 0, "distributed.cpu_devices": 4}
     assert_kill_resume_matches(
         lambda workdir, **o: tiny_config(workdir, tiny_teacher, sst2_small, **o), tmp_path, over, 20)
+
+
+def test_too_few_transfer_rows_for_a_batch_are_refused_by_the_plan(tmp_path, tiny_teacher,
+                                                                    sst2_small):
+    """Refused when the run is planned (train.py --check too), not after teacher fine-tuning."""
+    cfg = config_lib.from_dict(tiny_config(tmp_path / "run", tiny_teacher, sst2_small, **{
+        "data.unlabeled": str(_unlabeled_file(tmp_path)), "data.unlabeled_max_rows": 3,
+        "data.unlabeled_ratio": 0.5}))
+    with pytest.raises(ConfigError, match=r"3 transfer rows do not fill the 4 transfer rows of "
+                                          r"one batch of 8 .*unlabeled_max_rows"):
+        plan.prepare(cfg, write_cache=False)
