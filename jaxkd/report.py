@@ -386,7 +386,8 @@ def _plots(report: dict, workdir: pathlib.Path) -> None:
 
 def write_report(report: dict, workdir: pathlib.Path, plots: bool = True) -> None:
     workdir = pathlib.Path(workdir)
-    (workdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    (workdir / "report.md").write_text(report_markdown(report))
+    for name, text in (("report.json", json.dumps(report, indent=2, default=float)),
+                       ("report.md", report_markdown(report))):
+        util.write_atomic(workdir / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     if plots:
         _plots(report, workdir)

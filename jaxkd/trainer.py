@@ -11,6 +11,7 @@ complete checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -459,6 +460,16 @@ def _begin(cfg: Config, workdir: pathlib.Path, restart: str | None) -> Plan:
     return plan
 
 
+def _finished_report(workdir: pathlib.Path) -> dict | None:
+    """The report of a run whose report stage is recorded done, else None."""
+    if not read_stages(workdir).get("report", {}).get("done"):
+        return None
+    try:
+        return json.loads((workdir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None  # missing or damaged: made again
+
+
 def run(cfg: Config, restart: str | None = None) -> dict:
     """The whole pipeline for one config; returns the report. `restart`: a stage to redo, with
     every stage after it (`jaxkd.manifest.restart`)."""
@@ -482,12 +493,17 @@ def run(cfg: Config, restart: str | None = None) -> dict:
             export_dir = workdir / "student"
             onnx_files = []
             if rt.is_main:
-                plan.task.export(plan.student_config, student_params, export_dir, plan.tokenizer,
-                                 exported.export_settings(plan.task, rt.data))
-                onnx_files = export_onnx(cfg.export, plan.student_config, student_params, export_dir)
+                def write_export(out: pathlib.Path) -> list[pathlib.Path]:
+                    plan.task.export(plan.student_config, student_params, out, plan.tokenizer,
+                                     exported.export_settings(plan.task, rt.data))
+                    return export_onnx(cfg.export, plan.student_config, student_params, out)
+                onnx_files = util.write_dir_atomic(export_dir, write_export)
             mark_stage(rt, "export", {"dir": str(export_dir), "onnx": [p.name for p in onnx_files]})
             rt.check_stop("export")
-            if plan.task.heldout:
+            report = _finished_report(workdir)
+            if report is not None:  # its measurements kept: --restart report measures again
+                log.info("report: done already (%s)", workdir / "report.json")
+            elif plan.task.heldout:
                 report = stage_report_heldout(rt, plan, cfg, teacher_params, student_params,
                                               proj_params)
             else:

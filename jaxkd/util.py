@@ -54,6 +54,34 @@ def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], Any]) 
         raise
 
 
+def write_dir_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], Any]) -> Any:
+    """Creates or replaces the directory `path` with what `write(tmp)` writes into a fresh
+    temporary directory beside it, and returns what `write` returns.
+
+    `path` is never a partly written directory: the old one is moved aside, the new one renamed
+    into place, then the old one removed (a kill between the two renames leaves no `path` and
+    the old one beside it as `<name>.<pid>.old`). If `write` raises, the temporary directory is
+    removed, `path` is left as it was, and the error propagates.
+    """
+    import shutil
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f"{path.name}.{os.getpid()}.{kind}") for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        out = write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def content_hash(chunks: Iterable[bytes | Any], *, algorithm: str = "sha256",
                  digest_size: int | None = None, length: int | None = None,
                  array_layout: bool = True) -> str:

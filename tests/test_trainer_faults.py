@@ -206,9 +206,14 @@ def test_a_missing_or_damaged_exported_teacher_is_exported_again(
 def test_a_rerun_of_a_whole_workdir_warns_of_nothing(finished, tmp_path, tiny_teacher, sst2_small,
                                                      caplog):
     workdir = _copy(finished, tmp_path)
+    report = (workdir / "report.json").read_bytes()
     _rerun(workdir, tiny_teacher, sst2_small, caplog)
     assert _warnings(caplog) == []
     assert_same_student(workdir, finished)
+    # The report and its measurements are kept (--restart report measures again); the student
+    # is written again whole, with nothing left beside it.
+    assert (workdir / "report.json").read_bytes() == report
+    assert sorted(p.name for p in workdir.glob("student*")) == ["student"]
 
 
 @pytest.mark.parametrize("over, change", [

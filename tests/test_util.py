@@ -73,6 +73,29 @@ def test_write_atomic_creates_and_replaces(tmp_path):
     assert path.read_text() == "two" and sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
 
 
+def test_write_dir_atomic_replaces_a_directory_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "student"
+
+    def files(*names):
+        def write(out: pathlib.Path):
+            for name in names:
+                (out / name).write_text(name)
+            return len(names)
+        return write
+    assert util.write_dir_atomic(path, files("config.json", "model.safetensors")) == 2
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    util.write_dir_atomic(path, files("config.json"))  # no file of the old one left over
+    assert [p.name for p in path.iterdir()] == ["config.json"]
+
+    def half_then_fail(out: pathlib.Path):
+        (out / "config.json").write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        util.write_dir_atomic(path, half_then_fail)
+    assert (path / "config.json").read_text() == "config.json"
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]
+
+
 def test_write_atomic_failing_midway_leaves_the_old_file(tmp_path):
     path = tmp_path / "stages.json"
     path.write_text("old, whole")
