@@ -35,7 +35,9 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = 1.0  # global gradient norm; None turns clipping off
-    accumulate_steps: int = 1  # micro-batches averaged into one update (optax.MultiSteps)
+    # Micro-batches averaged into one update (optax.MultiSteps), each with equal weight: exact
+    # for row-weighted losses, approximate for token-averaged ones (docs/configuration.md).
+    accumulate_steps: int = 1
 
     def __post_init__(self):
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
