@@ -56,6 +56,8 @@ class TeacherConfig:
     model: str = "bert-base-uncased"  # Hugging Face Hub id or local directory
     finetune: FinetuneConfig = FinetuneConfig()
     hidden_dropout: float | None = None  # None: the checkpoint's config
+    # A checkpoint of the task whose id2label names are not the task's: output i is label i.
+    labels_by_position: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,8 @@ class Plan:
     finetune_steps: int | None  # 0: the teacher already is a model of this task; None: from epochs
     unlabeled: list[Split] = dataclasses.field(default_factory=list)  # data.unlabeled, in order
     teacher_dir: pathlib.Path | None = None  # teacher.model resolved once: the directory read
+    # The checkpoint's head outputs in the task's label order (`Task.teacher_columns`; None: as is)
+    teacher_columns: Any = None
 
     @property
     def data_stats(self) -> dict[str, dict]:
@@ -64,21 +66,27 @@ def resolve_teacher(teacher: TeacherConfig) -> pathlib.Path:
 
 
 def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks.Task,
-                    dtype: str) -> tuple[ModelConfig, bool]:
-    """The teacher's config with the task's head, and whether its checkpoint already is a model
-    of this task (the head's architecture and label count)."""
+                    dtype: str) -> tuple[ModelConfig, bool, Any]:
+    """The teacher's config with the task's head, whether its checkpoint already is a model of
+    this task (the head's architecture and label count), and its head's columns in the task's
+    label order (`Task.teacher_columns`)."""
     try:
         raw = hf.read_hf_config(directory)
         encoder = hf.config_from_hf(raw)
     except (FileNotFoundError, hf.CheckpointError) as e:
         raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
     is_task_model = task.is_model_of(raw)
+    try:
+        columns = task.teacher_columns(raw, teacher.labels_by_position,
+                                       f"teacher.model {teacher.model!r}") if is_task_model else None
+    except data_lib.DataError as e:
+        raise ConfigError(str(e)) from e
     encoder = encoder.replace(dtype=dtype)
     if teacher.hidden_dropout is not None:
         encoder = encoder.replace(hidden_dropout=teacher.hidden_dropout)
     # The task's head as the teacher's family computes it (its dropout and pooler activation).
     head = task.model_head(hf.head_from_hf(raw, kind=task.head_kind, num_labels=task.num_labels))
-    return ModelConfig(encoder, head), is_task_model
+    return ModelConfig(encoder, head), is_task_model, columns
 
 
 def prepare(cfg: Config, write_cache: bool = True,
@@ -95,7 +103,8 @@ def prepare(cfg: Config, write_cache: bool = True,
     except data_lib.DataError as e:
         raise ConfigError(f"teacher.model {cfg.teacher.model!r}: {e}") from e
     teacher_dir = task.encoder_dir(teacher_dir)  # its Hugging Face files
-    teacher_cfg, is_task_model = _teacher_config(cfg.teacher, teacher_dir, task, cfg.precision.compute)
+    teacher_cfg, is_task_model, columns = _teacher_config(cfg.teacher, teacher_dir, task,
+                                                          cfg.precision.compute)
     tokenizer = hf.load_tokenizer(teacher_dir, words=task.pretokenized)
     steps_ = cfg.teacher.finetune.steps
     if steps_ == 0 and not is_task_model:
@@ -163,7 +172,7 @@ def prepare(cfg: Config, write_cache: bool = True,
                                                     token_cache))
                 for source, examples in unlabeled]
     plan = Plan(task, tokenizer, splits, teacher_cfg, student_cfg, finetune, transfer,
-                teacher_dir=teacher_dir)
+                teacher_dir=teacher_dir, teacher_columns=columns)
     _check_transfer_fills_a_batch(cfg, plan)
     return plan
 

@@ -115,6 +115,7 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
                         "exporting it again from its checkpoints in %s", out_dir, reason,
                         rt.workdir / "checkpoints" / "teacher")
     _, params = plan.task.load_model(plan.teacher_dir, config.head, jax.random.key(seed))
+    params = plan.task.reorder_head(params, plan.teacher_columns)  # outputs in the task's order
     if plan.finetune_steps == 0:
         return params
     train = plan.splits["train"].encoded

@@ -376,3 +376,45 @@ def test_readme_first_command_runs_from_the_shipped_data(tmp_path):
     assert (tmp_path / "quickstart" / "student" / "model.int8.onnx").is_file()
     assert set(report["deployment"]["formats"]) == {"jax_fp32", "jax_bf16", "onnx_fp32", "onnx_int8"}
     assert "PyTorch was not found" not in proc.stdout + proc.stderr
+
+
+def _relabelled_teacher(tmp_path, tiny_teacher, names) -> pathlib.Path:
+    import shutil
+
+    out = tmp_path / "relabelled"
+    shutil.copytree(tiny_teacher, out)
+    config = json.loads((out / "config.json").read_text())
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_teacher_of_the_task_with_its_labels_in_another_order_is_read_in_the_tasks(
+        tmp_path, tiny_teacher, sst2_small):
+    """A sentiment checkpoint whose output 0 is POSITIVE teaches SST-2 (0 = negative) with its
+    outputs reordered by name; names of another set are refused before work unless
+    teacher.labels_by_position says output i is label i."""
+    from jaxkd import config as config_lib, plan as plan_lib
+
+    def planned(teacher, **over):
+        return plan_lib.prepare(config_lib.from_dict(tiny_config(
+            tmp_path / "run", teacher, sst2_small, **{"teacher.finetune.steps": 0, **over})),
+            write_cache=False)
+    swapped = _relabelled_teacher(tmp_path / "a", tiny_teacher, ["POSITIVE", "NEGATIVE"])
+    prepared = planned(swapped)
+    assert prepared.teacher_columns.tolist() == [1, 0]
+    assert planned(tiny_teacher).teacher_columns is None
+    cfg, params = hf.load_hf(swapped)
+    ids = np.asarray([[101, 2204, 3185, 102]])
+    from jaxkd.model import Model
+    before = Model(cfg).apply({"params": params}, ids, np.ones_like(ids)).logits
+    reordered = prepared.task.reorder_head(params, prepared.teacher_columns)
+    after = Model(cfg).apply({"params": reordered}, ids, np.ones_like(ids)).logits
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before)[:, ::-1], rtol=1e-6)
+
+    other = _relabelled_teacher(tmp_path / "b", tiny_teacher, ["bad", "good"])
+    with pytest.raises(ConfigError, match=r"its labels \(id2label\) are \['bad', 'good'\].*"
+                                          r"teacher.labels_by_position"):
+        planned(other)
+    assert planned(other, **{"teacher.labels_by_position": True}).teacher_columns is None

@@ -143,6 +143,37 @@ class Task:
         return (hf.checkpoint_head_kind(hf_config) == self.head_kind
                 and hf.checkpoint_num_labels(hf_config) == self.num_labels)
 
+    def teacher_columns(self, hf_config: dict, by_position: bool, where: str) -> np.ndarray | None:
+        """The columns of a checkpoint's task head (a model of this task, `is_model_of`) in
+        this task's label order, matched by id2label name without regard to case; None when
+        they are in it already, when the names are transformers' placeholders (LABEL_i) or
+        with `by_position` (output i is label i). A DataError when the names are another set."""
+        raw = hf_config.get("id2label") or {}
+        names = [str(raw[k]) for k in sorted(raw, key=int)]
+        if by_position or len(names) != self.num_labels or all(
+                name.startswith("LABEL_") and name[6:].isdigit() for name in names):
+            return None
+        model, wanted = [n.lower() for n in names], [n.lower() for n in self.label_names]
+        if model == wanted:
+            return None
+        if sorted(model) != sorted(wanted) or len(set(model)) != len(model):
+            raise DataError(f"{where}: its labels (id2label) are {names} but task {self.name!r} has "
+                            f"{list(self.label_names)}, so its outputs cannot be matched to the "
+                            "task's labels: set teacher.labels_by_position: true if its output i "
+                            "means the task's label i, or give the task its labels (task.labels)")
+        return np.asarray([model.index(name) for name in wanted])
+
+    @staticmethod
+    def reorder_head(params, columns: np.ndarray | None):
+        """`params` with the output layer's columns (the head's `classifier`) taken in the order
+        `columns` (`teacher_columns`); unchanged for None."""
+        if columns is None:
+            return params
+        head = params["head"]
+        out = dict(head["classifier"])
+        out["kernel"], out["bias"] = out["kernel"][..., columns], out["bias"][columns]
+        return {**params, "head": {**head, "classifier": out}}
+
     def load_model(self, directory: pathlib.Path, head: HeadConfig, rng=None, **options):
         """(ModelConfig, params) of the checkpoint in `directory` with `head` (fresh where the
         checkpoint has another kind of head; `rng` seeds it); `options` as `hf.load_hf` takes
