@@ -41,8 +41,12 @@ def kd_verdict(student: Mapping[str, Scores], baseline: Mapping[str, Scores], me
 def still_rising(curve: Sequence[tuple[int, float]]) -> bool:
     """Whether an eval curve ([(step, value)], higher is better) was still improving at its
     end: its last point is its best and above the one before."""
-    values = [v for _, v in curve if v is not None and math.isfinite(v)]
+    values = [v for _, v in _finite(curve)]
     return len(values) >= 2 and values[-1] > values[-2] and values[-1] >= max(values)
+
+
+def _finite(curve: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    return [(s, v) for s, v in curve if v is not None and math.isfinite(v)]
 
 
 def teacher_readiness(curve: Sequence[tuple[int, float]], metric: str,
@@ -52,7 +56,7 @@ def teacher_readiness(curve: Sequence[tuple[int, float]], metric: str,
     rising at the end of fine-tuning, and its eval score not above the labels-only student's."""
     notes = []
     if still_rising(curve):
-        (s0, v0), (s1, v1) = curve[-2], curve[-1]
+        (s0, v0), (s1, v1) = _finite(curve)[-2:]
         notes.append(f"The teacher's eval {metric} was still rising when fine-tuning ended "
                      f"({v0:.4f} at step {s0}, {v1:.4f} at step {s1}): fine-tune it longer "
                      f"(teacher.finetune.steps or epochs).")

@@ -17,12 +17,15 @@ def f1(pred: np.ndarray, label: np.ndarray) -> float:
 
 
 def matthews(pred: np.ndarray, label: np.ndarray) -> float:
-    tp = float(np.sum((pred == 1) & (label == 1)))
-    tn = float(np.sum((pred != 1) & (label != 1)))
-    fp = float(np.sum((pred == 1) & (label != 1)))
-    fn = float(np.sum((pred != 1) & (label == 1)))
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
+    """Matthews correlation over every class (Gorodkin's R_K; the usual MCC for two classes),
+    0 where it is undefined."""
+    pred, label = np.asarray(pred).ravel(), np.asarray(label).ravel()
+    classes = np.union1d(pred, label)
+    p_K = np.array([np.sum(pred == k) for k in classes], np.float64)
+    t_K = np.array([np.sum(label == k) for k in classes], np.float64)
+    n, correct = float(len(label)), float(np.sum(pred == label))
+    denom = np.sqrt((n * n - p_K @ p_K) * (n * n - t_K @ t_K))
+    return 0.0 if denom == 0 else float((correct * n - p_K @ t_K) / denom)
 
 
 def pearson(pred: np.ndarray, label: np.ndarray) -> float:

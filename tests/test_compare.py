@@ -47,6 +47,10 @@ def test_teacher_readiness_names_the_rising_curve_and_a_teacher_no_better_than_t
     assert "still rising" in notes[0] and "0.8000 at step 100" in notes[0] and "0.8500 at step 200" in notes[0]
     assert "not above" in notes[1] and "(0.8500)" in notes[1] and "(0.8600)" in notes[1]
     assert compare.teacher_readiness([(100, 0.85), (200, 0.84)], "accuracy", 0.90, 0.86) == []
+    # A point without a value (a NaN Pearson) is left out of both the test and the sentence.
+    nan = compare.teacher_readiness([(100, 0.80), (200, 0.85), (300, float("nan")), (400, None)],
+                                    "pearson")
+    assert nan == [nan[0]] and "0.8000 at step 100, 0.8500 at step 200" in nan[0]
     assert compare.teacher_readiness([], "accuracy", 0.90, None) == []
 
 

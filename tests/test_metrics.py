@@ -20,6 +20,16 @@ def test_classification_metrics_match_sklearn(pairs):
     assert metrics.matthews(pred, label) == pytest.approx(skm.matthews_corrcoef(label, pred))
 
 
+def test_matthews_of_several_classes_matches_sklearn():
+    rng = np.random.default_rng(2)
+    pred, label = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    label[:100] = pred[:100]  # some agreement
+    assert metrics.matthews(pred, label) == pytest.approx(skm.matthews_corrcoef(label, pred))
+    assert metrics.matthews(np.array([0, 1, 2, 2, 0, 1, 2, 0]), np.array([0, 1, 2, 1, 0, 2, 2, 0])) \
+        == pytest.approx(skm.matthews_corrcoef([0, 1, 2, 1, 0, 2, 2, 0], [0, 1, 2, 2, 0, 1, 2, 0]))
+    assert metrics.matthews(np.zeros(5, int), np.zeros(5, int)) == 0.0  # undefined: 0
+
+
 def test_correlations_match_scipy_with_ties():
     rng = np.random.default_rng(1)
     pred = np.round(rng.normal(size=300), 1)  # rounding makes ties

@@ -463,10 +463,12 @@ def is_int(key: str) -> bool:
 
 
 def label_id(key: str, names: Sequence[str]) -> int | None:
-    """A label's id: its position among `names`, or an integer id in range; None otherwise."""
+    """A label's id: its position among `names`, or an integer id in range where the names are
+    not integers themselves (labels 1 and 2 named "1" and "2": a 0 is no label, not "1");
+    None otherwise."""
     if key in names:
         return list(names).index(key)
-    if is_int(key) and 0 <= int(key) < len(names):
+    if is_int(key) and 0 <= int(key) < len(names) and not all(is_int(n) for n in names):
         return int(key)
     return None
 

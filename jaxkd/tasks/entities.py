@@ -51,7 +51,8 @@ def _split_tag(tag: str, prefixes: frozenset[str], scheme: str) -> tuple[str, st
     """(prefix, type) of one tag; "O" has the empty type, as in conlleval."""
     if tag == _OUTSIDE:
         return _OUTSIDE, ""
-    # Split at the first hyphen only, so types may contain hyphens (conlleval does the same).
+    # Split at the first hyphen only, so types may contain hyphens (conlleval.pl keeps only the
+    # part up to a second hyphen; the two differ for such types alone).
     prefix, hyphen, type_ = tag.partition("-")
     if not hyphen or not type_ or prefix not in _KNOWN_PREFIXES:
         raise ValueError(f"tag {tag!r} is neither 'O' nor a prefixed entity tag such as 'B-PER'")
@@ -59,6 +60,13 @@ def _split_tag(tag: str, prefixes: frozenset[str], scheme: str) -> tuple[str, st
         raise ValueError(f"tag {tag!r} uses prefix {prefix}-, which the {scheme} scheme does not "
                          f"allow (allowed: {', '.join(sorted(prefixes))}); pass scheme='bioes'")
     return prefix, type_
+
+
+def check_tags(tags: Sequence[str], scheme: str) -> None:
+    """Raise ValueError naming the first of `tags` that is not "O" or a tag `scheme` allows."""
+    prefixes = _check_scheme(scheme)
+    for tag in tags:
+        _split_tag(tag, prefixes, scheme)
 
 
 def _chunk_ends(prev_prefix: str, prefix: str, prev_type: str, type_: str) -> bool:

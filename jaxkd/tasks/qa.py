@@ -296,7 +296,7 @@ class QATask(Task):
         key = data_lib.content_key(
             f"qa len{max_seq_len} stride{doc_stride}", data_lib.tokenizer_fingerprint(tokenizer),
             examples.questions, examples.contexts,
-            [f"{a}\x01{s}" for answers in examples.answers for a, s in answers[:1]])
+            [f"{answers[0][0]}\x01{answers[0][1]}" if answers else "" for answers in examples.answers])
         arrays = data_lib.cached_arrays(
             cache_dir, key, lambda: _windows(examples, tokenizer, max_seq_len, doc_stride))
         extras = {"example_index": arrays.pop("example_index"),

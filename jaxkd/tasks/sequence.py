@@ -398,6 +398,10 @@ def resolve(cfg: SequenceConfig, data_cfg: DataConfig | None = None,
         if label_values is None:
             label_values = _training_labels(cfg, data_cfg)
         names = infer_label_names(label_values)
+    if not regression and len(names) < 2:
+        where = "task.labels" if cfg.labels is not None else f"the training labels of {cfg.name!r}"
+        raise DataError(f"a classification needs at least 2 labels; {where} give {list(names)} "
+                        "(one output would be read as a regression)")
     metrics = _metrics(cfg, preset, regression, len(names))
     return SequenceTask(name=cfg.name, text=cfg.text or preset.text,
                         text_pair=cfg.text_pair or preset.text_pair, label=cfg.label or "label",

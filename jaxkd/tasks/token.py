@@ -458,12 +458,18 @@ def resolve(cfg: TokenConfig, data_cfg: DataConfig | None = None,
         names = preset.labels
     else:
         names = _infer_tags(cfg, data_cfg, preset, tag_values)
+    scheme = cfg.tag_scheme or preset.scheme
+    try:
+        entities_lib.check_tags(names, scheme)
+    except ValueError as e:
+        where = "task.labels" if cfg.labels is not None else "the training tags"
+        raise DataError(f"{where} cannot be scored as entities: {e} (task.tag_scheme {scheme!r}: "
+                        "iob1, iob2 or bioes)") from e
     primary = cfg.metric or METRICS[0]
     metrics = (primary,) + tuple(m for m in METRICS if m != primary)
     return TokenTask(name=cfg.name, label_names=names, metrics=metrics,
                      tokens=cfg.tokens or preset.tokens, tags=cfg.tags or preset.tags,
-                     scheme=cfg.tag_scheme or preset.scheme,
-                     label_all_subtokens=cfg.label_all_subtokens, hub_dataset=preset.hub_dataset,
+                     scheme=scheme, label_all_subtokens=cfg.label_all_subtokens, hub_dataset=preset.hub_dataset,
                      eval_splits=preset.eval_splits, test_splits=preset.test_splits)
 
 

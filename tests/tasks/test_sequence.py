@@ -31,6 +31,19 @@ def test_custom_task_infers_sorted_labels_and_regression():
     assert reg.is_regression and reg.metrics == ("spearman",)
     with pytest.raises(data.DataError, match="task.labels"):
         sequence.resolve(cfg)
+    with pytest.raises(data.DataError, match=r"at least 2 labels; task.labels give \['spam'\]"):
+        sequence.resolve(task_config("custom", text="t", labels=["spam"]))
+    with pytest.raises(data.DataError, match="at least 2 labels; the training labels"):
+        sequence.resolve(cfg, None, ["spam", "spam"])
+
+
+def test_integer_label_names_are_matched_by_name_alone():
+    """Labels 1 and 2 are named "1" and "2": a 0 is no label (it was read as id 0, "1")."""
+    from jaxkd.tasks.base import label_id
+
+    assert label_id("1", ("1", "2")) == 0 and label_id("2", ("1", "2")) == 1
+    assert label_id("0", ("1", "2")) is None and label_id("1", ("0", "2")) is None
+    assert label_id("1", ("negative", "positive")) == 1  # an id, where the names are words
 
 
 def test_unknown_task_suggests_nearest_preset():

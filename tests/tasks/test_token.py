@@ -9,7 +9,7 @@ import pytest
 from jaxkd import cache as cache_lib
 from jaxkd import data, tasks
 from jaxkd.data import DataConfig, DataError
-from jaxkd.tasks import task_config
+from jaxkd.tasks import task_config, token
 
 CONLL = tasks.resolve(task_config(name="conll2003", type="token_classification"))
 
@@ -46,6 +46,17 @@ def test_preset_and_type_resolve():
 def test_bad_task_sections_are_named(kwargs, message):
     with pytest.raises(DataError, match=message):
         task_config(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"labels": ["O", "PER", "LOC"]}, "tag 'PER' is neither 'O' nor a prefixed entity tag"),
+    ({"labels": ["O", "S-PER", "B-PER", "I-PER", "E-PER"]}, "tag 'S-PER' uses prefix S-, which the iob2"),
+])
+def test_tags_the_scheme_cannot_score_are_refused_when_the_task_resolves(kwargs, message):
+    with pytest.raises(DataError, match=f"task.labels cannot be scored as entities: {message}"):
+        token.resolve(task_config("custom", type="token_classification", **kwargs))
+    assert token.resolve(task_config("custom", type="token_classification", tag_scheme="bioes",
+                                     labels=["O", "S-PER", "B-PER", "I-PER", "E-PER"]))
 
 
 # ----------------------------------------------------------------------------- reading
