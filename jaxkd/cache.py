@@ -44,7 +44,8 @@ STORAGE = ("float32", "float16")
 
 def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
                     compute: Callable[[], np.ndarray], write: bool = True,
-                    dtype: str = "float32") -> tuple[np.ndarray, bool]:
+                    dtype: str = "float32",
+                    agree: Callable[[bool], bool] = bool) -> tuple[np.ndarray, bool]:
     """Return (logits, hit): [num_rows, C] of `dtype`, memory-mapped when read from disk.
 
     A file on disk is used only when it is whole: its shape, dtype and checksum match the
@@ -52,11 +53,14 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
     are computed again. Computed logits that are not all finite, before or after rounding to
     `dtype`, are an error naming the cache, never written; on a miss they are stored atomically
     (when `write`), then their record, and returned as stored (a hit and a miss give the same
-    values).
+    values). `agree(hit)` turns this process's finding into the run's: on a multi-process run
+    (`sharding.all_processes`) the file is used only where every process could use it, since
+    computing is a collective every process must join.
     """
     if dtype not in STORAGE:
         raise ValueError(f"teacher cache dtype must be one of {STORAGE}, got {dtype!r}")
     path = cache_path(cache_dir, key)
+    problem = "there is no such file"
     if path.is_file():
         try:
             logits = np.load(path, mmap_mode="r")
@@ -70,10 +74,11 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
                 problem = f"it holds {logits.shape[0]} rows, the split has {num_rows}"
             if problem is None and not np.isfinite(logits).all():
                 problem = "it holds NaN or infinite values"
-        if problem is None:
-            return logits, True
+    if agree(problem is None):
+        return logits, True
+    if path.is_file():
         log.warning("teacher cache %s is not used: %s; computing the teacher's outputs again",
-                    path, problem)
+                    path, problem or "another process could not use it")
     logits = np.asarray(compute(), np.float32)
     if logits.shape[0] != num_rows:
         raise ValueError(f"teacher cache: computed {logits.shape[0]} rows for {num_rows}")
@@ -86,6 +91,7 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
     if write:
         util.write_atomic(path, lambda tmp: np.save(tmp, logits))
         util.write_check(path, {"logits": logits})
+    agree(True)  # multi-process: a barrier, so no process reads the file before it is whole
     return logits, False
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from jaxkd import hf, tasks
-from jaxkd.data import DataConfig, DataError
+from jaxkd.data import DataConfig, DataError, is_local_path
 
 # Built-in defaults of the run settings (a QA stride: a quarter of max_seq_len, DataConfig's).
 DEFAULTS = {"max_seq_len": 128, "batch_size": 32, "bucket_multiple": 8}
@@ -488,16 +488,19 @@ def load_input(task, data_cfg: DataConfig, source: str, *, stdin=None,
     with tempfile.TemporaryDirectory(prefix="jaxkd-predict-") as tmp:
         shown, path, lines = source, source, None
         if source == "-":
-            records = _stdin_records(task, (stdin or sys.stdin).read().splitlines())
+            # Lines end at "\n" alone (str.splitlines also cuts at \x0c, \x85, \u2028, ...).
+            text = (stdin or sys.stdin).read()
+            records = _stdin_records(task, text.removesuffix("\n").split("\n") if text else [])
             if not any(records):
                 raise UsageError("<stdin> holds no input lines")
             lines = [i for i, record in enumerate(records, start=1) if record is not None]
             shown, path = "<stdin>", str(pathlib.Path(tmp) / "stdin.jsonl")
             _write_jsonl(pathlib.Path(path), records)
             data_cfg = dataclasses.replace(data_cfg, format="jsonl")
-        else:
-            if not os.path.isfile(source):
-                raise UsageError(f"input file not found: {source}")
+        elif not os.path.isfile(source) and (format_flag != "data.format"
+                                             or is_local_path(source)):
+            # A config may name a Hub split (`test: validation` with data.dataset) instead.
+            raise UsageError(f"input file not found: {source}")
         try:
             examples = task.load(data_cfg, path, require_labels=require_labels)
         except (DataError, FileNotFoundError) as err:

@@ -20,7 +20,7 @@ import time
 
 import jax
 
-from jaxkd import sharding
+from jaxkd import sharding, util
 
 log = logging.getLogger("jaxkd")
 
@@ -90,7 +90,7 @@ class WorkdirLock:
                            "started": time.time(), "lease_until": time.time() + self.lease_s})
 
     def _try_create(self) -> bool:
-        tmp = self.path.with_name(f"{NAME}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f"{NAME}.{util.unique_name()}.tmp")
         tmp.write_text(self._record())
         try:
             os.link(tmp, self.path)
@@ -124,7 +124,7 @@ class WorkdirLock:
             # Take over: move the stale file aside, then make sure it was the one judged stale.
             # Of several processes doing this at once, one may have taken over already and
             # made a fresh lock, which a later rename moved: that one goes back.
-            aside = self.path.with_name(f"{NAME}.stale.{os.getpid()}")
+            aside = self.path.with_name(f"{NAME}.stale.{util.unique_name()}")
             try:
                 os.rename(self.path, aside)
             except FileNotFoundError:
@@ -148,7 +148,7 @@ class WorkdirLock:
                 try:
                     record = json.loads(self.path.read_text())
                     record["lease_until"] = time.time() + self.lease_s
-                    tmp = self.path.with_name(f"{NAME}.{os.getpid()}.renew")
+                    tmp = self.path.with_name(f"{NAME}.{util.unique_name()}.renew")
                     tmp.write_text(json.dumps(record))
                     os.replace(tmp, self.path)
                 except OSError as e:  # a full disk must not kill the run: the lease ages

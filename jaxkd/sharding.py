@@ -211,3 +211,11 @@ def on_process0(fn: Callable[[], Any], what: str) -> None:
         raise error
     if int(failed):
         raise OtherProcessFailed(f"process 0 failed at {what}; its log says why")
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array([flag], np.int32))))

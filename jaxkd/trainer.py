@@ -178,7 +178,7 @@ def teacher_logits_cache(rt: Runtime, plan: Plan, teacher_params, cache_dir,
         cache_dir, key, enc.output_rows(per_token),
         lambda: rt.predict(plan.teacher_config, teacher_params, enc, per_token,
                            desc="teacher cache"),
-        write=rt.is_main, dtype=dtype)
+        write=rt.is_main, dtype=dtype, agree=sharding.all_processes)
     log.info("teacher cache %s (%s)", "hit" if hit else "computed", key)
     return cache_lib.TeacherLogits(table, enc, per_token)
 

@@ -33,11 +33,18 @@ def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6,
     return hint.format(close[0]) if close else otherwise
 
 
+def unique_name() -> str:
+    """A name part no other writer uses at once: hosts of a multi-host run often share PIDs."""
+    import uuid
+
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], Any]) -> None:
     """Creates or replaces `path` with what `write(tmp)` writes to a temporary file beside it.
 
     Readers, and other processes writing the same path at once, see the old file or a whole
-    new one, never a part: the temporary file (`<stem>.<pid>.tmp<suffix>`, in the same
+    new one, never a part: the temporary file (`<stem>.<unique>.tmp<suffix>`, in the same
     directory, so the same file system) is renamed over `path` only after `write` returns.
     If `write` raises, the temporary file is removed, `path` is left as it was, and the error
     propagates. Parent directories are created. `write` must write to exactly the path it is
@@ -45,7 +52,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], Any]) 
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.{unique_name()}.tmp{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -60,14 +67,14 @@ def write_dir_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], An
 
     `path` is never a partly written directory: the old one is moved aside, the new one renamed
     into place, then the old one removed (a kill between the two renames leaves no `path` and
-    the old one beside it as `<name>.<pid>.old`). If `write` raises, the temporary directory is
+    the old one beside it as `<name>.<unique>.old`). If `write` raises, the temporary directory is
     removed, `path` is left as it was, and the error propagates.
     """
     import shutil
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (path.with_name(f"{path.name}.{os.getpid()}.{kind}") for kind in ("tmp", "old"))
+    tmp, old = (path.with_name(f"{path.name}.{unique_name()}.{kind}") for kind in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -31,6 +31,21 @@ def test_second_read_is_a_hit_with_the_same_values(tmp_path):
     assert util.check_path(cache.cache_path(tmp_path, "k")).is_file()
 
 
+def test_a_cache_is_used_only_where_every_process_can_use_it(tmp_path):
+    """Computing is a collective: a file one process cannot read (not written yet there, or on
+    another disk) makes every process compute, never some compute while others read."""
+    compute = Calls(_logits())
+    asked = []
+
+    def agree(hit):
+        asked.append(hit)
+        return False  # another process could not use it
+    cache.load_or_compute(tmp_path, "k", 6, compute)
+    again, hit = cache.load_or_compute(tmp_path, "k", 6, compute, agree=agree)
+    assert not hit and compute.count == 2 and asked == [True, True]  # its finding, the barrier
+    assert cache.load_or_compute(tmp_path, "k", 6, compute, agree=bool)[1]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "nan", "no_record", "rows"])
 def test_a_damaged_teacher_cache_is_recomputed_and_named(tmp_path, caplog, damage):
     compute = Calls(_logits())

@@ -362,6 +362,12 @@ def test_stdin_lines_count_blank_lines(models, monkeypatch, capsys):
     np.testing.assert_allclose([r["probs"] for r in rows],
                                _softmax(_torch_sequence(models["seq"], TEXTS[:3])), atol=1e-4)
 
+    # A line ends at "\n" (CRLF too) alone: a form feed or U+2028 inside a text does not cut it.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{TEXTS[0]}\x0c{TEXTS[1]}\r\n{TEXTS[2]}\u2028x\n"))
+    code, out, err = _run(capsys, predict, [models["seq"], "-", "--max-seq-len", MAX_LEN, "-q"])
+    assert code == 0, err
+    assert [r["line"] for r in _lines(out)] == [1, 2]
+
     monkeypatch.setattr(sys, "stdin", io.StringIO("who?\n\nwhere does anna live?\tanna lives in rome .\n"))
     code, out, err = _run(capsys, predict, [models["qa"], "-", "--max-seq-len", 64, "-q"])
     assert code == 2 and "<stdin> line 1: expected question<TAB>context" in err

@@ -35,7 +35,7 @@ from jaxkd.data.encoded import Encoded
 
 class Batch(TypedDict):
     """One batch; the keys as the module docstring lays them out. Every key but
-    `teacher_logits` is always there."""
+    `teacher_logits` and `positions` (masked-LM batches) is always there."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray

@@ -109,6 +109,10 @@ def _read_json(path: pathlib.Path) -> Table:
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from err
     if isinstance(data, Mapping) and all(isinstance(v, list) for v in data.values()):
+        lengths = {str(k): len(v) for k, v in data.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"{path}: its columns have different lengths ({lengths}); each must "
+                            "hold one value per row")
         return Table(str(path), {str(k): list(v) for k, v in data.items()})
     if isinstance(data, list):
         return Table(str(path), _records_to_columns(data, str(path)))

@@ -69,6 +69,8 @@ def test_missing_column_names_it_and_lists_available(tmp_path, sst2_task, write_
     ("d.tsv", "sentence\tlabel\tlabel\nx\t1\t1\n", r"d.tsv: the header repeats the column names \['label'\]"),
     ("b.tsv", b"sentence\tlabel\ngood \xff\t1\n", r"b.tsv: not UTF-8 text"),
     ("x.xlsx", "", r"x.xlsx: unknown file type '.xlsx'"),
+    ("c.json", '{"sentence": ["a", "b", "c"], "label": [0, 1]}',
+     r"c.json: its columns have different lengths \(\{'sentence': 3, 'label': 2\}\)"),
 ])
 def test_bad_split_names_file_and_line(tmp_path, name, content, message, sst2_task, write_file):
     with pytest.raises(data.DataError, match=message):
