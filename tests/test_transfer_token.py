@@ -151,7 +151,7 @@ def test_ner_pipeline_with_augmented_rows(tmp_path, tiny_teacher, ner_data):
 def test_data_augment_cannot_vary_is_refused_before_any_work(tmp_path, tiny_teacher):
     """A tag set without O leaves augmentation nothing to vary; the check on the training words
     runs in plan.prepare, before the teacher is fine-tuned: nothing is written."""
-    sentences = [(["the", "actor"], ["X", "Y"]), (["a", "plot"], ["Y", "X"])]
+    sentences = [(["the", "actor"], ["B-PER", "I-PER"]), (["a", "plot"], ["B-LOC", "B-PER"])]
     files = {name: write_conll(tmp_path / f"{name}.txt", sentences) for name in ("train", "test")}
     workdir = tmp_path / "run"
     cfg = ner_config(workdir, tiny_teacher, tmp_path,

@@ -13,8 +13,8 @@ from jaxkd.data import DataConfig  # noqa: E402
 def test_roberta_token_windows_use_its_specials_and_a_space_before_each_word(tmp_path, pair_data):
     teacher = family_teacher_dir(tmp_path / "teacher", "roberta", pair_data)
     tokenizer = hf.load_tokenizer(teacher, words=True)
-    task = tasks.resolve(tasks.task_config(name="custom", type="token_classification", labels=["O", "X"]))
-    (tmp_path / "t.conll").write_text("the O\ncat X\nsat O\n\nred X\ndog O\n")
+    task = tasks.resolve(tasks.task_config(name="custom", type="token_classification", labels=["O", "B-X"]))
+    (tmp_path / "t.conll").write_text("the O\ncat B-X\nsat O\n\nred B-X\ndog O\n")
     examples = task.load(DataConfig(), str(tmp_path / "t.conll"))
     enc = task.encode(examples, tokenizer, 16)
     plain = hf.load_tokenizer(teacher)  # sentence tasks: no space added before the first word
