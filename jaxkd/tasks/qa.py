@@ -47,8 +47,6 @@ class Preset:
     n_best: int = 20
     max_answer_len: int = 30
     hub_dataset: str | None = None
-    eval_splits: tuple[str, ...] = ("validation",)
-    test_splits: tuple[str, ...] = ("validation",)
 
 
 PRESETS: dict[str, Preset] = {"squad": Preset(hub_dataset="squad")}
@@ -216,8 +214,6 @@ class QATask(Task):
     n_best: int
     max_answer_len: int
     hub_dataset: str | None
-    eval_splits: tuple[str, ...]
-    test_splits: tuple[str, ...]
     doc_stride: int = 32  # data.doc_stride: tokens shared by neighbouring windows
     label_names: tuple[str, ...] = ("start", "end")
 
@@ -515,6 +511,5 @@ def resolve(cfg: QAConfig, data_cfg: DataConfig | None = None) -> QATask:
                   question=cfg.question or preset.question, context=cfg.context or preset.context,
                   answers=cfg.answers or preset.answers, n_best=cfg.n_best or preset.n_best,
                   max_answer_len=cfg.max_answer_len or preset.max_answer_len,
-                  hub_dataset=preset.hub_dataset, eval_splits=preset.eval_splits,
-                  test_splits=preset.test_splits,
+                  hub_dataset=preset.hub_dataset,
                   doc_stride=(data_cfg or DataConfig()).window_stride)

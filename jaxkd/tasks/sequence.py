@@ -36,8 +36,6 @@ class Preset:
     text_pair: str | None
     labels: tuple[str, ...]  # () = regression
     metrics: tuple[str, ...]  # primary first
-    eval_splits: tuple[str, ...] = ("validation",)
-    test_splits: tuple[str, ...] = ("test",)
 
 
 # Column and label names as the Hub's `glue` dataset has them.
@@ -47,9 +45,9 @@ PRESETS: dict[str, Preset] = {
     "mrpc": Preset("sentence1", "sentence2", ("not_equivalent", "equivalent"), ("accuracy", "f1")),
     "qqp": Preset("question1", "question2", ("not_duplicate", "duplicate"), ("accuracy", "f1")),
     "stsb": Preset("sentence1", "sentence2", (), ("pearson", "spearman")),
+    # The Hub's MNLI has no "validation": name validation_matched (or _mismatched) in data.
     "mnli": Preset("premise", "hypothesis", ("entailment", "neutral", "contradiction"),
-                   ("accuracy",), ("validation_matched", "validation_mismatched"),
-                   ("test_matched", "test_mismatched")),
+                   ("accuracy",)),
     "qnli": Preset("question", "sentence", ("entailment", "not_entailment"), ("accuracy",)),
     "rte": Preset("sentence1", "sentence2", ("entailment", "not_entailment"), ("accuracy",)),
     "wnli": Preset("sentence1", "sentence2", ("not_entailment", "entailment"), ("accuracy",)),
@@ -178,8 +176,6 @@ class SequenceTask(Task):
     label: str
     label_names: tuple[str, ...]  # id -> name (id2label at export); () for regression
     metrics: tuple[str, ...]  # primary first
-    eval_splits: tuple[str, ...]  # Hub splits evaluated when data.eval is not given
-    test_splits: tuple[str, ...]
     hub_dataset: str = "glue"
 
     @property
@@ -380,7 +376,7 @@ def resolve(cfg: SequenceConfig, data_cfg: DataConfig | None = None,
         if cfg.text is None:
             raise DataError("task.name 'custom' needs task.text (the name of the text column)")
         metric = cfg.metric or "accuracy"
-        preset = Preset(cfg.text, cfg.text_pair, (), (metric,), ("validation",), ("test",))
+        preset = Preset(cfg.text, cfg.text_pair, (), (metric,))
         regression = metric in REGRESSION_METRICS
     else:
         preset = PRESETS[cfg.name]
@@ -405,8 +401,7 @@ def resolve(cfg: SequenceConfig, data_cfg: DataConfig | None = None,
     metrics = _metrics(cfg, preset, regression, len(names))
     return SequenceTask(name=cfg.name, text=cfg.text or preset.text,
                         text_pair=cfg.text_pair or preset.text_pair, label=cfg.label or "label",
-                        label_names=names, metrics=metrics, eval_splits=preset.eval_splits,
-                        test_splits=preset.test_splits)
+                        label_names=names, metrics=metrics)
 
 
 def _training_labels(cfg: SequenceConfig, data_cfg: DataConfig | None) -> list:
@@ -414,8 +409,7 @@ def _training_labels(cfg: SequenceConfig, data_cfg: DataConfig | None) -> list:
         raise DataError("task.name 'custom' needs task.labels (the label names), "
                         "or data.train to infer them from")
     draft = SequenceTask(name=cfg.name, text=cfg.text, text_pair=cfg.text_pair,
-                         label=cfg.label or "label", label_names=(), metrics=(), eval_splits=(),
-                         test_splits=())
+                         label=cfg.label or "label", label_names=(), metrics=())
     table = draft.read(data_cfg, data_cfg.train)
     data_lib.check_columns(table, {"task.label": draft.label})
     return table.columns[draft.label]

@@ -44,8 +44,6 @@ class Preset:
     tags: str = "tags"
     scheme: str = "iob2"
     hub_dataset: str | None = None
-    eval_splits: tuple[str, ...] = ("validation",)
-    test_splits: tuple[str, ...] = ("test",)
 
 
 PRESETS: dict[str, Preset] = {
@@ -182,8 +180,6 @@ class TokenTask(Task):
     scheme: str
     label_all_subtokens: bool
     hub_dataset: str | None
-    eval_splits: tuple[str, ...]
-    test_splits: tuple[str, ...]
 
     # ------------------------------------------------------------------ reading
 
@@ -469,8 +465,8 @@ def resolve(cfg: TokenConfig, data_cfg: DataConfig | None = None,
     metrics = (primary,) + tuple(m for m in METRICS if m != primary)
     return TokenTask(name=cfg.name, label_names=names, metrics=metrics,
                      tokens=cfg.tokens or preset.tokens, tags=cfg.tags or preset.tags,
-                     scheme=scheme, label_all_subtokens=cfg.label_all_subtokens, hub_dataset=preset.hub_dataset,
-                     eval_splits=preset.eval_splits, test_splits=preset.test_splits)
+                     scheme=scheme, label_all_subtokens=cfg.label_all_subtokens,
+                     hub_dataset=preset.hub_dataset)
 
 
 def _infer_tags(cfg: TaskConfig, data_cfg: DataConfig | None, preset: Preset,
@@ -482,8 +478,7 @@ def _infer_tags(cfg: TaskConfig, data_cfg: DataConfig | None, preset: Preset,
                             "to infer them from")
         draft = TokenTask(name=cfg.name, label_names=(), metrics=METRICS,
                           tokens=cfg.tokens or preset.tokens, tags=cfg.tags or preset.tags,
-                          scheme="iob2", label_all_subtokens=False, hub_dataset=None,
-                          eval_splits=(), test_splits=())
+                          scheme="iob2", label_all_subtokens=False, hub_dataset=None)
         if draft._is_conll(data_cfg, data_cfg.train):
             sentences, _ = conll.read(data_cfg.train)
         else:
