@@ -89,7 +89,10 @@ def torch_format(model, threads: int) -> table.Format:
     def run(batch):
         feed = {name: torch.from_numpy(np.asarray(batch[name], np.int64)) for name in names}
         with torch.no_grad():
-            return net(**feed).logits.numpy()
+            out = net(**feed)
+        if getattr(out, "start_logits", None) is not None:  # span heads: jaxkd's [B, L, 2]
+            return torch.stack([out.start_logits, out.end_logits], -1).numpy()
+        return out.logits.numpy()
 
     size = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
     return table.Format("torch_eager_fp32", run, size)

@@ -18,7 +18,8 @@ from jaxkd.model import DTYPES, BertConfig, ModelConfig
 
 
 # Dense bf16 peak TFLOP/s per chip, matched against jax's device_kind (lower case) in order.
-PEAK_TFLOPS = (("h200", 989.0), ("h100", 989.0), ("a100", 312.0), ("v6 lite", 918.0),
+PEAK_TFLOPS = (("h200", 989.0), ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h100", 989.0),
+               ("a100", 312.0), ("v6 lite", 918.0),
                ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0),
                ("v5", 459.0), ("v4", 275.0))
 

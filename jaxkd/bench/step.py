@@ -85,8 +85,9 @@ def time_parts(p: Prepared, setup: StepSetup) -> dict[str, float]:
         steps.make_distill_step(p.student_cfg, p.teacher_cfg, p.loss_cfg, teacher="cached"),
         mesh, sharding.tree_shardings(mesh, p.state), None)
     teacher_t = seconds(lambda i: teacher_fn(p.teacher_params, p.batch), setup.steps, setup.warmup)
-    student_t = time_step(dataclasses.replace(p, batch=cached, step=cached_step,
-                                              teacher_params=None), setup)
+    on_cache = dataclasses.replace(p, batch=cached, step=cached_step, teacher_params=None)
+    student_t = time_step(on_cache, setup)
+    p.state = on_cache.state  # the step donated the state it was given: p's old buffers are gone
     return {"teacher_forward": statistics.median(teacher_t),
             "student_update": statistics.median(student_t)}
 
@@ -152,6 +153,9 @@ def run_step(setup: StepSetup, breakdown: bool, profile: pathlib.Path | None = N
 def step_vs_torch(a: argparse.Namespace) -> float:
     """Alternate jaxkd and PyTorch runs (fresh processes) and print the ratio of medians: to
     each PyTorch dtype asked for, the first of them printed last."""
+    if a.warmup < 1:  # jaxkd's first step compiles; PyTorch's reference always runs one untimed
+        raise SystemExit("--vs-torch needs --warmup >= 1: jaxkd's first step compiles, and a "
+                         "timed compile is no step time")
     shapes = ["--student-layers", str(a.student_layers), "--batch", str(a.batch), "--seq", str(a.seq),
               "--steps", str(a.steps), "--warmup", str(a.warmup), "--temperature", str(a.temperature)]
     if not a.general:  # general distillation's terms have their own weights

@@ -31,6 +31,7 @@ def test_flops_match_an_enumeration_of_every_matmul():
 
 
 @pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
+                                       ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
                                        ("NVIDIA A100-SXM4-40GB", 312.0), ("TPU v4", 275.0),
                                        ("TPU v5 lite", 197.0), ("TPU v5", 459.0),
                                        ("TPU v6 lite", 918.0), ("cpu", None)])
