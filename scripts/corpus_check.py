@@ -5,8 +5,8 @@
 Writes the first `--mb` MB of ../shared/data/wikipedia_en/train.txt.gz to /tmp as a
 .txt.gz, and `--copies` concatenated copies of it; tokenizes each (MiniLM's BERT vocabulary)
 in a fresh process, printing tokens/s and the peak RSS of the parent and of its largest worker;
-and, on the small file, a single-process loop of the Hugging Face tokenizer over the same
-documents (Rust threads off, then on). Each measurement runs in its own process, so each
+and a single-process loop of the Hugging Face tokenizer over the same documents: on the small
+file with Rust threads off, then on, and on the copies with them off (the side-by-side figure). Each measurement runs in its own process, so each
 ru_maxrss is its own.
 """
 import argparse
@@ -102,6 +102,8 @@ def main():
             (f"tokenize workers={args.workers}, {big}", measure("--run", "tokenize", big, *w)),
             ("HF tokenizer loop, Rust threads off", measure("--run", "baseline", small,
                                                             env={"TOKENIZERS_PARALLELISM": "false"})),
+            (f"HF tokenizer loop, Rust threads off, {big}",
+             measure("--run", "baseline", big, env={"TOKENIZERS_PARALLELISM": "false"})),
             ("HF tokenizer loop, Rust threads on", measure("--run", "baseline", small,
                                                            env={"TOKENIZERS_PARALLELISM": "true"}))]:
         print(f"{name}: " + ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}"

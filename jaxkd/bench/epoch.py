@@ -2,7 +2,9 @@
 the PyTorch loop of `jaxkd.bench.torch_ref`, each in a fresh process (`--impl both`).
 
 The jaxkd side runs what `train.py`'s distill stage runs: the batches of `jaxkd.loop.train_batches`
-through `jaxkd.loop.run_steps`, the teacher's logits from an on-disk cache.
+through `jaxkd.loop.run_steps`, the teacher's logits from an on-disk cache. Both sides update with
+AdamW at PyTorch's defaults (`common.adamw`: no gradient clipping, a constant rate), so they do
+the same work; `train.py`'s default also clips the global norm, one more pass over the gradients.
 """
 from __future__ import annotations
 
