@@ -1,15 +1,9 @@
 """What every task kind shares: the `task` config section, the `Task` interface, the on-device
 `Objective` (losses and step metrics of a head's logits) and row validation helpers.
 
-A task kind is one module of `jaxkd.tasks` with:
-  TYPE, KEYS       its `task.type` and the `task.*` keys it reads (others must stay unset)
-  PRESETS          named settings (`task.name`)
-  resolve(cfg, data_cfg) -> Task
-  objective(head) -> Objective
-  TRANSFER         for "data.unlabeled" and "distill.augment": None where the kind takes that
-                   transfer data, else why it does not (the config error says it)
-  check_augment    optional: check_augment(augment) refuses distill.augment settings the kind
-                   cannot honour
+A task kind is one module of `jaxkd.tasks` (the list of what it defines: `jaxkd.tasks`' docstring
+and docs/tasks.md, "A new task kind"); its `task` section is a `TaskConfig` subclass (CONFIG),
+where a key of another kind is an error, and its work is done by a `Task` subclass of this one.
 """
 from __future__ import annotations
 
