@@ -390,6 +390,7 @@ def _relabelled_teacher(tmp_path, tiny_teacher, names) -> pathlib.Path:
     return out
 
 
+@pytest.mark.slow  # plans three runs
 def test_a_teacher_of_the_task_with_its_labels_in_another_order_is_read_in_the_tasks(
         tmp_path, tiny_teacher, sst2_small):
     """A sentiment checkpoint whose output 0 is POSITIVE teaches SST-2 (0 = negative) with its

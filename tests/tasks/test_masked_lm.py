@@ -50,7 +50,8 @@ def test_decoder_is_the_word_embedding_table():
     assert float(jnp.abs(grads["encoder"]["embeddings"]["word_embeddings"]["embedding"][np.array(unused)]).sum()) > 0
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "electra"])
+@pytest.mark.parametrize("model_type", ["bert", *(pytest.param(m, marks=pytest.mark.slow)
+                                                 for m in ("roberta", "distilbert", "electra"))])
 def test_a_checkpoint_with_a_decoder_of_its_own_is_refused_not_dropped(model_type, tmp_path):
     """The head ties its decoder to the word embeddings: a checkpoint whose decoder is another
     matrix would be scored with the wrong one, so it is refused naming the fix; its encoder
