@@ -18,6 +18,16 @@ if os.environ.get("JAXKD_TEST_XLA_OPT") != "1" and \
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_backend_optimization_level=0").strip()
 
+# The four simulated devices meet at each collective; XLA aborts the process (SIGABRT, no Python
+# traceback) when one of them arrives a minute after the others (its defaults: a warning at 20 s,
+# the abort 40 s later; measured with jaxlib 0.10.2). A loaded machine, with pytest workers and
+# the train.py processes they launch sharing two cores, crossed that in an in-loop evaluation.
+# Tests wait instead; the flags reach the train.py processes too.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
+                               " --xla_cpu_collective_call_terminate_timeout_seconds=3600").strip()
+
 import jax  # noqa: E402
 
 # Must run before any array exists; tests that need one device use jax.devices()[:1].
