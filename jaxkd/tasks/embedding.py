@@ -321,9 +321,11 @@ class EmbeddingTask(Task):
     def load(self, data_cfg: DataConfig, source: str, require_labels: bool = True):
         """A scored pairs file (both sentence columns and the score: every score a number
         inside task.score_range), a file of sentences (the first `task.text` column it has), or
-        raw text (.txt, .txt.gz: `similarity.read_raw_text`, task.split_sentences). Bad rows are
-        a `DataError` naming the file and line, or skipped with data.skip_invalid."""
-        if data_lib.is_local_path(source) and similarity.is_raw_text(source):
+        raw text (.txt, .txt.gz: `similarity.read_raw_text`, task.split_sentences; a .txt that
+        is an STS Benchmark release is read as one). Bad rows are a `DataError` naming the file
+        and line, or skipped with data.skip_invalid."""
+        if (data_lib.is_local_path(source) and similarity.is_raw_text(source)
+                and not similarity.is_sts_release(source)):
             return similarity.read_raw_text(source, data_cfg, self.split_sentences)
         table = self.read(data_cfg, source)
         first, second = self.text_pair

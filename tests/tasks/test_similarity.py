@@ -184,6 +184,19 @@ def test_bad_rows_are_skipped_and_counted_with_skip_invalid(tmp_path):
     assert examples.skipped == {"wrong field count": 1, "bad score": 1, "score out of range": 1}
 
 
+def test_an_sts_release_saved_as_txt_is_read_as_scored_pairs_not_raw_text(tmp_path):
+    from jaxkd.tasks import resolve, task_config
+
+    task = resolve(task_config("sts", type="sentence_embedding"), DataConfig())
+    path = _release(tmp_path, "4.0", "1.5").rename(tmp_path / "sts-dev.txt")
+    examples = task.load(DataConfig(), str(path))
+    assert examples.scores.tolist() == [4.0, 1.5] and examples.has_labels
+    assert examples.texts == ['A "quoted sentence.'] * 2 and examples.pairs == ["Another one."] * 2
+    (tmp_path / "plain.txt").write_text("One sentence.\nAnother\tone.\n", encoding="utf-8")
+    plain = task.load(DataConfig(), str(tmp_path / "plain.txt"))
+    assert plain.texts == ["One sentence.", "Another\tone."] and not plain.has_labels
+
+
 def test_rows_of_other_files_and_unscored_rows(tmp_path):
     path = tmp_path / "pairs.jsonl"
     rows = [{"a": "one", "b": "two", "sim": 0.5}, {"a": "three", "b": "four", "sim": None}]
