@@ -19,9 +19,10 @@ With --task, a directory jaxkd exported gives the defaults it records (config.js
 flags given win, and stderr says which were used (unless --quiet). Without them: 128 tokens, a
 quarter of that as the stride.
 
-The model's id2label must name the same labels as the task. In another order, the model's
-outputs are reordered to the task's; other names are refused, unless --by-position maps output
-i to the task's label i (for models exported with generic LABEL_i names).
+The model's id2label must name the same labels as the task (case aside), as a teacher's must
+in training. In another order, the model's outputs are reordered to the task's; transformers'
+placeholders (LABEL_i) are read by position; other names are refused, unless --by-position maps
+output i to the task's label i.
 """
 from __future__ import annotations
 

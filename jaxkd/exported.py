@@ -127,18 +127,10 @@ def inspect_model(model_dir: str | os.PathLike) -> ModelInfo:
 
 
 def _label_names(raw: dict, directory: pathlib.Path) -> tuple[str, ...]:
-    id2label = raw.get("id2label")
-    if not id2label:
-        return tuple(f"LABEL_{i}" for i in range(hf.checkpoint_num_labels(raw)))
     try:
-        labels = {int(k): str(v) for k, v in id2label.items()}
-    except (ValueError, AttributeError) as err:
-        raise UsageError(f"{directory / 'config.json'}: id2label must map ids 0..N-1 to names, "
-                         f"got {id2label!r}") from err
-    if sorted(labels) != list(range(len(labels))):
-        raise UsageError(f"{directory / 'config.json'}: id2label must name ids 0..{len(labels) - 1}, "
-                         f"got ids {sorted(labels)}")
-    return tuple(labels[i] for i in range(len(labels)))
+        return hf.label_names(raw)
+    except ValueError as err:
+        raise UsageError(f"{directory / 'config.json'}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- settings

@@ -83,6 +83,22 @@ def checkpoint_num_labels(hf_config_or_dict: Any) -> int:
     return int(d.get("num_labels", HeadConfig.num_labels))
 
 
+def label_names(hf_config_or_dict: Any) -> tuple[str, ...]:
+    """A checkpoint's label names by id (its id2label), or transformers' placeholders LABEL_i
+    where it names none; a ValueError when id2label does not map the ids 0..N-1."""
+    d = _as_dict(hf_config_or_dict)
+    id2label = d.get("id2label")
+    if not id2label:
+        return tuple(f"LABEL_{i}" for i in range(checkpoint_num_labels(d)))
+    try:
+        names = {int(k): str(v) for k, v in id2label.items()}
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"id2label must map ids 0..N-1 to names, got {id2label!r}") from err
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"id2label must name ids 0..{len(names) - 1}, got ids {sorted(names)}")
+    return tuple(names[i] for i in range(len(names)))
+
+
 def head_from_hf(hf_config_or_dict: Any, kind: str | None = None,
                  num_labels: int | None = None) -> HeadConfig:
     """The checkpoint's head (its architecture's kind, else `model.default_head_kind()`), or the

@@ -139,23 +139,35 @@ class Task:
 
     def teacher_columns(self, hf_config: dict, by_position: bool, where: str) -> np.ndarray | None:
         """The columns of a checkpoint's task head (a model of this task, `is_model_of`) in
-        this task's label order, matched by id2label name without regard to case; None when
-        they are in it already, when the names are transformers' placeholders (LABEL_i) or
-        with `by_position` (output i is label i). A DataError when the names are another set."""
-        raw = hf_config.get("id2label") or {}
-        names = [str(raw[k]) for k in sorted(raw, key=int)]
-        if by_position or len(names) != self.num_labels or all(
-                name.startswith("LABEL_") and name[6:].isdigit() for name in names):
+        this task's label order (`match_labels`); None when they are in it already, for a task
+        without label names (a regression) or with `by_position` (output i is label i)."""
+        from jaxkd import hf  # pylint: disable=import-outside-toplevel
+
+        if by_position or not self.label_names:
             return None
-        model, wanted = [n.lower() for n in names], [n.lower() for n in self.label_names]
-        if model == wanted:
+        try:
+            names = hf.label_names(hf_config)
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from err
+        return self.match_labels(names, f"{where}: its labels (id2label)",
+                                 "Set teacher.labels_by_position: true if its output i means the "
+                                 "task's label i, or give the task its labels (task.labels)")
+
+    def match_labels(self, model: Sequence[str], whose: str, fix: str) -> np.ndarray | None:
+        """Columns of a model's outputs (`model`: its label names by id) in this task's label
+        order, matched by name without regard to case; None when they are in it already or when
+        the model's names are transformers' placeholders LABEL_i (it names nothing to match:
+        output i is label i). A DataError saying `whose` labels they are and `fix` when they
+        are another set."""
+        model, wanted = [str(n) for n in model], list(self.label_names)
+        lower, lower_wanted = [n.lower() for n in model], [n.lower() for n in wanted]
+        placeholders = all(n.startswith("LABEL_") and n[6:].isdigit() for n in model)
+        if len(model) == len(wanted) and (placeholders or lower == lower_wanted):
             return None
-        if sorted(model) != sorted(wanted) or len(set(model)) != len(model):
-            raise DataError(f"{where}: its labels (id2label) are {names} but task {self.name!r} has "
-                            f"{list(self.label_names)}, so its outputs cannot be matched to the "
-                            "task's labels: set teacher.labels_by_position: true if its output i "
-                            "means the task's label i, or give the task its labels (task.labels)")
-        return np.asarray([model.index(name) for name in wanted])
+        if sorted(lower) != sorted(lower_wanted) or len(set(lower)) != len(lower):
+            raise DataError(f"{whose} are {model} but task {self.name!r} has {wanted}: they must "
+                            f"be the same names, in any order. {fix}")
+        return np.asarray([lower.index(name) for name in lower_wanted])
 
     @staticmethod
     def reorder_head(params, columns: np.ndarray | None):
@@ -274,26 +286,21 @@ class Task:
     def label_order(self, model_labels: Sequence[str], model_regression: bool, where: str,
                     by_position: bool = False) -> np.ndarray | None:
         """Columns of a model's outputs in this task's label order (None: already in it), matched
-        by name; `model_labels` is the model's id2label (of the directory `where`). A `DataError` when
-        the two do not predict the same thing. `by_position`: output i means label i."""
+        by name as a teacher's are (`match_labels`); `model_labels` is the model's id2label (of
+        the directory `where`). A `DataError` when the two do not predict the same thing.
+        `by_position`: output i means label i."""
         if model_regression:
             raise DataError(f"{where} is a regression (one output) but task {self.name!r} is a "
                             "classification")
-        model, wanted = list(model_labels), list(self.label_names)
         if by_position:
-            if len(model) != len(wanted):
-                raise DataError(f"--by-position: the model has {len(model)} labels {model} but the "
-                                f"task has {len(wanted)} {wanted}")
+            if len(model_labels) != len(self.label_names):
+                raise DataError(f"--by-position: the model has {len(model_labels)} labels "
+                                f"{list(model_labels)} but the task has {len(self.label_names)} "
+                                f"{list(self.label_names)}")
             return None
-        if model == wanted:
-            return None
-        if sorted(model) != sorted(wanted) or len(set(model)) != len(model):
-            raise DataError(
-                f"the model's labels (id2label of {where}/config.json) are {model} but task {self.name!r} has "
-                f"{wanted}: they must be the same set of names (in any order). Give the task's "
-                "labels (--labels or task.labels), or pass --by-position if output i means the "
-                "task's label i")
-        return np.asarray([model.index(name) for name in wanted])
+        return self.match_labels(model_labels, f"the model's labels (id2label of {where}/config.json)",
+                                 "Give the task's labels (--labels or task.labels), or pass "
+                                 "--by-position if output i means the task's label i")
 
 
 # ----------------------------------------------------------------------------- on device

@@ -46,6 +46,33 @@ def test_integer_label_names_are_matched_by_name_alone():
     assert label_id("1", ("negative", "positive")) == 1  # an id, where the names are words
 
 
+def test_a_models_labels_are_matched_one_way_for_a_teacher_and_for_evaluate():
+    """Training (teacher_columns) and jaxkd evaluate (label_order) read a model's outputs by the
+    same rule: names without regard to case, transformers' placeholders by position."""
+    sst2 = sequence.resolve(task_config("sst2"))
+
+    def teacher(names):
+        return sst2.teacher_columns({"id2label": dict(enumerate(names))}, False, "teacher")
+
+    for names, columns in ((["NEGATIVE", "POSITIVE"], None), (["Positive", "negative"], [1, 0]),
+                           (["LABEL_0", "LABEL_1"], None)):
+        got = [teacher(names), sst2.label_order(names, False, "model")]
+        assert [None if g is None else g.tolist() for g in got] == [columns, columns], names
+    for names in (["bad", "good"], ["positive", "POSITIVE"]):
+        with pytest.raises(data.DataError, match=r"teacher: its labels \(id2label\) are .* "
+                                                 r"teacher.labels_by_position"):
+            teacher(names)
+        with pytest.raises(data.DataError, match=r"the model's labels .* --by-position"):
+            sst2.label_order(names, False, "model")
+    with pytest.raises(data.DataError, match=r"are \['LABEL_0', 'LABEL_1', 'LABEL_2'\]"):
+        sst2.label_order(["LABEL_0", "LABEL_1", "LABEL_2"], False, "model")
+    with pytest.raises(data.DataError, match=r"id2label must name ids 0..1, got ids \[0, 2\]"):
+        sst2.teacher_columns({"id2label": {"0": "negative", "2": "positive"}}, False, "teacher")
+    # A regression teacher names its one output as it likes: there are no labels to order.
+    stsb = sequence.resolve(task_config("stsb"))
+    assert stsb.teacher_columns({"id2label": {"0": "similarity"}}, False, "teacher") is None
+
+
 def test_unknown_task_suggests_nearest_preset():
     with pytest.raises(data.DataError, match=r"unknown task.name 'sst-2'.*did you mean 'sst2'"):
         task_config("sst-2")
