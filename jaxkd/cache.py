@@ -53,9 +53,10 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
     are computed again. Computed logits that are not all finite, before or after rounding to
     `dtype`, are an error naming the cache, never written; on a miss they are stored atomically
     (when `write`), then their record, and returned as stored (a hit and a miss give the same
-    values). `agree(hit)` turns this process's finding into the run's: on a multi-process run
+    values). `agree(flag)` turns this process's finding into the run's: on a multi-process run
     (`sharding.all_processes`) the file is used only where every process could use it, since
-    computing is a collective every process must join.
+    computing is a collective every process must join, and a failed write (an OSError) is raised
+    on every process.
     """
     if dtype not in STORAGE:
         raise ValueError(f"teacher cache dtype must be one of {STORAGE}, got {dtype!r}")
@@ -88,10 +89,18 @@ def load_or_compute(cache_dir: str | pathlib.Path, key: str, num_rows: int,
             logits = logits.astype(dtype)
         check_finite(logits, path, f" once rounded to {dtype}, beyond whose range they are: "
                                    f"store them as float32 (distill.teacher_cache_dtype: float32)")
+    failed = None
     if write:
-        util.write_atomic(path, lambda tmp: np.save(tmp, logits))
-        util.write_check(path, {"logits": logits})
-    agree(True)  # multi-process: a barrier, so no process reads the file before it is whole
+        try:
+            util.write_atomic(path, lambda tmp: np.save(tmp, logits))
+            util.write_check(path, {"logits": logits})
+        except OSError as err:
+            failed = err
+    # Multi-process: a barrier, so that no process reads the file before it is whole, and none
+    # goes on alone into the next collective when the one that wrote it failed.
+    if not agree(failed is None):
+        raise failed or OSError(f"teacher cache {path}: the process writing it failed; its log "
+                                "says why")
     return logits, False
 
 

@@ -37,13 +37,32 @@ def test_a_cache_is_used_only_where_every_process_can_use_it(tmp_path):
     compute = Calls(_logits())
     asked = []
 
-    def agree(hit):
-        asked.append(hit)
-        return False  # another process could not use it
+    def agree(flag):
+        asked.append(flag)
+        return len(asked) > 1  # another process could not use it; then the write went well
     cache.load_or_compute(tmp_path, "k", 6, compute)
     again, hit = cache.load_or_compute(tmp_path, "k", 6, compute, agree=agree)
     assert not hit and compute.count == 2 and asked == [True, True]  # its finding, the barrier
     assert cache.load_or_compute(tmp_path, "k", 6, compute, agree=bool)[1]
+
+
+def test_a_failed_write_is_raised_on_every_process(tmp_path, monkeypatch):
+    """The process that writes the cache fails (a full disk): it raises its error, and the
+    others, told at the barrier, raise too instead of waiting in the next collective."""
+    def full(path, write):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(util, "write_atomic", full)
+    asked = []
+
+    def agree(flag):  # process 0's findings: no file; then its write failed
+        asked.append(flag)
+        return all(asked)
+    with pytest.raises(OSError, match="No space left"):
+        cache.load_or_compute(tmp_path, "k", 6, Calls(_logits()), agree=agree)
+    assert asked == [False, False]
+    with pytest.raises(OSError, match="the process writing it failed"):  # another process
+        cache.load_or_compute(tmp_path, "k", 6, Calls(_logits()), write=False,
+                              agree=lambda flag: False)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "nan", "no_record", "rows"])
