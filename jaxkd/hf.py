@@ -269,24 +269,48 @@ def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
     return (cfg, params, report) if return_report else (cfg, params)
 
 
-def _check_tied_decoder(directory, hf_dict: Mapping, cfg: ModelConfig,
-                        raw: Mapping[str, np.ndarray]) -> None:
-    """A head whose decoder is the word-embedding table (`HeadSpec.tied_decoder`) cannot stand
-    in for a checkpoint's decoder matrix of its own: refuse that checkpoint rather than drop it."""
+def _tied_decoder(directory, hf_dict: Mapping, cfg: ModelConfig,
+                  names: set[str]) -> tuple[str, str] | None:
+    """(the checkpoint's decoder key, the fix to name) when `cfg`'s head ties its decoder to the
+    word embeddings (`HeadSpec.tied_decoder`) and the checkpoint (tensor `names`) holds a decoder;
+    a CheckpointError when its config.json says that decoder is a matrix of its own, which such
+    a head cannot stand in for (refused rather than dropped)."""
     spec, family = cfg.head.spec, families.of(cfg)
     key = spec.tied_decoder.get(family.base)
-    if key is None:
-        return
+    if key is None or family.canonical_name(key) not in {family.canonical_name(n) for n in names}:
+        return None  # no decoder to read: the head's is the embedding table, as always
     fix = (f"jaxkd's {spec.kind} head ties its decoder to the word embeddings; use a checkpoint "
            "with tied embeddings, or load this one with another head (the encoder alone)")
     if hf_dict.get("tie_word_embeddings", True) is False:
         raise CheckpointError(f"{directory}: config.json sets tie_word_embeddings false (its "
                               f"decoder {key} is a matrix of its own): {fix}")
+    return key, fix
+
+
+def check_tied_decoder(path_or_hub_id: str | os.PathLike, kind: str) -> None:
+    """Refuses, from config.json and the weight files' key names alone (before any work), a
+    checkpoint whose decoder a head of `kind` could not read (`_tied_decoder`)."""
+    directory = resolve_dir(path_or_hub_id)
+    hf_dict = read_hf_config(directory)
+    cfg = model_config_from_hf(hf_dict, head=kind)
+    if cfg.head.spec.tied_decoder:
+        _tied_decoder(directory, hf_dict, cfg, weights.tensor_names(weights.weight_files(directory)))
+
+
+def _check_tied_decoder(directory, hf_dict: Mapping, cfg: ModelConfig,
+                        raw: Mapping[str, np.ndarray]) -> None:
+    """`_tied_decoder`, then the decoder's values: one that differs from the word-embedding
+    table is refused too."""
+    found = _tied_decoder(directory, hf_dict, cfg, set(raw))
+    if found is None:
+        return
+    key, fix = found
+    family = families.of(cfg)
     tensors = {family.canonical_name(k): v for k, v in raw.items()}
     names, _ = _param_table(cfg)
     table = next(hf for path, (hf, _) in names.items() if path[-2:] == ("word_embeddings", "embedding"))
-    decoder = tensors.get(family.canonical_name(key))
-    if decoder is not None and table in tensors and not (
+    decoder = tensors[family.canonical_name(key)]
+    if table in tensors and not (
             np.shape(decoder) == np.shape(tensors[table])
             and np.allclose(np.asarray(decoder, np.float32), np.asarray(tensors[table], np.float32),
                             rtol=0, atol=1e-6)):

@@ -73,6 +73,7 @@ def _teacher_config(teacher: TeacherConfig, directory: pathlib.Path, task: tasks
     try:
         raw = hf.read_hf_config(directory)
         encoder = hf.config_from_hf(raw)
+        hf.check_tied_decoder(directory, task.head_kind)
     except (FileNotFoundError, hf.CheckpointError) as e:
         raise ConfigError(f"teacher.model {teacher.model!r}: {e}") from e
     is_task_model = task.is_model_of(raw)
@@ -353,6 +354,7 @@ def student_config(s: StudentConfig, teacher_cfg: ModelConfig,
         else:
             pre_raw = hf.read_hf_config(hf.resolve_dir(s.pretrained))
             pre = hf.config_from_hf(pre_raw)
+            hf.check_tied_decoder(s.pretrained, teacher_cfg.head.kind)
             if pre.vocab_size != teacher.vocab_size:
                 raise ConfigError(
                     f"student.pretrained {s.pretrained!r} has a vocabulary of {pre.vocab_size} tokens "

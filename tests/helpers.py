@@ -482,10 +482,11 @@ def family_hf_config(model_type: str):
 
 
 def auto_model(kind: str):
-    """The transformers Auto class of a head kind."""
+    """The transformers Auto class of a head kind ("base": the bare encoder)."""
     import transformers
 
-    return {"sequence": transformers.AutoModelForSequenceClassification,
+    return {"base": transformers.AutoModel,
+            "sequence": transformers.AutoModelForSequenceClassification,
             "token": transformers.AutoModelForTokenClassification,
             "span": transformers.AutoModelForQuestionAnswering,
             "masked_lm": transformers.AutoModelForMaskedLM}[kind]

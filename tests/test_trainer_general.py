@@ -90,6 +90,31 @@ def test_headless_teacher_with_masked_lm_kd_is_refused_before_any_work(tmp_path,
     assert not (workdir / "cache").exists() and not (workdir / "stages.json").exists()
 
 
+def test_a_teacher_or_student_with_an_untied_decoder_is_refused_before_any_work(
+        tmp_path, mlm_teacher, corpus):
+    """The masked-LM head ties its decoder to the word embeddings: a checkpoint whose config
+    says its decoder is a matrix of its own is refused by the plan, as teacher or as pretrained
+    student, before the corpus is tokenized."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    untied = tmp_path / "untied"
+    shutil.copytree(mlm_teacher, untied)
+    tensors = load_file(untied / "model.safetensors")  # a decoder of its own, as transformers saves
+    tensors["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"] + 1
+    save_file(tensors, untied / "model.safetensors")
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    for teacher, over in ((untied, {}), (mlm_teacher, {"student.init": "pretrained",
+                                                       "student.pretrained": str(untied)})):
+        workdir = tmp_path / f"run-{len(over)}"
+        with pytest.raises(ConfigError, match="tie_word_embeddings false.*ties its decoder"):
+            helpers.run_in_process(general_config(workdir, teacher, corpus, **over))
+        assert not (workdir / "cache").exists() and not (workdir / "stages.json").exists()
+
+
 @pytest.mark.slow
 def test_headless_teacher_teaches_relations_and_exports_the_bare_encoder(tmp_path, tiny_teacher,
                                                                          corpus):

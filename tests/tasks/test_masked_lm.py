@@ -64,10 +64,18 @@ def test_a_checkpoint_with_a_decoder_of_its_own_is_refused_not_dropped(model_typ
     from jaxkd.families import CheckpointError
 
     torch_model(model_type, "masked_lm", 1, tie_word_embeddings=False).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="tie_word_embeddings false.*ties its decoder"):
-        hf.load_hf(tmp_path, head="masked_lm")
+    for refuse in (lambda: hf.load_hf(tmp_path, head="masked_lm"),  # and before any work:
+                   lambda: hf.check_tied_decoder(tmp_path, "masked_lm")):
+        with pytest.raises(CheckpointError, match="tie_word_embeddings false.*ties its decoder"):
+            refuse()
+    hf.check_tied_decoder(tmp_path, "sequence")  # a head without a decoder: nothing to refuse
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     with pytest.raises(CheckpointError, match="differs from the word embeddings"):
         hf.load_hf(tmp_path, head="masked_lm")
     hf.load_hf(tmp_path, head="sequence", num_labels=2)  # the encoder alone
+    # A bare encoder saying the same has no decoder to misread: its head is the table, as always.
+    bare = tmp_path / "bare"
+    torch_model(model_type, "base", 1, tie_word_embeddings=False).save_pretrained(bare)
+    hf.check_tied_decoder(bare, "masked_lm")
+    hf.load_hf(bare, head="masked_lm")
