@@ -91,8 +91,8 @@ class WorkdirLock:
 
     def _try_create(self) -> bool:
         tmp = self.path.with_name(f"{NAME}.{util.unique_name()}.tmp")
-        tmp.write_text(self._record())
         try:
+            tmp.write_text(self._record())
             os.link(tmp, self.path)
             return True
         except FileExistsError:
@@ -148,9 +148,7 @@ class WorkdirLock:
                 try:
                     record = json.loads(self.path.read_text())
                     record["lease_until"] = time.time() + self.lease_s
-                    tmp = self.path.with_name(f"{NAME}.{util.unique_name()}.renew")
-                    tmp.write_text(json.dumps(record))
-                    os.replace(tmp, self.path)
+                    util.write_atomic(self.path, lambda tmp: tmp.write_text(json.dumps(record)))
                 except OSError as e:  # a full disk must not kill the run: the lease ages
                     if e.errno != errno.ENOSPC:
                         log.warning("workdir lock: could not renew the lease (%s)", e)

@@ -1,8 +1,10 @@
 """One writer per workdir: the lock is exclusive, names its holder, and is taken over only when
 stale (its process gone on this host, or its lease expired on another)."""
+import errno
 import json
 import multiprocessing
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -86,6 +88,22 @@ def test_the_holder_renews_its_lease(tmp_path):
         first = json.loads((tmp_path / ".lock").read_text())["lease_until"]
         time.sleep(0.5)
         assert json.loads((tmp_path / ".lock").read_text())["lease_until"] > first
+
+
+def test_renewals_on_a_full_disk_leave_no_files_behind(tmp_path, monkeypatch):
+    """The lease ages while the disk is full (the run goes on), and no renewal leaves its
+    temporary file in the workdir."""
+    with lock.WorkdirLock(tmp_path, lease_s=0.15):
+        write_text = pathlib.Path.write_text
+
+        def full(path, text, *args, **kwargs):
+            write_text(path, text[:3], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(pathlib.Path, "write_text", full)
+        time.sleep(0.4)  # about eight renewals
+        monkeypatch.undo()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+        json.loads((tmp_path / ".lock").read_text())  # whole
 
 
 def _contend(workdir, start, results):
