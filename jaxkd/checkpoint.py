@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from jaxkd import util
+from jaxkd import sharding, util
 from jaxkd.families.base import CheckpointError as _ModelCheckpointError
 
 log = logging.getLogger("jaxkd")
@@ -185,7 +185,7 @@ class Checkpointer:
                 except CheckpointError:
                     raise
                 except Exception as err:  # pylint: disable=broad-except
-                    why = f"unreadable ({_first_line(err)})"
+                    why = f"unreadable ({util.first_line(err)})"
             why = _agree(why)
             if why is None:
                 self._proven.add(step)
@@ -270,7 +270,7 @@ def _json_problem(path: pathlib.Path, name: str) -> str | None:
     except FileNotFoundError:
         return f"{name} missing"
     except (OSError, ValueError) as err:
-        return f"{name} is not valid JSON ({_first_line(err)})"
+        return f"{name} is not valid JSON ({util.first_line(err)})"
     return None if isinstance(value, dict) else f"{name} is not a JSON object"
 
 
@@ -292,7 +292,7 @@ def step_problem(step_dir: pathlib.Path) -> str | None:
         files = json.loads(record.read_text())["files"]
         sizes = {name: (int(f["bytes"]), f["crc32"]) for name, f in files.items()}
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{RECORD} unreadable ({_first_line(err)})"
+        return f"{RECORD} unreadable ({util.first_line(err)})"
     for name, (size, crc) in sorted(sizes.items()):
         path = step_dir / name
         if not path.is_file():
@@ -324,20 +324,9 @@ def _show(leaf: tuple[tuple[int, ...], str]) -> str:
     return f"{shape} {dtype}" if dtype != "float32" else str(shape)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
-
-
 def _agree(why: str | None) -> str | None:
     """One verdict for every process: a checkpoint unusable on one is unusable on all."""
-    if jax.process_count() == 1:
-        return why
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    bad = multihost_utils.process_allgather(np.array([why is not None], np.int32))
-    if why is None and np.any(bad):
+    if not sharding.all_processes(why is None) and why is None:
         return "unusable on another process (its log says why)"
     return why
 

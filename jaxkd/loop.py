@@ -94,11 +94,7 @@ class Runtime:
 
     def should_stop(self) -> bool:
         """Whether any process received SIGTERM (agreed on by all processes)."""
-        if jax.process_count() == 1:
-            return self.preempt
-        from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.array([self.preempt], np.int32))
-        return bool(np.any(flags))
+        return not sharding.all_processes(not self.preempt)
 
     def check_stop(self, what: str) -> None:
         """Raise `Preempted` when any process received SIGTERM: for the work between steps

@@ -110,9 +110,8 @@ def stage_teacher(rt: Runtime, plan: Plan, teacher: TeacherConfig, optim_cfg: Op
         try:
             return _load_exported_teacher(plan.task, out_dir, config)
         except Exception as err:  # pylint: disable=broad-except  (missing, truncated, unreadable)
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             log.warning("teacher: the exported teacher %s is missing or unreadable (%s); "
-                        "exporting it again from its checkpoints in %s", out_dir, reason,
+                        "exporting it again from its checkpoints in %s", out_dir, util.first_line(err),
                         rt.workdir / "checkpoints" / "teacher")
     _, params = plan.task.load_model(plan.teacher_dir, config.head, jax.random.key(seed))
     params = plan.task.reorder_head(params, plan.teacher_columns)  # outputs in the task's order

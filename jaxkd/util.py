@@ -1,8 +1,11 @@
-"""Three small jobs that several modules share, each done in one place.
+"""Small jobs that several modules share, each done in one place.
 
 - `did_you_mean`: the hint after an unknown name ("did you mean 'sst2'?"), from `difflib`.
 - `write_atomic`: a file replaced whole or not at all (caches written by several processes).
 - `content_hash`: a hex digest of byte strings and arrays (cache keys, parameter digests).
+- `unique_name` (temporary files), `write_dir_atomic` (a directory replaced whole),
+  `write_check` / `check_problem` (a record of a file's arrays, to tell a whole file from a
+  damaged one), `first_line` (an error in a log line) and `usable_cores`.
 
 Callers keep their own wording, cutoffs, algorithms and lengths: these helpers only do the
 mechanics, so a message or a cache key built through them is byte for byte what it was.
@@ -38,6 +41,23 @@ def unique_name() -> str:
     import uuid
 
     return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; every core off Linux): tokenizer
+    workers, ONNX Runtime's and torch's threads."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first line, cut to `limit` characters, for a log line or a reason (its type's
+    name when it has no text)."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], Any]) -> None:

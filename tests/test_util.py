@@ -188,3 +188,10 @@ def test_teacher_cache_fingerprint_and_params_digest_stay_the_same():
     for leaf in jax.tree.leaves(params):
         h.update(np.asarray(leaf).tobytes())
     assert bench_common.params_digest(params) == h.hexdigest()[:12]
+
+
+def test_first_line_of_an_error_is_cut_to_its_limit_or_names_its_type():
+    assert util.first_line(ValueError("bad row\nmore detail")) == "bad row"
+    assert util.first_line(KeyError()) == "KeyError"
+    long = util.first_line(OSError("x" * 300))
+    assert len(long) == 200 and long.endswith("...")

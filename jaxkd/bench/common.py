@@ -20,7 +20,6 @@ import numpy as np
 
 from jaxkd import data as data_lib
 from jaxkd import hf, tasks, util
-from jaxkd.deploy import runtime
 from jaxkd.model import BertConfig, HeadConfig, ModelConfig, default_head_kind, init_params
 from jaxkd.optim import OptimConfig, make_optimizer
 
@@ -134,12 +133,6 @@ def memory_line() -> str:
     return line
 
 
-def threads() -> int:
-    """Cores this process may use (`jaxkd.deploy.runtime.cpu_threads`): XLA's CPU pool uses them
-    all; torch and ONNX Runtime get the same count."""
-    return runtime.cpu_threads()
-
-
 def machine_description() -> dict[str, Any]:
     """The CPU's model name (/proc/cpuinfo; the platform's word elsewhere) and the cores this
     process may use: what a record of timings says it was measured on."""
@@ -153,7 +146,7 @@ def machine_description() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": name, "threads": threads(), "jax_device": jax.devices()[0].device_kind}
+    return {"cpu": name, "threads": util.usable_cores(), "jax_device": jax.devices()[0].device_kind}
 
 
 def params_digest(params: Any) -> str:

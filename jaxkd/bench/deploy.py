@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 from jaxkd import exported, util
-from jaxkd.bench.common import machine_description, threads as cpu_threads
+from jaxkd.bench.common import machine_description
 from jaxkd.deploy import table
 
 
@@ -105,7 +105,7 @@ def run_deploy(a: argparse.Namespace) -> dict:
     deploy.require()
     model, task, data_cfg, examples, encoded, order = _loaded(a.model_dir, a.task, a.data,
                                                               max_seq_len=a.max_seq_len)
-    threads = cpu_threads()
+    threads = util.usable_cores()
     reference = None
     if a.teacher is not None:
         teacher, _, teacher_data, _, teacher_encoded, teacher_order = _loaded(a.teacher, a.task,

@@ -23,10 +23,10 @@ import numpy as np
 
 from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
-from jaxkd import hf, inference, loop, sharding, steps, tasks
+from jaxkd import hf, inference, loop, sharding, steps, tasks, util
 from jaxkd.bench.common import (CONLL_TRAIN, DEFAULT_RNG_IMPL, RANDOM_BASE, REPO, RESULT, SQUAD_TRAIN,
                                 SST2_TRAIN, STS_TRAIN, adamw, load_teacher, memory_line,
-                                run_child, spread_layers, threads)
+                                run_child, spread_layers)
 from jaxkd.bench.torch_ref import torch_epoch
 from jaxkd.losses import LossConfig
 from jaxkd.model import ModelConfig
@@ -233,7 +233,7 @@ def epoch_both(a: argparse.Namespace, setup: EpochSetup) -> float:
           f"task {setup.task}; teacher: "
           + ("fresh classifier head (speed only, not fine-tuned); " if setup.resolved_task.finetunes
              else "used as it is; ")
-          + f"{threads()} threads each")
+          + f"{util.usable_cores()} threads each")
     ratio = med["jaxkd"]["warm_s"] / med["torch"]["warm_s"]
     print(f"{ratio:.3f}")
     return ratio

@@ -19,10 +19,10 @@ from typing import Any
 
 import jax
 
-from jaxkd import hf, sharding, steps
+from jaxkd import hf, sharding, steps, util
 from jaxkd.bench.common import (StepSetup, adamw, last_float, load_teacher, memory_line,
                                 params_digest, random_batch, run_child, seconds, spread_layers,
-                                step_keys, threads)
+                                step_keys)
 from jaxkd.bench.torch_ref import torch_step_cmd
 from jaxkd.losses import LossConfig
 from jaxkd.model import ModelConfig
@@ -164,7 +164,7 @@ def step_vs_torch(a: argparse.Namespace) -> float:
                             "--dtype", a.dtype, "--rng-impl", a.rng_impl,
                             *(["--breakdown"] if a.breakdown else []),
                             *(["--general"] if a.general else [])]}
-    torch_args = ["--teacher", str(hf.resolve_dir(a.teacher)), *shapes, "--threads", str(threads())]
+    torch_args = ["--teacher", str(hf.resolve_dir(a.teacher)), *shapes, "--threads", str(util.usable_cores())]
     torch_dtypes = a.torch_dtype.split(",")
     for dtype in torch_dtypes:
         contenders[f"torch-{dtype}"] = torch_step_cmd(a.torch_script, torch_args, dtype)
@@ -177,7 +177,7 @@ def step_vs_torch(a: argparse.Namespace) -> float:
                   + " | ".join(out.strip().splitlines()[:-1]), flush=True)
     medians = {name: statistics.median(times) for name, times in results.items()}
     print("median of rounds: " + ", ".join(f"{name} {m:.4f} s" for name, m in medians.items())
-          + f" ({threads()} threads each)")
+          + f" ({util.usable_cores()} threads each)")
     ratios = {dtype: medians["jaxkd"] / medians[f"torch-{dtype}"] for dtype in torch_dtypes}
     print(f"jaxkd {a.dtype} / PyTorch: " + ", ".join(f"{r:.3f} against {d}" for d, r in ratios.items()))
     print(memory_line() + " (this parent process)")

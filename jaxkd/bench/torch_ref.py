@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jaxkd import hf
-from jaxkd.bench.common import spread_layers, threads
+from jaxkd import hf, util
+from jaxkd.bench.common import spread_layers
 
 if TYPE_CHECKING:
     from jaxkd.bench.epoch import EpochSetup
@@ -216,7 +216,7 @@ def torch_embedding_epoch(setup: EpochSetup) -> dict[str, float]:
     if tuple(task.pooling) != ("mean",) or not task.normalize:
         raise ValueError(f"the PyTorch reference pools by mean and normalises; the teacher "
                          f"computes {list(task.pooling)}, normalize {task.normalize}")
-    torch.set_num_threads(threads())
+    torch.set_num_threads(util.usable_cores())
     torch.manual_seed(setup.seed)
     directory = task.encoder_dir(hf.resolve_dir(setup.teacher))
     teacher = BertModel.from_pretrained(str(directory), add_pooling_layer=False).eval()
@@ -286,7 +286,7 @@ def torch_epoch(setup: EpochSetup) -> dict[str, float]:
     if setup.resolved_task.torch_embeddings:
         return torch_embedding_epoch(setup)
 
-    torch.set_num_threads(threads())
+    torch.set_num_threads(util.usable_cores())
     torch.manual_seed(setup.seed)
     model_class, collator_class = torch_classes(setup.resolved_task)
     directory = hf.resolve_dir(setup.teacher)

@@ -136,14 +136,6 @@ def _encode_chunk(docs: list[str], sep_id: int, dtype: str, path: str) -> int:
     return len(ids)
 
 
-def default_workers() -> int:
-    """The cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def finished(srcs: Sequence[Source], tokenizer, out_dir: str | os.PathLike, *,
              chunk_bytes: int = 4 << 20, skip_invalid: bool = False) -> Corpus | None:
     """The corpus `tokenize` with these arguments gives, if it is complete on disk under
@@ -180,7 +172,7 @@ def tokenize(srcs: Sequence[Source], tokenizer, out_dir: str | os.PathLike, *,
         raise DataError("no corpus sources given")
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise DataError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
-    workers = default_workers() if workers is None else workers
+    workers = util.usable_cores() if workers is None else workers
     if not isinstance(workers, int) or workers < 1:
         raise DataError(f"workers must be a positive integer, got {workers!r}")
     if tokenizer.sep_token_id is None:

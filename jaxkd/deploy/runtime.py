@@ -7,15 +7,8 @@ import pathlib
 
 import numpy as np
 
+from jaxkd import util
 from jaxkd.data import Batch
-
-
-def cpu_threads() -> int:
-    """The cores this process may run on (the thread count ONNX Runtime is given)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def session(path: str | os.PathLike, threads: int | None = None):
@@ -24,7 +17,7 @@ def session(path: str | os.PathLike, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or cpu_threads()
+    options.intra_op_num_threads = threads or util.usable_cores()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxkd import data as data_lib
+from jaxkd import data as data_lib, util
 from jaxkd.data import Batch, Encoded
 
 LATENCY_ROUNDS = 3
@@ -108,10 +108,9 @@ def measure(formats: Sequence[Format], *, task, encoded: Encoded, examples, spli
     "throughput"}}}. `reference`: another model's outputs on the split (the teacher's), for
     agreement; `task`: the split's task kind (scores, agreement, outputs per token)."""
     from jaxkd import inference
-    from jaxkd.deploy import runtime
 
     table: dict[str, Any] = {
-        "split": split, "rows": len(encoded), "threads": threads or runtime.cpu_threads(),
+        "split": split, "rows": len(encoded), "threads": threads or util.usable_cores(),
         "jax_device": jax.devices()[0].device_kind, "latency_inputs": 0,
         "throughput_batch": throughput_batch, "rounds": rounds, "reference": reference_name,
         "formats": {}}
