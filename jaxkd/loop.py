@@ -139,6 +139,12 @@ def read_stages(workdir: pathlib.Path) -> dict:
     return {}
 
 
+def write_stages(workdir: pathlib.Path, stages: dict) -> None:
+    """Replace `workdir/stages.json` with `stages`, whole or not at all."""
+    util.write_atomic(pathlib.Path(workdir) / "stages.json",
+                      lambda tmp: tmp.write_text(json.dumps(stages, indent=2)))
+
+
 def mark_stage(rt: Runtime, name: str, info: dict) -> None:
     """Record stage `name` as done, with its wall time and `info` (main process only)."""
     if not rt.is_main:
@@ -151,8 +157,7 @@ def mark_stage(rt: Runtime, name: str, info: dict) -> None:
     seconds = time.perf_counter() - rt.stage_started
     stages[name] = {"done": True, "seconds": round(seconds, 1), **info}
     rt.stage_started = time.perf_counter()
-    util.write_atomic(rt.workdir / "stages.json",
-                      lambda tmp: tmp.write_text(json.dumps(stages, indent=2)))
+    write_stages(rt.workdir, stages)
 
 
 def total_steps(configured: int | None, epochs: float, epoch_steps: int) -> int:

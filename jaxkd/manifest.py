@@ -24,7 +24,7 @@ import jaxkd
 from jaxkd import report as report_lib
 from jaxkd import search, util
 from jaxkd.config import Config, ConfigError, to_dict
-from jaxkd.loop import read_stages
+from jaxkd.loop import read_stages, write_stages
 
 log = logging.getLogger("jaxkd")
 
@@ -216,16 +216,11 @@ def restart(workdir: pathlib.Path, stage: str) -> list[str]:
             else:
                 continue
             removed.append(str(path))
-    stages_file = workdir / "stages.json"
-    if stages_file.is_file():
-        kept = {k: v for k, v in read_stages(workdir).items() if k not in redo}
-        util.write_atomic(stages_file, lambda tmp: tmp.write_text(json.dumps(kept, indent=2)))
-    metrics = workdir / report_lib.METRICS
-    if metrics.is_file():
-        keep = [r for r in report_lib.read_metrics(workdir)
-                if search.owner_stage(r.get("stage")) not in redo]
-        util.write_atomic(metrics, lambda tmp: tmp.write_text(
-            "".join(json.dumps(r) + "\n" for r in keep)))
+    if (workdir / "stages.json").is_file():
+        write_stages(workdir, {k: v for k, v in read_stages(workdir).items() if k not in redo})
+    if (workdir / report_lib.METRICS).is_file():
+        report_lib.write_metrics(workdir, [r for r in report_lib.read_metrics(workdir)
+                                           if search.owner_stage(r.get("stage")) not in redo])
     log.info("--restart %s: redoing %s (removed %s)", stage, ", ".join(redo),
              ", ".join(removed) or "nothing")
     return removed

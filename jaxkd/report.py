@@ -51,10 +51,8 @@ class MetricsSink:
         """Drop a stage's rows after `step`: a resumed run writes them again."""
         if not self.enabled or not self.path.is_file():
             return
-        keep = [r for r in read_metrics(self.path.parent)
-                if r.get("stage") != stage or r.get("step", 0) <= step]
-        text = "".join(json.dumps(r) + "\n" for r in keep)
-        util.write_atomic(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_metrics(self.path.parent, [r for r in read_metrics(self.path.parent)
+                                         if r.get("stage") != stage or r.get("step", 0) <= step])
 
     def close(self) -> None:
         if self._tb is not None:
@@ -330,6 +328,14 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
             log.warning("%s: its last line is cut short (a run killed while writing it); "
                         "ignored", path)
     return rows
+
+
+def write_metrics(workdir: pathlib.Path, rows: list[dict]) -> None:
+    """Replace workdir/metrics.jsonl with `rows`, whole or not at all (a resumed or restarted
+    stage drops the rows it writes again)."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    util.write_atomic(pathlib.Path(workdir) / METRICS,
+                      lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def eval_curve(workdir: pathlib.Path, stage: str, metric: str) -> list[tuple[int, float]]:
