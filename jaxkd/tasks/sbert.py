@@ -225,10 +225,10 @@ def _dense_width(path: pathlib.Path) -> int:
 def read_dense(path: pathlib.Path, in_features: int) -> dict[str, np.ndarray]:
     """A Dense module's weights as the embedding head's `projection` {"kernel" [in, out],
     "bias" [out]} (safetensors; a PyTorch file is read with weights_only)."""
-    files = [f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.is_file()]
-    if not files:
-        raise DataError(f"{path}: the Dense module has no model.safetensors or pytorch_model.bin")
-    tensors = weights.read_tensor_file(files[0])
+    try:
+        tensors = weights.read_tensors(weights.weight_files(path))
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: the Dense module has no weights ({err})") from err
     weight, bias = (np.asarray(tensors[k], np.float32) for k in ("linear.weight", "linear.bias"))
     if weight.shape[1] != in_features:
         raise DataError(f"{path}: the Dense module maps {weight.shape[1]} features, but the pooling "

@@ -91,6 +91,18 @@ def test_a_dense_module_with_an_activation_is_named(tmp_path):
                                            "activation_function": "torch.nn.modules.linear.Identity"})
     found = sbert.read_modules(d)
     assert (found.dense_dir, found.dense_width, found.normalize) == (d / "2_Dense", 4, True)
+    with pytest.raises(DataError, match=r"2_Dense: the Dense module has no weights \(no weights in"):
+        sbert.read_dense(found.dense_dir, 8)
+    from safetensors.numpy import save_file  # weights in shards, as transformers saves large ones
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(size=(4, 8)).astype(np.float32), np.ones(4, np.float32)
+    save_file({"linear.weight": weight}, d / "2_Dense" / "a.safetensors")
+    save_file({"linear.bias": bias}, d / "2_Dense" / "b.safetensors")
+    _write(d / "2_Dense" / "model.safetensors.index.json",
+           {"weight_map": {"linear.weight": "a.safetensors", "linear.bias": "b.safetensors"}})
+    dense = sbert.read_dense(found.dense_dir, 8)
+    np.testing.assert_array_equal(dense["kernel"], weight.T)
+    np.testing.assert_array_equal(dense["bias"], bias)
 
 
 def test_modules_out_of_order_are_refused(tmp_path):
