@@ -146,7 +146,7 @@ def _outputs(workdir: pathlib.Path, stage: str) -> list[pathlib.Path]:
     return {"teacher": [workdir / "teacher"],
             "distill": [workdir / search.RECORD,
                         *sorted((workdir / "checkpoints").glob(f"{search.STAGE_PREFIX}*"))],
-            "baseline": [], "export": [workdir / "student"],
+            "baseline": [], "export": [workdir / "student", *util.leftovers(workdir / "student")],
             "report": [workdir / name for name in ("report.json", "report.md", "training_curves.png",
                                                     "teacher_vs_student.png", "deployment.png")]}[stage]
 

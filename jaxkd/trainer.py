@@ -304,7 +304,6 @@ def export_onnx(export: ExportConfig, model_cfg: ModelConfig, params,
     except graph.UnsupportedError as err:
         log.warning("export: no ONNX files (export.onnx auto): %s", err)
         return []
-    log.info("export: %s", ", ".join(str(p) for p in written))
     return written
 
 
@@ -498,6 +497,8 @@ def run(cfg: Config, restart: str | None = None) -> dict:
                                      exported.export_settings(plan.task, rt.data))
                     return export_onnx(cfg.export, plan.student_config, student_params, out)
                 onnx_files = util.write_dir_atomic(export_dir, write_export)
+                log.info("export: %s%s", export_dir,
+                         "".join(f", {export_dir / p.name}" for p in onnx_files))
             mark_stage(rt, "export", {"dir": str(export_dir), "onnx": [p.name for p in onnx_files]})
             rt.check_stop("export")
             report = _finished_report(workdir)

@@ -86,16 +86,17 @@ def write_dir_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], An
     temporary directory beside it, and returns what `write` returns.
 
     `path` is never a partly written directory: the old one is moved aside, the new one renamed
-    into place, then the old one removed (a kill between the two renames leaves no `path` and
-    the old one beside it as `<name>.<unique>.old`). If `write` raises, the temporary directory is
-    removed, `path` is left as it was, and the error propagates.
+    into place, then the old one removed. If `write` raises, the temporary directory is removed,
+    `path` is left as it was, and the error propagates. One writer at a time (a run's workdir
+    lock): the leftovers of a call killed midway (`leftovers`) are removed first.
     """
     import shutil
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in leftovers(path):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp, old = (path.with_name(f"{path.name}.{unique_name()}.{kind}") for kind in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         out = write(tmp)
@@ -107,6 +108,14 @@ def write_dir_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], An
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def leftovers(path: str | os.PathLike) -> list[pathlib.Path]:
+    """What a `write_dir_atomic(path, ...)` killed midway leaves beside `path`: its temporary
+    directory (`<name>.<unique>.tmp`) and, killed between its two renames, the old directory
+    (`<name>.<unique>.old`, with no `path`)."""
+    path = pathlib.Path(path)
+    return sorted(p for kind in ("tmp", "old") for p in path.parent.glob(f"{path.name}.*.{kind}"))
 
 
 def content_hash(chunks: Iterable[bytes | Any], *, algorithm: str = "sha256",

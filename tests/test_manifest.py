@@ -90,7 +90,8 @@ def test_content_keys_follow_the_bytes_of_the_data_files(tmp_path, sst2_small, t
 def test_restart_removes_the_stage_and_those_after_it_and_nothing_before(tmp_path):
     workdir = _workdir(tmp_path, {}, stages=("teacher", "distill", "export", "report"),
                        checkpoints=("teacher", "distill"))
-    for path in ("teacher/config.json", "student/config.json", "report.json", "report.md"):
+    for path in ("teacher/config.json", "student/config.json", "report.json", "report.md",
+                 "student.1-a.tmp/model.safetensors", "student.2-b.old/model.safetensors"):
         (workdir / path).parent.mkdir(exist_ok=True)
         (workdir / path).write_text("{}")
     rows = [{"stage": "teacher", "step": 4}, {"stage": "distill", "step": 4}]
@@ -100,6 +101,7 @@ def test_restart_removes_the_stage_and_those_after_it_and_nothing_before(tmp_pat
     assert (workdir / "checkpoints" / "teacher" / "8").is_dir()
     assert not (workdir / "checkpoints" / "distill").exists()
     assert not (workdir / "student").exists() and not (workdir / "report.json").exists()
+    assert not list(workdir.glob("student.*"))  # an export killed midway left these
     assert list(json.loads((workdir / "stages.json").read_text())) == ["teacher"]
     assert [json.loads(x)["stage"] for x in (workdir / "metrics.jsonl").read_text().splitlines()] \
         == ["teacher"]

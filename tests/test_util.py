@@ -95,6 +95,15 @@ def test_write_dir_atomic_replaces_a_directory_whole_or_not_at_all(tmp_path):
     assert (path / "config.json").read_text() == "config.json"
     assert [p.name for p in tmp_path.iterdir()] == ["student"]
 
+    # A call killed midway leaves its temporary directory, or (between its two renames) the old
+    # directory and no `path`: the next call removes them; a name only like them stays.
+    for name in ("student.123-abc.tmp", "student.456-def.old", "students.1-a.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("x")
+    assert [p.name for p in util.leftovers(path)] == ["student.123-abc.tmp", "student.456-def.old"]
+    util.write_dir_atomic(path, files("config.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "students.1-a.tmp"]
+
 
 def test_write_atomic_failing_midway_leaves_the_old_file(tmp_path):
     path = tmp_path / "stages.json"
