@@ -259,7 +259,7 @@ def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
     own_head = checkpoint_head_kind(hf_dict) in (None, cfg.head.kind)
     head_requested = num_labels is not None or isinstance(head, HeadConfig)
     if own_head:
-        _check_tied_decoder(directory, hf_dict, cfg, tensors)
+        check_tied_decoder(directory, cfg.head.kind, tensors)
     params, fresh, ignored = _params_from_tensors(cfg, tensors, own_head, head_requested, rng)
     report = LoadReport(weights=tuple(str(f) for f in files), fresh=tuple(fresh), ignored=tuple(ignored))
     if fresh:
@@ -269,51 +269,37 @@ def load_hf(path_or_hub_id: str | os.PathLike, num_labels: int | None = None,
     return (cfg, params, report) if return_report else (cfg, params)
 
 
-def _tied_decoder(directory, hf_dict: Mapping, cfg: ModelConfig,
-                  names: set[str]) -> tuple[str, str] | None:
-    """(the checkpoint's decoder key, the fix to name) when `cfg`'s head ties its decoder to the
-    word embeddings (`HeadSpec.tied_decoder`) and the checkpoint (tensor `names`) holds a decoder;
-    a CheckpointError when its config.json says that decoder is a matrix of its own, which such
-    a head cannot stand in for (refused rather than dropped)."""
-    spec, family = cfg.head.spec, families.of(cfg)
-    key = spec.tied_decoder.get(family.base)
-    if key is None or family.canonical_name(key) not in {family.canonical_name(n) for n in names}:
-        return None  # no decoder to read: the head's is the embedding table, as always
-    fix = (f"jaxkd's {spec.kind} head ties its decoder to the word embeddings; use a checkpoint "
-           "with tied embeddings, or load this one with another head (the encoder alone)")
-    if hf_dict.get("tie_word_embeddings", True) is False:
-        raise CheckpointError(f"{directory}: config.json sets tie_word_embeddings false (its "
-                              f"decoder {key} is a matrix of its own): {fix}")
-    return key, fix
-
-
-def check_tied_decoder(path_or_hub_id: str | os.PathLike, kind: str) -> None:
-    """Refuses, from config.json and the weight files' key names alone (before any work), a
-    checkpoint whose decoder a head of `kind` could not read (`_tied_decoder`)."""
+def check_tied_decoder(path_or_hub_id: str | os.PathLike, kind: str,
+                       tensors: Mapping[str, np.ndarray] | None = None) -> None:
+    """Refuses a checkpoint whose decoder a head of `kind` would misread: such a head ties its
+    decoder to the word embeddings (`HeadSpec.tied_decoder`), so a decoder of the checkpoint's
+    own (config.json's tie_word_embeddings false; given the `tensors`, other values than the
+    table) is refused rather than dropped. Without `tensors`: from config.json and the weight
+    files' key names alone, before any work. A checkpoint without a decoder passes."""
     directory = resolve_dir(path_or_hub_id)
     hf_dict = read_hf_config(directory)
     cfg = model_config_from_hf(hf_dict, head=kind)
-    if cfg.head.spec.tied_decoder:
-        _tied_decoder(directory, hf_dict, cfg, weights.tensor_names(weights.weight_files(directory)))
-
-
-def _check_tied_decoder(directory, hf_dict: Mapping, cfg: ModelConfig,
-                        raw: Mapping[str, np.ndarray]) -> None:
-    """`_tied_decoder`, then the decoder's values: one that differs from the word-embedding
-    table is refused too."""
-    found = _tied_decoder(directory, hf_dict, cfg, set(raw))
-    if found is None:
-        return
-    key, fix = found
     family = families.of(cfg)
-    tensors = {family.canonical_name(k): v for k, v in raw.items()}
-    names, _ = _param_table(cfg)
-    table = next(hf for path, (hf, _) in names.items() if path[-2:] == ("word_embeddings", "embedding"))
-    decoder = tensors[family.canonical_name(key)]
-    if table in tensors and not (
-            np.shape(decoder) == np.shape(tensors[table])
-            and np.allclose(np.asarray(decoder, np.float32), np.asarray(tensors[table], np.float32),
-                            rtol=0, atol=1e-6)):
+    key = cfg.head.spec.tied_decoder.get(family.base)
+    if key is None:
+        return
+    names = set(tensors) if tensors is not None else weights.tensor_names(weights.weight_files(directory))
+    found = {family.canonical_name(n): n for n in names}
+    if family.canonical_name(key) not in found:
+        return  # no decoder to misread: the head's is the embedding table, as always
+    fix = (f"jaxkd's {kind} head ties its decoder to the word embeddings; use a checkpoint with "
+           "tied embeddings, or load this one with another head (the encoder alone)")
+    if hf_dict.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(f"{directory}: config.json sets tie_word_embeddings false (its "
+                              f"decoder {key} is a matrix of its own): {fix}")
+    if tensors is None:
+        return
+    table = next(hf for path, (hf, _) in _param_table(cfg)[0].items()
+                 if path[-2:] == ("word_embeddings", "embedding"))
+    decoder = np.asarray(tensors[found[family.canonical_name(key)]], np.float32)
+    if table in found and not (
+            decoder.shape == np.shape(tensors[found[table]])
+            and np.allclose(decoder, np.asarray(tensors[found[table]], np.float32), rtol=0, atol=1e-6)):
         raise CheckpointError(f"{directory}: its decoder {key} differs from the word embeddings "
                               f"{table}: {fix}")
 

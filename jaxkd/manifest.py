@@ -22,7 +22,7 @@ from typing import Any
 
 import jaxkd
 from jaxkd import report as report_lib
-from jaxkd import search, util
+from jaxkd import search, tasks, util
 from jaxkd.config import Config, ConfigError, to_dict
 from jaxkd.loop import read_stages, write_stages
 
@@ -95,8 +95,12 @@ def content_keys(cfg: Config, teacher_dir: pathlib.Path | None) -> dict[str, str
     for i, source in enumerate(data.unlabeled or ()):
         sources[f"unlabeled[{i}]"] = source
     for name, source in sources.items():
-        if source is not None and pathlib.Path(source).exists():
-            out[f"content.data.{name}"] = _path_key(pathlib.Path(source))
+        files = tasks.source_files(cfg.task, source) if source is not None else []
+        if len(files) == 1:
+            out[f"content.data.{name}"] = _path_key(files[0])
+        elif files:  # several files of one split (a general corpus): one key over them all
+            out[f"content.data.{name}"] = util.content_hash(
+                f"{f.name}\0{_path_key(f)}\0".encode() for f in files)
     return out
 
 

@@ -87,6 +87,20 @@ def test_content_keys_follow_the_bytes_of_the_data_files(tmp_path, sst2_small, t
     assert moved["content.data.train"] != keys["content.data.train"]
 
 
+def test_a_general_corpus_of_several_files_is_keyed_by_every_file(tmp_path, tiny_teacher):
+    """data.train joining files with commas (a general corpus): editing any one of them changes
+    the key, so a started run refuses it instead of resuming on other text."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"{name} first line\nsecond line\n")
+    cfg = config_lib.from_dict({"workdir": str(tmp_path / "run"), "task": {"type": "general"},
+                                "data": {"train": f"{tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}"},
+                                "teacher": {"model": str(tiny_teacher)},
+                                "distill": {"relation_weight": 1.0}})
+    before = manifest.build(cfg, tiny_teacher)["content.data.train"]
+    (tmp_path / "b.txt").write_text("b.txt first line\nanother line\n")
+    assert manifest.build(cfg, tiny_teacher)["content.data.train"] != before
+
+
 def test_restart_removes_the_stage_and_those_after_it_and_nothing_before(tmp_path):
     workdir = _workdir(tmp_path, {}, stages=("teacher", "distill", "export", "report"),
                        checkpoints=("teacher", "distill"))

@@ -10,6 +10,7 @@ objective, exported_config, optionally check_run and directory_head, and a `Task
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 from jaxkd.data import DataConfig, DataError, nearest
 from jaxkd.model import HeadConfig
@@ -103,6 +104,16 @@ def check_run(cfg: TaskConfig, distill, teacher) -> None:
     module = kind(cfg.type, cfg.name)
     if hasattr(module, "check_run"):
         module.check_run(cfg, distill, teacher)
+
+
+def source_files(cfg: TaskConfig, source: str) -> list[pathlib.Path]:
+    """The local files (or directories) a data source names for the task's kind (a kind's
+    optional `source_files`: a general corpus joins several with commas); by default the one
+    path, if it exists. [] for a Hub dataset or split."""
+    module = kind(cfg.type, cfg.name)
+    if hasattr(module, "source_files"):
+        return module.source_files(source)
+    return [pathlib.Path(source)] if pathlib.Path(source).exists() else []
 
 
 def directory_head(directory, hf_config: dict):

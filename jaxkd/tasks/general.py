@@ -384,6 +384,11 @@ def _paths(source: str | list | tuple) -> list[str]:
     return [part.strip() for part in str(source).split(",") if part.strip()]
 
 
+def source_files(source: str) -> list[pathlib.Path]:
+    """The files of a split (`_paths`) that exist, for the run's manifest."""
+    return [pathlib.Path(p) for p in _paths(source) if pathlib.Path(p).exists()]
+
+
 def resolve(cfg: GeneralConfig, data_cfg: DataConfig | None = None) -> GeneralTask:
     preset = PRESETS.get(cfg.name, PRESETS["text"])
     primary = cfg.metric or METRICS[0]
