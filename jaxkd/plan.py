@@ -94,7 +94,7 @@ def prepare(cfg: Config, write_cache: bool = True,
             teacher_dir: pathlib.Path | None = None) -> Plan:
     """Resolve and validate everything; raises before any output is written. Without
     `write_cache` nothing at all is written (the tokenised splits already in the cache are read,
-    the rest tokenised in memory).
+    the rest tokenised in memory; a general corpus, tokenised to disk, must be there already).
     `teacher_dir`: `resolve_teacher(cfg.teacher)`, when the caller has it already."""
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give a split name or a training file")

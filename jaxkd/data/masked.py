@@ -22,7 +22,6 @@ from jaxkd.data.batches import Batch, make_batch
 from jaxkd.data.config import DataError
 from jaxkd.data.masking import MaskingConfig, mask_batch
 
-_MASK64 = (1 << 64) - 1
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
