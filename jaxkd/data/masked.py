@@ -23,7 +23,6 @@ from jaxkd.data.config import DataError
 from jaxkd.data.masking import MaskingConfig, mask_batch
 
 
-
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser on uint64 arrays: a bijective scramble of 64 bits."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
