@@ -350,9 +350,15 @@ class PaddingStats:
 
 def padding_stats(encoded: Encoded, batch_size: int, *, bucket_multiple: int, max_seq_len: int,
                   seed: int = 0, epoch: int = 0, chunk_batches: int = 100) -> PaddingStats:
-    """How much of one bucketed training epoch is padding, and which shapes it compiles."""
+    """How much of one bucketed training epoch is padding, and which shapes it compiles. Rows
+    of one length (packed text) need no epoch order: one shape, without memory per row."""
     layout = _Layout(batch_size, max_seq_len, bucket_multiple)
     lengths_N = encoded.lengths
+    steps = len(lengths_N) // batch_size
+    if steps and lengths_N.min() == lengths_N.max():
+        length = int(layout.bucket(np.asarray([lengths_N[0]]))[0])
+        return PaddingStats(pad_fraction=1.0 - int(lengths_N[0]) / length,
+                            shapes=((batch_size, length),), num_batches=steps)
     order_SxB = epoch_order(lengths_N, batch_size, seed, epoch, chunk_batches)
     length_S = layout.bucket(lengths_N[order_SxB].max(axis=1))
     slots = int(length_S.sum()) * batch_size

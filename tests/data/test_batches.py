@@ -49,6 +49,23 @@ def test_glue_dev_every_row_evaluated_once_with_tokenizer_ids(data_dir, tmp_path
     assert examples.texts[quoted] == raw[quoted][0]
 
 
+def test_padding_of_rows_of_one_length_takes_no_memory_per_row():
+    """Packed text (a general corpus: every row max_seq_len long, `lengths` a broadcast) is one
+    shape and a fixed share of padding, found without an epoch order of its rows."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    rows = SimpleNamespace(lengths=np.broadcast_to(np.int64(100), (1_000_000,)))
+    tracemalloc.start()
+    stats = data.padding_stats(rows, 32, bucket_multiple=8, max_seq_len=128)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20  # an order of the rows alone would be 8 MB
+    # 100 tokens fill a bucket of 128 (buckets 8 16 24 32 48 64 96 128); 1,000,000 // 32 batches
+    assert stats.shapes == ((32, 128),) and stats.num_batches == 31_250
+    assert stats.pad_fraction == pytest.approx(1 - 100 / 128)
+
+
 @pytest.mark.slow
 def test_sst2_train_bucketing_padding_and_shapes(data_dir, tmp_path, sst2_task, bert_tokenizer):
     tok = bert_tokenizer
