@@ -24,9 +24,16 @@ LayerPairs = tuple[tuple[int, int], ...]
 _EPS = 1e-9  # a batch made only of padding rows gives 0, not NaN
 _MASKED = -1e30  # finite, so a row whose keys are all padding gives a uniform softmax, not NaN
 _LAYER_MAPS = ("uniform",)
-_TERM_WEIGHTS = ("hidden_weight", "embedding_weight", "attention_score_weight",
-                 "attention_kl_weight", "value_relation_weight", "relation_weight", "cosine_weight")
+# The intermediate terms: each one's weight (a key of `distill`) and its name in words.
+TERMS = {"relation_weight": "MiniLM-v2 relations", "cosine_weight": "cosine", "hidden_weight": "hidden MSE",
+         "attention_score_weight": "attention scores", "attention_kl_weight": "attention KL",
+         "value_relation_weight": "value relation", "embedding_weight": "embedding MSE"}
 RELATIONS = ("queries", "keys", "values")  # MiniLM-v2: query-query, key-key, value-value
+
+
+def describe_terms(cfg) -> list[str]:
+    """The intermediate terms `cfg` (a LossConfig or the `distill` section) uses, in words."""
+    return [f"{words} {getattr(cfg, key):g}" for key, words in TERMS.items() if getattr(cfg, key)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +67,7 @@ class LossConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"distill.alpha must be in [0, 1] (weight of the distillation term), "
                              f"got {self.alpha}")
-        for name in _TERM_WEIGHTS:
+        for name in TERMS:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"distill.{name} must be a number >= 0, got {value}")
@@ -95,12 +102,12 @@ class LossConfig:
 
     @property
     def any_intermediate(self) -> bool:
-        return any(getattr(self, name) > 0 for name in _TERM_WEIGHTS)
+        return any(getattr(self, name) > 0 for name in TERMS)
 
     def labels_only(self):
         """This config with every teacher term off (alpha 0, intermediate weights 0): the
         hard-label loss alone, as a labels-only baseline trains."""
-        return dataclasses.replace(self, alpha=0.0, **{name: 0.0 for name in _TERM_WEIGHTS})
+        return dataclasses.replace(self, alpha=0.0, **{name: 0.0 for name in TERMS})
 
 
 def _normalise_layer_map(spec: Any) -> str | LayerPairs:

@@ -51,6 +51,11 @@ class Plan:
     teacher_columns: Any = None
 
     @property
+    def report_split(self) -> str:
+        """The split the report quotes: test where there is one, else eval."""
+        return "test" if "test" in self.splits else "eval"
+
+    @property
     def data_stats(self) -> dict[str, dict]:
         """Per split: source, examples, rows the model sees, rows skipped by reason."""
         return {name: {"source": s.source, "examples": len(s.examples), "rows": len(s.encoded),

@@ -346,8 +346,7 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
                 scores, outputs[(name, split)] = evaluate(rt, task, model_cfg, params,
                                                           plan.splits[split])
                 entry["splits"][split] = scores
-        report_split = "test" if "test" in plan.splits else "eval"
-        entry["metrics"] = entry["splits"].get(report_split, {})
+        entry["metrics"] = entry["splits"].get(plan.report_split, {})
         models[name] = entry
     agreement = {split: task.agreement(outputs[("student", split)], outputs[("teacher", split)],
                                        plan.splits[split].encoded, plan.splits[split].examples)
@@ -369,7 +368,7 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
     for note in [report.get("kd_verdict"), *report.get("teacher_readiness", [])]:
         if note:
             log.info("report: %s", note)
-    shown = "test" if "test" in plan.splits else "eval"
+    shown = plan.report_split
     if ("teacher", shown) in outputs:
         split = plan.splits[shown]
         report["examples"] = task.showcase(outputs[("student", shown)], outputs[("teacher", shown)],
@@ -408,8 +407,7 @@ def stage_report_heldout(rt: Runtime, plan: Plan, cfg: Config, teacher_params, s
                     terms[split] = {k: v for k, v in scores.items() if k.startswith("loss/")}
                 entry["splits"][split] = {k: v for k, v in scores.items()
                                           if k in ("mlm_accuracy", "perplexity")}
-        report_split = "test" if "test" in plan.splits else "eval"
-        entry["metrics"] = entry["splits"].get(report_split, {})
+        entry["metrics"] = entry["splits"].get(plan.report_split, {})
         models[name] = entry
     for split in models["student"]["splits"]:  # a model without a head has no masked-LM figures
         for name in ("mlm_accuracy", "perplexity"):

@@ -111,8 +111,9 @@ class Task:
         return f"{self.num_labels} labels"
 
     def describe_loss(self, distill) -> str:
-        """The distillation loss's settings, in words (`train.py --check`)."""
-        return f"T={distill.temperature:g}, alpha={distill.alpha:g}"
+        """The distillation loss's settings, in words (`train.py --check`, report.json)."""
+        return ", ".join([f"T={distill.temperature:g}, alpha={distill.alpha:g}",
+                          *losses.describe_terms(distill)])
 
     def describe_split(self, examples, encoded) -> str:
         """A split's size, in words (`train.py --check`): its examples and the rows they give."""

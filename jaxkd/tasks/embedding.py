@@ -237,7 +237,8 @@ class EmbeddingTask(Task):
 
     def describe_loss(self, distill) -> str:
         names = ("mse", "cosine", "similarity")
-        return "loss " + " + ".join(f"{w:g} {n}" for n, w in zip(names, self.weights) if w > 0)
+        return ", ".join(["loss " + " + ".join(f"{w:g} {n}" for n, w in zip(names, self.weights) if w > 0),
+                          *losses.describe_terms(distill)])
 
     # --- the teacher
 

@@ -50,10 +50,7 @@ METRICS = ("heldout_score", "mlm_accuracy", "perplexity")
 DOCUMENTS = ("lines", "paragraphs")
 EVAL_MASK_SEED = 0  # held-out masks: the same for every run, so runs compare on equal terms
 # What works without a masked-LM head on the teacher (kd_weight needs one).
-HEADLESS = ("distill.relation_weight", "distill.cosine_weight", "distill.hidden_weight",
-            "distill.embedding_weight",
-            "distill.attention_kl_weight", "distill.value_relation_weight",
-            "distill.attention_score_weight", "task.mlm_weight (the student's own head)")
+HEADLESS = (*(f"distill.{key}" for key in losses.TERMS), "task.mlm_weight (the student's own head)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,13 +253,7 @@ class GeneralTask(Task):
         parts = [f"mlm {self.mlm_weight:g}"] if self.mlm_weight else []
         if self.kd_weight:
             parts.append(f"masked-LM KD {self.kd_weight:g} at T={distill.temperature:g}")
-        named = {"relation_weight": "MiniLM-v2 relations", "cosine_weight": "cosine",
-                 "hidden_weight": "hidden MSE", "attention_score_weight": "attention scores",
-                 "attention_kl_weight": "attention KL", "value_relation_weight": "value relation",
-                 "embedding_weight": "embedding MSE"}
-        parts += [f"{words} {getattr(distill, key):g}" for key, words in named.items()
-                  if getattr(distill, key)]
-        return ", ".join(parts)
+        return ", ".join(parts + losses.describe_terms(distill))
 
     def is_model_of(self, hf_config: dict) -> bool:
         """Any encoder teaches as it is: general distillation never fine-tunes its teacher."""

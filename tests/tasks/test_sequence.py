@@ -139,3 +139,16 @@ def test_mrpc_pairs_match_tokenizer_with_truncation(data_dir, sst2_task, bert_to
         assert encoded.input_ids[start:stop].tolist() == want["input_ids"]
         assert encoded.token_type_ids[start:stop].tolist() == want["token_type_ids"]
     assert encoded.lengths.max() == 32 and set(np.unique(encoded.token_type_ids)) == {0, 1}
+
+
+def test_the_loss_in_words_names_the_intermediate_terms():
+    from jaxkd.losses import LossConfig
+    from jaxkd.tasks import general
+
+    sst2 = sequence.resolve(task_config("sst2"))
+    assert sst2.describe_loss(LossConfig()) == "T=2, alpha=0.5"
+    assert sst2.describe_loss(LossConfig(hidden_weight=1.0, attention_kl_weight=0.5)) == \
+        "T=2, alpha=0.5, hidden MSE 1, attention KL 0.5"
+    text = general.resolve(task_config("text", type="general"))
+    assert text.describe_loss(LossConfig(relation_weight=1.0, hidden_weight=1.0)) == \
+        "MiniLM-v2 relations 1, hidden MSE 1"  # the preset trains no masked-LM head
