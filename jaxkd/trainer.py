@@ -25,13 +25,14 @@ from jaxkd import cache as cache_lib
 from jaxkd import data as data_lib
 from jaxkd import compare
 from jaxkd import search as search_lib
-from jaxkd import (exported, heldout, losses, manifest, report as report_lib, sharding, steps,
-                   tasks, util)
+from jaxkd import (exported, losses, manifest, report as report_lib, sharding, steps, tasks,
+                   util)
 from jaxkd import transfer as transfer_lib
 from jaxkd.config import Config, DistillConfig, ExportConfig, StudentConfig, TeacherConfig, dump_config
 from jaxkd.loop import Runtime, mark_stage, read_stages, restore_best, total_steps, train_loop
 from jaxkd.model import ModelConfig, param_count, param_mib, word_embeddings
 from jaxkd.optim import OptimConfig, make_optimizer, make_schedule
+from jaxkd.tasks import heldout
 from jaxkd.lock import RunLock
 from jaxkd.plan import (Plan, Split, build_student, cache_dir, prepare, resolve_teacher,
                         teacher_source, transfer_summary)
@@ -63,8 +64,8 @@ def _eval_fn(rt: Runtime, plan: Plan, model_cfg: ModelConfig):
 
 def heldout_scores(rt: Runtime, plan: Plan, split: Split, model_cfg: ModelConfig, params,
                    has_head: bool, terms: tuple | None = None) -> dict[str, float]:
-    """A held-out task's figures of a model on `split` (`jaxkd.heldout`): masked-LM accuracy
-    and perplexity where its head means something (`has_head`), and with `terms` = (jitted term
+    """A held-out task's figures of a model on `split` (`jaxkd.tasks.heldout`): its head's
+    figures where its head means something (`has_head`), and with `terms` = (jitted term
     eval, proj_params, placed teacher params) every distillation term and the selection score."""
     return heldout.scores(
         plan.task.eval_batches(split.encoded, rt.data), rt.mesh,
@@ -236,7 +237,7 @@ def train_student(rt: Runtime, plan: Plan, run_: StudentRun, distill: DistillCon
             term_eval = jax.jit(heldout.make_terms_eval(student_cfg, teacher_cfg, distill,
                                                         plan.task.objective(student_cfg.head)))
             eval_fn = lambda state: heldout_scores(  # noqa: E731
-                rt, plan, plan.splits["eval"], student_cfg, state.params, plan.task.trains_head,
+                rt, plan, plan.splits["eval"], student_cfg, state.params, plan.task.heldout_heads()[1],
                 (term_eval, state.proj_params, placed_teacher))
         state, ckpt = train_loop(rt, stage, state=state, step_fn=step_fn,
                                  make_batches=make_batches, total_steps=total,
@@ -388,15 +389,16 @@ def stage_report(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_p
 
 def stage_report_heldout(rt: Runtime, plan: Plan, cfg: Config, teacher_params, student_params,
                          proj_params) -> dict:
-    """The report of a task scored on held-out text: per split, masked-LM accuracy and perplexity
-    of each model where its head means something, the student's held-out distillation terms,
-    sizes and speed."""
+    """The report of a task scored on held-out text: per split, each model's head's figures
+    (`heldout.MODEL_METRICS`) where its head means something, the student's held-out
+    distillation terms, sizes and speed."""
     models, terms = {}, {}
+    teacher_head, student_head = plan.task.heldout_heads()
     term_eval = jax.jit(heldout.make_terms_eval(plan.student_config, plan.teacher_config,
                                                 cfg.distill, plan.task.objective(plan.student_config.head)))
     for name, model_cfg, params, has_head in (
-            ("teacher", plan.teacher_config, teacher_params, plan.task.teacher_has_head),
-            ("student", plan.student_config, student_params, plan.task.trains_head)):
+            ("teacher", plan.teacher_config, teacher_params, teacher_head),
+            ("student", plan.student_config, student_params, student_head)):
         entry = {**_model_entry(rt, model_cfg, params), "splits": {}}
         for split in ("eval", "test"):
             if split in plan.splits:
@@ -406,20 +408,18 @@ def stage_report_heldout(rt: Runtime, plan: Plan, cfg: Config, teacher_params, s
                 if extra is not None:
                     terms[split] = {k: v for k, v in scores.items() if k.startswith("loss/")}
                 entry["splits"][split] = {k: v for k, v in scores.items()
-                                          if k in ("mlm_accuracy", "perplexity")}
+                                          if k in heldout.MODEL_METRICS}
         entry["metrics"] = entry["splits"].get(plan.report_split, {})
         models[name] = entry
-    for split in models["student"]["splits"]:  # a model without a head has no masked-LM figures
-        for name in ("mlm_accuracy", "perplexity"):
+    for split in models["student"]["splits"]:  # a model without a head has no figures of its own
+        for name in heldout.MODEL_METRICS:
             if any(name in models[who]["splits"][split] for who in models):
                 for who in models:
                     models[who]["splits"][split].setdefault(name, None)
     stages = read_stages(rt.workdir)
     report = report_lib.build_report(cfg, plan.task, models, {},
                                      distill_steps=stages.get("distill", {}).get("steps"))
-    report.update(heldout=terms, stages=stages, data=plan.data_stats,
-                  teacher_has_masked_lm_head=plan.task.teacher_has_head,
-                  student_trains_masked_lm_head=plan.task.trains_head)
+    report.update(heldout=terms, stages=stages, data=plan.data_stats, **plan.task.report_extras())
     if rt.is_main:
         report_lib.write_report(report, rt.workdir, plots=rt.log.plots)
     return report

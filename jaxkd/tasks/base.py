@@ -88,7 +88,7 @@ class Task:
     torch_embeddings: ClassVar[bool] = False
     # Whether a teacher of this kind can be fine-tuned on its labels (a teacher stage).
     finetunes: ClassVar[bool] = True
-    # Scored on held-out text by losses (`jaxkd.heldout`: `eval_batches`, selection by the
+    # Scored on held-out text by losses (`jaxkd.tasks.heldout`: `eval_batches`, selection by the
     # held-out total) instead of by per-row predictions (`scores`); the teacher runs in every
     # step (no teacher-logit cache).
     heldout: ClassVar[bool] = False
@@ -193,6 +193,15 @@ class Task:
         """The student's `ModelConfig` as this task needs it, given the teacher's; by default
         the one the `student` section describes."""
         return student
+
+    def heldout_heads(self) -> tuple[bool, bool]:
+        """For a task scored on held-out text (`heldout`): whether the teacher's head and the
+        student's give figures of their own (`jaxkd.tasks.heldout.MODEL_METRICS`)."""
+        return True, True
+
+    def report_extras(self) -> dict:
+        """Keys of this kind's own for report.json (what its figures rest on)."""
+        return {}
 
     def check_split(self, name: str, examples) -> None:
         """Refuses, before any work, a split (train, eval or test) this task cannot use as such."""

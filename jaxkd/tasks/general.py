@@ -238,6 +238,13 @@ class GeneralTask(Task):
         """Whether the student's masked-LM head learns (else it is left out of the export)."""
         return bool(self.mlm_weight or self.kd_weight)
 
+    def heldout_heads(self) -> tuple[bool, bool]:
+        return bool(self.teacher_has_head), self.trains_head
+
+    def report_extras(self) -> dict:
+        return {"teacher_has_masked_lm_head": self.teacher_has_head,
+                "student_trains_masked_lm_head": self.trains_head}
+
     def id2label(self):
         return None
 

@@ -23,9 +23,12 @@ import jax.numpy as jnp
 
 from jaxkd import losses, sharding, steps
 from jaxkd.model import Model, ModelConfig
+from jaxkd.tasks.general import METRICS
 
-# The selection score: minus the held-out total, so the highest is best (as for task metrics).
-SCORE = "heldout_score"
+# The selection score (minus the held-out total, so the highest is best, as for task metrics),
+# then each model's own figures from its masked-LM head.
+SCORE, ACCURACY, PERPLEXITY = METRICS
+MODEL_METRICS = (ACCURACY, PERPLEXITY)
 
 
 def make_mlm_eval(cfg: ModelConfig) -> Callable:
@@ -91,6 +94,6 @@ def scores(batches: Iterable, mesh, mlm: tuple | None = None,
         out.update({SCORE: -means["loss/total"], **means})
     if "mlm" in sums:
         targets = max(sums["mlm"]["targets"], 1e-9)
-        out.update({"mlm_accuracy": sums["mlm"]["correct"] / targets,
-                    "perplexity": float(math.exp(min(sums["mlm"]["nll"] / targets, 700.0)))})
+        out.update({ACCURACY: sums["mlm"]["correct"] / targets,
+                    PERPLEXITY: float(math.exp(min(sums["mlm"]["nll"] / targets, 700.0)))})
     return out

@@ -1,4 +1,4 @@
-"""jaxkd.heldout against transformers: a BertForMaskedLM's held-out masked-LM accuracy and
+"""jaxkd.tasks.heldout against transformers: a BertForMaskedLM's held-out masked-LM accuracy and
 perplexity at fixed masks equal a PyTorch forward counted in NumPy (the last batch's filler rows
 at weight 0 left out), and the one-pass evaluation of head and terms gives what each gives alone."""
 import jax
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import helpers
-from jaxkd import heldout, hf, losses, model, sharding
+from jaxkd import hf, losses, model, sharding
+from jaxkd.tasks import heldout
 from jaxkd.data.masked import MaskedEvalBatches, Vocabulary
 from jaxkd.data.masking import MaskingConfig
 from jaxkd.tasks.general import GeneralObjective
