@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -69,7 +70,8 @@ def forward(cfg, params, ids, mask=None, types=None, rngs=None, **options):
 def assert_trees_close(a, b, atol, rtol=0):
     import jax
 
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert jax.tree.structure(a) == jax.tree.structure(b), "the trees differ in structure"
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
 
@@ -163,23 +165,50 @@ def wait_for_distill_step(workdir: pathlib.Path, proc: subprocess.Popen, step: i
     raise AssertionError("timed out waiting for the run")
 
 
+def wait_for_checkpoint(workdir: pathlib.Path, proc: subprocess.Popen, stage: str = "distill") -> int:
+    """Block until a step of `stage` is checkpointed whole (orbax names a step's folder by its
+    number once its save is complete); returns the newest such step."""
+    directory = workdir / "checkpoints" / stage
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+        if steps:
+            return max(steps)
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before a checkpoint of {stage}:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for a checkpoint of {stage}")
+
+
+def assert_resumed(out: str, stage: str = "distill") -> int:
+    """The step a relaunched run's `stage` resumed at, from its log (an error when it started
+    afresh: a rerun from scratch would end the same, so only this shows a resume)."""
+    found = re.findall(rf"{re.escape(stage)}: resuming at step (\d+)", out)
+    assert found and int(found[-1]) > 0, f"{stage} did not resume from a checkpoint:\n{out[-3000:]}"
+    return int(found[-1])
+
+
 def assert_kill_resume_matches(make_config: Callable[..., dict], tmp_path: pathlib.Path, over: dict,
                                kill_at: int, stage: str = "distill", rtol: float = 0.0) -> dict:
     """A run killed (-9) at step `kill_at` of `stage` (default: distillation) and started again
     ends as one that was never stopped: the same scores (within `rtol`: the reference runs in
     this process over 4 simulated devices, the resumed run over one, so sums of floats may be
     ordered differently), the same student. `make_config(workdir, **over)`. Returns the resumed
-    run's report."""
+    run's report. The relaunch must resume from the killed run's checkpoint (its log says so),
+    not start afresh, which would end the same."""
     reference = run_in_process(make_config(tmp_path / "ref", **over))
     workdir = tmp_path / "run"
     cfg = make_config(workdir, **over)
     proc = launch(cfg, tmp_path / "cfg.yaml")
     wait_for_distill_step(workdir, proc, kill_at, stage)
+    wait_for_checkpoint(workdir, proc, stage)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
+    assert not (workdir / "report.json").exists(), "the run ended before it was killed"
     proc = launch(cfg, tmp_path / "cfg.yaml")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    assert_resumed(out, stage)
     resumed = json.loads((workdir / "report.json").read_text())
     if rtol:
         assert resumed["student"]["splits"].keys() == reference["student"]["splits"].keys()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import (ROOT, TINY_TEACHER, assert_trees_close, free_port, launch, run_in_process,
-                     student_params, tiny_config, train_env, wait_for_distill_step)
+from helpers import (ROOT, TINY_TEACHER, assert_resumed, assert_trees_close, free_port, launch,
+                     run_in_process, student_params, tiny_config, train_env, wait_for_distill_step)
 from jaxkd import hf, loop, trainer
 from jaxkd import report as report_lib
 from jaxkd.config import ConfigError
@@ -137,6 +137,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_teacher, sst2
     proc = launch(cfg, tmp_path / "cfg.yaml")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    assert assert_resumed(out) > stopped  # from the killed run's checkpoint, not from scratch
     resumed = json.loads((workdir / "report.json").read_text())
     assert resumed["student"]["metrics"] == reference["student"]["metrics"]
     assert resumed["student"]["splits"] == reference["student"]["splits"]

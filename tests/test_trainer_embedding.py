@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import (ROOT, TINY_TEACHER, assert_trees_close, free_port, launch, run_in_process,
-                     tiny_run_sections, wait_for_distill_step, with_overrides)
+from helpers import (ROOT, TINY_TEACHER, assert_resumed, assert_trees_close, free_port, launch,
+                     run_in_process, tiny_run_sections, wait_for_checkpoint, wait_for_distill_step,
+                     with_overrides)
 from jaxkd import evaluate as evaluate_lib
 from jaxkd import hf
 from jaxkd import predict as predict_lib
@@ -327,9 +328,11 @@ def test_devices_processes_and_a_kill_resume_give_one_student(tmp_path, st_teach
     killed = embed_config(tmp_path / "killed", st_teacher, sts_data, **over)
     proc = launch(killed, tmp_path / "killed.yaml")
     wait_for_distill_step(tmp_path / "killed", proc, 5)
+    wait_for_checkpoint(tmp_path / "killed", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     proc = launch(killed, tmp_path / "killed.yaml")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
+    assert_resumed(out)  # from the killed run's checkpoint: a rerun from scratch ends the same
     same(tmp_path / "killed", 1e-6)
