@@ -94,16 +94,28 @@ def test_renewals_on_a_full_disk_leave_no_files_behind(tmp_path, monkeypatch):
     """The lease ages while the disk is full (the run goes on), and no renewal leaves its
     temporary file in the workdir."""
     with lock.WorkdirLock(tmp_path, lease_s=0.15):
-        write_text = pathlib.Path.write_text
+        write_text, tries = pathlib.Path.write_text, []
 
         def full(path, text, *args, **kwargs):
+            tries.append(path)
             write_text(path, text[:3], *args, **kwargs)
             raise OSError(errno.ENOSPC, "No space left on device")
+
+        def lease():
+            return json.loads((tmp_path / ".lock").read_text())["lease_until"]
+        def wait_until(condition):
+            deadline = time.time() + 30
+            while not condition() and time.time() < deadline:
+                time.sleep(0.01)
+            return condition()
         monkeypatch.setattr(pathlib.Path, "write_text", full)
-        time.sleep(0.4)  # about eight renewals
+        assert wait_until(lambda: len(tries) >= 1)  # from here on, every renewal fails
+        before = lease()
+        assert wait_until(lambda: len(tries) >= 4)
         monkeypatch.undo()
+        assert lease() == before  # renewals were tried, and failed whole
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-        json.loads((tmp_path / ".lock").read_text())  # whole
+        assert wait_until(lambda: lease() > before)  # the renewer lives on once there is room
 
 
 def _contend(workdir, start, results):

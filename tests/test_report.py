@@ -2,6 +2,7 @@
 build_report's entries and ratios, the Markdown report, and the metric sinks, each against values
 computed here."""
 import json
+import pathlib
 import shutil
 import subprocess
 
@@ -128,12 +129,33 @@ def test_report_plot_of_a_run_without_shared_metrics(tmp_path, built):
     pytest.importorskip("matplotlib")
     from jaxkd.report import _plots
 
+    from matplotlib.figure import Figure
+
+    saved, savefig = {}, Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        saved[pathlib.Path(path).name] = fig
+        return savefig(fig, path, *args, **kwargs)
+
+    def bars(report):
+        saved.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Figure, "savefig", record)
+            _plots(report, tmp_path)
+        assert (tmp_path / "teacher_vs_student.png").stat().st_size > 0
+        return [(ax.get_title(), [p.get_height() for p in ax.patches])
+                for ax in saved["teacher_vs_student.png"].axes]
+
     _, _, report = built
-    report = {**report, "metric_names": ["mlm_accuracy", "perplexity"],
-              "teacher": {**report["teacher"], "metrics": {"mlm_accuracy": None}},
-              "student": {**report["student"], "metrics": {}}}
-    _plots(report, tmp_path)
-    assert (tmp_path / "teacher_vs_student.png").stat().st_size > 0
+    latency = [report[w]["latency_ms"] for w in ("teacher", "student")]
+    headless = {**report, "metric_names": ["mlm_accuracy", "perplexity"],
+                "teacher": {**report["teacher"], "metrics": {"mlm_accuracy": None}},
+                "student": {**report["student"], "metrics": {}}}
+    assert bars(headless) == [("latency, batch 1 (ms)", latency)]
+    shared = {**headless, "teacher": {**report["teacher"], "metrics": {"mlm_accuracy": 0.5}},
+              "student": {**report["student"], "metrics": {"mlm_accuracy": 0.25}}}
+    assert bars(shared) == [(f"mlm_accuracy ({report['report_split']})", [0.5, 0.25]),
+                            ("latency, batch 1 (ms)", latency)]
 
 
 def test_report_split_is_eval_without_a_test_split(built):

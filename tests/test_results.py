@@ -16,15 +16,20 @@ def test_check_fails_when_a_report_changes(tmp_path):
     import json
     import shutil
     reports = sorted((ROOT / "results").glob("*/report.json"))
-    if not reports:
-        return
+    assert reports, "no committed report.json to check the tables against"
     results = tmp_path / "results"
     shutil.copytree(ROOT / "results", results)
+
+    def check():
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), "--check",
+                               "--results", str(results)], capture_output=True, text=True)
+    unchanged = check()
+    assert unchanged.returncode == 0, unchanged.stderr  # the copy itself passes
     edited = results / reports[0].parent.name / "report.json"
     data = json.loads(edited.read_text())
     metric = data["metric_names"][0]
     data["student"]["metrics"][metric] += 0.01
     edited.write_text(json.dumps(data))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), "--check",
-                           "--results", str(results)], capture_output=True, text=True)
-    assert proc.returncode == 1
+    proc = check()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the results tables are out of date" in proc.stderr

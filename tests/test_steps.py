@@ -177,9 +177,9 @@ def test_accumulation_equals_union_batch(world):
 @sequence_fast
 def test_teacher_is_frozen(world, four_device_run):
     teacher_params = world["teacher_params"]
-    copy = jax.tree.map(np.array, teacher_params)
     run_steps(world["jit_step"], world["state"], teacher_params, world["batches"])
-    assert_close(teacher_params, copy, tol=0)
+    # The step may not consume the teacher's buffers (donation is for the student's state).
+    assert not any(x.is_deleted() for x in jax.tree.leaves(teacher_params))
     # The optimizer sees the student and the projections, nothing else.
     trainable = {"params": world["state"].params, "proj_params": world["state"].proj_params}
     mu = optax.tree.get(world["state"].opt_state, "mu")
@@ -331,10 +331,8 @@ def test_logits_fn_shapes(world):
     assert logits.dtype == jnp.float32 and logits.shape == shape
 
 
-@sequence_fast
+@pytest.mark.parametrize("world", ["sequence"], indirect=True)  # a sequence head with one output
 def test_regression_head_trains_on_squared_error(world):
-    if world["kind"] != "sequence":
-        pytest.skip("regression is a sequence head with one output")
     cfg = world["student"].replace(num_labels=1)
     batch = {**world["batches"][0], "labels": np.linspace(-1, 1, helpers.BATCH).astype(np.float32)}
     state = steps.TrainState.create(init_params(cfg, jax.random.key(0)), optax.sgd(0.0))

@@ -1,4 +1,6 @@
 """Student construction: layer subsets, fresh shapes, pretrained checkpoints."""
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -91,9 +93,11 @@ def test_student_from_pretrained_matching_vocab(tmp_path, teacher_params):
     cfg, params = student_from_pretrained(directory, TEACHER.replace(dtype="bfloat16"))
     assert cfg.encoder.num_layers == 2 and cfg.head == TEACHER.head and cfg.encoder.dtype == "bfloat16"
     assert params["head"]["classifier"]["kernel"].shape == (16, 3)
-    reference = hf.load_hf(directory)[1]["encoder"]
+    # The tensor as the file holds it (PyTorch's [out, in]), read without jaxkd's loader.
+    from safetensors.numpy import load_file
+    tensors = load_file(pathlib.Path(directory) / "model.safetensors")
     np.testing.assert_array_equal(params["encoder"]["layer_1"]["output"]["kernel"],
-                                  reference["layer_1"]["output"]["kernel"])
+                                  tensors["bert.encoder.layer.1.output.dense.weight"].T)
 
 
 def test_student_from_pretrained_takes_the_teachers_head_kind(tmp_path):

@@ -87,6 +87,7 @@ def test_kept_words_change_no_other_words_fate():
     table = transfer.WordTable("[MASK]", {w: tuple(f"{w}-{j}" for j in range(7)) for w in words})
     cfg = transfer.AugmentConfig(mask_prob=0.2, replace_prob=0.6, ngram_prob=0.5)
     keep = [i % 3 == 0 for i in range(len(words))]
+    differed = 0
     for seed in range(20):
         free = transfer.augment_words(words, np.random.default_rng(seed), cfg, table)
         kept = transfer.augment_words(words, np.random.default_rng(seed), cfg, table, keep)
@@ -95,6 +96,10 @@ def test_kept_words_change_no_other_words_fate():
             if a != b:  # only a kept word differs, and it is the word its draw would change
                 assert b in words and keep[words.index(b)]
                 assert a == "[MASK]" or a.startswith(b + "-")
+                differed += 1
+        if len(kept) == len(words):  # no n-gram cut: every kept word is where it was, as it was
+            assert all(k == w for k, w, on in zip(kept, words, keep) if on)
+    assert differed > 0  # keep changed some words' fate: the checks above are not vacuous
 
 
 def test_ngrams_are_contiguous_runs_of_the_original_words(small_tokenizer, embeddings):
@@ -330,7 +335,7 @@ def _unlabeled_file(directory: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.mark.parametrize("sizes, limit", [((40, 60), 50), ((5, 0, 300), 17), ((3, 4), 7), ((3, 4), 100)])
-def test_sample_rows_is_a_uniform_sample_of_all_sources_together(sizes, limit):
+def test_sample_rows_keeps_a_fixed_count_of_rows_of_every_source_in_file_order(sizes, limit):
     kept = data.sample_rows(sizes, limit)
     assert [k.dtype.kind for k in kept] == ["i"] * len(sizes)
     assert sum(map(len, kept)) == min(limit, sum(sizes))
