@@ -34,13 +34,18 @@ def test_positions_score_only_those_positions():
 def test_decoder_is_the_word_embedding_table():
     cfg, params, ids, mask = _setup()
     assert set(params["head"]) == {"transform", "transform_LayerNorm", "bias"}
-    x = Model(cfg).apply({"params": params}, ids, mask, positions=np.zeros((2, 1), np.int32))
-    table = params["encoder"]["embeddings"]["word_embeddings"]["embedding"]
-    doubled = jax.tree_util.tree_map(lambda a: a, params)
-    doubled["encoder"]["embeddings"]["word_embeddings"]["embedding"] = table * 2.0
-    # Logits are (transform features) . table + bias: the head reads the table itself.
-    y = Model(cfg).apply({"params": doubled}, ids, mask, positions=np.zeros((2, 1), np.int32))
-    assert not np.allclose(x.logits, y.logits)
+    out = Model(cfg).apply({"params": params}, ids, mask, output_hidden_states=True)
+    # NumPy from the last hidden states: transform, exact GELU, layer norm, then the word-embedding
+    # table itself as the decoder, plus the bias.
+    from scipy.special import erf
+    head = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} if isinstance(d, dict)
+            else np.asarray(d, np.float64) for k, d in params["head"].items()}
+    h = np.asarray(out.hidden_states[-1], np.float64) @ head["transform"]["kernel"] + head["transform"]["bias"]
+    h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-12)
+    h = h * head["transform_LayerNorm"]["scale"] + head["transform_LayerNorm"]["bias"]
+    table = np.asarray(params["encoder"]["embeddings"]["word_embeddings"]["embedding"], np.float64)
+    np.testing.assert_allclose(out.logits, h @ table.T + head["bias"], rtol=1e-4, atol=1e-4)
 
     def loss(p):
         return Model(cfg).apply({"params": p}, ids, mask, positions=np.array([[2], [3]])).logits.sum()
