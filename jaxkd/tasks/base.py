@@ -141,7 +141,9 @@ class Task:
     def teacher_columns(self, hf_config: dict, by_position: bool, where: str) -> np.ndarray | None:
         """The columns of a checkpoint's task head (a model of this task, `is_model_of`) in
         this task's label order (`match_labels`); None when they are in it already, for a task
-        without label names (a regression) or with `by_position` (output i is label i)."""
+        without label names (a regression), for a head whose outputs are not the task's labels
+        (another count: a masked-LM task taught by a classifier's encoder) or with
+        `by_position` (output i is label i)."""
         from jaxkd import hf  # pylint: disable=import-outside-toplevel
 
         if by_position or not self.label_names:
@@ -150,6 +152,8 @@ class Task:
             names = hf.label_names(hf_config)
         except ValueError as err:
             raise DataError(f"{where}: {err}") from err
+        if len(names) != len(self.label_names):
+            return None
         return self.match_labels(names, f"{where}: its labels (id2label)",
                                  "Set teacher.labels_by_position: true if its output i means the "
                                  "task's label i, or give the task its labels (task.labels)")

@@ -71,6 +71,10 @@ def test_a_models_labels_are_matched_one_way_for_a_teacher_and_for_evaluate():
     # A regression teacher names its one output as it likes: there are no labels to order.
     stsb = sequence.resolve(task_config("stsb"))
     assert stsb.teacher_columns({"id2label": {"0": "similarity"}}, False, "teacher") is None
+    # Nor does a sentiment classifier teaching general distillation through its encoder.
+    from jaxkd.tasks import general
+    text = general.resolve(task_config("text", type="general"))
+    assert text.teacher_columns({"id2label": {"0": "negative", "1": "positive"}}, False, "t") is None
 
 
 def test_unknown_task_suggests_nearest_preset():
