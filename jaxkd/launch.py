@@ -27,6 +27,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("absl", "jax", "matplotlib", "orbax", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Some libraries log through the root logger itself (ONNX Runtime's quantiser: a line per
+    # tensor). A logger's filter sees only the records made on it, so jaxkd's lines, which
+    # reach the root handler by propagation, are not affected.
+    logging.getLogger().addFilter(_warnings_only)
+
+
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def parser() -> argparse.ArgumentParser:
