@@ -20,23 +20,6 @@ import traceback
 from jaxkd import hostenv
 
 
-def _quiet_libraries() -> None:
-    """A run prints its own lines only: no notices from libraries at import or load time."""
-    # transformers announces at import that PyTorch is absent (it is not needed here).
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for noisy in ("absl", "jax", "matplotlib", "orbax", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Some libraries log through the root logger itself (ONNX Runtime's quantiser: a line per
-    # tensor). A logger's filter sees only the records made on it, so jaxkd's lines, which
-    # reach the root handler by propagation, are not affected.
-    logging.getLogger().addFilter(_warnings_only)
-
-
-def _warnings_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING
-
-
 def parser() -> argparse.ArgumentParser:
     from jaxkd import config as config_lib
 
@@ -102,14 +85,16 @@ def main(argv=None, *, reexec: bool = False) -> int:
     pages for XLA's CPU buffers (jaxkd.hostenv)."""
     if reexec:
         hostenv.reexec_with_huge_pages()
-    _quiet_libraries()
+    from jaxkd import cli_flags
     from jaxkd import config as config_lib
+
+    cli_flags.quiet_libraries()
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # After basicConfig: importing orbax installs a root handler, which would make it a no-op.
     from jaxkd import loop, plan, trainer
-    _quiet_libraries()
+    cli_flags.quiet_libraries()
     if reexec:
         logging.getLogger("jaxkd").info("host memory: %s", hostenv.describe())
     verbose = args.verbose or os.environ.get("JAXKD_VERBOSE", "") not in ("", "0")
@@ -138,8 +123,17 @@ def main(argv=None, *, reexec: bool = False) -> int:
             sys.stderr.flush()
             os._exit(code)
         return code
-    print(f"report: {os.path.join(cfg.workdir, 'report.json')}")
-    for who in ("teacher", "student"):  # a figure a model does not have (no head) is n/a
-        print(who + " " + " ".join(f"{k}={'n/a' if v is None else format(v, '.4f')}"
-                                   for k, v in report[who]["metrics"].items()))
+    print("\n".join(summary_lines(report, os.path.join(cfg.workdir, "report.json"))))
     return 0
+
+
+def summary_lines(report: dict, path: str) -> list[str]:
+    """The last lines of a run: where its report is, and the reported split's metrics of the
+    teacher, the student and, where it ran, the labels-only baseline (a figure a model does not
+    have, having no head, is n/a)."""
+    lines = [f"report: {path}"]
+    for who in ("teacher", "student", "baseline"):
+        if who in report:
+            lines.append(who + " " + " ".join(f"{k}={'n/a' if v is None else format(v, '.4f')}"
+                                              for k, v in report[who]["metrics"].items()))
+    return lines

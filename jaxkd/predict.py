@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxkd import exported
+from jaxkd import exported, util
 from jaxkd.cli_flags import EXIT_USAGE, UsageError, add_run_flags, check_run_flags, run_main
 
 __all__ = ["EXIT_USAGE", "UsageError", "main", "parser", "run"]
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
                 out.write(json.dumps(_finite(prediction), ensure_ascii=False) + "\n")
     if not args.quiet:
         where = args.output or "stdout"
-        print(f"predict: {len(predictions)} rows of {args.input if args.input != '-' else '<stdin>'} "
+        print(f"predict: {util.count(len(predictions), 'row')} of {args.input if args.input != '-' else '<stdin>'} "
               f"-> {where} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return 0
 

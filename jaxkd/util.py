@@ -36,6 +36,11 @@ def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6,
     return hint.format(close[0]) if close else otherwise
 
 
+def count(n: int, noun: str) -> str:
+    """`n` and the noun, plural unless n is 1: "1 row", "3 rows" (regular nouns only)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def unique_name() -> str:
     """A name part no other writer uses at once: hosts of a multi-host run often share PIDs."""
     import uuid

@@ -109,3 +109,18 @@ def test_restart_help_names_every_stage():
 
     text = " ".join(launch.parser().format_help().split())
     assert f"redo this stage ({', '.join(manifest.STAGES)})" in text
+
+
+def test_the_last_lines_give_teacher_student_and_baseline():
+    """A run ends on its report's path and the reported split's metrics of each model it scored:
+    the labels-only baseline too when it ran, n/a for a figure a model does not have."""
+    report = {"teacher": {"metrics": {"accuracy": 0.83945, "f1": None}},
+              "student": {"metrics": {"accuracy": 0.81537, "f1": 0.8}},
+              "baseline": {"metrics": {"accuracy": 0.81193, "f1": 0.79}}}
+    assert launch.summary_lines(report, "runs/x/report.json") == [
+        "report: runs/x/report.json",
+        "teacher accuracy=0.8395 f1=n/a",
+        "student accuracy=0.8154 f1=0.8000",
+        "baseline accuracy=0.8119 f1=0.7900"]
+    del report["baseline"]
+    assert launch.summary_lines(report, "r.json")[-1] == "student accuracy=0.8154 f1=0.8000"

@@ -204,3 +204,8 @@ def test_first_line_of_an_error_is_cut_to_its_limit_or_names_its_type():
     assert util.first_line(KeyError()) == "KeyError"
     long = util.first_line(OSError("x" * 300))
     assert len(long) == 200 and long.endswith("...")
+
+
+def test_count_says_one_row_and_many_rows():
+    assert [util.count(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]
+    assert util.count(1, "text file") == "1 text file"

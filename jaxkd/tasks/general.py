@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import data as data_lib
-from jaxkd import losses
+from jaxkd import losses, util
 from jaxkd.data import DataConfig, DataError
 from jaxkd.data import corpus as corpus_lib
 from jaxkd.data import rawtext
@@ -253,7 +253,7 @@ class GeneralTask(Task):
 
     def describe_split(self, examples: CorpusFiles, encoded: MaskedCorpus) -> str:
         files = len(examples.sources)
-        return (f"{files} text file{'' if files == 1 else 's'}, {len(encoded)} packed rows of "
+        return (f"{util.count(files, 'text file')}, {len(encoded)} packed rows of "
                 f"{encoded.rows.seq_len} tokens")
 
     def describe_loss(self, distill) -> str:
