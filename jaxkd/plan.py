@@ -57,8 +57,9 @@ class Plan:
 
     @property
     def data_stats(self) -> dict[str, dict]:
-        """Per split: source, examples, rows the model sees, rows skipped by reason."""
-        return {name: {"source": s.source, "examples": len(s.examples), "rows": len(s.encoded),
+        """Per split: source, its size (`Task.split_counts`: examples and the rows the model
+        sees, or what the kind counts), rows skipped by reason."""
+        return {name: {"source": s.source, **self.task.split_counts(s.examples, s.encoded),
                        "skipped": dict(s.examples.skipped)} for name, s in self.splits.items()}
 
 

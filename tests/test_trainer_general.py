@@ -151,16 +151,21 @@ def test_eval_fraction_holds_out_the_last_packed_rows(tmp_path, mlm_teacher, cor
 
     def prepared(**over):
         cfg = general_config(tmp_path / "run", mlm_teacher, corpus, **over)
-        return plan_lib.prepare(config_lib.from_dict(cfg)).splits
+        return plan_lib.prepare(config_lib.from_dict(cfg))
 
-    whole = prepared(**{"data.eval": None})["train"].encoded.rows
-    splits = prepared(**{"data.eval": None, "data.eval_fraction": 0.1})
+    whole = prepared(**{"data.eval": None}).splits["train"].encoded.rows
+    plan = prepared(**{"data.eval": None, "data.eval_fraction": 0.1})
+    splits = plan.splits
     kept, held = splits["train"].encoded.rows, splits["eval"].encoded.rows
     assert len(held) == round(0.1 * len(whole)) and len(kept) + len(held) == len(whole)
     np.testing.assert_array_equal(kept.rows(range(len(kept))), whole.rows(range(len(kept))))
     np.testing.assert_array_equal(held.rows(range(len(held))),
                                   whole.rows(range(len(kept), len(whole))))
     assert "the last 0.1 of its packed rows held out" in splits["eval"].source
+    lines = len((corpus / "train.txt").read_text(encoding="utf-8").splitlines())
+    for name, part in (("train", kept), ("eval", held)):  # the documents are the whole file's
+        assert plan.data_stats[name]["corpus_documents"] == lines
+        assert plan.data_stats[name]["tokens"] == len(part) * (part.seq_len - 2)
     with pytest.raises(IndexError):
         kept.rows([len(kept)])
 
@@ -213,6 +218,15 @@ def test_check_describes_a_tokenized_corpus_and_names_one_that_is_not(tmp_path, 
     assert "stage distill: 12 steps" in out
     rows = len(prepared.splits["train"].encoded)
     assert f"train.txt: 1 text file, {rows} packed rows of {cfg['data']['max_seq_len']} tokens" in out
+    # report.json's counts: documents are the file's lines, the text tokens those the tokenizer
+    # gives them with a [SEP] after each, cut to whole rows of max_seq_len - 2.
+    lines = (corpus / "train.txt").read_text(encoding="utf-8").splitlines()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(mlm_teacher))
+    stream = sum(len(tokenizer(line, add_special_tokens=False)["input_ids"]) + 1 for line in lines)
+    window = cfg["data"]["max_seq_len"] - 2
+    assert prepared.data_stats["train"] == {
+        "source": str(corpus / "train.txt"), "files": 1, "documents": len(lines),
+        "rows": stream // window, "tokens": stream // window * window, "skipped": {}}
     assert sorted(p for p in (tmp_path / "cache").rglob("*")) == written
     assert not (tmp_path / "run").exists()
 

@@ -119,6 +119,11 @@ class Task:
         """A split's size, in words (`train.py --check`): its examples and the rows they give."""
         return f"{len(examples)} examples, {len(encoded)} rows"
 
+    def split_counts(self, examples, encoded) -> dict[str, int]:
+        """A split's size as report.json's `data` section gives it: examples read and rows the
+        model sees."""
+        return {"examples": len(examples), "rows": len(encoded)}
+
     # --- the teacher, its head and its export (what `jaxkd.plan` and the trainer ask)
 
     def for_teacher(self, directory: pathlib.Path) -> Task:

@@ -256,6 +256,15 @@ class GeneralTask(Task):
         return (f"{util.count(files, 'text file')}, {len(encoded)} packed rows of "
                 f"{encoded.rows.seq_len} tokens")
 
+    def split_counts(self, examples: CorpusFiles, encoded: MaskedCorpus) -> dict[str, int]:
+        """Files, documents, packed rows and the text tokens in them ([CLS] and [SEP] of each
+        row left out). The documents are those of the files; a split that is part of their rows
+        (data.eval_fraction) gives them as `corpus_documents`."""
+        rows = encoded.rows
+        documents = "documents" if examples.part is None else "corpus_documents"
+        return {"files": len(examples.sources), documents: rows.corpus.documents,
+                "rows": len(rows), "tokens": len(rows) * rows.window}
+
     def describe_loss(self, distill) -> str:
         parts = [f"mlm {self.mlm_weight:g}"] if self.mlm_weight else []
         if self.kd_weight:
