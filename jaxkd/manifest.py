@@ -69,27 +69,14 @@ def _flatten(tree: Any, prefix: str, out: dict) -> None:
         out[prefix] = tree
 
 
-def _path_key(path: pathlib.Path) -> str:
-    """Content key of a file, or of a directory's files (names and bytes, sorted)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-
-    def chunks():
-        for f in files:
-            yield f"{f.relative_to(path) if f != path else f.name}\0{f.stat().st_size}\0".encode()
-            with open(f, "rb") as fh:
-                while block := fh.read(1 << 22):
-                    yield block
-    return util.content_hash(chunks(), algorithm="blake2b", digest_size=16)
-
-
 def content_keys(cfg: Config, teacher_dir: pathlib.Path | None) -> dict[str, str]:
     """Content keys of the teacher's directory, a pretrained student's, and every data file the
     config names (a Hub id or split is keyed by its name: its content is the Hub's)."""
     out = {}
     if teacher_dir is not None:
-        out["content.teacher"] = _path_key(pathlib.Path(teacher_dir))
+        out["content.teacher"] = util.path_key(pathlib.Path(teacher_dir))
     if cfg.student.pretrained is not None and pathlib.Path(cfg.student.pretrained).is_dir():
-        out["content.student"] = _path_key(pathlib.Path(cfg.student.pretrained))
+        out["content.student"] = util.path_key(pathlib.Path(cfg.student.pretrained))
     data = cfg.data
     sources = {"train": data.train, "eval": data.eval, "test": data.test}
     for i, source in enumerate(data.unlabeled or ()):
@@ -97,10 +84,10 @@ def content_keys(cfg: Config, teacher_dir: pathlib.Path | None) -> dict[str, str
     for name, source in sources.items():
         files = tasks.source_files(cfg.task, source) if source is not None else []
         if len(files) == 1:
-            out[f"content.data.{name}"] = _path_key(files[0])
+            out[f"content.data.{name}"] = util.path_key(files[0])
         elif files:  # several files of one split (a general corpus): one key over them all
             out[f"content.data.{name}"] = util.content_hash(
-                f"{f.name}\0{_path_key(f)}\0".encode() for f in files)
+                f"{f.name}\0{util.path_key(f)}\0".encode() for f in files)
     return out
 
 

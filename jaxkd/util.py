@@ -2,7 +2,8 @@
 
 - `did_you_mean`: the hint after an unknown name ("did you mean 'sst2'?"), from `difflib`.
 - `write_atomic`: a file replaced whole or not at all (caches written by several processes).
-- `content_hash`: a hex digest of byte strings and arrays (cache keys, parameter digests).
+- `content_hash`: a hex digest of byte strings and arrays (cache keys, parameter digests);
+  `path_key`: the content key of a file or a directory (run manifests, tokenized corpora).
 - `unique_name` (temporary files), `write_dir_atomic` (a directory replaced whole),
   `write_check` / `check_problem` (a record of a file's arrays, to tell a whole file from a
   damaged one), `first_line` (an error in a log line) and `usable_cores`.
@@ -14,6 +15,7 @@ This module imports nothing from jaxkd.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 import pathlib
@@ -147,6 +149,35 @@ def content_hash(chunks: Iterable[bytes | Any], *, algorithm: str = "sha256",
         digest.update(np.ascontiguousarray(arr).tobytes())
     hexdigest = digest.hexdigest()
     return hexdigest if length is None else hexdigest[:length]
+
+
+def path_key(path: str | os.PathLike) -> str:
+    """Content key of a file, or of a directory's files (relative names, sizes and bytes, in
+    sorted order): blake2b-128 hex. A copy under the same name, or a new mtime, keeps it. A
+    file's key is remembered in this process for as long as its size and mtime
+    stay the same, so a large corpus is read once a run."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return _file_key(str(path.resolve()), path.name, stat.st_size, stat.st_mtime_ns)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return content_hash(_framed(files, path), algorithm="blake2b", digest_size=16)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_key(resolved: str, name: str, size: int, mtime_ns: int) -> str:
+    return content_hash(_framed([pathlib.Path(resolved)], None, name), algorithm="blake2b",
+                        digest_size=16)
+
+
+def _framed(files: list[pathlib.Path], root: pathlib.Path | None, name: str | None = None):
+    """Each file's name (relative to `root`; `name` for a lone file), size, then its bytes."""
+    for f in files:
+        shown = name if root is None else f.relative_to(root)
+        yield f"{shown}\0{f.stat().st_size}\0".encode()
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                yield block
 
 
 # ----------------------------------------------------------------------------- checked files

@@ -84,17 +84,16 @@ def _backend_spec(tokenizer) -> str:
 
 def corpus_key(srcs: Sequence[Source], tokenizer, chunk_bytes: int, skip_invalid: bool) -> str:
     """The directory name of a tokenized corpus: what its shards depend on (the tokenizer, each
-    source's resolved path, kind, column, size and mtime, the chunk size, skip_invalid). A Hub
-    split is keyed by its name and column only: a dataset changed upstream is not noticed."""
+    source's kind, column and content (`util.path_key`: a copy or a new mtime finds the same
+    shards), the chunk size, skip_invalid). A Hub split is keyed by its name and column only:
+    a dataset changed upstream is not noticed."""
     parts = [f"corpus-v{_FORMAT_VERSION}", tokenizer_fingerprint(tokenizer),
              f"chunk={chunk_bytes} skip={skip_invalid}"]
     for src in srcs:
         if src.kind == "hub":
             parts.append(json.dumps([src.path, src.kind, src.text_column]))
             continue
-        stat = os.stat(src.path)
-        parts.append(json.dumps([os.path.abspath(src.path), src.kind, src.text_column,
-                                 stat.st_size, stat.st_mtime_ns]))
+        parts.append(json.dumps([src.kind, src.text_column, util.path_key(src.path)]))
     return util.content_hash([part.encode() + b"\0" for part in parts], length=24)
 
 

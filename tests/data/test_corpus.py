@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxkd import util
 from jaxkd.data import corpus as C
 from jaxkd.data import rawtext as R
 from jaxkd.data.config import DataError
@@ -207,6 +208,26 @@ def test_key_follows_tokenizer_chunking_and_file(small_corpus, tokenizer, tmp_pa
     assert C.corpus_key(srcs, tokenizer, 2048, False) != key
     assert C.corpus_key(srcs, tokenizer, 1024, True) != key
     assert C.corpus_key(srcs[:1], tokenizer, 1024, False) != key
+
+
+def test_key_follows_the_bytes_not_the_mtime_or_the_folder(tmp_path, tokenizer):
+    """A corpus copied to another folder or given a new mtime (a data volume provisioned
+    again) finds its shards; the same file with one byte changed, size and mtime kept, does
+    not."""
+    text = "".join(f"{d}\n" for d in random_docs(2, 40))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first = pathlib.Path(write_text(tmp_path / "one" / "c.txt", text))
+    key = C.corpus_key(R.sources([first]), tokenizer, 1024, False)
+    copy = write_text(tmp_path / "two" / "c.txt", text)
+    os.utime(copy, ns=(10**18, 10**18))
+    assert C.corpus_key(R.sources([copy]), tokenizer, 1024, False) == key
+    stat = first.stat()
+    first.write_text(text.replace(text[0], "#" if text[0] != "#" else "$", 1), encoding="utf-8")
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert first.stat().st_size == stat.st_size
+    util._file_key.cache_clear()  # the next run: a new process, which has read no file yet
+    assert C.corpus_key(R.sources([first]), tokenizer, 1024, False) != key
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, transformers
