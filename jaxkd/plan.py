@@ -271,7 +271,9 @@ def describe(cfg: Config, plan: Plan) -> str:
                      f"skipped {dict(split.examples.skipped) or 'none'}")
     for who, mc in (("teacher", t), ("student", s)):
         enc = mc.encoder
-        lines.append(f"{who}: {hf.architecture(mc)}, {enc.num_layers} layers x {enc.hidden_size} "
+        kind, note = plan.task.describe_model(who)
+        lines.append(f"{who}: {hf.architecture(mc, kind)}{f' ({note})' if note else ''}, "
+                     f"{enc.num_layers} layers x {enc.hidden_size} "
                      f"hidden, {enc.num_heads} heads, {enc.dtype}"
                      + ("" if enc.type_vocab_size or not t.encoder.type_vocab_size else
                         ", no token types (the teacher's type 0 folded into positions)"))

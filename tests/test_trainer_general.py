@@ -229,6 +229,22 @@ def test_check_describes_a_tokenized_corpus_and_names_one_that_is_not(tmp_path, 
         "rows": stream // window, "tokens": stream // window * window, "skipped": {}}
     assert sorted(p for p in (tmp_path / "cache").rglob("*")) == written
     assert not (tmp_path / "run").exists()
+    assert "teacher: BertForMaskedLM, 4 layers" in out and "student: BertForMaskedLM, 2 layers" in out
+
+
+def test_check_names_the_bare_encoder_where_no_masked_lm_head_is_used(tmp_path, tiny_teacher,
+                                                                      corpus):
+    """A teacher without a masked-LM head, and a student whose head no objective trains, are
+    described as the bare encoder they are (the export is a BertModel)."""
+    from jaxkd import config as config_lib
+    from jaxkd import plan as plan_lib
+
+    cfg = config_lib.from_dict(general_config(tmp_path / "run", tiny_teacher, corpus,
+                                              **{"task.mlm_weight": 0.0, "task.kd_weight": 0.0}))
+    out = plan_lib.describe(cfg, plan_lib.prepare(cfg))
+    assert "teacher: BertModel (no masked-LM head in the checkpoint), 4 layers" in out
+    assert ("student: BertModel (no objective trains a masked-LM head; exported without one), "
+            "2 layers") in out
 
 
 def test_a_corpus_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path, mlm_teacher,

@@ -110,6 +110,11 @@ class Task:
         """What the model predicts, in words (`train.py --check`)."""
         return f"{self.num_labels} labels"
 
+    def describe_model(self, who: str) -> tuple[str | None, str]:
+        """How `train.py --check` names the teacher's or student's model (`who`): the head kind
+        whose architecture it is (None: the model config's) and a note in words ("": none)."""
+        return None, ""
+
     def describe_loss(self, distill) -> str:
         """The distillation loss's settings, in words (`train.py --check`, report.json)."""
         return ", ".join([f"T={distill.temperature:g}, alpha={distill.alpha:g}",

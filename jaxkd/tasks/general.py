@@ -265,6 +265,15 @@ class GeneralTask(Task):
         return {"files": len(examples.sources), documents: rows.corpus.documents,
                 "rows": len(rows), "tokens": len(rows) * rows.window}
 
+    def describe_model(self, who: str) -> tuple[str | None, str]:
+        """The bare encoder for a teacher without a masked-LM head, and for a student whose head
+        no objective trains (it is exported without one)."""
+        if who == "teacher" and self.teacher_has_head is False:
+            return embedding.HEAD.kind, "no masked-LM head in the checkpoint"
+        if who == "student" and not self.trains_head:
+            return embedding.HEAD.kind, "no objective trains a masked-LM head; exported without one"
+        return None, ""
+
     def describe_loss(self, distill) -> str:
         parts = [f"mlm {self.mlm_weight:g}"] if self.mlm_weight else []
         if self.kd_weight:
