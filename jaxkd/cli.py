@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from jaxkd import util
+
 EXIT_USAGE = 2
 
 
@@ -62,7 +64,7 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    util.quiet_libraries()
     reexec = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -80,7 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxkd {__version__}")
         return 0
     if command not in COMMANDS:
-        from jaxkd import util
         hint = util.did_you_mean(command, COMMANDS)
         print(f"jaxkd: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)
         return EXIT_USAGE

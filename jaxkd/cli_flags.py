@@ -1,6 +1,6 @@
 """The command-line flags `jaxkd.predict` and `jaxkd.evaluate` share, how the commands report a
-usage problem (`error: ...` on stderr, exit code 2), and the libraries' notices they keep out
-of their output (`quiet_libraries`).
+usage problem (`error: ...` on stderr, exit code 2), with the libraries' notices kept out of
+their output (`util.quiet_libraries`).
 
 Apart from `jaxkd.exported` (the library, which raises `UsageError`) so that the library has
 no argparse or printing in it, and so that neither command imports the other.
@@ -8,10 +8,9 @@ no argparse or printing in it, and so that neither command imports the other.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
+from jaxkd import util
 from jaxkd.data import FORMATS
 from jaxkd.exported import DEFAULTS, UsageError
 
@@ -61,7 +60,7 @@ def check_run_flags(args: argparse.Namespace) -> None:
 def run_main(p: argparse.ArgumentParser, run, argv, intermixed: bool = False) -> int:
     """A command's main(): parse `argv`, then `run(args)`; a `UsageError` becomes `error: ...`
     on stderr and exit code 2, as does a bad flag (argparse's own exit codes pass through)."""
-    quiet_libraries()
+    util.quiet_libraries()
     args = parse(p, argv, intermixed=intermixed)
     if isinstance(args, int):
         return args
@@ -71,27 +70,9 @@ def run_main(p: argparse.ArgumentParser, run, argv, intermixed: bool = False) ->
         return fail(str(err))
 
 
-def quiet_libraries() -> None:
-    """A run prints its own lines only: no notices from libraries at import or load time."""
-    # transformers announces at import that PyTorch is absent (it is not needed here).
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for noisy in ("absl", "jax", "matplotlib", "orbax", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Some libraries log through the root logger itself (ONNX Runtime's quantiser: a line per
-    # tensor). A logger's filter sees only the records made on it, so jaxkd's lines, which
-    # reach the root handler by propagation, are not affected.
-    logging.getLogger().addFilter(_warnings_only)
-
-
-def _warnings_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING
-
-
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
-__all__ = ["EXIT_USAGE", "UsageError", "add_run_flags", "check_run_flags", "fail", "parse",
-           "quiet_libraries"]
+__all__ = ["EXIT_USAGE", "UsageError", "add_run_flags", "check_run_flags", "fail", "parse"]

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxkd import hf, tasks
+from jaxkd import hf, tasks, util
 from jaxkd.data import DataConfig, DataError, is_local_path
 
 # Built-in defaults of the run settings (a QA stride: a quarter of max_seq_len, DataConfig's).
@@ -438,7 +438,7 @@ def evaluate_model(model_dir, task, data_cfg: DataConfig, source: str, *, by_pos
     if order is not None:
         outputs = outputs[:, order]
     if not quiet:
-        print(f"evaluate: {len(examples)} examples of {source}", file=sys.stderr)
+        print(f"evaluate: {util.count(len(examples), 'example')} of {source}", file=sys.stderr)
     return task.scores(outputs, encoded, examples)
 
 

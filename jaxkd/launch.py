@@ -20,6 +20,10 @@ import traceback
 from jaxkd import hostenv
 
 
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 def parser() -> argparse.ArgumentParser:
     from jaxkd import config as config_lib
 
@@ -85,16 +89,20 @@ def main(argv=None, *, reexec: bool = False) -> int:
     pages for XLA's CPU buffers (jaxkd.hostenv)."""
     if reexec:
         hostenv.reexec_with_huge_pages()
-    from jaxkd import cli_flags
-    from jaxkd import config as config_lib
+    from jaxkd import util
 
-    cli_flags.quiet_libraries()
+    util.quiet_libraries()
+    from jaxkd import config as config_lib
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # After basicConfig: importing orbax installs a root handler, which would make it a no-op.
     from jaxkd import loop, plan, trainer
-    cli_flags.quiet_libraries()
+    util.quiet_libraries()
+    # Some libraries log through the root logger itself (ONNX Runtime's quantiser: a line per
+    # tensor). A logger's filter sees only the records made on it, so jaxkd's lines, which
+    # reach the root handler by propagation, still show.
+    logging.getLogger().addFilter(_warnings_only)
     if reexec:
         logging.getLogger("jaxkd").info("host memory: %s", hostenv.describe())
     verbose = args.verbose or os.environ.get("JAXKD_VERBOSE", "") not in ("", "0")

@@ -6,7 +6,8 @@
   `path_key`: the content key of a file or a directory (run manifests, tokenized corpora).
 - `unique_name` (temporary files), `write_dir_atomic` (a directory replaced whole),
   `write_check` / `check_problem` (a record of a file's arrays, to tell a whole file from a
-  damaged one), `first_line` (an error in a log line) and `usable_cores`.
+  damaged one), `first_line` (an error in a log line), `usable_cores`, `count` ("1 row") and
+  `quiet_libraries` (what each command sets before a library is imported).
 
 Callers keep their own wording, cutoffs, algorithms and lengths: these helpers only do the
 mechanics, so a message or a cache key built through them is byte for byte what it was.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 from collections.abc import Callable, Iterable
@@ -41,6 +43,16 @@ def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6,
 def count(n: int, noun: str) -> str:
     """`n` and the noun, plural unless n is 1: "1 row", "3 rows" (regular nouns only)."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def quiet_libraries() -> None:
+    """A command prints its own lines only: no notices from libraries at import or load time.
+    Each command calls this first, before anything imports transformers."""
+    # transformers announces at import that PyTorch is absent (it is not needed here).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for noisy in ("absl", "jax", "matplotlib", "orbax", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def unique_name() -> str:
@@ -158,14 +170,17 @@ def path_key(path: str | os.PathLike) -> str:
     stay the same, so a large corpus is read once a run."""
     path = pathlib.Path(path)
     if path.is_file():
-        stat = path.stat()
-        return _file_key(str(path.resolve()), path.name, stat.st_size, stat.st_mtime_ns)
+        st = path.stat()
+        return _file_key(str(path.resolve()), path.name,
+                         (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such file or directory: {path}")
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return content_hash(_framed(files, path), algorithm="blake2b", digest_size=16)
 
 
-@functools.lru_cache(maxsize=256)
-def _file_key(resolved: str, name: str, size: int, mtime_ns: int) -> str:
+@functools.lru_cache(maxsize=None)
+def _file_key(resolved: str, name: str, stat: tuple[int, ...]) -> str:
     return content_hash(_framed([pathlib.Path(resolved)], None, name), algorithm="blake2b",
                         digest_size=16)
 

@@ -209,3 +209,8 @@ def test_first_line_of_an_error_is_cut_to_its_limit_or_names_its_type():
 def test_count_says_one_row_and_many_rows():
     assert [util.count(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]
     assert util.count(1, "text file") == "1 text file"
+
+
+def test_path_key_refuses_a_path_that_is_not_there(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        util.path_key(tmp_path / "missing.txt")

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 import jaxkd.bench
-from jaxkd import hostenv
+from jaxkd import hostenv, util
 from jaxkd.bench import deploy, epoch, general, mfu, step
 from jaxkd.bench.common import DEFAULT_RNG_IMPL, MINILM, RANDOM_BASE, TORCH_STEP_SCRIPT
 from jaxkd.bench.epoch import EPOCH_TASKS
@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
     """`reexec`: this is the process's entry point, free to re-execute itself with huge pages
     for XLA's CPU buffers (jaxkd.hostenv) when it times jaxkd, as train.py does. PyTorch runs
     keep the environment they were given."""
+    util.quiet_libraries()
     a = parser().parse_args(argv)
     if reexec and runs_jaxkd_steps(a):
         hostenv.reexec_with_huge_pages()

@@ -122,7 +122,8 @@ class Task:
 
     def describe_split(self, examples, encoded) -> str:
         """A split's size, in words (`train.py --check`): its examples and the rows they give."""
-        return f"{len(examples)} examples, {len(encoded)} rows"
+        counts = self.split_counts(examples, encoded)
+        return f"{counts['examples']} examples, {counts['rows']} rows"
 
     def split_counts(self, examples, encoded) -> dict[str, int]:
         """A split's size as report.json's `data` section gives it: examples read and rows the
