@@ -103,7 +103,7 @@ def main(argv=None, *, reexec: bool = False) -> int:
     # tensor). A logger's filter sees only the records made on it, so jaxkd's lines, which
     # reach the root handler by propagation, still show.
     logging.getLogger().addFilter(_warnings_only)
-    if reexec:
+    if reexec and not args.check:  # a run's memory setting, for its log; --check runs nothing
         logging.getLogger("jaxkd").info("host memory: %s", hostenv.describe())
     verbose = args.verbose or os.environ.get("JAXKD_VERBOSE", "") not in ("", "0")
     if not verbose:  # orbax logs each failed background write with its traceback (absl)

@@ -48,6 +48,12 @@ def test_a_run_logs_its_progress_lines(tmp_path):
     assert "jaxkd: probe line" in done.stderr
     assert "root: root warning line" in done.stderr
     assert "root info line" not in done.stderr
+    # train.py itself (the entry point, which re-executes with huge pages and logs the setting
+    # for a run): --check runs nothing, so it says nothing of host memory.
+    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "--check"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "stage distill" in done.stdout and "host memory" not in done.stderr
 
 
 def test_check_refuses_a_layer_map_the_distill_stage_could_not_build(tmp_path, capsys, minilm_dir):
