@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -165,18 +166,27 @@ def content_hash(chunks: Iterable[bytes | Any], *, algorithm: str = "sha256",
 
 def path_key(path: str | os.PathLike) -> str:
     """Content key of a file, or of a directory's files (relative names, sizes and bytes, in
-    sorted order): blake2b-128 hex. A copy under the same name, or a new mtime, keeps it. A
-    file's key is remembered in this process for as long as its size and mtime
-    stay the same, so a large corpus is read once a run."""
+    sorted order): blake2b-128 hex. A copy under the same name, or a new mtime, keeps it.
+
+    A file's key is remembered in this process while its inode, size, mtime and ctime stay the
+    same (ctime cannot be set back), so a large corpus is read once a run. Not for a file
+    changed in the last seconds: file times have a coarse clock (a few ms), and two writes of
+    the same size within one tick would look alike (git's "racy" index entries)."""
     path = pathlib.Path(path)
     if path.is_file():
         st = path.stat()
-        return _file_key(str(path.resolve()), path.name,
-                         (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        args = (str(path.resolve()), path.name,
+                (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
+            return _file_key.__wrapped__(*args)
+        return _file_key(*args)
     if not path.is_dir():
         raise FileNotFoundError(f"no such file or directory: {path}")
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return content_hash(_framed(files, path), algorithm="blake2b", digest_size=16)
+
+
+_RACY_NS = 3_000_000_000  # a file changed this recently is hashed afresh every time
 
 
 @functools.lru_cache(maxsize=None)

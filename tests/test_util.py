@@ -4,6 +4,7 @@ import difflib
 import hashlib
 import json
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -214,3 +215,26 @@ def test_count_says_one_row_and_many_rows():
 def test_path_key_refuses_a_path_that_is_not_there(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         util.path_key(tmp_path / "missing.txt")
+
+
+def test_path_key_reads_a_settled_file_once_and_a_fresh_one_every_time(tmp_path, monkeypatch):
+    """A file's key is remembered while its inode, size and times stay the same, except for a
+    file changed in the last seconds: file times tick coarsely, so two same-size writes within
+    one tick would share them."""
+    reads = []
+    framed = util._framed
+    monkeypatch.setattr(util, "_framed", lambda *a: reads.append(a) or framed(*a))
+    path = tmp_path / "corpus.txt"
+    path.write_text("abc\n")
+    first = util.path_key(path)
+    assert util.path_key(path) == first and len(reads) == 2  # fresh: read each time
+    path.write_text("abd\n")  # same size, maybe the same tick
+    assert util.path_key(path) != first and len(reads) == 3
+
+    monkeypatch.setattr(util, "_RACY_NS", 0)  # as if the file had settled
+    util._file_key.cache_clear()
+    settled = util.path_key(path)
+    assert util.path_key(path) == settled and len(reads) == 4  # remembered
+    time.sleep(0.05)  # past the file clock's tick (a few ms), which the racy rule covers
+    path.write_text("abe\n")  # a new ctime: read again
+    assert util.path_key(path) != settled and len(reads) == 5
