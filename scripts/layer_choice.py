@@ -1,0 +1,85 @@
+"""Which teacher layers to keep: every untrained teacher-layer student scored on the eval split.
+
+    python scripts/layer_choice.py --config configs/experiments/embed_l3_s0.yaml \
+        --keep 3 --out results/checks/embed_layer_choice
+
+For each choice of `--keep` of the teacher's layers (all of them, or those given with
+`--layers 0,2,4 0,3,5 ...`), runs `train.py` on `--config` with `student.layers` set to it and
+`distill.steps: 0` (no training: the student as `student.init: teacher_layers` builds it), no
+unlabelled data (nothing trains on it), no export and no plots, and reads the student's metric on the eval split (`data.eval`) from its
+report.json. The choice is made there, never on the reported split. Writes `choice.json`
+(every choice's eval and test metrics, best first by eval) and each run's report.json under
+`--out`, and prints the table. Runs one at a time; each is a full run's start-up (a minute or
+two on 2 CPU cores for the MiniLM-L6 teacher and STS-B dev and test).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def choices(num_layers: int, keep: int, given: list[str] | None) -> list[tuple[int, ...]]:
+    if given:
+        return [tuple(int(i) for i in g.split(",")) for g in given]
+    return list(itertools.combinations(range(num_layers), keep))
+
+
+def run_choice(base: dict, layers: tuple[int, ...], workdir: pathlib.Path) -> dict:
+    cfg = {**base, "workdir": str(workdir),
+           "student": {**base.get("student", {}), "init": "teacher_layers", "layers": list(layers)},
+           "distill": {**base.get("distill", {}), "steps": 0},
+           "export": {"onnx": False, "deployment": False},
+           "log": {**base.get("log", {}), "plots": False, "progress": False, "tensorboard": False}}
+    cfg["data"] = {k: v for k, v in base.get("data", {}).items() if not k.startswith("unlabeled")}
+    cfg["distill"].pop("epochs", None)
+    cfg["distill"].pop("eval_every", None)
+    path = workdir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(path)], check=True,
+                   cwd=ROOT)
+    return json.loads((workdir / "report.json").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--keep", type=int, default=3, help="layers to keep (with --num-layers)")
+    p.add_argument("--num-layers", type=int, default=6, help="the teacher's layers")
+    p.add_argument("--layers", nargs="*", help="choices to score, as 0,2,4 (default: all)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    base = yaml.safe_load(pathlib.Path(args.config).read_text())
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layers in choices(args.num_layers, args.keep, args.layers):
+            name = "layers_" + "-".join(map(str, layers))
+            report = run_choice(base, layers, pathlib.Path(tmp) / name)
+            shutil.copy(pathlib.Path(tmp) / name / "report.json", out / f"{name}.json")
+            splits = report["student"]["splits"]
+            rows.append({"layers": list(layers), "eval": splits["eval"], "test": splits.get("test")})
+            print(name, json.dumps(splits["eval"]), flush=True)
+        teacher = report["teacher"]["splits"]
+    metric = next(iter(rows[0]["eval"]))
+    rows.sort(key=lambda r: -r["eval"][metric])
+    (out / "choice.json").write_text(json.dumps(
+        {"config": args.config, "selected_by": f"eval {metric}", "teacher": teacher,
+         "choices": rows}, indent=1) + "\n")
+    print(f"teacher: eval {metric} {teacher['eval'][metric]:.4f}")
+    for r in rows:
+        print(f"{r['layers']}: eval {metric} {r['eval'][metric]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
