@@ -9,7 +9,11 @@ For each choice of `--keep` of the teacher's layers (all of them, or those given
 unlabelled data (nothing trains on it), no export and no plots, and reads the student's metric on the eval split (`data.eval`) from its
 report.json. The choice is made there, never on the reported split. Writes `choice.json`
 (every choice's eval and test metrics, best first by eval) and each run's report.json under
-`--out`, and prints the table. Runs one at a time; each is a full run's start-up (a minute or
+`--out`, and prints the table; a rerun with the same `--out` keeps the choices already scored
+there. `--reference MODEL_DIR` (a sentence-transformers directory, the
+teacher's) also scores each choice in PyTorch, the same layers dropped from the model that
+sentence-transformers loads, on the eval split's pairs (STS files, `sts_pairs` below) and
+records that Spearman beside jaxkd's. Runs one at a time; each is a full run's start-up (a minute or
 two on 2 CPU cores for the MiniLM-L6 teacher and STS-B dev and test).
 """
 from __future__ import annotations
@@ -50,6 +54,29 @@ def run_choice(base: dict, layers: tuple[int, ...], workdir: pathlib.Path) -> di
     return json.loads((workdir / "report.json").read_text())
 
 
+def sts_pairs(path: str) -> tuple[list[str], list[str], list[float]]:
+    """Sentence 1, sentence 2 and gold score of each row of an STS Benchmark file as released."""
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r[5] for r in rows], [r[6] for r in rows], [float(r[4]) for r in rows]
+
+
+def reference_spearman(model_dir: str, layers: tuple[int, ...], eval_path: str) -> float:
+    """STS Spearman of the teacher cut to `layers`, in PyTorch with sentence-transformers."""
+    import scipy.stats
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_dir, device="cpu")
+    encoder = model[0].auto_model.encoder
+    encoder.layer = torch.nn.ModuleList([encoder.layer[i] for i in layers])
+    first, second, gold = sts_pairs(eval_path)
+    a, b = (model.encode(s, batch_size=64, normalize_embeddings=True) for s in (first, second))
+    return float(scipy.stats.spearmanr((a * b).sum(1), gold)[0])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -57,20 +84,31 @@ def main() -> None:
     p.add_argument("--num-layers", type=int, default=6, help="the teacher's layers")
     p.add_argument("--layers", nargs="*", help="choices to score, as 0,2,4 (default: all)")
     p.add_argument("--out", required=True)
+    p.add_argument("--reference", help="the teacher as a sentence-transformers directory")
     args = p.parse_args()
     base = yaml.safe_load(pathlib.Path(args.config).read_text())
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    # A rerun keeps the choices already scored in choice.json (and adds the reference to them).
+    done = {}
+    if (out / "choice.json").is_file():
+        done = {tuple(r["layers"]): r for r in json.loads((out / "choice.json").read_text())["choices"]}
+    rows, teacher = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for layers in choices(args.num_layers, args.keep, args.layers):
             name = "layers_" + "-".join(map(str, layers))
-            report = run_choice(base, layers, pathlib.Path(tmp) / name)
-            shutil.copy(pathlib.Path(tmp) / name / "report.json", out / f"{name}.json")
-            splits = report["student"]["splits"]
-            rows.append({"layers": list(layers), "eval": splits["eval"], "test": splits.get("test")})
-            print(name, json.dumps(splits["eval"]), flush=True)
-        teacher = report["teacher"]["splits"]
+            row = done.get(layers)
+            if row is None:
+                report = run_choice(base, layers, pathlib.Path(tmp) / name)
+                shutil.copy(pathlib.Path(tmp) / name / "report.json", out / f"{name}.json")
+                splits = report["student"]["splits"]
+                row = {"layers": list(layers), "eval": splits["eval"], "test": splits.get("test")}
+            if args.reference and "reference_eval_spearman" not in row:
+                row["reference_eval_spearman"] = reference_spearman(
+                    args.reference, layers, str(ROOT / base["data"]["eval"]))
+            rows.append(row)
+            print(name, json.dumps(row["eval"]), flush=True)
+    teacher = json.loads((out / f"{name}.json").read_text())["teacher"]["splits"]
     metric = next(iter(rows[0]["eval"]))
     rows.sort(key=lambda r: -r["eval"][metric])
     (out / "choice.json").write_text(json.dumps(
@@ -78,7 +116,9 @@ def main() -> None:
          "choices": rows}, indent=1) + "\n")
     print(f"teacher: eval {metric} {teacher['eval'][metric]:.4f}")
     for r in rows:
-        print(f"{r['layers']}: eval {metric} {r['eval'][metric]:.4f}")
+        ref = r.get("reference_eval_spearman")
+        print(f"{r['layers']}: eval {metric} {r['eval'][metric]:.4f}"
+              + (f" (PyTorch reference: spearman {ref:.4f})" if ref is not None else ""))
 
 
 if __name__ == "__main__":
