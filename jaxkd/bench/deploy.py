@@ -2,12 +2,14 @@
 any model directory on a labelled file, with PyTorch eager fp32 beside it for reference.
 
     python -m jaxkd.bench deploy MODEL_DIR --task sst2 --data glue_dev.tsv [--teacher DIR]
-        [--torch] [--per-tensor] [--gather] [--inputs 64] [--rounds 5] [--out results/deploy/X.json]
+        [--torch] [--per-tensor] [--gather] [--full-range] [--inputs 64] [--rounds 5] [--out results/deploy/X.json]
 
 The formats: JAX fp32 and bf16 from the directory's weights; ONNX fp32 and int8 written into a
 temporary directory (`jaxkd.deploy.export`, as `jaxkd export --onnx --int8`); with
 `--per-tensor`, int8 with one scale per weight matrix as well (the int8 file has one per output
-channel); with `--gather`, int8 with the embedding tables quantised as well; with `--torch`,
+channel); with `--full-range`, int8 with 8-bit weights (the int8 file's use 7,
+`jaxkd.deploy.quantize`); with `--gather`, int8 with the embedding tables quantised as well;
+with `--torch`,
 transformers' model of the directory in eager PyTorch fp32 (not for sentence embedders).
 Agreement is with `--teacher`'s outputs where given. Everything runs in this process, timed in
 alternating rounds (`table.measure`); the record names the CPU and the thread count.
@@ -38,6 +40,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="also int8 with one scale per weight matrix (onnx_int8_per_tensor)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="default: the length the directory records (its training run's), else 128")
+    p.add_argument("--full-range", action="store_true",
+                   help="also int8 with full-range (8-bit) weights (onnx_int8_full_range); the "
+                        "int8 file's use 7 bits")
     p.add_argument("--gather", action="store_true",
                    help="also int8 with the embedding tables quantised too (onnx_int8_gather)")
     p.add_argument("--inputs", type=int, default=64, help="real inputs timed at batch 1")
@@ -129,6 +134,10 @@ def run_deploy(a: argparse.Namespace) -> dict:
             per_tensor = quantize.quantize_int8(fp32, pathlib.Path(tmp) / "model.int8.per_tensor.onnx",
                                                 per_channel=False)
             formats.append(table.onnx_format("onnx_int8_per_tensor", per_tensor, threads))
+        if a.full_range:
+            full = quantize.quantize_int8(fp32, pathlib.Path(tmp) / "model.int8.full_range.onnx",
+                                          reduce_range=False)
+            formats.append(table.onnx_format("onnx_int8_full_range", full, threads))
         if a.gather:
             gather = quantize.quantize_int8(fp32, pathlib.Path(tmp) / "model.int8.gather.onnx",
                                             op_types=("MatMul", "Gather"))

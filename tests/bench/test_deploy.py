@@ -48,13 +48,14 @@ def test_deploy_scores_every_format_as_transformers_does(tmp_path, tiny_tsv, cap
     student, teacher = _classifier(tmp_path / "student", 3), _classifier(tmp_path / "teacher", 1)
     out = tmp_path / "record.json"
     args = parser().parse_args(["deploy", str(student), "--task", "sst2", "--data", str(tiny_tsv),
-                                "--teacher", str(teacher), "--torch", "--per-tensor", "--gather",
+                                "--teacher", str(teacher), "--torch", "--per-tensor", "--gather", "--full-range",
                                 "--inputs", "4", "--rounds", "1", "--max-seq-len", "32",
                                 "--out", str(out)])
     record = deploy.run_deploy(args)
     assert json.loads(out.read_text())["formats"].keys() == record["formats"].keys()
     assert list(record["formats"]) == ["jax_fp32", "jax_bf16", "onnx_fp32", "onnx_int8",
-                                       "onnx_int8_per_tensor", "onnx_int8_gather", "torch_eager_fp32"]
+                                       "onnx_int8_per_tensor", "onnx_int8_full_range", "onnx_int8_gather",
+                                       "torch_eager_fp32"]
     rows = [line.split("\t") for line in tiny_tsv.read_text().splitlines()[1:]]
     texts, labels = [r[0] for r in rows], np.array([int(r[1]) for r in rows])
     mine, theirs = _torch_predictions(student, texts), _torch_predictions(teacher, texts)
@@ -63,7 +64,8 @@ def test_deploy_scores_every_format_as_transformers_does(tmp_path, tiny_tsv, cap
         entry = record["formats"][name]
         assert entry["metrics"]["accuracy"] == pytest.approx(np.mean(mine == labels)), name
         assert entry["agreement"] == pytest.approx(np.mean(mine == theirs)), name
-    for name in ("jax_bf16", "onnx_int8", "onnx_int8_per_tensor", "onnx_int8_gather"):  # rounding may flip a near tie
+    for name in ("jax_bf16", "onnx_int8", "onnx_int8_per_tensor", "onnx_int8_full_range",
+                 "onnx_int8_gather"):  # rounding may flip a near tie
         assert abs(record["formats"][name]["metrics"]["accuracy"] - np.mean(mine == labels)) <= 2 / 24
     assert record["latency_inputs"] == 4 and record["machine"]["threads"] >= 1
     assert record["p50_speedup_vs_torch_eager_fp32"]["torch_eager_fp32"] == 1.0
