@@ -6,15 +6,14 @@
 For each choice of `--keep` of the teacher's layers (all of them, or those given with
 `--layers 0,2,4 0,3,5 ...`), runs `train.py` on `--config` with `student.layers` set to it and
 `distill.steps: 0` (no training: the student as `student.init: teacher_layers` builds it), no
-unlabelled data (nothing trains on it), no export and no plots, and reads the student's metric on the eval split (`data.eval`) from its
-report.json. The choice is made there, never on the reported split. Writes `choice.json`
+unlabelled data (nothing trains on it), no export and no plots, and reads the student's metric
+on the eval split (`data.eval`) from its report.json. The choice is made there, never on the reported split. Writes `choice.json`
 (every choice's eval and test metrics, best first by eval) and each run's report.json under
 `--out`, and prints the table; a rerun with the same `--out` keeps the choices already scored
 there. `--reference MODEL_DIR` (a sentence-transformers directory, the
 teacher's) also scores each choice in PyTorch, the same layers dropped from the model that
-sentence-transformers loads, on the eval split's pairs (STS files, `sts_pairs` below) and
-records that Spearman beside jaxkd's. Runs one at a time; each is a full run's start-up (a minute or
-two on 2 CPU cores for the MiniLM-L6 teacher and STS-B dev and test).
+sentence-transformers loads, on the eval split's pairs (an STS Benchmark file) and records that
+Spearman beside jaxkd's. Runs one at a time; each is a full run's start-up (a minute or two on 2 CPU cores for the MiniLM-L6 teacher and STS-B dev and test).
 """
 from __future__ import annotations
 
@@ -30,6 +29,9 @@ import tempfile
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxkd.tasks import similarity  # noqa: E402
 
 
 def choices(num_layers: int, keep: int, given: list[str] | None) -> list[tuple[int, ...]]:
@@ -54,15 +56,6 @@ def run_choice(base: dict, layers: tuple[int, ...], workdir: pathlib.Path) -> di
     return json.loads((workdir / "report.json").read_text())
 
 
-def sts_pairs(path: str) -> tuple[list[str], list[str], list[float]]:
-    """Sentence 1, sentence 2 and gold score of each row of an STS Benchmark file as released."""
-    import csv
-
-    with open(path, encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [r[5] for r in rows], [r[6] for r in rows], [float(r[4]) for r in rows]
-
-
 def reference_spearman(model_dir: str, layers: tuple[int, ...], eval_path: str) -> float:
     """STS Spearman of the teacher cut to `layers`, in PyTorch with sentence-transformers."""
     import scipy.stats
@@ -72,7 +65,9 @@ def reference_spearman(model_dir: str, layers: tuple[int, ...], eval_path: str) 
     model = SentenceTransformer(model_dir, device="cpu")
     encoder = model[0].auto_model.encoder
     encoder.layer = torch.nn.ModuleList([encoder.layer[i] for i in layers])
-    first, second, gold = sts_pairs(eval_path)
+    table = similarity.read_sts_release(eval_path)
+    first, second = table.columns["sentence1"], table.columns["sentence2"]
+    gold = [float(s) for s in table.columns["score"]]
     a, b = (model.encode(s, batch_size=64, normalize_embeddings=True) for s in (first, second))
     return float(scipy.stats.spearmanr((a * b).sum(1), gold)[0])
 
@@ -93,7 +88,7 @@ def main() -> None:
     done = {}
     if (out / "choice.json").is_file():
         done = {tuple(r["layers"]): r for r in json.loads((out / "choice.json").read_text())["choices"]}
-    rows, teacher = [], None
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for layers in choices(args.num_layers, args.keep, args.layers):
             name = "layers_" + "-".join(map(str, layers))

@@ -128,7 +128,7 @@ def test_int8_weights_use_seven_bits_unless_full_range(tmp_path, reduce_range, b
     for name, w in weights.items():
         assert (np.abs(w).max(axis=0) == bound).all(), name
     ids, mask, types = family_batch("bert")
-    expected = _onnx_outputs(onnx.load(fp32), cfg, ids, mask, types)
+    expected = _onnx_outputs(source, cfg, ids, mask, types)
     got = _onnx_outputs(proto, cfg, ids, mask, types)
     if reduce_range:  # no saturation on any CPU: the error is the rounding's (0.07 measured);
         # full range measured 0.17 on an AVX2 CPU without VNNI, where pairs of products saturate
